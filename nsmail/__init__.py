@@ -1,0 +1,1 @@
+"""nsmail: per-tenant network identity for virtual-domain mail."""

@@ -1,0 +1,82 @@
+"""The `nsmail` command: parse arguments, call the core, map failures to sysexits codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from nsmail import config as configuration
+from nsmail import control
+from nsmail.status import WorkerStatus, render_table
+
+EX_OK = 0
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+
+
+def _setup_logging() -> None:
+    # systemd's journal stamps each line itself; a terminal or a file wants the time.
+    under_systemd = "JOURNAL_STREAM" in os.environ
+    fmt = "%(name)s: %(message)s" if under_systemd else "%(asctime)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsmail", description=__doc__)
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $NSMAIL_CONFIG, else /etc/nsmail/nsmail.toml)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("supervise", help="run the supervisor in the foreground (root)")
+    status = commands.add_parser("status", help="show per-tenant worker status")
+    status.add_argument("tenant", nargs="?", help="only this domain")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    commands.add_parser("check", help="validate the configuration (exit 78 on error)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = configuration.locate(args.config, os.environ)
+    if args.command == "status":
+        return _status(configuration.run_dir_of(path), args.tenant, args.json)
+    try:
+        config = configuration.load(path)
+    except configuration.ConfigError as e:
+        print(f"nsmail: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check":
+        print(f"{path}: OK, {len(config.tenants)} tenants")
+        return EX_OK
+    _setup_logging()
+    from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
+
+    return Supervisor(config).run()
+
+
+def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
+    try:
+        reply = control.request(run_dir, "status")
+    except control.Unavailable as e:
+        print(f"nsmail: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if not reply.get("ok"):
+        print(f"nsmail: {reply.get('error', 'status refused')}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant]
+    if as_json:
+        print(json.dumps({"host": reply["host"], "workers": workers}, indent=2))
+    else:
+        print(render_table([WorkerStatus.from_json(w) for w in workers]))
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Configuration: TOML documents in, one validated frozen `Config` out, or one `ConfigError`.
+
+`parse` is pure: the files' text and a `SystemLookup` (passwd, directories, resolv.conf)
+are passed in. `load` and `system_lookup` are the thin IO shell around it.
+
+Security: read by the root supervisor. The files are trusted as the administrator's
+word, but they decide which uid, home and address each tenant gets, so everything is
+checked before a namespace or process exists: no tenant may run as uid or gid 0, have
+"/" as its home, share a uid, home, domain or address with another tenant, or use an
+address that is not a plain unicast one. Any value may be echoed in an error, so errors
+escape unprintable characters and stay on one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path, PurePosixPath
+from typing import Literal, TypeVar
+
+IPAddress = IPv4Address | IPv6Address
+_Family = TypeVar("_Family", IPv4Address, IPv6Address)
+
+DEFAULT_RUN_DIR = Path("/run/nsmail")
+DEFAULT_PATH = Path("/etc/nsmail/nsmail.toml")
+DROPIN_DIR = "tenants.d"
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+_MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
+_DROPIN_TABLES = frozenset({"tenant"})
+_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir"})
+_NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
+_DELIVERY_KEYS = frozenset({"scan_interval", "timeout", "port"})
+_TENANT_KEYS = frozenset({"domain", "ipv4", "ipv6", "ehlo", "user", "uid", "gid", "home", "users"})
+
+# RFC 1035 2.3.1 as relaxed by RFC 1123 2.1 (a label may start with a digit).
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# RFC 5321 4.1.2 Dot-string, atext from RFC 5322 3.2.3.
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_PREFIX = re.compile(r"[a-z][a-z0-9]{0,4}")
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid, so it is never a real id
+
+
+class ConfigError(Exception):
+    """The first problem found, as one line: "<file>: <field>: <message>"."""
+
+    def __init__(self, file: str, field: str, message: str) -> None:
+        self.file = _one_line(file)
+        self.field = _one_line(field)
+        self.message = _one_line(message)
+        super().__init__(f"{self.file}: {self.field}: {self.message}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    name: str
+    resolvers: tuple[IPAddress, ...]
+    user: str
+    uid: int
+    gid: int
+    run_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    mode: Literal["bridge", "routed"]
+    bridge: str | None
+    gateway4: IPv4Address | None
+    gateway6: IPv6Address | None
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    scan_interval: float = 60.0
+    timeout: float = 30.0
+    port: int = 25
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    domain: str
+    ipv4: IPv4Address | None
+    ipv6: IPv6Address | None
+    ehlo: str
+    uid: int
+    gid: int
+    home: Path
+    users: tuple[str, ...]
+    source: str
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(a for a in (self.ipv4, self.ipv6) if a is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    host: HostConfig
+    network: NetworkConfig
+    delivery: DeliveryConfig
+    tenants: tuple[Tenant, ...]
+
+    def tenant(self, domain: str) -> Tenant | None:
+        wanted = domain.lower()
+        return next((t for t in self.tenants if t.domain == wanted), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True, slots=True)
+class SystemLookup:
+    """The facts about this machine that validation needs, injected so `parse` stays pure."""
+
+    user: Callable[[str], Account | None]
+    is_dir: Callable[[str], bool]
+    default_resolvers: Callable[[], tuple[IPAddress, ...]]
+
+
+def locate(cli_path: str | None, environ: Mapping[str, str]) -> Path:
+    """--config beats $NSMAIL_CONFIG beats the default; an empty value counts as unset."""
+    if cli_path:
+        return Path(cli_path)
+    from_env = environ.get("NSMAIL_CONFIG")
+    return Path(from_env) if from_env else DEFAULT_PATH
+
+
+def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
+    """Validate (filename, TOML text) pairs, main file first, then drop-ins in order."""
+    (main_file, main_text), *dropins = documents
+    main = _Table(main_file, "", _decode(main_file, main_text))
+    main.reject_unknown(_MAIN_TABLES)
+    host = _host(main.table("host", required=True), lookup)
+    network = _network(main.table("network", required=False))
+    delivery = _delivery(main.table("delivery", required=False))
+
+    registry = _Registry(host, network)
+    for tenant_table in main.tables("tenant"):
+        registry.add(tenant_table, _tenant(tenant_table, lookup))
+    for file, text in dropins:
+        dropin = _Table(file, "", _decode(file, text))
+        dropin.reject_unknown(_DROPIN_TABLES, "a drop-in may hold only [[tenant]] tables")
+        for tenant_table in dropin.tables("tenant"):
+            registry.add(tenant_table, _tenant(tenant_table, lookup))
+    _check_gateways(main, network, registry.tenants)
+    return Config(Path(main_file), host, network, delivery, tuple(registry.tenants))
+
+
+def load(path: Path) -> Config:
+    """Read the main file and its tenants.d/*.toml drop-ins and `parse` them."""
+    documents = [(str(path), _read(path))]
+    dropin_dir = path.parent / DROPIN_DIR
+    if dropin_dir.is_dir():
+        # Hidden names are editor droppings (emacs' .#x.toml lock links), never config.
+        names = sorted(p.name for p in dropin_dir.glob("*.toml") if not p.name.startswith("."))
+        documents += [(str(dropin_dir / n), _read(dropin_dir / n)) for n in names]
+    return parse(documents, system_lookup())
+
+
+def run_dir_of(path: Path) -> Path:
+    """Where the supervisor's control socket is, even when the configuration is broken.
+
+    `nsmail status` must still reach a running supervisor after someone broke the file
+    it was started with; only `[host] run_dir` is read, and only if it is usable.
+    """
+    try:
+        host = tomllib.loads(path.read_text()).get("host", {})
+    except (OSError, ValueError):
+        return DEFAULT_RUN_DIR
+    run_dir = host.get("run_dir") if isinstance(host, dict) else None
+    if isinstance(run_dir, str) and run_dir.startswith("/"):
+        return Path(run_dir)
+    return DEFAULT_RUN_DIR
+
+
+def system_lookup() -> SystemLookup:
+    """The real machine: passwd, the filesystem and /etc/resolv.conf."""
+    return SystemLookup(user=_passwd_user, is_dir=os.path.isdir, default_resolvers=_resolv_conf)
+
+
+def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
+    """The `nameserver` addresses of a resolv.conf(5), skipping what does not parse."""
+    found: list[IPAddress] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                found.append(ipaddress.ip_address(words[1]))
+            except ValueError:
+                continue
+    return tuple(found)
+
+
+# --- IO shell helpers ---------------------------------------------------------------
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "file", f"not UTF-8 at byte {exc.start}") from exc
+
+
+def _passwd_user(name: str) -> Account | None:
+    try:
+        entry = pwd.getpwnam(name)
+    except (KeyError, ValueError):  # ValueError: an embedded NUL
+        return None
+    return Account(entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def _resolv_conf() -> tuple[IPAddress, ...]:
+    try:
+        return parse_resolv_conf(RESOLV_CONF.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return ()
+
+
+# --- tables --------------------------------------------------------------------------
+
+
+def _decode(file: str, text: str) -> dict[str, object]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message carries "(at line L, column C)"
+        raise ConfigError(file, "toml", str(exc)) from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(file, "toml", "values nested too deeply") from exc
+
+
+class _Table:
+    """A TOML table under validation that knows its file and field path, for errors."""
+
+    __slots__ = ("_data", "file", "path")
+
+    def __init__(self, file: str, path: str, data: dict[str, object]) -> None:
+        self.file = file
+        self.path = path
+        self._data = data
+
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return ConfigError(self.file, self.field(key) if key else self.path, message)
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def reject_unknown(self, allowed: frozenset[str], message: str = "unknown key") -> None:
+        for key in self._data:
+            if key not in allowed:
+                raise self.error(key, message)
+
+    def _typed(self, key: str, kinds: tuple[type, ...], wanted: str) -> object | None:
+        value = self._data.get(key)
+        # bool is a subclass of int, but `port = true` is a mistake, not 1.
+        if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+            return value
+        raise self.error(key, f"must be {wanted}, not {_toml_type(value)}")
+
+    def string(self, key: str) -> str | None:
+        value = self._typed(key, (str,), "a string")
+        assert value is None or isinstance(value, str)
+        return value
+
+    def integer(self, key: str) -> int | None:
+        value = self._typed(key, (int,), "an integer")
+        assert value is None or isinstance(value, int)
+        return value
+
+    def number(self, key: str) -> float | None:
+        value = self._typed(key, (int, float), "a number")
+        assert value is None or isinstance(value, int | float)
+        return None if value is None else float(value)
+
+    def strings(self, key: str) -> tuple[str, ...] | None:
+        value = self._typed(key, (list,), "an array of strings")
+        if value is None:
+            return None
+        assert isinstance(value, list)
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{index}]", f"must be a string, not {_toml_type(item)}")
+        return tuple(value)
+
+    def required_string(self, key: str) -> str:
+        value = self.string(key)
+        if value is None:
+            raise self.error(key, "required")
+        return value
+
+    def string_or(self, key: str, default: str) -> str:
+        value = self.string(key)
+        return default if value is None else value
+
+    def table(self, key: str, *, required: bool) -> _Table:
+        value = self._typed(key, (dict,), "a table")
+        if value is None and required:
+            raise self.error(key, "required table is missing")
+        return _Table(self.file, self.field(key), value if isinstance(value, dict) else {})
+
+    def tables(self, key: str) -> list[_Table]:
+        value = self._data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, f"must be an array of [[{key}]] tables")
+        return [_Table(self.file, f"{self.field(key)}[{i}]", v) for i, v in enumerate(value)]
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
+    table.reject_unknown(_HOST_KEYS)
+    name = _domain(table, "name", table.required_string("name"))
+
+    resolver_texts = table.strings("resolvers")
+    if resolver_texts is None:
+        resolvers = lookup.default_resolvers()
+        if not resolvers:
+            raise table.error("resolvers", "not set and /etc/resolv.conf names no nameserver")
+    elif not resolver_texts:
+        raise table.error("resolvers", "must not be empty")
+    else:
+        resolvers = tuple(
+            _address(table, f"resolvers[{i}]", text) for i, text in enumerate(resolver_texts)
+        )
+
+    user = table.string_or("user", "nsmail")
+    account = lookup.user(user)
+    if account is None:
+        raise table.error("user", f"unknown user {user!r}")
+
+    run_dir = PurePosixPath(table.string_or("run_dir", str(DEFAULT_RUN_DIR)))
+    if not run_dir.is_absolute():
+        raise table.error("run_dir", f"{str(run_dir)!r} is not an absolute path")
+    return HostConfig(name, resolvers, user, account.uid, account.gid, Path(run_dir))
+
+
+def _network(table: _Table) -> NetworkConfig:
+    table.reject_unknown(_NETWORK_KEYS)
+    mode = table.string_or("mode", "bridge")
+    if mode not in ("bridge", "routed"):
+        raise table.error("mode", f"{mode!r} is neither 'bridge' nor 'routed'")
+
+    prefix = table.string_or("prefix", "nsm")
+    if not _PREFIX.fullmatch(prefix):
+        raise table.error("prefix", f"{prefix!r} is not 1-5 of [a-z0-9] starting with a letter")
+
+    if mode == "routed":
+        for key in ("bridge", "gateway4", "gateway6"):
+            if table.has(key):
+                raise table.error(key, "only used in bridge mode")
+        return NetworkConfig("routed", None, None, None, prefix)
+
+    bridge = table.required_string("bridge")
+    if not _is_interface_name(bridge):
+        raise table.error("bridge", f"{bridge!r} is not a valid interface name")
+
+    gateway4 = gateway6 = None
+    if (text := table.string("gateway4")) is not None:
+        gateway4 = _typed_address(table, "gateway4", text, IPv4Address, gateway=True)
+    if (text := table.string("gateway6")) is not None:
+        gateway6 = _typed_address(table, "gateway6", text, IPv6Address, gateway=True)
+    return NetworkConfig("bridge", bridge, gateway4, gateway6, prefix)
+
+
+def _delivery(table: _Table) -> DeliveryConfig:
+    table.reject_unknown(_DELIVERY_KEYS)
+    defaults = DeliveryConfig()
+    port = table.integer("port")
+    if port is None:
+        port = defaults.port
+    elif not 1 <= port <= 65535:
+        raise table.error("port", f"{port} is not a port number (1-65535)")
+    return DeliveryConfig(
+        scan_interval=_seconds(table, "scan_interval", defaults.scan_interval),
+        timeout=_seconds(table, "timeout", defaults.timeout),
+        port=port,
+    )
+
+
+def _seconds(table: _Table, key: str, default: float) -> float:
+    value = table.number(key)
+    if value is None:
+        return default
+    # TOML has inf and nan; neither is a usable number of seconds.
+    if not 0 < value < float("inf"):
+        raise table.error(key, f"{value!r} is not a positive number of seconds")
+    return value
+
+
+def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
+    table.reject_unknown(_TENANT_KEYS)
+    domain = _domain(table, "domain", table.required_string("domain"))
+
+    ipv4 = ipv6 = None
+    if (text := table.string("ipv4")) is not None:
+        ipv4 = _typed_address(table, "ipv4", text, IPv4Address, gateway=False)
+    if (text := table.string("ipv6")) is not None:
+        ipv6 = _typed_address(table, "ipv6", text, IPv6Address, gateway=False)
+    if ipv4 is None and ipv6 is None:
+        raise table.error(None, "needs an address: ipv4, ipv6 or both")
+
+    ehlo_text = table.string("ehlo")
+    ehlo = domain if ehlo_text is None else _domain(table, "ehlo", ehlo_text)
+    uid, gid, passwd_home = _identity(table, lookup)
+    return Tenant(
+        domain=domain,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        ehlo=ehlo,
+        uid=uid,
+        gid=gid,
+        home=_home(table, lookup, passwd_home),
+        users=_users(table),
+        source=table.file,
+    )
+
+
+def _identity(table: _Table, lookup: SystemLookup) -> tuple[int, int, str | None]:
+    """(uid, gid, passwd home or None) from exactly one of `user` or `uid` plus `gid`."""
+    user = table.string("user")
+    uid = table.integer("uid")
+    gid = table.integer("gid")
+    if user is not None:
+        for key in ("uid", "gid"):
+            if table.has(key):
+                raise table.error(key, "give either user or uid and gid, not both")
+        account = lookup.user(user)
+        if account is None:
+            raise table.error("user", f"unknown user {user!r}")
+        # A tenant worker must never hold root's uid or group.
+        if account.uid == 0 or account.gid == 0:
+            raise table.error("user", f"{user!r} has uid or gid 0; a tenant never runs as root")
+        return account.uid, account.gid, account.home
+    if uid is None and gid is None:
+        raise table.error("user", "required (or uid and gid)")
+    for key, value, other in (("uid", uid, "gid"), ("gid", gid, "uid")):
+        if value is None:
+            raise table.error(key, f"required with {other}")
+        if value == 0:
+            raise table.error(key, "0 is root; a tenant never runs as root")
+        if not 0 < value <= _MAX_ID:
+            raise table.error(key, f"{value} is not a valid id (1-{_MAX_ID})")
+    assert uid is not None and gid is not None
+    return uid, gid, None
+
+
+def _home(table: _Table, lookup: SystemLookup, passwd_home: str | None) -> Path:
+    text = table.string("home")
+    origin = ""
+    if text is None:
+        if passwd_home is None:
+            raise table.error("home", "required with uid and gid")
+        text, origin = passwd_home, " (from passwd)"
+    home = PurePosixPath(text)
+    if not home.is_absolute():
+        raise table.error("home", f"{text!r}{origin} is not an absolute path")
+    if ".." in home.parts:
+        raise table.error("home", f"{text!r}{origin} contains '..'")
+    if len(home.parts) == 1:
+        raise table.error("home", f"{text!r}{origin} is the root directory")
+    if not lookup.is_dir(str(home)):
+        raise table.error("home", f"{text!r}{origin} is not an existing directory")
+    return Path(home)
+
+
+def _users(table: _Table) -> tuple[str, ...]:
+    users = table.strings("users") or ()
+    seen: set[str] = set()
+    for index, user in enumerate(users):
+        field = f"users[{index}]"
+        # RFC 5321 4.1.2 Dot-string; 4.5.3.1.1 limits a local part to 64 octets.
+        if not _DOT_ATOM.fullmatch(user) or len(user) > 64:
+            raise table.error(field, f"{user!r} is not a dot-atom local part of 1-64 characters")
+        # Local parts are case-sensitive on the wire (RFC 5321 2.4), but two mailboxes
+        # differing only in case would surprise every sender.
+        if user.casefold() in seen:
+            raise table.error(field, f"{user!r} is listed twice")
+        seen.add(user.casefold())
+    return users
+
+
+# --- cross-checks ----------------------------------------------------------------------
+
+
+class _Registry:
+    """Tenants accepted so far, and who already claimed each domain, address, uid and home."""
+
+    def __init__(self, host: HostConfig, network: NetworkConfig) -> None:
+        self.tenants: list[Tenant] = []
+        self._host = host
+        self._gateways: dict[IPAddress, str] = {}
+        if network.gateway4 is not None:
+            self._gateways[network.gateway4] = "network.gateway4"
+        if network.gateway6 is not None:
+            self._gateways[network.gateway6] = "network.gateway6"
+        self._claims: dict[tuple[str, object], str] = {}
+
+    def add(self, table: _Table, tenant: Tenant) -> None:
+        here = f"{table.path} in {table.file}"
+        self._claim(table, "domain", tenant.domain, here)
+        for key, address in (("ipv4", tenant.ipv4), ("ipv6", tenant.ipv6)):
+            if address is None:
+                continue
+            if address in self._gateways:
+                raise table.error(key, f"'{address}' is the {self._gateways[address]}")
+            self._claim(table, key, address, here, kind="address")
+        # Processes sharing a uid can signal and ptrace each other: no isolation left.
+        id_key = "user" if table.has("user") else "uid"
+        if tenant.uid == self._host.uid:
+            raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.user")
+        self._claim(table, id_key, tenant.uid, here, kind="uid")
+        self._claim(table, "home", tenant.home, here)
+        self.tenants.append(tenant)
+
+    def _claim(
+        self, table: _Table, key: str, value: object, here: str, *, kind: str | None = None
+    ) -> None:
+        owner = self._claims.setdefault((kind or key, value), here)
+        if owner != here:
+            raise table.error(key, f"'{value}' is already used by {owner}")
+
+
+def _check_gateways(main: _Table, network: NetworkConfig, tenants: list[Tenant]) -> None:
+    if network.mode != "bridge":
+        return
+    for key, gateway, family in (
+        ("gateway4", network.gateway4, "ipv4"),
+        ("gateway6", network.gateway6, "ipv6"),
+    ):
+        needing = next((t for t in tenants if getattr(t, family) is not None), None)
+        if gateway is None and needing is not None:
+            raise main.error(
+                f"network.{key}",
+                f"required in bridge mode: {needing.domain} has an {family} address",
+            )
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+def _domain(table: _Table, key: str, text: str) -> str:
+    """A lower-cased host name of two or more LDH labels; IDNs only as A-labels."""
+    if not text.isascii():
+        raise table.error(key, f"{text!r} is not ASCII; write an IDN as its xn-- A-label")
+    name = text.lower()
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(lb) for lb in labels):
+        raise table.error(key, f"{text!r} is not a domain name (two or more LDH labels)")
+    # RFC 3696 2: an all-numeric top-level label would read as an IP address.
+    if labels[-1].isdigit():
+        raise table.error(key, f"{text!r} has an all-numeric top-level label")
+    for label in labels:
+        if label.startswith("xn--") and not _is_a_label(label):
+            raise table.error(key, f"{label!r} is not a valid A-label")
+    return name
+
+
+def _is_a_label(label: str) -> bool:
+    try:
+        return bool(label[4:].encode("ascii").decode("punycode"))
+    except UnicodeError:
+        return False
+
+
+def _is_interface_name(name: str) -> bool:
+    # The kernel's dev_valid_name() in net/core/dev.c, with IFNAMSIZ 16 including the NUL.
+    return (
+        0 < len(name) <= 15
+        and name not in (".", "..")
+        and not any(c in "/:" or c.isspace() or not c.isprintable() for c in name)
+    )
+
+
+def _address(table: _Table, key: str, text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise table.error(key, f"{text!r} is not an IP address") from None
+
+
+def _typed_address(
+    table: _Table, key: str, text: str, family: type[_Family], *, gateway: bool
+) -> _Family:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        address = None
+    if not isinstance(address, family):
+        version = "IPv4" if family is IPv4Address else "IPv6"
+        raise table.error(key, f"{text!r} is not an {version} address")
+    problem = _unicast_problem(address, allow_link_local=gateway)
+    if problem:
+        raise table.error(key, f"'{address}' is not a usable unicast address ({problem})")
+    return address
+
+
+def _unicast_problem(address: IPAddress, *, allow_link_local: bool) -> str | None:
+    # An IPv6 router is commonly known only by its link-local address, so a gateway may be
+    # one; a tenant's own address must be reachable beyond the link.
+    for flag, problem in (
+        (address.is_unspecified, "unspecified"),
+        (address.is_loopback, "loopback"),
+        (address.is_multicast, "multicast"),
+        (address.is_link_local and not allow_link_local, "link-local"),
+        (address.is_reserved, "reserved"),
+    ):
+        if flag:
+            return problem
+    return None
+
+
+def _toml_type(value: object) -> str:
+    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "float"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "table"),
+        ((datetime, date, time), "date/time"),
+    )
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,106 @@
+"""The supervisor's control socket: one JSON request line in, one JSON reply line out.
+
+Security: the socket lives in the run directory, mode 0600, owned by root, and the
+server also checks the peer's credentials (SO_PEERCRED): only root is served. Requests
+are size-bounded and read with a timeout, so a stuck client cannot stall the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SOCKET_NAME = "control"
+MAX_REQUEST = 4096
+CLIENT_TIMEOUT = 2.0
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Unavailable(Exception):
+    """No supervisor answers on the control socket."""
+
+
+def listen(run_dir: Path) -> socket.socket:
+    """Bind the control socket, replacing a stale one from an earlier run."""
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path = run_dir / SOCKET_NAME
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    server.listen(16)
+    server.setblocking(False)
+    return server
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def serve_one(server: socket.socket, handle: Handler) -> None:
+    """Accept one pending client and answer its request; errors end only that client."""
+    try:
+        conn, _ = server.accept()
+    except BlockingIOError:
+        return
+    with conn:
+        conn.settimeout(CLIENT_TIMEOUT)
+        try:
+            if _peer_uid(conn) != 0:
+                reply: dict[str, Any] = {"ok": False, "error": "permission denied"}
+            else:
+                reply = _dispatch(_read_line(conn), handle)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def _dispatch(raw: bytes, handle: Handler) -> dict[str, Any]:
+    try:
+        request = json.loads(raw)
+    except ValueError:
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+        return {"ok": False, "error": "request needs a 'cmd'"}
+    return handle(request)
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data and len(data) <= MAX_REQUEST:
+        chunk = conn.recv(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def request(run_dir: Path, cmd: str, **args: Any) -> dict[str, Any]:
+    """Send one request to the supervisor and return its reply."""
+    path = run_dir / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10.0)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise Unavailable(f"no supervisor is running ({path}: {e.strerror})") from e
+        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    try:
+        result: dict[str, Any] = json.loads(reply)
+    except ValueError as e:
+        raise Unavailable(f"the supervisor gave no valid answer on {path}") from e
+    return result

@@ -1,0 +1,348 @@
+"""The SMTP delivery of one message: route each recipient domain, connect, report per recipient.
+
+Connections leave from the tenant's own address (explicit bind) and greet with the
+tenant's name, so the receiver sees the tenant, never the host. Each recipient ends with
+one outcome: delivered, temporary failure or permanent failure, with the reply behind it.
+
+Security: runs as the tenant inside its namespace and chroot. Envelope addresses come
+from tenant-written queue files and replies from remote servers; neither is trusted:
+addresses are checked before they reach an SMTP command, and text from either is
+escaped before it reaches a log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import smtplib
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from nsmail.config import DeliveryConfig, Tenant
+from nsmail.queuefile import Envelope
+from nsmail.routing import NullMX, Targets, route
+
+log = logging.getLogger("nsmail.delivery")
+
+# RFC 5321 4.1.2: no control characters, spaces or angle brackets inside a path.
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class Status(StrEnum):
+    DELIVERED = "sent"
+    TEMPORARY = "deferred"
+    PERMANENT = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one recipient in one delivery attempt."""
+
+    recipient: str
+    status: Status
+    code: int | None  # the SMTP reply code, None when there was no reply
+    text: str
+    relay: str  # host[ip]:port, or "" when no connection was made
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """Delivers messages for one tenant."""
+
+    tenant: Tenant
+    config: DeliveryConfig
+    resolver: dns.resolver.Resolver
+    tls: ssl.SSLContext | None
+    rng: random.Random
+
+    def deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
+        """Try every recipient of `envelope` once; one outcome per recipient, in order."""
+        data = _LINE_END.sub(b"\r\n", body)  # RFC 5321 2.3.8: lines end in CRLF
+        outcomes: dict[str, Outcome] = {}
+        for domain, recipients in _by_domain(envelope.recipients, outcomes).items():
+            for outcome in self._deliver_domain(domain, envelope.sender, recipients, data):
+                outcomes[outcome.recipient] = outcome
+        result = [outcomes[r] for r in dict.fromkeys(envelope.recipients)]
+        for outcome in result:
+            log.info(
+                "%s: tenant=%s from=<%s> to=<%s> relay=%s status=%s reply=%s",
+                queue_id,
+                self.tenant.domain,
+                _printable(envelope.sender),
+                _printable(outcome.recipient),
+                outcome.relay or "none",
+                outcome.status,
+                _printable(f"{outcome.code or ''} {outcome.text}".strip()),
+            )
+        return result
+
+    def _deliver_domain(
+        self, domain: str, sender: str, recipients: list[str], data: bytes
+    ) -> list[Outcome]:
+        def all_fail(status: Status, text: str, code: int | None = None) -> list[Outcome]:
+            return [Outcome(r, status, code, text, "") for r in recipients]
+
+        if _BAD_PATH_CHARS.search(sender):
+            return all_fail(Status.PERMANENT, "5.1.7 bad sender address")
+        try:
+            name = _absolute(domain)
+        except dns.exception.DNSException as e:
+            return all_fail(Status.PERMANENT, f"5.1.2 bad domain {domain}: {e}")
+        try:
+            targets = self._route(name)
+        except dns.resolver.NXDOMAIN:
+            return all_fail(Status.PERMANENT, f"5.1.2 domain {domain} does not exist")
+        except dns.exception.DNSException as e:
+            return all_fail(Status.TEMPORARY, f"4.4.3 MX lookup of {domain} failed: {e}")
+        if isinstance(targets, NullMX):
+            return all_fail(Status.PERMANENT, f"5.1.10 domain {domain} accepts no mail (null MX)")
+        last_error = f"4.4.4 no address found for the mail hosts of {domain}"
+        found_any = False
+        any_temporary = False
+        for host in targets.hosts:
+            addresses, temporary = self._addresses(host)
+            any_temporary = any_temporary or temporary
+            for address in addresses:
+                found_any = True
+                session = _Session(self, host, address)
+                outcomes = session.send(sender, recipients, data)
+                if outcomes is not None:
+                    return outcomes
+                last_error = session.error
+        if targets.implicit and not found_any and not any_temporary:
+            # RFC 5321 5.1: neither MX nor address records: the domain takes no mail.
+            return all_fail(Status.PERMANENT, f"5.1.2 domain {domain} has no mail host")
+        return all_fail(Status.TEMPORARY, last_error)
+
+    def _route(self, name: dns.name.Name) -> Targets | NullMX:
+        domain = name.to_text()
+        try:
+            answer = self.resolver.resolve(name, dns.rdatatype.MX, search=False)
+        except dns.resolver.NoAnswer:
+            return route(domain, None, self.rng)
+        mx = [(rdata.preference, rdata.exchange.to_text()) for rdata in answer]
+        return route(domain, mx, self.rng)
+
+    def _addresses(self, host: str) -> tuple[list[IPv4Address | IPv6Address], bool]:
+        """Addresses of `host` the tenant can reach, IPv6 first; and whether a lookup failed
+        temporarily (so "no address" may not be final)."""
+        wanted: list[tuple[dns.rdatatype.RdataType, IPv4Address | IPv6Address | None]] = [
+            (dns.rdatatype.AAAA, self.tenant.ipv6),
+            (dns.rdatatype.A, self.tenant.ipv4),
+        ]
+        addresses: list[IPv4Address | IPv6Address] = []
+        temporary = False
+        for rdtype, own in wanted:
+            if own is None:
+                continue
+            try:
+                answer = self.resolver.resolve(_absolute(host), rdtype, search=False)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException:
+                temporary = True
+                continue
+            addresses.extend(ip_address(rdata.address) for rdata in answer)
+        return addresses, temporary
+
+
+class _NextHost(Exception):
+    """This host cannot take the message now; another one may."""
+
+    def __init__(self, stage: str, code: int, text: bytes) -> None:
+        super().__init__(stage, code, text)
+        self.stage = stage
+        self.code = code
+        self.text = text
+
+
+class _Session:
+    """One SMTP connection to one address of one mail host."""
+
+    def __init__(self, agent: Agent, host: str, address: IPv4Address | IPv6Address) -> None:
+        self.agent = agent
+        self.host = host
+        self.address = address
+        port = agent.config.port
+        self.relay = f"{host}[{address}]:{port}"
+        self.error = ""
+
+    def send(self, sender: str, recipients: list[str], data: bytes) -> list[Outcome] | None:
+        """Outcomes for `recipients`, or None (see `error`) if another host should be tried."""
+        tenant = self.agent.tenant
+        source = tenant.ipv6 if self.address.version == 6 else tenant.ipv4
+        client = _BoundSMTP(
+            str(source), self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
+        )
+        try:
+            return self._transaction(client, sender, recipients, data)
+        except _NextHost as e:
+            self.error = f"4.4.2 {self.relay} {e.stage}: {e.code} {_text(e.text)}"
+            log.info("%s", _printable(self.error))
+            _quietly_quit(client)
+            return None
+        except (smtplib.SMTPException, OSError, ValueError) as e:
+            # OSError covers refused connections, timeouts and TLS failures.
+            self.error = f"4.4.2 {self.relay}: {type(e).__name__}: {e}"
+            log.info("%s", _printable(self.error))
+            return None
+        finally:
+            client.close()
+
+    def _transaction(
+        self, client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
+    ) -> list[Outcome]:
+        code, text = client.connect(str(self.address), self.agent.config.port)
+        if code != 220:
+            raise _NextHost("greeting", code, text)
+        code, text = _ehlo_or_helo(client)
+        if code != 250:
+            raise _NextHost("EHLO", code, text)
+        tls = self.agent.tls
+        if tls is not None and client.has_extn("starttls"):
+            # RFC 3207 with RFC 7435 opportunistic semantics: encrypt when offered.
+            client.starttls(context=tls)
+            code, text = _ehlo_or_helo(client)
+            if code != 250:
+                raise _NextHost("EHLO after STARTTLS", code, text)
+        options = _mail_options(client, sender, recipients, data)
+        if options is None:
+            return [
+                self._outcome(r, 553, b"5.6.7 server does not support SMTPUTF8") for r in recipients
+            ]
+        code, text = client.mail(sender, options)
+        if 500 <= code <= 599:
+            return [self._outcome(r, code, text) for r in recipients]
+        if code != 250:
+            raise _NextHost("MAIL", code, text)
+        rejected: dict[str, Outcome] = {}
+        for recipient in recipients:
+            if _BAD_PATH_CHARS.search(recipient):
+                rejected[recipient] = self._outcome(recipient, 553, b"5.1.3 bad address")
+                continue
+            code, text = client.rcpt(recipient)
+            if code not in (250, 251):
+                rejected[recipient] = self._outcome(recipient, code, text)
+        accepted = [r for r in recipients if r not in rejected]
+        if not accepted:
+            _quietly_quit(client)
+            return [rejected[r] for r in recipients]
+        try:
+            code, text = client.data(data)
+        except smtplib.SMTPDataError as e:
+            code = e.smtp_code
+            text = e.smtp_error if isinstance(e.smtp_error, bytes) else e.smtp_error.encode()
+        except (smtplib.SMTPException, OSError) as e:
+            # After RCPT the attempt counts: no other host for these recipients now.
+            failure = f"4.4.2 {self.relay}: lost during DATA: {type(e).__name__}: {e}"
+            return [
+                rejected.get(r) or Outcome(r, Status.TEMPORARY, None, failure, self.relay)
+                for r in recipients
+            ]
+        _quietly_quit(client)
+        return [rejected.get(r) or self._outcome(r, code, text) for r in recipients]
+
+    def _outcome(self, recipient: str, code: int, text: bytes) -> Outcome:
+        return Outcome(recipient, classify(code), code, _text(text), self.relay)
+
+
+def classify(code: int) -> Status:
+    """RFC 5321 4.2.1: 2yz done, 5yz permanent, anything else (4yz, garbage) temporary."""
+    if 200 <= code <= 299:
+        return Status.DELIVERED
+    if 500 <= code <= 599:
+        return Status.PERMANENT
+    return Status.TEMPORARY
+
+
+class _BoundSMTP(smtplib.SMTP):
+    """smtplib connecting from one source address, to IP literals only.
+
+    No getaddrinfo: after the chroot there is no resolver configuration for glibc, and the
+    destination is always an address we resolved ourselves.
+    """
+
+    def __init__(self, source: str, server_name: str, local_hostname: str, timeout: float) -> None:
+        self._source = source
+        super().__init__(local_hostname=local_hostname, timeout=timeout)
+        # smtplib's name for the TLS server name (SNI): the MX host, not the IP literal.
+        self._host = server_name
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        destination = ip_address(host)
+        family = socket.AF_INET6 if destination.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.bind((self._source, 0))
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def _ehlo_or_helo(client: smtplib.SMTP) -> tuple[int, bytes]:
+    code, text = client.ehlo()
+    if 500 <= code <= 599:
+        # RFC 5321 4.1.4: a server that does not know EHLO may still know HELO.
+        code, text = client.helo()
+    return code, text
+
+
+def _mail_options(
+    client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
+) -> list[str] | None:
+    """MAIL FROM parameters for this message; None if the server cannot take it."""
+    options: list[str] = []
+    if not data.isascii() and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")  # RFC 6152 2
+    if not (sender.isascii() and all(r.isascii() for r in recipients)):
+        if not client.has_extn("smtputf8"):
+            return None
+        options.append("SMTPUTF8")  # RFC 6531 3.4
+    return options
+
+
+def _quietly_quit(client: smtplib.SMTP) -> None:
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        client.quit()
+
+
+def _by_domain(recipients: Sequence[str], outcomes: dict[str, Outcome]) -> dict[str, list[str]]:
+    """Recipients grouped by lower-case domain; malformed ones get a permanent outcome."""
+    groups: dict[str, list[str]] = {}
+    for recipient in dict.fromkeys(recipients):
+        local, at, domain = recipient.rpartition("@")
+        if not at or not local or not domain or _BAD_PATH_CHARS.search(recipient):
+            outcomes[recipient] = Outcome(
+                recipient, Status.PERMANENT, None, "5.1.3 bad recipient address", ""
+            )
+            continue
+        groups.setdefault(domain.lower(), []).append(recipient)
+    return groups
+
+
+def _absolute(name: str) -> dns.name.Name:
+    return dns.name.from_text(name, dns.name.root)
+
+
+def _text(reply: bytes) -> str:
+    return reply.decode("utf-8", "replace").replace("\n", " ")
+
+
+def _printable(text: str) -> str:
+    """`text` safe for one log line: no control characters."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -1,0 +1,439 @@
+"""The root supervisor: one namespace and one jailed worker per tenant, kept running.
+
+It builds every tenant's namespace, forks the tenant's worker into it, restarts workers
+that die (with growing back-off), applies configuration changes on SIGHUP without
+disturbing tenants whose configuration did not change, and on SIGTERM stops every
+worker and removes everything it made. One unprivileged DNS relay process serves all
+workers (see `nsmail.dnsrelay`).
+
+Security: runs as root and stays single-threaded so that setns() and fork() act on the
+whole process. It reads only its own configuration; it never opens files in tenant
+homes, and it talks to workers only through the descriptors it handed them. Requests on
+the control socket come from root only (`nsmail.control`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from nsmail import control, dnsrelay, worker
+from nsmail.config import Config, ConfigError, Tenant, load
+from nsmail.jail import Identity
+from nsmail.netns import HostNetwork, TenantNames
+from nsmail.spawn import spawn
+from nsmail.status import WorkerStatus
+from nsmail.systemd import notify
+
+log = logging.getLogger("nsmail.supervisor")
+
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a worker
+STABLE_AFTER = 60.0  # a worker that ran this long before dying starts back-off afresh
+MAX_BACKOFF = 60.0
+
+
+def restart_delay(crashes: int) -> float:
+    """Seconds to wait before restart after `crashes` quick deaths in a row: 1, 2, 4 ... 60."""
+    return float(min(MAX_BACKOFF, 2 ** max(0, crashes - 1)))
+
+
+class State(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+
+
+@dataclass
+class Slot:
+    """One tenant as the supervisor tracks it."""
+
+    tenant: Tenant
+    names: TenantNames | None = None
+    pid: int | None = None
+    state: State = State.STARTING
+    started: float | None = None
+    started_mono: float = 0.0
+    restarts: int = 0
+    crashes: int = 0
+    due: float = 0.0  # monotonic time of the next start, or of SIGKILL while stopping
+    last_error: str | None = None
+    relay_end: socket.socket | None = None
+    after_stop: Literal["remove", "restart"] = "remove"
+    replacement: Tenant | None = None
+
+
+@dataclass
+class Relay:
+    """The DNS relay process and the supervisor's end of its control channel."""
+
+    pid: int | None = None
+    control: socket.socket | None = None
+    crashes: int = 0
+    started_mono: float = 0.0
+    due: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.host = HostNetwork(config.network)
+        self.slots: dict[str, Slot] = {}
+        self.relay = Relay()
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self._signals_r, self._signals_w = socket.socketpair()
+        self._control: socket.socket | None = None
+
+    # -- main loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        self._control = control.listen(self.config.host.run_dir)
+        self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
+        stale = self.host.remove_stale()
+        if stale:
+            log.info("removed %d namespaces and links left by an earlier run", len(stale))
+        self._start_relay()
+        for tenant in self.config.tenants:
+            self._add(tenant)
+        notify(READY="1", STATUS=self._summary())
+        log.info("supervising %s", self._summary())
+        try:
+            while not (self.stopping and not self.slots and self.relay.pid is None):
+                for key, _ in self.selector.select(self._timeout()):
+                    key.data()
+                self._run_due()
+        finally:
+            self._cleanup()
+        log.info("stopped")
+        return 0
+
+    def _install_signals(self) -> None:
+        self._signals_w.setblocking(False)
+        self._signals_r.setblocking(False)
+        signal.set_wakeup_fd(self._signals_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        self.selector.register(self._signals_r, selectors.EVENT_READ, self._on_signals)
+
+    def _on_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            for signum in self._signals_r.recv(512):
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                elif signum == signal.SIGHUP:
+                    self.reload()
+                elif signum in (signal.SIGTERM, signal.SIGINT):
+                    self.shutdown()
+        self._reap()  # SIGCHLDs coalesce; reaping is cheap and idempotent
+
+    def _on_control(self) -> None:
+        assert self._control is not None
+        control.serve_one(self._control, self._handle_request)
+
+    def _timeout(self) -> float | None:
+        dues = [s.due for s in self.slots.values() if s.state in (State.BACKOFF, State.STOPPING)]
+        if (self.relay.pid is None and not self.stopping) or (self.relay.pid and self.stopping):
+            dues.append(self.relay.due)
+        if not dues:
+            return None
+        return max(0.0, min(dues) - time.monotonic())
+
+    def _run_due(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.due > now:
+                continue
+            if slot.state == State.BACKOFF:
+                self._start(slot)
+            elif slot.state == State.STOPPING and slot.pid is not None:
+                log.warning(
+                    "%s: worker %d ignored SIGTERM, killing it", slot.tenant.domain, slot.pid
+                )
+                self._signal(slot.pid, signal.SIGKILL)
+                slot.due = now + STOP_GRACE
+        if self.relay.due <= now:
+            if self.relay.pid is None and not self.stopping:
+                self._start_relay()
+            elif self.relay.pid is not None and self.stopping:
+                self._signal(self.relay.pid, signal.SIGKILL)
+
+    # -- tenants ---------------------------------------------------------------------
+
+    def _add(self, tenant: Tenant) -> None:
+        slot = Slot(tenant)
+        self.slots[tenant.domain] = slot
+        self._start(slot)
+
+    def _start(self, slot: Slot) -> None:
+        tenant = slot.tenant
+        try:
+            if slot.names is None:
+                slot.names = self.host.create(tenant)
+            worker_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with worker_end:
+                slot.relay_end = relay_end
+                self._hand_to_relay(relay_end)
+                slot.pid = spawn(
+                    f"nsmail {tenant.domain}",
+                    Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
+                    slot.names.path,
+                    [worker_end],
+                    partial(self._prepare_worker, tenant, worker_end),
+                )
+        except (OSError, NetlinkError) as e:
+            self._close_relay_end(slot)
+            slot.crashes += 1
+            self._back_off(slot, f"cannot start: {e}")
+            return
+        slot.state = State.RUNNING
+        slot.started = time.time()
+        slot.started_mono = time.monotonic()
+        log.info("%s: worker %d started in %s", tenant.domain, slot.pid, slot.names.namespace)
+
+    def _prepare_worker(self, tenant: Tenant, channel: socket.socket) -> Callable[[], None]:
+        return worker.prepare(tenant, self.config.delivery, channel).run
+
+    def _back_off(self, slot: Slot, error: str) -> None:
+        delay = restart_delay(slot.crashes)
+        slot.state = State.BACKOFF
+        slot.last_error = error
+        slot.due = time.monotonic() + delay
+        log.error("%s: %s; next start in %.0f s", slot.tenant.domain, error, delay)
+
+    def _stop(
+        self, slot: Slot, then: Literal["remove", "restart"], replacement: Tenant | None
+    ) -> None:
+        slot.after_stop = then
+        slot.replacement = replacement
+        if slot.pid is None:
+            self._finish_stop(slot)
+            return
+        slot.state = State.STOPPING
+        slot.due = time.monotonic() + STOP_GRACE
+        self._signal(slot.pid, signal.SIGTERM)
+
+    def _finish_stop(self, slot: Slot) -> None:
+        self._close_relay_end(slot)
+        if slot.names is not None:
+            self.host.remove(slot.names)
+        del self.slots[slot.tenant.domain]
+        if self.stopping:
+            if not self.slots:
+                self._end_relay()
+        elif slot.after_stop == "restart" and slot.replacement is not None:
+            self._add(slot.replacement)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._exited(pid, _describe(status))
+
+    def _exited(self, pid: int, how: str) -> None:
+        if pid == self.relay.pid:
+            self._relay_exited(how)
+            return
+        slot = next((s for s in self.slots.values() if s.pid == pid), None)
+        if slot is None:
+            return
+        slot.pid = None
+        if slot.state == State.STOPPING:
+            log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
+            self._finish_stop(slot)
+            return
+        self._close_relay_end(slot)
+        ran = time.monotonic() - slot.started_mono
+        slot.crashes = slot.crashes + 1 if ran < STABLE_AFTER else 1
+        slot.restarts += 1
+        slot.started = None
+        self._back_off(slot, f"worker {pid} {how}")
+
+    def _close_relay_end(self, slot: Slot) -> None:
+        if slot.relay_end is not None:
+            slot.relay_end.close()
+            slot.relay_end = None
+
+    # -- the DNS relay ---------------------------------------------------------------
+
+    def _start_relay(self) -> None:
+        host = self.config.host
+        empty = host.run_dir / "empty"
+        empty.mkdir(mode=0o755, parents=True, exist_ok=True)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.relay.pid = spawn(
+                "nsmail dnsrelay",
+                Identity(uid=host.uid, gid=host.gid, root=empty),
+                None,
+                [theirs],
+                lambda: partial(dnsrelay.run, theirs, host.resolvers, self.config.delivery.timeout),
+            )
+        self.relay.control = mine
+        self.relay.started_mono = time.monotonic()
+        # A restarted relay must serve the workers that are already running.
+        for slot in self.slots.values():
+            if slot.relay_end is not None:
+                self._hand_to_relay(slot.relay_end)
+        log.info("dns relay %d started for %s", self.relay.pid, _join(host.resolvers))
+
+    def _hand_to_relay(self, channel: socket.socket) -> None:
+        if self.relay.control is None:
+            return  # handed over when the relay starts again
+        try:
+            dnsrelay.hand_over(self.relay.control, channel)
+        except OSError as e:
+            log.error("dns relay does not take channels (%s); it will be restarted", e)
+
+    def _relay_exited(self, how: str) -> None:
+        self.relay.pid = None
+        if self.relay.control is not None:
+            self.relay.control.close()
+            self.relay.control = None
+        if self.stopping:
+            return
+        ran = time.monotonic() - self.relay.started_mono
+        self.relay.crashes = self.relay.crashes + 1 if ran < STABLE_AFTER else 1
+        delay = restart_delay(self.relay.crashes)
+        self.relay.due = time.monotonic() + delay
+        log.error("dns relay %s; next start in %.0f s", how, delay)
+
+    # -- reload and shutdown ---------------------------------------------------------
+
+    def reload(self) -> None:
+        notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+        try:
+            new = load(self.config.path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            notify(READY="1", STATUS=self._summary())
+            return
+        if new.network != self.config.network:
+            log.error("reload refused: [network] changed; restart the supervisor to apply it")
+            notify(READY="1", STATUS=self._summary())
+            return
+        everything_changed = (new.host, new.delivery) != (self.config.host, self.config.delivery)
+        if new.host.resolvers != self.config.host.resolvers and self.relay.pid is not None:
+            self._signal(self.relay.pid, signal.SIGTERM)
+        self.config = new
+        wanted = {t.domain: t for t in new.tenants}
+        for domain, slot in list(self.slots.items()):
+            tenant = wanted.get(domain)
+            if slot.state == State.STOPPING:
+                slot.after_stop = "restart" if tenant else "remove"
+                slot.replacement = tenant
+            elif tenant is None:
+                log.info("%s: removed from the configuration", domain)
+                self._stop(slot, "remove", None)
+            elif everything_changed or tenant != slot.tenant:
+                log.info("%s: configuration changed, restarting", domain)
+                self._stop(slot, "restart", tenant)
+        for domain, tenant in wanted.items():
+            if domain not in self.slots:
+                log.info("%s: added to the configuration", domain)
+                self._add(tenant)
+        notify(READY="1", STATUS=self._summary())
+
+    def shutdown(self) -> None:
+        if self.stopping:
+            return
+        log.info("stopping %d workers", len(self.slots))
+        notify(STOPPING="1")
+        self.stopping = True
+        for slot in list(self.slots.values()):
+            self._stop(slot, "remove", None)
+        if not self.slots:
+            self._end_relay()
+
+    def _end_relay(self) -> None:
+        # Closing its control channel is the relay's signal to end; SIGTERM backs it up.
+        if self.relay.control is not None:
+            self.relay.control.close()
+            self.relay.control = None
+        if self.relay.pid is not None:
+            self._signal(self.relay.pid, signal.SIGTERM)
+            self.relay.due = time.monotonic() + STOP_GRACE
+
+    def _cleanup(self) -> None:
+        for slot in self.slots.values():
+            if slot.pid is not None:
+                self._signal(slot.pid, signal.SIGKILL)
+            if slot.names is not None:
+                self.host.remove(slot.names)
+        if self.relay.pid is not None:
+            self._signal(self.relay.pid, signal.SIGKILL)
+        if self._control is not None:
+            self._control.close()
+            (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
+        self.host.close()
+
+    # -- status ----------------------------------------------------------------------
+
+    def statuses(self) -> list[WorkerStatus]:
+        return [
+            WorkerStatus(
+                domain=s.tenant.domain,
+                namespace=s.names.namespace if s.names else None,
+                pid=s.pid,
+                uid=s.tenant.uid,
+                state=str(s.state),
+                ipv4=str(s.tenant.ipv4) if s.tenant.ipv4 else None,
+                ipv6=str(s.tenant.ipv6) if s.tenant.ipv6 else None,
+                restarts=s.restarts,
+                started=s.started,
+                last_error=s.last_error,
+            )
+            for s in sorted(self.slots.values(), key=lambda s: s.tenant.domain)
+        ]
+
+    def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["cmd"] == "status":
+            return {
+                "ok": True,
+                "host": self.config.host.name,
+                "relay_pid": self.relay.pid,
+                "workers": [s.to_json() for s in self.statuses()],
+            }
+        return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
+
+    def _summary(self) -> str:
+        running = sum(1 for s in self.slots.values() if s.state == State.RUNNING)
+        return f"{running} of {len(self.slots)} tenants running"
+
+    @staticmethod
+    def _signal(pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def _join(items: Any) -> str:
+    return ", ".join(str(i) for i in items) or "(none)"
+
+
+def supervise(config_path: Path) -> int:
+    """`nsmail supervise`: run until SIGTERM."""
+    return Supervisor(load(config_path)).run()

@@ -1,0 +1,688 @@
+"""Tests for nsmail.config: the good path, a table of bad configurations, and hostile input."""
+
+from __future__ import annotations
+
+import json
+import math
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nsmail.config import (
+    DEFAULT_PATH,
+    Account,
+    Config,
+    ConfigError,
+    DeliveryConfig,
+    HostConfig,
+    NetworkConfig,
+    SystemLookup,
+    Tenant,
+    load,
+    locate,
+    parse,
+    parse_resolv_conf,
+)
+
+MAIN = "/etc/nsmail/nsmail.toml"
+DROPIN = "/etc/nsmail/tenants.d/cde.toml"
+
+USERS = {
+    "nsmail": Account(990, 990, "/var/lib/nsmail"),
+    "bcd": Account(1001, 1001, "/srv/tenants/bcd"),
+    "cde": Account(1002, 1002, "/srv/tenants/cde"),
+    "bcd-twin": Account(1001, 1001, "/srv/tenants/twin"),
+    "toor": Account(0, 1000, "/srv/tenants/toor"),
+    "wheel": Account(1003, 0, "/srv/tenants/wheel"),
+    "nohome": Account(1004, 1004, "/nonexistent"),
+}
+DIRS = {account.home for account in USERS.values()} - {"/nonexistent"} | {"/srv/other"}
+
+LOOKUP = SystemLookup(
+    user=USERS.get,
+    is_dir=DIRS.__contains__,
+    default_resolvers=lambda: (IPv4Address("198.51.100.53"),),
+)
+
+HOST = '[host]\nname = "abc.test"\n'
+BRIDGE = '[network]\nbridge = "nsbr0"\ngateway4 = "198.51.100.1"\ngateway6 = "2001:db8:51::1"\n'
+BCD = '[[tenant]]\ndomain = "bcd.test"\nipv4 = "198.51.100.70"\nuser = "bcd"\n'
+CDE = '[[tenant]]\ndomain = "cde.test"\nipv6 = "2001:db8:51::71"\nuser = "cde"\n'
+GOOD_MAIN = HOST + BRIDGE + BCD
+
+
+def tenant(**fields: object) -> str:
+    """A [[tenant]] table: bcd.test's fields, overridden (None drops a field)."""
+    merged: dict[str, object] = {"domain": "bcd.test", "ipv4": "198.51.100.70", "user": "bcd"}
+    merged.update(fields)
+    lines = [f"{key} = {toml_value(value)}" for key, value in merged.items() if value is not None]
+    return "[[tenant]]\n" + "\n".join(lines) + "\n"
+
+
+def toml_value(value: object) -> str:
+    """Just enough of a TOML writer for tests."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    pairs = (f"{toml_string(k)} = {toml_value(v)}" for k, v in value.items())
+    return "{" + ", ".join(pairs) + "}"
+
+
+def toml_string(text: str) -> str:
+    # TOML basic strings take every character raw except quote, backslash and controls.
+    escaped = (
+        f"\\u{ord(c):04x}" if c in '"\\' or ord(c) < 0x20 or ord(c) == 0x7F else c for c in text
+    )
+    return '"' + "".join(escaped) + '"'
+
+
+def fail(*documents: tuple[str, str]) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        parse(documents, LOOKUP)
+    return caught.value
+
+
+def test_good_config_with_all_defaults() -> None:
+    config = parse([(MAIN, GOOD_MAIN)], LOOKUP)
+    bcd = Tenant(
+        domain="bcd.test",
+        ipv4=IPv4Address("198.51.100.70"),
+        ipv6=None,
+        ehlo="bcd.test",
+        uid=1001,
+        gid=1001,
+        home=Path("/srv/tenants/bcd"),
+        users=(),
+        source=MAIN,
+    )
+    assert config == Config(
+        path=Path(MAIN),
+        host=HostConfig(
+            name="abc.test",
+            resolvers=(IPv4Address("198.51.100.53"),),
+            user="nsmail",
+            uid=990,
+            gid=990,
+            run_dir=Path("/run/nsmail"),
+        ),
+        network=NetworkConfig(
+            mode="bridge",
+            bridge="nsbr0",
+            gateway4=IPv4Address("198.51.100.1"),
+            gateway6=IPv6Address("2001:db8:51::1"),
+            prefix="nsm",
+        ),
+        delivery=DeliveryConfig(scan_interval=60.0, timeout=30.0, port=25),
+        tenants=(bcd,),
+    )
+    assert config.tenant("BCD.test") == bcd
+    assert config.tenant("cde.test") is None
+    assert bcd.addresses == (IPv4Address("198.51.100.70"),)
+
+
+def test_every_key_given() -> None:
+    main = """
+        [host]
+        name = "ABC.test"
+        resolvers = ["198.51.100.53", "2001:db8:53::53"]
+        user = "nsmail"
+        run_dir = "/run/nsm-lab"
+        [network]
+        mode = "routed"
+        prefix = "lab1"
+        [delivery]
+        scan_interval = 0.5
+        timeout = 5
+        port = 2525
+        [[tenant]]
+        domain = "xn--bcher-kva.test"
+        ipv4 = "203.0.113.70"
+        ipv6 = "2001:db8:51::70"
+        ehlo = "Mail.xn--bcher-kva.test"
+        uid = 2000
+        gid = 2001
+        home = "/srv/other/"
+        users = ["b1", "first.last", "x+tag"]
+    """
+    config = parse([(MAIN, main)], LOOKUP)
+    assert config.host.name == "abc.test"
+    assert config.host.resolvers == (ip_address("198.51.100.53"), ip_address("2001:db8:53::53"))
+    assert config.host.run_dir == Path("/run/nsm-lab")
+    assert config.network == NetworkConfig("routed", None, None, None, "lab1")
+    assert config.delivery == DeliveryConfig(scan_interval=0.5, timeout=5.0, port=2525)
+    (only,) = config.tenants
+    assert only.domain == "xn--bcher-kva.test"
+    assert only.ehlo == "mail.xn--bcher-kva.test"
+    assert only.addresses == (IPv4Address("203.0.113.70"), IPv6Address("2001:db8:51::70"))
+    assert (only.uid, only.gid, only.home) == (2000, 2001, Path("/srv/other"))
+    assert only.users == ("b1", "first.last", "x+tag")
+
+
+def test_dropins_are_merged_in_order_and_remember_their_file() -> None:
+    other = "/etc/nsmail/tenants.d/zz.toml"
+    config = parse([(MAIN, GOOD_MAIN), (DROPIN, CDE), (other, "")], LOOKUP)
+    assert [(t.domain, t.source) for t in config.tenants] == [
+        ("bcd.test", MAIN),
+        ("cde.test", DROPIN),
+    ]
+    assert config.tenant("cde.test") is not None
+
+
+BAD = [
+    # (id, documents, file, field)
+    ("toml syntax", [(MAIN, HOST + "x = \n")], MAIN, "toml"),
+    ("dropin toml syntax", [(MAIN, GOOD_MAIN), (DROPIN, "[[tenant]\n")], DROPIN, "toml"),
+    ("unknown top-level table", [(MAIN, GOOD_MAIN + "[smtp]\n")], MAIN, "smtp"),
+    ("unknown host key", [(MAIN, HOST + 'nmae = "x"\n' + BRIDGE)], MAIN, "host.nmae"),
+    ("unknown tenant key", [(MAIN, HOST + BRIDGE + tenant(mail="x"))], MAIN, "tenant[0].mail"),
+    ("missing host", [(MAIN, BRIDGE + BCD)], MAIN, "host"),
+    ("missing host name", [(MAIN, "[host]\n" + BRIDGE)], MAIN, "host.name"),
+    ("host not a table", [(MAIN, "host = 1\n")], MAIN, "host"),
+    ("bad host name", [(MAIN, '[host]\nname = "abc"\n' + BRIDGE)], MAIN, "host.name"),
+    ("unknown host user", [(MAIN, HOST + 'user = "ghost"\n' + BRIDGE)], MAIN, "host.user"),
+    ("relative run_dir", [(MAIN, HOST + 'run_dir = "run"\n' + BRIDGE)], MAIN, "host.run_dir"),
+    (
+        "resolvers not list",
+        [(MAIN, HOST + 'resolvers = "198.51.100.53"\n')],
+        MAIN,
+        "host.resolvers",
+    ),
+    ("resolvers not IPs", [(MAIN, HOST + 'resolvers = ["dns.test"]\n')], MAIN, "host.resolvers[0]"),
+    ("resolvers ints", [(MAIN, HOST + "resolvers = [1]\n")], MAIN, "host.resolvers[0]"),
+    ("resolvers empty", [(MAIN, HOST + "resolvers = []\n")], MAIN, "host.resolvers"),
+    ("bad mode", [(MAIN, HOST + '[network]\nmode = "nat"\n')], MAIN, "network.mode"),
+    ("bridge mode, no bridge", [(MAIN, HOST + "[network]\n")], MAIN, "network.bridge"),
+    ("bridge with /", [(MAIN, HOST + '[network]\nbridge = "br/0"\n')], MAIN, "network.bridge"),
+    (
+        "bridge too long",
+        [(MAIN, HOST + '[network]\nbridge = "b23456789012345x"\n')],
+        MAIN,
+        "network.bridge",
+    ),
+    ("bridge with space", [(MAIN, HOST + '[network]\nbridge = "br 0"\n')], MAIN, "network.bridge"),
+    (
+        "routed with bridge",
+        [(MAIN, HOST + '[network]\nmode = "routed"\nbridge = "br0"\n')],
+        MAIN,
+        "network.bridge",
+    ),
+    (
+        "bad prefix",
+        [(MAIN, HOST + '[network]\nmode = "routed"\nprefix = "1ns"\n')],
+        MAIN,
+        "network.prefix",
+    ),
+    (
+        "long prefix",
+        [(MAIN, HOST + '[network]\nmode = "routed"\nprefix = "nsmail"\n')],
+        MAIN,
+        "network.prefix",
+    ),
+    (
+        "gateway4 is v6",
+        [(MAIN, HOST + '[network]\nbridge = "br0"\ngateway4 = "2001:db8::1"\n')],
+        MAIN,
+        "network.gateway4",
+    ),
+    (
+        "no gateway4 for ipv4 tenant",
+        [(MAIN, HOST + '[network]\nbridge = "br0"\n' + BCD)],
+        MAIN,
+        "network.gateway4",
+    ),
+    (
+        "no gateway6 for ipv6 tenant",
+        [(MAIN, HOST + '[network]\nbridge = "br0"\ngateway4 = "198.51.100.1"\n'), (DROPIN, CDE)],
+        MAIN,
+        "network.gateway6",
+    ),
+    (
+        "scan_interval zero",
+        [(MAIN, GOOD_MAIN + "[delivery]\nscan_interval = 0\n")],
+        MAIN,
+        "delivery.scan_interval",
+    ),
+    ("timeout inf", [(MAIN, GOOD_MAIN + "[delivery]\ntimeout = inf\n")], MAIN, "delivery.timeout"),
+    (
+        "timeout string",
+        [(MAIN, GOOD_MAIN + '[delivery]\ntimeout = "30"\n')],
+        MAIN,
+        "delivery.timeout",
+    ),
+    ("port bool", [(MAIN, GOOD_MAIN + "[delivery]\nport = true\n")], MAIN, "delivery.port"),
+    ("port range", [(MAIN, GOOD_MAIN + "[delivery]\nport = 65536\n")], MAIN, "delivery.port"),
+    ("tenant not array", [(MAIN, HOST + BRIDGE + '[tenant]\ndomain = "b.test"\n')], MAIN, "tenant"),
+    ("dropin with host", [(MAIN, GOOD_MAIN), (DROPIN, HOST)], DROPIN, "host"),
+    ("dropin with key", [(MAIN, GOOD_MAIN), (DROPIN, "x = 1\n" + CDE)], DROPIN, "x"),
+    ("missing domain", [(MAIN, HOST + BRIDGE + tenant(domain=None))], MAIN, "tenant[0].domain"),
+    ("domain one label", [(MAIN, HOST + BRIDGE + tenant(domain="bcd"))], MAIN, "tenant[0].domain"),
+    (
+        "domain underscore",
+        [(MAIN, HOST + BRIDGE + tenant(domain="b_d.test"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain label 64",
+        [(MAIN, HOST + BRIDGE + tenant(domain="a" * 64 + ".test"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain too long",
+        [(MAIN, HOST + BRIDGE + tenant(domain=("a" * 63 + ".") * 4 + "test"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain hyphen edge",
+        [(MAIN, HOST + BRIDGE + tenant(domain="-bcd.test"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain U-label",
+        [(MAIN, HOST + BRIDGE + tenant(domain="bücher.test"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain numeric tld",
+        [(MAIN, HOST + BRIDGE + tenant(domain="198.51.100.70"))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    (
+        "domain trailing dot",
+        [(MAIN, HOST + BRIDGE + tenant(domain="bcd.test."))],
+        MAIN,
+        "tenant[0].domain",
+    ),
+    ("domain as int", [(MAIN, HOST + BRIDGE + tenant(domain=7))], MAIN, "tenant[0].domain"),
+    ("bad ehlo", [(MAIN, HOST + BRIDGE + tenant(ehlo="mail bcd.test"))], MAIN, "tenant[0].ehlo"),
+    ("bad ipv4", [(MAIN, HOST + BRIDGE + tenant(ipv4="198.51.100.999"))], MAIN, "tenant[0].ipv4"),
+    ("ipv4 holds v6", [(MAIN, HOST + BRIDGE + tenant(ipv4="2001:db8::7"))], MAIN, "tenant[0].ipv4"),
+    (
+        "ipv6 holds v4",
+        [(MAIN, HOST + BRIDGE + tenant(ipv6="198.51.100.7"))],
+        MAIN,
+        "tenant[0].ipv6",
+    ),
+    (
+        "ipv6 mapped v4",
+        [(MAIN, HOST + BRIDGE + tenant(ipv6="::ffff:198.51.100.7"))],
+        MAIN,
+        "tenant[0].ipv6",
+    ),
+    ("multicast", [(MAIN, HOST + BRIDGE + tenant(ipv4="224.0.0.1"))], MAIN, "tenant[0].ipv4"),
+    ("loopback", [(MAIN, HOST + BRIDGE + tenant(ipv4="127.0.0.2"))], MAIN, "tenant[0].ipv4"),
+    ("unspecified", [(MAIN, HOST + BRIDGE + tenant(ipv6="::"))], MAIN, "tenant[0].ipv6"),
+    ("link-local v4", [(MAIN, HOST + BRIDGE + tenant(ipv4="169.254.1.1"))], MAIN, "tenant[0].ipv4"),
+    ("link-local v6", [(MAIN, HOST + BRIDGE + tenant(ipv6="fe80::7"))], MAIN, "tenant[0].ipv6"),
+    ("no address", [(MAIN, HOST + BRIDGE + tenant(ipv4=None))], MAIN, "tenant[0]"),
+    (
+        "address is gateway",
+        [(MAIN, HOST + BRIDGE + tenant(ipv4="198.51.100.1"))],
+        MAIN,
+        "tenant[0].ipv4",
+    ),
+    (
+        "duplicate domain",
+        [(MAIN, GOOD_MAIN), (DROPIN, tenant(ipv4="198.51.100.71", user="cde"))],
+        DROPIN,
+        "tenant[0].domain",
+    ),
+    (
+        "duplicate domain by case",
+        [(MAIN, GOOD_MAIN + tenant(domain="BCD.TEST", ipv4="198.51.100.71", user="cde"))],
+        MAIN,
+        "tenant[1].domain",
+    ),
+    (
+        "duplicate address",
+        [(MAIN, GOOD_MAIN), (DROPIN, tenant(domain="cde.test", user="cde"))],
+        DROPIN,
+        "tenant[0].ipv4",
+    ),
+    (
+        "duplicate uid",
+        [
+            (MAIN, GOOD_MAIN),
+            (DROPIN, tenant(domain="cde.test", ipv4="198.51.100.71", user="bcd-twin")),
+        ],
+        DROPIN,
+        "tenant[0].user",
+    ),
+    (
+        "uid of host user",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=990, gid=990, home="/srv/other"))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    (
+        "duplicate home",
+        [
+            (MAIN, GOOD_MAIN),
+            (
+                DROPIN,
+                tenant(
+                    domain="cde.test", ipv4="198.51.100.71", user="cde", home="/srv/tenants/bcd"
+                ),
+            ),
+        ],
+        DROPIN,
+        "tenant[0].home",
+    ),
+    ("unknown user", [(MAIN, HOST + BRIDGE + tenant(user="ghost"))], MAIN, "tenant[0].user"),
+    ("user with uid 0", [(MAIN, HOST + BRIDGE + tenant(user="toor"))], MAIN, "tenant[0].user"),
+    ("user with gid 0", [(MAIN, HOST + BRIDGE + tenant(user="wheel"))], MAIN, "tenant[0].user"),
+    (
+        "uid without gid",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=2000, home="/srv/other"))],
+        MAIN,
+        "tenant[0].gid",
+    ),
+    (
+        "gid without uid",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, gid=2000, home="/srv/other"))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    ("user and uid", [(MAIN, HOST + BRIDGE + tenant(uid=2000))], MAIN, "tenant[0].uid"),
+    (
+        "uid 0",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=0, gid=2000, home="/srv/other"))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    (
+        "gid 0",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=2000, gid=0, home="/srv/other"))],
+        MAIN,
+        "tenant[0].gid",
+    ),
+    (
+        "uid -1",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=-1, gid=2000, home="/srv/other"))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    (
+        "uid as string",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid="2000", gid=2000))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    ("no user or uid", [(MAIN, HOST + BRIDGE + tenant(user=None))], MAIN, "tenant[0].user"),
+    (
+        "uid form without home",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=2000, gid=2000))],
+        MAIN,
+        "tenant[0].home",
+    ),
+    (
+        "relative home",
+        [(MAIN, HOST + BRIDGE + tenant(home="srv/tenants/bcd"))],
+        MAIN,
+        "tenant[0].home",
+    ),
+    ("home is /", [(MAIN, HOST + BRIDGE + tenant(home="/"))], MAIN, "tenant[0].home"),
+    ("home is //", [(MAIN, HOST + BRIDGE + tenant(home="//"))], MAIN, "tenant[0].home"),
+    (
+        "home with ..",
+        [(MAIN, HOST + BRIDGE + tenant(home="/srv/other/.."))],
+        MAIN,
+        "tenant[0].home",
+    ),
+    (
+        "missing home dir",
+        [(MAIN, HOST + BRIDGE + tenant(home="/srv/gone"))],
+        MAIN,
+        "tenant[0].home",
+    ),
+    (
+        "passwd home missing",
+        [(MAIN, HOST + BRIDGE + tenant(user="nohome"))],
+        MAIN,
+        "tenant[0].home",
+    ),
+    ("users not list", [(MAIN, HOST + BRIDGE + tenant(users="b1"))], MAIN, "tenant[0].users"),
+    (
+        "users bad local part",
+        [(MAIN, HOST + BRIDGE + tenant(users=["b1", "a..b"]))],
+        MAIN,
+        "tenant[0].users[1]",
+    ),
+    (
+        "users with @",
+        [(MAIN, HOST + BRIDGE + tenant(users=["b1@bcd.test"]))],
+        MAIN,
+        "tenant[0].users[0]",
+    ),
+    (
+        "users too long",
+        [(MAIN, HOST + BRIDGE + tenant(users=["b" * 65]))],
+        MAIN,
+        "tenant[0].users[0]",
+    ),
+    (
+        "duplicate users",
+        [(MAIN, HOST + BRIDGE + tenant(users=["b1", "B1"]))],
+        MAIN,
+        "tenant[0].users[1]",
+    ),
+    (
+        "second tenant bad",
+        [(MAIN, GOOD_MAIN), (DROPIN, CDE + tenant(domain="x", user="cde"))],
+        DROPIN,
+        "tenant[1].domain",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("documents", "file", "field"), [case[1:] for case in BAD], ids=[case[0] for case in BAD]
+)
+def test_bad_configuration(documents: list[tuple[str, str]], file: str, field: str) -> None:
+    error = fail(*documents)
+    assert (error.file, error.field) == (file, field)
+    assert str(error).startswith(f"{file}: {field}: ")
+    assert error.message
+    assert "\n" not in str(error)
+
+
+def test_messages_quote_the_value() -> None:
+    error = fail((MAIN, HOST + BRIDGE + tenant(ipv4="198.51.100.999")))
+    assert str(error) == f"{MAIN}: tenant[0].ipv4: '198.51.100.999' is not an IPv4 address"
+    assert "line 3, column 5" in fail((MAIN, HOST + "x = \n")).message
+
+
+def test_no_resolvers_anywhere() -> None:
+    lookup = SystemLookup(user=USERS.get, is_dir=DIRS.__contains__, default_resolvers=tuple)
+    with pytest.raises(ConfigError, match=r"host\.resolvers"):
+        parse([(MAIN, GOOD_MAIN)], lookup)
+
+
+def test_unprintable_values_stay_on_one_line() -> None:
+    error = fail((MAIN, '"bad\\nkey\\u2028" = 1\n' + HOST))
+    assert "\n" not in str(error) and "\u2028" not in str(error)
+    assert error.field == "bad\\nkey\\u2028"
+
+
+def test_parse_resolv_conf() -> None:
+    text = "# comment\nnameserver 198.51.100.53\nnameserver bogus\nsearch test\nnameserver ::1\n"
+    assert parse_resolv_conf(text) == (IPv4Address("198.51.100.53"), IPv6Address("::1"))
+
+
+def test_locate() -> None:
+    env = {"NSMAIL_CONFIG": "/srv/env.toml"}
+    assert locate("/srv/cli.toml", env) == Path("/srv/cli.toml")
+    assert locate(None, env) == Path("/srv/env.toml")
+    assert locate(None, {}) == DEFAULT_PATH == Path("/etc/nsmail/nsmail.toml")
+    assert locate(None, {"NSMAIL_CONFIG": ""}) == DEFAULT_PATH
+
+
+def test_load_reads_main_file_and_sorted_dropins(tmp_path: Path) -> None:
+    main = tmp_path / "nsmail.toml"
+    main.write_text(
+        '[host]\nname = "abc.test"\nresolvers = ["198.51.100.53"]\nuser = "root"\n'
+        '[network]\nmode = "routed"\n'
+    )
+    dropins = tmp_path / "tenants.d"
+    dropins.mkdir()
+    homes = {}
+    for name in ("b", "a"):
+        homes[name] = tmp_path / f"home-{name}"
+        homes[name].mkdir()
+    # nobody has one uid, so the second tenant names it numerically with another.
+    (dropins / "b.toml").write_text(
+        f'[[tenant]]\ndomain = "b.test"\nipv4 = "203.0.113.2"\nuid = 65533\ngid = 65533\n'
+        f'home = "{homes["b"]}"\n'
+    )
+    (dropins / "a.toml").write_text(
+        f'[[tenant]]\ndomain = "a.test"\nipv6 = "2001:db8:51::1"\nuser = "nobody"\n'
+        f'home = "{homes["a"]}"\n'
+    )
+    (dropins / ".#a.toml").write_text("not toml at all [")
+    (dropins / "notes.txt").write_text("not toml at all [")
+
+    config = load(main)
+
+    assert config.path == main
+    assert (config.host.user, config.host.uid) == ("root", 0)
+    assert [(t.domain, t.uid, t.home, t.source) for t in config.tenants] == [
+        ("a.test", 65534, homes["a"], str(dropins / "a.toml")),
+        ("b.test", 65533, homes["b"], str(dropins / "b.toml")),
+    ]
+
+
+def test_load_rejects_root_tenant_and_missing_file(tmp_path: Path) -> None:
+    main = tmp_path / "nsmail.toml"
+    with pytest.raises(ConfigError, match=r"nsmail\.toml: file: "):
+        load(main)
+    main.write_text(
+        '[host]\nname = "abc.test"\nresolvers = ["198.51.100.53"]\nuser = "root"\n'
+        f'[network]\nmode = "routed"\n[[tenant]]\ndomain = "a.test"\nipv4 = "203.0.113.2"\n'
+        f'user = "root"\nhome = "{tmp_path}"\n'
+    )
+    with pytest.raises(ConfigError, match=r"tenant\[0\]\.user: 'root' has uid or gid 0"):
+        load(main)
+
+
+# --- hostile input -----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_arbitrary_text_raises_only_config_error(text: str) -> None:
+    for documents in ([(MAIN, text)], [(MAIN, GOOD_MAIN), (DROPIN, text)]):
+        try:
+            parse(documents, LOOKUP)
+        except ConfigError as error:
+            assert "\n" not in str(error)
+
+
+INTERESTING = st.sampled_from(
+    [
+        "",
+        "bcd",
+        "bcd.test",
+        "BCD.TEST",
+        "xn--",
+        "xn--bcher-kva.test",
+        "198.51.100.70",
+        "2001:db8:51::70",
+        "198.51.100.1",
+        "::",
+        "fe80::1",
+        "/",
+        "/srv/other",
+        "bcd",
+        "cde",
+        "toor",
+        "routed",
+        "bridge",
+        "nsbr0",
+        "b1",
+    ]
+)
+SCALARS = st.one_of(
+    INTERESTING,
+    st.text(max_size=20),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.floats(),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+KEYS = st.sampled_from(
+    [
+        "name",
+        "resolvers",
+        "user",
+        "run_dir",
+        "mode",
+        "bridge",
+        "gateway4",
+        "gateway6",
+        "prefix",
+        "scan_interval",
+        "timeout",
+        "port",
+        "domain",
+        "ipv4",
+        "ipv6",
+        "ehlo",
+        "uid",
+        "gid",
+        "home",
+        "users",
+    ]
+) | st.text(max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["host", "network", "delivery", "tenant"]), KEYS, VALUES),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_mutated_good_config_raises_only_config_error(
+    edits: list[tuple[str, str, object]],
+) -> None:
+    document: dict[str, dict[str, object]] = {
+        "host": {"name": "abc.test"},
+        "network": {"bridge": "nsbr0", "gateway4": "198.51.100.1", "gateway6": "2001:db8:51::1"},
+        "delivery": {},
+        "tenant": {"domain": "bcd.test", "ipv4": "198.51.100.70", "user": "bcd"},
+    }
+    for table, key, value in edits:
+        document[table][key] = value
+    text = "".join(
+        f"{name} = {toml_value([table] if name == 'tenant' else table)}\n"
+        for name, table in document.items()
+    )
+    try:
+        config = parse([(MAIN, text)], LOOKUP)
+    except ConfigError as error:
+        assert "\n" not in str(error)
+    else:
+        assert all(t.uid != 0 and t.gid != 0 and t.home != Path("/") for t in config.tenants)

@@ -1,0 +1,75 @@
+"""Pure pieces of the root side: jail verification, restart back-off, names, status table."""
+
+from __future__ import annotations
+
+from nsmail.jail import check_status
+from nsmail.netns import names_for
+from nsmail.status import WorkerStatus, render_table
+from nsmail.supervisor import restart_delay
+
+JAILED = """Name:\tnsmail bcd.test
+Uid:\t20001\t20001\t20001\t20001
+Gid:\t20002\t20002\t20002\t20002
+Groups:\t
+NoNewPrivs:\t1
+CapInh:\t0000000000000000
+CapPrm:\t0000000000000000
+CapEff:\t0000000000000000
+CapBnd:\t0000000000000000
+CapAmb:\t0000000000000000
+"""
+
+
+def test_a_properly_jailed_status_passes() -> None:
+    assert check_status(JAILED, 20001, 20002) == []
+
+
+def test_effective_only_uid_change_is_caught() -> None:
+    # The seed design's flaw: only the effective uid changed, root can come back.
+    status = JAILED.replace("Uid:\t20001\t20001\t20001", "Uid:\t0\t20001\t0")
+    assert check_status(status, 20001, 20002) == ["Uid is '0\\t20001\\t0\\t20001'"]
+
+
+def test_every_leftover_privilege_is_named() -> None:
+    status = (
+        JAILED.replace("Groups:\t", "Groups:\t0 27")
+        .replace("NoNewPrivs:\t1", "NoNewPrivs:\t0")
+        .replace("CapBnd:\t0000000000000000", "CapBnd:\t000001ffffffffff")
+        .replace("CapAmb:\t0000000000000000\n", "")
+    )
+    problems = check_status(status, 20001, 20002)
+    assert [p.split()[0] for p in problems] == ["Groups", "NoNewPrivs", "CapBnd", "CapAmb"]
+
+
+def test_garbage_status_fails_closed() -> None:
+    assert len(check_status("nonsense", 1, 1)) == 9
+
+
+def test_restart_delay_grows_and_is_capped() -> None:
+    assert [restart_delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_names_fit_the_kernel_limits() -> None:
+    names = names_for("abcde", "a-very-long-tenant-domain-name.example.test")
+    assert names.namespace == "abcde-a-very-long-tenant-domain-name.example.test"
+    assert len(names.host_ifname) <= 15
+    assert names_for("nsm", "bcd.test") != names_for("nsm", "cde.test")
+    assert names_for("nsm", "bcd.test") == names_for("nsm", "bcd.test")
+
+
+def test_status_table_fits_80_columns() -> None:
+    record = WorkerStatus(
+        domain="a-rather-long-hosted-domain-name.test",
+        namespace="nsm-a-rather-long-hosted-domain-name.test",
+        pid=4194304,
+        uid=1000000,
+        state="starting",
+        ipv4="198.51.100.170",
+        ipv6="2001:db8:51:ffff:ffff:ffff:ffff:ffff",
+        restarts=123,
+        started=0.0,
+        last_error="worker 4194304 killed by SIGKILL " * 5,
+    )
+    table = render_table([record], now=200000.0)
+    assert "a-rather-long-hoste~" in table
+    assert all(len(line) <= 80 for line in table.splitlines())

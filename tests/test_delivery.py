@@ -1,0 +1,269 @@
+"""SMTP delivery against a real aiosmtpd server on loopback, DNS through the real relay."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from test_dnsrelay import DNSStack, dns_stack
+
+from nsmail.config import DeliveryConfig, Tenant
+from nsmail.delivery import Agent, Outcome, Status
+from nsmail.queuefile import Envelope
+
+ZONE = {
+    ("rcpt.test.", "MX"): ["10 mx.rcpt.test."],
+    ("mx.rcpt.test.", "A"): ["127.0.0.1"],
+    ("mx.rcpt.test.", "AAAA"): ["::1"],
+    ("backup.test.", "MX"): ["10 dead.backup.test.", "20 mx.rcpt.test."],
+    ("dead.backup.test.", "A"): ["127.0.0.3"],
+    ("implicit.test.", "A"): ["127.0.0.1"],
+    ("noaddr.test.", "TXT"): ['"no mail here"'],
+    ("nullmx.test.", "MX"): ["0 ."],
+}
+TENANT_IPV4 = IPv4Address("127.0.0.5")  # not the server's address: the bind is visible
+SELF_SIGNED = ("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
+SELF_SIGNED += ("-nodes", "-days", "1", "-subj", "/CN=mx.rcpt.test")
+BODY = b"Subject: test\n\nhello\n.leading dot\n"
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+    peer: str
+    ehlo: str
+    tls: bool
+
+
+@dataclass
+class Recorder:
+    """An aiosmtpd handler recording messages; replies per recipient from `rcpt_replies`."""
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 accepted"
+    received: list[Received] = field(default_factory=list)
+    rcpt_attempts: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        self.rcpt_attempts.append(address)
+        reply = self.rcpt_replies.get(address.split("@")[0])
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(
+            Received(
+                sender=envelope.mail_from,
+                recipients=list(envelope.rcpt_tos),
+                content=envelope.original_content,
+                peer=session.peer[0],
+                ehlo=session.host_name,
+                tls=session.ssl is not None,
+            )
+        )
+        return self.data_reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def smtp_server(
+    recorder: Recorder, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> Iterator[int]:
+    """An aiosmtpd server on `host`; yields its port."""
+    controller = Controller(recorder, hostname=host, port=port or free_port(), **kwargs)
+    controller.start()
+    try:
+        yield controller.port
+    finally:
+        controller.stop()
+
+
+def make_tenant(
+    home: Path,
+    ipv4: IPv4Address | None = TENANT_IPV4,
+    ipv6: IPv6Address | None = None,
+) -> Tenant:
+    return Tenant(
+        domain="tenant.test",
+        ipv4=ipv4,
+        ipv6=ipv6,
+        ehlo="mail.tenant.test",
+        uid=0,
+        gid=0,
+        home=home,
+        users=("alice",),
+        source="test",
+    )
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DNSStack]:
+    with dns_stack(ZONE) as stack:
+        yield stack
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def port(recorder: Recorder) -> Iterator[int]:
+    with smtp_server(recorder) as p:
+        yield p
+
+
+def agent(dns: DNSStack, port: int, tenant: Tenant, tls: ssl.SSLContext | None = None) -> Agent:
+    return Agent(
+        tenant=tenant,
+        config=DeliveryConfig(port=port, timeout=5),
+        resolver=dns.resolver(),
+        tls=tls,
+        rng=random.Random(0),
+    )
+
+
+def by_recipient(outcomes: list[Outcome]) -> dict[str, tuple[Status, int | None]]:
+    return {o.recipient: (o.status, o.code) for o in outcomes}
+
+
+def test_delivers_from_the_tenant_address_and_name(
+    dns: DNSStack, port: int, recorder: Recorder, tmp_path: Path
+) -> None:
+    dns.server.queries.clear()
+    envelope = Envelope("alice@tenant.test", ("a@rcpt.test", "b@RCPT.test"))
+    outcomes = agent(dns, port, make_tenant(tmp_path)).deliver("q1", envelope, BODY)
+    assert [(o.status, o.code) for o in outcomes] == [(Status.DELIVERED, 250)] * 2
+    assert outcomes[0].relay == f"mx.rcpt.test[127.0.0.1]:{port}"
+    [message] = recorder.received  # one connection, one transaction for the domain
+    assert message.sender == "alice@tenant.test"
+    assert message.recipients == ["a@rcpt.test", "b@RCPT.test"]
+    assert message.peer == "127.0.0.5"
+    assert message.ehlo == "mail.tenant.test"
+    assert message.content == b"Subject: test\r\n\r\nhello\r\n.leading dot\r\n"
+    # The tenant has no IPv6 address: no AAAA lookups.
+    assert all(rdtype != "AAAA" for _, rdtype, _ in dns.server.queries)
+
+
+def test_outcome_per_recipient(
+    dns: DNSStack, port: int, recorder: Recorder, tmp_path: Path
+) -> None:
+    recorder.rcpt_replies = {"later": "451 4.3.0 try later", "nobody": "550 5.1.1 no such user"}
+    envelope = Envelope("", ("ok@rcpt.test", "later@rcpt.test", "nobody@rcpt.test", "bad"))
+    outcomes = agent(dns, port, make_tenant(tmp_path)).deliver("q2", envelope, BODY)
+    assert by_recipient(outcomes) == {
+        "ok@rcpt.test": (Status.DELIVERED, 250),
+        "later@rcpt.test": (Status.TEMPORARY, 451),
+        "nobody@rcpt.test": (Status.PERMANENT, 550),
+        "bad": (Status.PERMANENT, None),
+    }
+    assert "no such user" in outcomes[2].text
+    assert [m.recipients for m in recorder.received] == [["ok@rcpt.test"]]
+    assert recorder.received[0].sender == "<>"  # the null reverse-path
+
+
+def test_data_rejection_applies_to_accepted_recipients(
+    dns: DNSStack, port: int, recorder: Recorder, tmp_path: Path
+) -> None:
+    recorder.data_reply = "554 5.7.1 spam"
+    outcomes = agent(dns, port, make_tenant(tmp_path)).deliver(
+        "q3", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+    )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.PERMANENT, 554)}
+    recorder.data_reply = "452 4.3.1 full"
+    outcomes = agent(dns, port, make_tenant(tmp_path)).deliver(
+        "q4", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+    )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, 452)}
+
+
+def test_routing_outcomes(dns: DNSStack, port: int, recorder: Recorder, tmp_path: Path) -> None:
+    recipients = (
+        "x@backup.test",  # first MX refuses connections: the second one takes it
+        "x@implicit.test",  # no MX: the domain's own address
+        "x@nullmx.test",
+        "x@noaddr.test",
+        "x@nowhere.test",
+    )
+    outcomes = agent(dns, port, make_tenant(tmp_path)).deliver(
+        "q5", Envelope("alice@tenant.test", recipients), BODY
+    )
+    assert by_recipient(outcomes) == {
+        "x@backup.test": (Status.DELIVERED, 250),
+        "x@implicit.test": (Status.DELIVERED, 250),
+        "x@nullmx.test": (Status.PERMANENT, None),
+        "x@noaddr.test": (Status.PERMANENT, None),
+        "x@nowhere.test": (Status.PERMANENT, None),
+    }
+    assert outcomes[0].relay == f"mx.rcpt.test[127.0.0.1]:{port}"
+    assert outcomes[1].relay == f"implicit.test[127.0.0.1]:{port}"
+    assert "null MX" in outcomes[2].text
+
+
+def test_unreachable_and_dns_failures_are_temporary(dns: DNSStack, tmp_path: Path) -> None:
+    closed = free_port()
+    outcomes = agent(dns, closed, make_tenant(tmp_path)).deliver(
+        "q6", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+    )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, None)}
+    assert "ConnectionRefusedError" in outcomes[0].text
+    with dns_stack(ZONE, resolvers=(IPv4Address("127.0.0.2"),), timeout=0.2) as broken:
+        outcomes = agent(broken, closed, make_tenant(tmp_path)).deliver(
+            "q7", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+        )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, None)}
+
+
+def test_ipv6_is_preferred_when_the_tenant_has_both(
+    dns: DNSStack, recorder: Recorder, tmp_path: Path
+) -> None:
+    tenant = make_tenant(tmp_path, ipv6=IPv6Address("::1"))
+    with smtp_server(recorder, host="::1") as port6:
+        outcomes = agent(dns, port6, tenant).deliver(
+            "q8", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+        )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.DELIVERED, 250)}
+    assert outcomes[0].relay == f"mx.rcpt.test[::1]:{port6}"
+    assert recorder.received[0].peer == "::1"
+
+
+def test_starttls_when_offered(dns: DNSStack, recorder: Recorder, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [*SELF_SIGNED, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname = False
+    client_tls.verify_mode = ssl.CERT_NONE
+    with smtp_server(recorder, tls_context=server_tls) as port:
+        outcomes = agent(dns, port, make_tenant(tmp_path), tls=client_tls).deliver(
+            "q9", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+        )
+    assert by_recipient(outcomes) == {"a@rcpt.test": (Status.DELIVERED, 250)}, outcomes
+    assert recorder.received[0].tls

@@ -1,0 +1,268 @@
+"""The real supervisor in a lab host namespace: bring-up, restarts, reload, shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec
+from lab import Lab
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def global_addresses(lab: Lab, namespace: str) -> dict[str, set[str]]:
+    out = lab.run(lab.host, ["ip", "-j", "-n", namespace, "addr"], capture_output=True, text=True)
+    by_link: dict[str, set[str]] = {}
+    for link in json.loads(out.stdout):
+        by_link[link["ifname"]] = {
+            a["local"]
+            for a in link.get("addr_info", [])
+            if not ipaddress.ip_address(a["local"]).is_link_local
+        }
+    return by_link
+
+
+def host_links(lab: Lab) -> set[str]:
+    out = lab.run(lab.host, ["ip", "-j", "link"], capture_output=True, text=True)
+    return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+def lab_namespaces(lab: Lab) -> set[str]:
+    return {n for n in os.listdir("/run/netns") if n.startswith(lab.prefix)}
+
+
+def tenant_namespaces(lab: Lab) -> set[str]:
+    return {n for n in os.listdir("/run/netns") if n.startswith(lab.prefix + "-")}
+
+
+@pytest.mark.parametrize("mode", ["bridge", "routed"])
+def test_each_namespace_holds_exactly_its_tenants_addresses(lab: Lab, mode: str) -> None:
+    hosting = Hosting(lab, mode=mode)
+    hosting.write_config(THREE)
+    hosting.start()
+    status = hosting.status()
+    for t in THREE:
+        ns = hosting.namespace(t.domain)
+        expected = {a for a in (t.ipv4, t.ipv6) if a}
+        assert global_addresses(lab, ns) == {"lo": {"127.0.0.1", "::1"}, "eth0": expected}
+        record = status[t.domain]
+        assert record["namespace"] == ns
+        assert record["uid"] == hosting.uid(t.domain)
+        assert record["state"] == "running"
+        assert (record["ipv4"], record["ipv6"]) == (t.ipv4, t.ipv6)
+        # The worker really is in that namespace, as that uid.
+        pid = record["pid"]
+        assert os.readlink(f"/proc/{pid}/ns/net") == _ns_id(f"/run/netns/{ns}")
+        assert hosting.proc_uid(pid) == hosting.uid(t.domain)
+    assert hosting.stop() == 0
+
+
+def _ns_id(path: str) -> str:
+    return f"net:[{os.stat(path).st_ino}]"
+
+
+def test_killed_worker_is_restarted_with_growing_backoff(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V4_ONLY))
+    hosting.start()
+    first = hosting.status()["bcd.test"]["pid"]
+    other = hosting.status()["cde.test"]["pid"]
+
+    killed_at = time.monotonic()
+    os.kill(first, signal.SIGKILL)
+    status = hosting.wait_status(lambda s: s["bcd.test"]["pid"] not in (None, first), timeout=5.0)
+    assert time.monotonic() - killed_at < 5.0
+    second = status["bcd.test"]["pid"]
+    assert status["bcd.test"]["restarts"] == 1
+    assert "SIGKILL" in status["bcd.test"]["last_error"]
+
+    # Dying again right away: the next restart waits longer (2 s instead of 1 s).
+    killed_at = time.monotonic()
+    os.kill(second, signal.SIGKILL)
+    hosting.wait_status(lambda s: s["bcd.test"]["state"] == "backoff", timeout=2.0)
+    status = hosting.wait_status(lambda s: s["bcd.test"]["pid"] not in (None, second), timeout=10.0)
+    assert time.monotonic() - killed_at >= 1.5
+    assert status["bcd.test"]["restarts"] == 2
+    assert status["cde.test"]["pid"] == other, "another tenant was disturbed"
+    assert hosting.stop() == 0
+
+
+def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V4_ONLY))
+    hosting.start()
+    before = hosting.status()
+    changed = TenantSpec(V4_ONLY.domain, "198.51.100.81", None)
+    hosting.write_config((DUAL, V6_ONLY, changed))
+    hosting.signal(signal.SIGHUP)
+    hosting.wait_notify("READY=1")
+    after = hosting.wait_status(
+        lambda s: (
+            set(s) == {"bcd.test", "def.test", "cde.test"}
+            and all(w["state"] == "running" for w in s.values())
+            and s["cde.test"]["ipv4"] == "198.51.100.81"
+        )
+    )
+    assert after["bcd.test"]["pid"] == before["bcd.test"]["pid"]
+    assert after["cde.test"]["pid"] != before["cde.test"]["pid"]
+    assert global_addresses(lab, hosting.namespace("cde.test"))["eth0"] == {"198.51.100.81"}
+
+    hosting.write_config((DUAL,))
+    hosting.signal(signal.SIGHUP)
+    after = hosting.wait_status(lambda s: set(s) == {"bcd.test"})
+    assert after["bcd.test"]["pid"] == before["bcd.test"]["pid"]
+    _wait(lambda: tenant_namespaces(lab) == {hosting.namespace("bcd.test")})
+    assert hosting.stop() == 0
+
+
+def test_a_bad_reload_keeps_everything_running(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+    before = hosting.status()
+    hosting.config_path.write_text(hosting.config_path.read_text() + "bogus = 1\n")
+    hosting.signal(signal.SIGHUP)
+    hosting.wait_notify("READY=1")
+    assert hosting.status() == before
+    assert "reload refused" in hosting.log()
+    assert hosting.stop() == 0
+
+
+def test_sigterm_leaves_no_namespace_link_or_process(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config(THREE)
+    hosting.start()
+    pids = [w["pid"] for w in hosting.status().values()]
+    links_before = host_links(lab)
+    assert len([n for n in links_before if n.startswith(lab.prefix)]) == 3
+    assert hosting.stop() == 0
+    assert tenant_namespaces(lab) == set()
+    assert not [n for n in host_links(lab) if n.startswith(lab.prefix)]
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
+    assert not (hosting.run_dir / "control").exists()
+    status = hosting.nsmail("status")
+    assert status.returncode == 69 and "no supervisor" in status.stderr
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_supervisor_killed_hard_is_cleaned_up_by_the_next(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V6_ONLY))
+    hosting.start()
+    old = hosting.status()
+    assert hosting.proc is not None
+    hosting.proc.kill()
+    hosting.proc.wait()
+    # Workers die with their supervisor (parent-death signal): no orphan keeps delivering.
+    _wait(lambda: all(_zombie_or_gone(w["pid"]) for w in old.values()))
+    hosting.start()
+    new = hosting.status()
+    assert all(w["state"] == "running" for w in new.values())
+    assert tenant_namespaces(lab) == {hosting.namespace(d) for d in new}
+    assert hosting.stop() == 0
+
+
+def _wait(condition: object, timeout: float = 10.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+TENANT = '[[tenant]]\ndomain = "x.test"\nuid = 4243\ngid = 4243\nhome = "/tmp"\n'
+BAD_CONFIGS = [
+    ("not toml", lambda base: "[host\n", "toml"),
+    (
+        "unknown key",
+        lambda base: base.replace("[host]\n", '[host]\ncolour = "blue"\n'),
+        "host.colour",
+    ),
+    ("bad address", lambda base: base + TENANT + 'ipv4 = "198.51.100.999"\n', "ipv4"),
+    ("v6 as v4", lambda base: base + TENANT + 'ipv4 = "2001:db8::9"\n', "ipv4"),
+    ("no address", lambda base: base + TENANT, "tenant[1]"),
+    ("taken address", lambda base: base + TENANT + 'ipv4 = "198.51.100.70"\n', "ipv4"),
+    (
+        "duplicate domain",
+        lambda base: base + TENANT.replace("x.test", "bcd.test") + 'ipv4 = "198.51.100.90"\n',
+        "domain",
+    ),
+    (
+        "bad domain",
+        lambda base: base + TENANT.replace("x.test", "-x.test") + 'ipv4 = "198.51.100.90"\n',
+        "domain",
+    ),
+    (
+        "unknown user",
+        lambda base: (
+            base + '[[tenant]]\ndomain = "x.test"\nuser = "nope-x"\nipv4 = "198.51.100.90"\n'
+        ),
+        "user",
+    ),
+    (
+        "root tenant",
+        lambda base: base + TENANT.replace("4243", "0") + 'ipv4 = "198.51.100.90"\n',
+        "uid",
+    ),
+    (
+        "missing home",
+        lambda base: base + TENANT.replace("/tmp", "/nonexistent/x") + 'ipv4 = "198.51.100.90"\n',
+        "home",
+    ),
+    ("bad mode", lambda base: base.replace('mode = "bridge"', 'mode = "tunnel"'), "network.mode"),
+]
+
+
+@pytest.mark.parametrize(("name", "spoil", "field"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_configuration_is_one_line_exit_78_and_creates_nothing(
+    lab: Lab, name: str, spoil: Callable[[str], str], field: str
+) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.config_path.write_text(spoil(hosting.config_path.read_text()))
+    before = lab_namespaces(lab)
+    for command in ("check", "supervise"):
+        result = lab.run(
+            lab.host,
+            [NSMAIL, "--config", str(hosting.config_path), command],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 78, (command, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"nsmail: {hosting.config_path}: ")
+        assert field in lines[0]
+    assert lab_namespaces(lab) == before
+    assert not hosting.run_dir.exists()
+
+
+def test_status_without_supervisor_exits_69(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    result = hosting.nsmail("status", "--json")
+    assert result.returncode == 69
+    assert result.stderr.count("\n") == 1
