@@ -91,8 +91,8 @@ class Agent:
     def _deliver_domain(
         self, domain: str, sender: str, recipients: list[str], data: bytes
     ) -> list[Outcome]:
-        def all_fail(status: Status, text: str, code: int | None = None) -> list[Outcome]:
-            return [Outcome(r, status, code, text, "") for r in recipients]
+        def all_fail(status: Status, text: str) -> list[Outcome]:
+            return [Outcome(r, status, None, text, "") for r in recipients]
 
         if _BAD_PATH_CHARS.search(sender):
             return all_fail(Status.PERMANENT, "5.1.7 bad sender address")

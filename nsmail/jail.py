@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import prctl
 
 EX_SOFTWARE = 70
+ADOPTION_TIMEOUT = 5.0
 
 
 class JailError(Exception):
@@ -38,8 +40,11 @@ class Identity:
 
 
 def enter(identity: Identity, parent_pid: int) -> None:
-    """Chroot and drop to `identity` for good; raises JailError if any check fails."""
-    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    """Chroot and drop to `identity` for good; raises JailError if any check fails.
+
+    `parent_pid` is the supervisor: the process dies with it (parent-death signal).
+    """
+    last_cap = int(_read_at(None, "/proc/sys/kernel/cap_last_cap"))
     # /proc is not inside the chroot: keep the process's own /proc entry open to verify
     # the drop afterwards, and close it before any untrusted code runs.
     proc_fd = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -54,11 +59,12 @@ def enter(identity: Identity, parent_pid: int) -> None:
         os.setgroups([])
         os.setresgid(identity.gid, identity.gid, identity.gid)
         os.setresuid(identity.uid, identity.uid, identity.uid)
+        _wait_for_adoption(parent_pid)
         prctl.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != parent_pid:
-            raise JailError("parent died during start-up")
+            raise JailError("the supervisor died during start-up")
         os.umask(0o077)
-        status = _read_status(proc_fd)
+        status = _read_at(proc_fd, "status")
     finally:
         os.close(proc_fd)
     problems = check_status(status, identity.uid, identity.gid)
@@ -69,8 +75,20 @@ def enter(identity: Identity, parent_pid: int) -> None:
         raise JailError("; ".join(problems))
 
 
-def _read_status(proc_fd: int) -> str:
-    fd = os.open("status", os.O_RDONLY, dir_fd=proc_fd)
+def _wait_for_adoption(parent_pid: int) -> None:
+    # Forked through a short-lived intermediate (see nsmail.spawn), the process belongs
+    # to the supervisor only once that intermediate has exited.
+    deadline = time.monotonic() + ADOPTION_TIMEOUT
+    while os.getppid() != parent_pid:
+        if time.monotonic() > deadline:
+            raise JailError(f"not adopted by the supervisor (parent is {os.getppid()})")
+        time.sleep(0.001)
+
+
+def _read_at(dir_fd: int | None, path: str) -> str:
+    # Plain system calls: every Python object a worker creates here costs it memory
+    # that it would otherwise share with its siblings.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         return os.read(fd, 65536).decode()
     finally:

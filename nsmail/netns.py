@@ -12,10 +12,12 @@ names carry the configured prefix, so teardown never touches what nsmail did not
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from nsmail.config import NetworkConfig, Tenant
 
 NETNS_DIR = Path("/run/netns")
 TENANT_IFNAME = "eth0"
+LOOPBACK_INDEX = 1  # the kernel gives every namespace's lo index 1
 IFA_F_NODAD = 0x02  # RFC 4862 DAD would make the address unusable for 1-2 s
 RT_SCOPE_LINK = 253
 # Routed mode: the host end of every veth answers as this next hop, like a router's
@@ -48,6 +51,25 @@ class TenantNames:
         return NETNS_DIR / self.namespace
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def enter(path: Path) -> None:
+    """Move the calling (single-threaded) process into the namespace at `path` for good.
+
+    A plain setns(2): cheap enough for every forked worker, and loaded at import time
+    so a worker does not load (and copy) anything to do it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def names_for(prefix: str, domain: str) -> TenantNames:
     # Interface names are limited to 15 bytes, domains are not: hash them.
     digest = hashlib.blake2s(domain.encode(), digest_size=5).hexdigest()
@@ -59,7 +81,7 @@ def _is_ours(prefix: str, name: str) -> bool:
 
 
 @contextmanager
-def _inside(name: str, *, create: bool) -> Iterator[None]:
+def inside(name: str, *, create: bool = False) -> Iterator[None]:
     """Move this (single-threaded) process into namespace `name` for the block."""
     netns.pushns()
     try:
@@ -68,12 +90,6 @@ def _inside(name: str, *, create: bool) -> Iterator[None]:
         yield
     finally:
         netns.popns()
-
-
-def open_netlink(name: str) -> IPRoute:
-    """A netlink socket bound inside namespace `name` (cheaper than pyroute2's forking helper)."""
-    with _inside(name, create=False):
-        return IPRoute()
 
 
 class HostNetwork:
@@ -96,7 +112,7 @@ class HostNetwork:
         """Build the tenant's namespace and wire it; on any failure nothing is left."""
         names = self.names(tenant)
         try:
-            with _inside(names.namespace, create=True):
+            with inside(names.namespace, create=True):
                 inner = IPRoute()
             with inner:
                 self._add_veth(names)
@@ -108,26 +124,39 @@ class HostNetwork:
         return names
 
     def remove(self, names: TenantNames) -> None:
-        """Remove the tenant's link and namespace; missing pieces are not an error."""
-        with suppress(NetlinkError):
-            self.ipr.link("del", ifname=names.host_ifname)
+        """Remove the tenant's namespace; missing pieces are not an error.
+
+        Deleting a veth explicitly waits for several RCU grace periods (about 40 ms);
+        once the namespace's last user is gone the kernel destroys its devices, the veth
+        pair with them, in batches in the background.
+        """
         _remove_namespace(names.namespace)
 
-    def remove_stale(self, keep: frozenset[str] = frozenset()) -> list[str]:
-        """Remove namespaces and links with our prefix left by an earlier run."""
-        removed = []
+    def ours(self) -> list[str]:
+        """Host-side links and namespaces that carry this configuration's prefix."""
         prefix = self.network.prefix
-        for link in self.ipr.get_links():
-            ifname = link.get("ifname")
-            if _is_ours(prefix, ifname) and ifname not in keep:
-                with suppress(NetlinkError):
-                    self.ipr.link("del", index=link["index"])
-                removed.append(ifname)
-        for name in netns.listnetns():
-            if name.startswith(prefix + "-") and name not in keep:
+        links = [link.get("ifname") for link in self.ipr.get_links()]
+        return [n for n in links if _is_ours(prefix, n)] + [
+            n for n in netns.listnetns() if n.startswith(prefix + "-")
+        ]
+
+    def remove_stale(self) -> list[str]:
+        """Remove every namespace and link with our prefix, e.g. left by a crashed run."""
+        stale = self.ours()
+        for name in stale:
+            if "-" in name:
                 _remove_namespace(name)
-                removed.append(name)
-        return removed
+            else:
+                with suppress(NetlinkError):
+                    self.ipr.link("del", ifname=name)
+        return stale
+
+    def wait_all_gone(self, timeout: float) -> list[str]:
+        """Wait for the kernel to finish destroying removed namespaces; return leftovers."""
+        deadline = time.monotonic() + timeout
+        while (left := self.ours()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
 
     def _bridge(self) -> int:
         if self._bridge_index is None:
@@ -141,21 +170,27 @@ class HostNetwork:
     def _add_veth(self, names: TenantNames) -> None:
         fd = os.open(names.path, os.O_RDONLY)
         try:
-            self.ipr.link(
-                "add",
-                ifname=names.host_ifname,
-                kind="veth",
-                peer={"ifname": TENANT_IFNAME, "net_ns_fd": fd},
-            )
+            try:
+                self._link_veth(names, fd)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+                # The same tenant's previous namespace is still being destroyed.
+                with suppress(NetlinkError):
+                    self.ipr.link("del", ifname=names.host_ifname)
+                self._link_veth(names, fd)
         finally:
             os.close(fd)
 
+    def _link_veth(self, names: TenantNames, ns_fd: int) -> None:
+        peer = {"ifname": TENANT_IFNAME, "net_ns_fd": ns_fd}
+        bridge = {"master": self._bridge()} if self.network.mode == "bridge" else {}
+        self.ipr.link("add", ifname=names.host_ifname, kind="veth", peer=peer, state="up", **bridge)
+
     def _configure_host_end(self, names: TenantNames, tenant: Tenant) -> None:
-        index = int(self.ipr.link_lookup(ifname=names.host_ifname)[0])
         if self.network.mode == "bridge":
-            self.ipr.link("set", index=index, master=self._bridge(), state="up")
-            return
-        self.ipr.link("set", index=index, state="up")
+            return  # plugged into the bridge when it was made
+        index = _index(self.ipr, names.host_ifname)
         self.ipr.addr(
             "add", index=index, address=ROUTED_NEXT_HOP4, prefixlen=32, scope=RT_SCOPE_LINK
         )
@@ -166,10 +201,15 @@ class HostNetwork:
             self.ipr.route("add", dst=f"{tenant.ipv6}/128", oif=index)
 
 
+def _index(ipr: IPRoute, ifname: str) -> int:
+    # One RTM_GETLINK by name; link_lookup() would dump every link of the namespace,
+    # which makes bringing up N tenants cost O(N^2).
+    return int(ipr.link("get", ifname=ifname)[0]["index"])
+
+
 def _configure_inside(inner: IPRoute, tenant: Tenant, network: NetworkConfig) -> None:
-    lo = int(inner.link_lookup(ifname="lo")[0])
-    eth = int(inner.link_lookup(ifname=TENANT_IFNAME)[0])
-    inner.link("set", index=lo, state="up")
+    eth = _index(inner, TENANT_IFNAME)
+    inner.link("set", index=LOOPBACK_INDEX, state="up")
     inner.link("set", index=eth, state="up")
     if network.mode == "bridge":
         hop4 = str(network.gateway4) if network.gateway4 else None

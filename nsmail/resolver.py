@@ -88,15 +88,19 @@ class RelayNameserver(dns.nameserver.Nameserver):
         raise NotImplementedError("the relay channel is synchronous")
 
 
-def make_resolver(channel: socket.socket, timeout: float) -> dns.resolver.Resolver:
-    """A caching resolver using only `channel`; reads no files."""
+def make_resolver() -> dns.resolver.Resolver:
+    """A caching resolver that reads no files; `use_relay` gives it its nameserver."""
     resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [RelayNameserver(channel)]
     # Only absolute names: no search list derived from the host's name.
     resolver.domain = dns.name.root
     resolver.search = []
     resolver.use_search_by_default = False
-    resolver.timeout = timeout
-    resolver.lifetime = timeout
     resolver.cache = dns.resolver.LRUCache()
     return resolver
+
+
+def use_relay(resolver: dns.resolver.Resolver, channel: socket.socket, timeout: float) -> None:
+    """Send every query of `resolver` over `channel`, each given `timeout` seconds."""
+    resolver.nameservers = [RelayNameserver(channel)]
+    resolver.timeout = timeout
+    resolver.lifetime = timeout

@@ -31,10 +31,10 @@ from typing import Any, Literal
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nsmail import control, dnsrelay, worker
-from nsmail.config import Config, ConfigError, Tenant, load
+from nsmail.config import Config, ConfigError, DeliveryConfig, IPAddress, Tenant, load
 from nsmail.jail import Identity
 from nsmail.netns import HostNetwork, TenantNames
-from nsmail.spawn import spawn
+from nsmail.spawn import SpawnError, Zygote
 from nsmail.status import WorkerStatus
 from nsmail.systemd import notify
 
@@ -85,6 +85,7 @@ class Relay:
     crashes: int = 0
     started_mono: float = 0.0
     due: float = 0.0
+    starting: bool = False
 
 
 class Supervisor:
@@ -97,10 +98,14 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self._signals_r, self._signals_w = socket.socketpair()
         self._control: socket.socket | None = None
+        self.zygote = Zygote()
+        self._ready = False
 
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        worker.preload()
+        self._start_zygote()
         self._install_signals()
         self._control = control.listen(self.config.host.run_dir)
         self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
@@ -110,8 +115,7 @@ class Supervisor:
         self._start_relay()
         for tenant in self.config.tenants:
             self._add(tenant)
-        notify(READY="1", STATUS=self._summary())
-        log.info("supervising %s", self._summary())
+        self._notify_when_up()
         try:
             while not (self.stopping and not self.slots and self.relay.pid is None):
                 for key, _ in self.selector.select(self._timeout()):
@@ -131,6 +135,9 @@ class Supervisor:
         self.selector.register(self._signals_r, selectors.EVENT_READ, self._on_signals)
 
     def _on_signals(self) -> None:
+        # A child's pid reaches us before its exit can: the zygote's intermediate sends
+        # it, and the child becomes ours only when that intermediate exits.
+        self._on_zygote()
         with contextlib.suppress(BlockingIOError):
             for signum in self._signals_r.recv(512):
                 if signum == signal.SIGCHLD:
@@ -147,7 +154,7 @@ class Supervisor:
 
     def _timeout(self) -> float | None:
         dues = [s.due for s in self.slots.values() if s.state in (State.BACKOFF, State.STOPPING)]
-        if (self.relay.pid is None and not self.stopping) or (self.relay.pid and self.stopping):
+        if self._relay_due():
             dues.append(self.relay.due)
         if not dues:
             return None
@@ -166,11 +173,17 @@ class Supervisor:
                 )
                 self._signal(slot.pid, signal.SIGKILL)
                 slot.due = now + STOP_GRACE
-        if self.relay.due <= now:
-            if self.relay.pid is None and not self.stopping:
+        if self._relay_due() and self.relay.due <= now:
+            if self.relay.pid is None:
                 self._start_relay()
-            elif self.relay.pid is not None and self.stopping:
+            else:
                 self._signal(self.relay.pid, signal.SIGKILL)
+
+    def _relay_due(self) -> bool:
+        """Whether the relay waits for a restart, or for SIGKILL after it was told to end."""
+        if self.stopping:
+            return self.relay.pid is not None
+        return self.relay.pid is None and not self.relay.starting
 
     # -- tenants ---------------------------------------------------------------------
 
@@ -184,29 +197,40 @@ class Supervisor:
         try:
             if slot.names is None:
                 slot.names = self.host.create(tenant)
-            worker_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with worker_end:
-                slot.relay_end = relay_end
-                self._hand_to_relay(relay_end)
-                slot.pid = spawn(
-                    f"nsmail {tenant.domain}",
-                    Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
-                    slot.names.path,
-                    [worker_end],
-                    partial(self._prepare_worker, tenant, worker_end),
-                )
         except (OSError, NetlinkError) as e:
-            self._close_relay_end(slot)
             slot.crashes += 1
-            self._back_off(slot, f"cannot start: {e}")
+            self._back_off(slot, f"cannot build its namespace: {e}")
+            return
+        slot.state = State.STARTING
+        worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with worker_end:
+            self._hand_to_relay(slot.relay_end)
+            self.zygote.request(
+                f"nsmail {tenant.domain}",
+                Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
+                slot.names.path,
+                [worker_end.fileno()],
+                partial(_worker_main, tenant, self.config.delivery),
+                partial(self._spawned, slot),
+            )
+
+    def _spawned(self, slot: Slot, result: int | SpawnError) -> None:
+        if isinstance(result, SpawnError):
+            self._close_relay_end(slot)
+            if slot.state == State.STOPPING:
+                self._finish_stop(slot)
+            else:
+                slot.crashes += 1
+                self._back_off(slot, f"cannot start: {result}")
+            return
+        slot.pid = result
+        if slot.state == State.STOPPING:
+            self._signal(result, signal.SIGTERM)  # stopped while it was being forked
             return
         slot.state = State.RUNNING
         slot.started = time.time()
         slot.started_mono = time.monotonic()
-        log.info("%s: worker %d started in %s", tenant.domain, slot.pid, slot.names.namespace)
-
-    def _prepare_worker(self, tenant: Tenant, channel: socket.socket) -> Callable[[], None]:
-        return worker.prepare(tenant, self.config.delivery, channel).run
+        log.info("%s: worker %d started", slot.tenant.domain, result)
 
     def _back_off(self, slot: Slot, error: str) -> None:
         delay = restart_delay(slot.crashes)
@@ -220,12 +244,13 @@ class Supervisor:
     ) -> None:
         slot.after_stop = then
         slot.replacement = replacement
-        if slot.pid is None:
+        if slot.pid is None and slot.state != State.STARTING:
             self._finish_stop(slot)
             return
         slot.state = State.STOPPING
         slot.due = time.monotonic() + STOP_GRACE
-        self._signal(slot.pid, signal.SIGTERM)
+        if slot.pid is not None:
+            self._signal(slot.pid, signal.SIGTERM)
 
     def _finish_stop(self, slot: Slot) -> None:
         self._close_relay_end(slot)
@@ -249,6 +274,12 @@ class Supervisor:
             self._exited(pid, _describe(status))
 
     def _exited(self, pid: int, how: str) -> None:
+        if pid == self.zygote.pid:
+            self._stop_zygote()
+            if not self.stopping:
+                log.error("zygote %s; starting a new one", how)
+                self._start_zygote()
+            return
         if pid == self.relay.pid:
             self._relay_exited(how)
             return
@@ -272,7 +303,30 @@ class Supervisor:
             slot.relay_end.close()
             slot.relay_end = None
 
-    # -- the DNS relay ---------------------------------------------------------------
+    # -- the zygote and the DNS relay --------------------------------------------------
+
+    def _start_zygote(self) -> None:
+        self.zygote.start()
+        assert self.zygote.sock is not None
+        self.selector.register(self.zygote.sock, selectors.EVENT_READ, self._on_zygote)
+
+    def _stop_zygote(self) -> None:
+        if self.zygote.sock is not None:
+            self.selector.unregister(self.zygote.sock)
+        self.zygote.close()
+
+    def _on_zygote(self) -> None:
+        if self.zygote.sock is not None and not self.zygote.collect():
+            log.error("the zygote closed its socket")
+            self._stop_zygote()  # restarted once it is reaped
+        self._notify_when_up()
+
+    def _notify_when_up(self) -> None:
+        if self._ready or any(s.state == State.STARTING for s in self.slots.values()):
+            return
+        self._ready = True
+        notify(READY="1", STATUS=self._summary())
+        log.info("supervising %s", self._summary())
 
     def _start_relay(self) -> None:
         host = self.config.host
@@ -280,20 +334,29 @@ class Supervisor:
         empty.mkdir(mode=0o755, parents=True, exist_ok=True)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            self.relay.pid = spawn(
+            self.relay.starting = True
+            self.zygote.request(
                 "nsmail dnsrelay",
                 Identity(uid=host.uid, gid=host.gid, root=empty),
                 None,
-                [theirs],
-                lambda: partial(dnsrelay.run, theirs, host.resolvers, self.config.delivery.timeout),
+                [theirs.fileno()],
+                partial(_relay_main, host.resolvers, self.config.delivery.timeout),
+                self._relay_spawned,
             )
         self.relay.control = mine
-        self.relay.started_mono = time.monotonic()
         # A restarted relay must serve the workers that are already running.
         for slot in self.slots.values():
             if slot.relay_end is not None:
                 self._hand_to_relay(slot.relay_end)
-        log.info("dns relay %d started for %s", self.relay.pid, _join(host.resolvers))
+
+    def _relay_spawned(self, result: int | SpawnError) -> None:
+        self.relay.starting = False
+        if isinstance(result, SpawnError):
+            self._relay_exited(f"could not start: {result}")
+            return
+        self.relay.pid = result
+        self.relay.started_mono = time.monotonic()
+        log.info("dns relay %d started for %s", result, _join(self.config.host.resolvers))
 
     def _hand_to_relay(self, channel: socket.socket) -> None:
         if self.relay.control is None:
@@ -305,6 +368,7 @@ class Supervisor:
 
     def _relay_exited(self, how: str) -> None:
         self.relay.pid = None
+        self.relay.starting = False
         if self.relay.control is not None:
             self.relay.control.close()
             self.relay.control = None
@@ -383,6 +447,9 @@ class Supervisor:
         if self._control is not None:
             self._control.close()
             (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
+        self._stop_zygote()
+        if self.host.wait_all_gone(timeout=STOP_GRACE):
+            self.host.remove_stale()
         self.host.close()
 
     # -- status ----------------------------------------------------------------------
@@ -422,6 +489,16 @@ class Supervisor:
     def _signal(pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _worker_main(tenant: Tenant, delivery: DeliveryConfig, fds: list[int]) -> Callable[[], None]:
+    return worker.prepare(tenant, delivery, socket.socket(fileno=fds[0])).run
+
+
+def _relay_main(
+    resolvers: tuple[IPAddress, ...], timeout: float, fds: list[int]
+) -> Callable[[], None]:
+    return partial(dnsrelay.run, socket.socket(fileno=fds[0]), resolvers, timeout)
 
 
 def _describe(status: int) -> str:

@@ -15,6 +15,7 @@ not decode is moved to failed/ and never stops the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -24,11 +25,13 @@ import signal
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import dns.name
 import dns.rdata
+import dns.resolver
 
 from nsmail import inotify
 from nsmail.config import DeliveryConfig, Tenant
@@ -45,11 +48,42 @@ from nsmail.queuefile import (
     valid_queue_id,
     write_durably,
 )
-from nsmail.resolver import make_resolver
+from nsmail.resolver import make_resolver, use_relay
 
 SPOOL_ROOT = Path("/var/spool/nsmail")
 
 log = logging.getLogger("nsmail.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What every worker uses and may share with its siblings until it writes to it."""
+
+    tls: ssl.SSLContext
+    resolver: dns.resolver.Resolver
+    rng: random.Random
+
+
+@functools.cache
+def preload() -> Shared:
+    """Load and build, once, what needs files or is the same for every tenant.
+
+    The supervisor calls this before it forks the zygote, so every worker shares these
+    pages (the CA store alone is about 4 MiB; even building a resolver dirties half a
+    megabyte) instead of building its own copy. In a process that did not, `prepare`
+    does it.
+    """
+    dns.rdata.load_all_types()  # type: ignore[no-untyped-call]
+    # Codecs and hashes load on first use: use them once now (the idna and punycode codecs
+    # with their unicodedata tables, OpenSSL's digests).
+    dns.name.from_text("bücher.test").to_unicode()
+    hashlib.sha256(b"").hexdigest()
+    tls = ssl.create_default_context()
+    # RFC 7435 opportunistic TLS: encrypt whenever offered, but MX certificates are rarely
+    # valid for the MX name, so not authenticating is better than falling back to plain.
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    return Shared(tls=tls, resolver=make_resolver(), rng=random.Random())
 
 
 def prepare(
@@ -60,26 +94,20 @@ def prepare(
 ) -> Worker:
     """Load everything the worker needs from files, before the chroot takes them away.
 
-    `spool_root` is the spool's path as seen after the chroot.
+    `spool_root` is the spool's path as seen after the chroot. Called once per worker
+    process: the shared resolver and random generator become this worker's own here.
     """
-    dns.rdata.load_all_types()  # type: ignore[no-untyped-call]
-    # Codecs and hashes load on first use: use them once now (the idna and punycode codecs
-    # with their unicodedata tables, OpenSSL's digests).
-    dns.name.from_text("bücher.test").to_unicode()
-    hashlib.sha256(b"").hexdigest()
+    shared = preload()
     time.tzset()
     time.localtime()
-    tls = ssl.create_default_context()
-    # RFC 7435 opportunistic TLS: encrypt whenever offered, but MX certificates are rarely
-    # valid for the MX name, so not authenticating is better than falling back to plain.
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE
+    use_relay(shared.resolver, dns_channel, delivery.timeout)
+    shared.rng.seed()  # siblings forked from one parent must not draw the same numbers
     agent = Agent(
         tenant=tenant,
         config=delivery,
-        resolver=make_resolver(dns_channel, delivery.timeout),
-        tls=tls,
-        rng=random.Random(),
+        resolver=shared.resolver,
+        tls=shared.tls,
+        rng=shared.rng,
     )
     return Worker(agent, spool_root, delivery.scan_interval)
 

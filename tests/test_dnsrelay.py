@@ -30,7 +30,7 @@ import dns.rrset
 import pytest
 
 from nsmail import dnsrelay
-from nsmail.resolver import make_resolver
+from nsmail.resolver import make_resolver, use_relay
 
 Zone = Mapping[tuple[str, str], Sequence[str]]
 
@@ -155,7 +155,9 @@ class DNSStack:
         return worker_end
 
     def resolver(self, timeout: float = 3.0) -> dns.resolver.Resolver:
-        return make_resolver(self.channel(), timeout)
+        resolver = make_resolver()
+        use_relay(resolver, self.channel(), timeout)
+        return resolver
 
     def relay_alive(self) -> bool:
         if self.relay_status is None:

@@ -1,0 +1,1 @@
+"""nsmail benchmarks; run through `scripts/bench`."""
