@@ -213,6 +213,9 @@ class Supervisor:
                 partial(_worker_main, tenant, self.config.delivery),
                 partial(self._spawned, slot),
             )
+        # Take the replies that have come in: bringing up many tenants runs without the
+        # main loop, and a full reply queue would stall the zygote.
+        self._collect_spawns()
 
     def _spawned(self, slot: Slot, result: int | SpawnError) -> None:
         if isinstance(result, SpawnError):
@@ -316,10 +319,13 @@ class Supervisor:
         self.zygote.close()
 
     def _on_zygote(self) -> None:
+        self._collect_spawns()
+        self._notify_when_up()
+
+    def _collect_spawns(self) -> None:
         if self.zygote.sock is not None and not self.zygote.collect():
             log.error("the zygote closed its socket")
             self._stop_zygote()  # restarted once it is reaped
-        self._notify_when_up()
 
     def _notify_when_up(self) -> None:
         if self._ready or any(s.state == State.STARTING for s in self.slots.values()):

@@ -29,7 +29,7 @@ from pyroute2 import netns
 
 from nsmail.config import Config, Tenant, load
 from nsmail.jail import Identity, check_status
-from nsmail.netns import HostNetwork, TenantNames, inside
+from nsmail.netns import NETNS_DIR, HostNetwork, TenantNames, inside
 from nsmail.spawn import SpawnError, Target, Zygote
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -116,7 +116,7 @@ def jails() -> Iterator[Jails]:
     with Lab() as lab:
         hosting = Hosting(lab)
         config = load(hosting.write_config(THREE))
-        with inside(lab.host):
+        with inside(NETNS_DIR / lab.host):
             host = HostNetwork(config.network)
         lab.defer(host.close)
         names = {}
@@ -236,7 +236,7 @@ def probe_setns(fds: list[int]) -> dict[str, str]:
 
 
 def test_a_leaked_namespace_descriptor_is_useless(jails: Jails) -> None:
-    with inside(jails.lab.host):
+    with inside(NETNS_DIR / jails.lab.host):
         leaked = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         result = jails.run(DUAL.domain, probe_setns, keep=(leaked,))
