@@ -10,7 +10,7 @@ from pathlib import Path
 # The lab and the hosting harness are shared with the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench.tenants import measure_tenants  # noqa: E402
+from bench.tenants import measure_tenants
 
 
 def main() -> int:

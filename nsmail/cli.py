@@ -12,10 +12,14 @@ from pathlib import Path
 
 from nsmail import config as configuration
 from nsmail import control
+from nsmail.jail import run_as
+from nsmail.spool import SPOOL_IN_HOME, Spool
 from nsmail.status import WorkerStatus, render_table
 
 EX_OK = 0
+EX_USAGE = 64
 EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
@@ -39,10 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("tenant", nargs="?", help="only this domain")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     commands.add_parser("check", help="validate the configuration (exit 78 on error)")
+    flush = commands.add_parser("flush", help="retry deferred mail now (root)")
+    flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
+    commands.add_parser(
+        "sendmail", help="submit a message, like sendmail(1)", add_help=False
+    ).add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "sendmail" in argv[:1]:
+        from nsmail import sendmail  # its own options, and kept lean
+
+        return sendmail.main(argv[1:])
     args = _parser().parse_args(argv)
     path = configuration.locate(args.config, os.environ)
     if args.command == "status":
@@ -55,10 +69,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         print(f"{path}: OK, {len(config.tenants)} tenants")
         return EX_OK
+    if args.command == "flush":
+        return _flush(config, args.tenant)
     _setup_logging()
     from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def _flush(config: configuration.Config, domains: list[str]) -> int:
+    tenants = [t for t in config.tenants if not domains or t.domain in domains]
+    unknown = set(domains) - {t.domain for t in tenants}
+    if unknown:
+        print(f"nsmail: no such tenant: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return EX_USAGE
+    failed = 0
+    for tenant in tenants:
+        spool = Spool(tenant.home / SPOOL_IN_HOME)
+        failed += run_as(tenant.uid, tenant.gid, spool.request_flush) != 0
+    return EX_TEMPFAIL if failed else EX_OK
 
 
 def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:

@@ -38,7 +38,9 @@ _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir"})
 _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
 _DELIVERY_KEYS = frozenset({"scan_interval", "timeout", "port"})
-_TENANT_KEYS = frozenset({"domain", "ipv4", "ipv6", "ehlo", "user", "uid", "gid", "home", "users"})
+_TENANT_KEYS = frozenset(
+    {"domain", "ipv4", "ipv6", "ehlo", "user", "uid", "gid", "home", "users", "foreign_senders"}
+)
 
 # RFC 1035 2.3.1 as relaxed by RFC 1123 2.1 (a label may start with a digit).
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -95,6 +97,8 @@ class Tenant:
     home: Path
     users: tuple[str, ...]
     source: str
+    # Whether the tenant may submit mail with an envelope sender outside its domain.
+    foreign_senders: bool = False
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -274,6 +278,12 @@ class _Table:
             return value
         raise self.error(key, f"must be {wanted}, not {_toml_type(value)}")
 
+    def flag(self, key: str) -> bool:
+        value = self._data.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_toml_type(value)}")
+        return value
+
     def string(self, key: str) -> str | None:
         value = self._typed(key, (str,), "a string")
         assert value is None or isinstance(value, str)
@@ -432,6 +442,7 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         home=_home(table, lookup, passwd_home),
         users=_users(table),
         source=table.file,
+        foreign_senders=table.flag("foreign_senders"),
     )
 
 

@@ -116,3 +116,25 @@ def check_status(status: str, uid: int, gid: int) -> list[str]:
 
 def _is_zero_mask(value: str) -> bool:
     return value != "" and set(value) == {"0"}
+
+
+def run_as(uid: int, gid: int, action: Callable[[], None]) -> int:
+    """Run `action` in a child that dropped to uid:gid for good; its exit status.
+
+    For root's one-off actions on tenant-owned files (a tenant can plant symlinks
+    there): they happen with the tenant's own rights, never with root's.
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = EX_SOFTWARE
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            action()
+            code = 0
+        except BaseException as e:
+            print(f"nsmail: as uid {uid}: {e}", flush=True)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

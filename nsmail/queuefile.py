@@ -9,10 +9,10 @@ Layout, every header line ASCII and LF-terminated::
     <n bytes of message>
     end <sha256 hex of every byte above this line>
 
-The envelope is a JSON object so later versions can add fields (attempt counters, arrival
-time) without changing the framing; `decode` rejects unknown fields, so a file from a newer
-writer fails loudly instead of losing data. `write_durably` is the thin IO shell that puts
-an encoded file into the spool.
+The envelope is a JSON object so fields can be added without changing the framing (a new
+field has a default, so files written before it still decode); `decode` rejects unknown
+fields, so a file from a newer writer fails loudly instead of losing data. The version
+line is for a change of the framing itself.
 
 Security: `decode` reads tenant-written bytes (the tenant's sendmail writes the spool) and
 must only ever raise QueueFileError, whatever the input; sizes are checked against the
@@ -21,21 +21,16 @@ data actually present before anything is sliced or parsed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
+import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 MAGIC = b"NSMAIL-QUEUE 1\n"
 MAX_ENVELOPE = 1 << 20
-
-# Spool state directories; a message changes state only by rename between them.
-TMP = "tmp"
-INCOMING = "incoming"
-FAILED = "failed"
-STATES = (TMP, INCOMING, FAILED)
 
 _LENGTH_LINE = re.compile(rb"(envelope|body) (0|[1-9][0-9]{0,15})\n")
 _END_LINE = re.compile(rb"end ([0-9a-f]{64})\n")
@@ -48,19 +43,38 @@ class QueueFileError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """Who a message is from and to (RFC 5321 reverse-path and forward-paths)."""
+    """Who a message is from and to (RFC 5321 reverse-path and forward-paths), and its
+    history in the queue."""
 
-    sender: str
-    recipients: tuple[str, ...]
+    sender: str  # "" is the null sender (bounces)
+    recipients: tuple[str, ...]  # those still to be delivered
+    arrival: float = 0.0  # when the message was accepted, seconds since the epoch
+    attempts: int = 0
+    warned: bool = False  # a delay warning went to the sender
+    submitter: str = ""  # login name of the user who submitted it, for a missing From
+    full_name: str = ""  # sendmail -F, for a missing From
+    extract: bool = False  # sendmail -t: recipients come from the headers at clean-up
+    cleaned: bool = False  # headers completed (nsmail.headers), ready for delivery
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "sender": (str,),
+    "recipients": (list,),
+    "arrival": (int, float),
+    "attempts": (int,),
+    "warned": (bool,),
+    "submitter": (str,),
+    "full_name": (str,),
+    "extract": (bool,),
+    "cleaned": (bool,),
+}
 
 
 def encode(envelope: Envelope, body: bytes) -> bytes:
     """Frame `envelope` and `body` as a queue file."""
-    record = json.dumps(
-        {"sender": envelope.sender, "recipients": list(envelope.recipients)},
-        ensure_ascii=True,
-        separators=(",", ":"),
-    ).encode("ascii")
+    fields = dataclasses.asdict(envelope)
+    fields["recipients"] = list(envelope.recipients)
+    record = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     framed = b"".join(
         (
             MAGIC,
@@ -108,46 +122,30 @@ def _envelope(record: bytes) -> Envelope:
         fields = json.loads(record.decode("ascii"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise QueueFileError(f"envelope is not JSON: {e}") from None
-    if not isinstance(fields, dict) or set(fields) != {"sender", "recipients"}:
-        raise QueueFileError("envelope fields missing or unknown")
-    sender, recipients = fields["sender"], fields["recipients"]
-    if not isinstance(sender, str) or not isinstance(recipients, list):
-        raise QueueFileError("envelope field of wrong type")
-    if not recipients or not all(isinstance(r, str) and r for r in recipients):
+    if not isinstance(fields, dict) or not {"sender", "recipients"} <= set(fields):
+        raise QueueFileError("envelope fields missing")
+    for name, value in fields.items():
+        _check_field(name, value)
+    recipients = fields["recipients"]
+    if not all(isinstance(r, str) and r for r in recipients):
         raise QueueFileError("envelope recipients must be non-empty strings")
-    return Envelope(sender=sender, recipients=tuple(recipients))
+    envelope = Envelope(**{**fields, "recipients": tuple(recipients)})
+    if not recipients and not (envelope.extract and not envelope.cleaned):
+        raise QueueFileError("envelope has no recipients")
+    if not math.isfinite(envelope.arrival) or envelope.attempts < 0:
+        raise QueueFileError("envelope arrival or attempts out of range")
+    return envelope
+
+
+def _check_field(name: str, value: Any) -> None:
+    kinds = _FIELD_TYPES.get(name)
+    if kinds is None:
+        raise QueueFileError(f"unknown envelope field {name!r}")
+    # bool is an int to Python; only "warned"-like fields may hold one.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise QueueFileError(f"envelope field {name!r} has the wrong type")
 
 
 def valid_queue_id(name: str) -> bool:
     """True for names the spool may hold (no path separators, no dot files)."""
     return _QUEUE_ID.fullmatch(name) is not None
-
-
-def write_durably(spool_root: Path, queue_id: str, data: bytes) -> None:
-    """Put `data` into incoming/`queue_id`, replacing any file there, and make it durable.
-
-    Write to tmp/, fsync the file, rename into incoming/, fsync incoming/: once this
-    returns the message survives a crash, and a reader never sees a partial file.
-    """
-    if not valid_queue_id(queue_id):
-        raise ValueError(f"bad queue id {queue_id!r}")
-    tmp_path = spool_root / TMP / queue_id
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp_path, spool_root / INCOMING / queue_id)
-    fsync_directory(spool_root / INCOMING)
-
-
-def fsync_directory(path: Path) -> None:
-    """Make renames into `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

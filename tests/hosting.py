@@ -23,7 +23,8 @@ from typing import Any
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, MX_V4, MX_V6, Lab
 from lab import forward_and_reverse as fr
 
-from nsmail import queuefile
+from nsmail.queuefile import Envelope, encode
+from nsmail.spool import MAILDROP, Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 HOST_NAME = "abc.test"
@@ -202,27 +203,20 @@ class Hosting:
     # -- mail --------------------------------------------------------------------------
 
     def enqueue(self, domain: str, sender: str, recipients: list[str], body: bytes) -> str:
-        """Put a message into a tenant's queue the way a submission would (as its uid)."""
-        spool = self.home(domain) / "var/spool/nsmail"
+        """Drop a message into a tenant's maildrop as its own uid, as its sendmail would."""
         uid = self.uid(domain)
-        for part in (
-            "var",
-            "var/spool",
-            "var/spool/nsmail",
-            *(f"var/spool/nsmail/{state}" for state in queuefile.STATES),
-        ):
-            path = self.home(domain) / part
-            path.mkdir(mode=0o700, exist_ok=True)
-            os.chown(path, uid, uid)
-        queue_id = secrets.token_hex(8)
-        data = queuefile.encode(queuefile.Envelope(sender, tuple(recipients)), body)
+        spool = Spool(self.home(domain) / "var/spool/nsmail")
+        queue_id = new_queue_id(time.time())
+        envelope = Envelope(sender, tuple(recipients), arrival=time.time(), submitter="alice")
         pid = os.fork()
-        if pid == 0:  # write as the tenant, like its submission command would
+        if pid == 0:
             code = 1
             try:
+                os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
-                queuefile.write_durably(spool, queue_id, data)
+                spool.create()
+                spool.put(MAILDROP, queue_id, encode(envelope, body))
                 code = 0
             finally:
                 os._exit(code)

@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.queuefile import (
-    FAILED,
-    INCOMING,
-    STATES,
-    TMP,
-    Envelope,
-    QueueFileError,
-    decode,
-    encode,
-    valid_queue_id,
-    write_durably,
-)
+from nsmail.queuefile import Envelope, QueueFileError, decode, encode, valid_queue_id
 
 addresses = st.text(min_size=1, max_size=40)
 envelopes = st.builds(
     Envelope,
     sender=st.text(max_size=40),
     recipients=st.lists(addresses, min_size=1, max_size=5).map(tuple),
+    arrival=st.floats(min_value=0, max_value=4e9),
+    attempts=st.integers(min_value=0, max_value=1000),
+    warned=st.booleans(),
+    submitter=st.text(max_size=20),
+    full_name=st.text(max_size=20),
+    extract=st.booleans(),
+    cleaned=st.booleans(),
 )
 
 
@@ -91,12 +85,30 @@ def test_queue_ids() -> None:
         assert not valid_queue_id(bad)
 
 
-def test_write_durably_lands_in_incoming_only(tmp_path: Path) -> None:
-    for state in STATES:
-        (tmp_path / state).mkdir()
-    data = encode(Envelope("a@tenant.test", ("b@rcpt.test",)), b"Subject: x\r\n\r\nhi\r\n")
-    write_durably(tmp_path, "q1", data)
-    assert (tmp_path / INCOMING / "q1").read_bytes() == data
-    assert os.listdir(tmp_path / TMP) == [] and os.listdir(tmp_path / FAILED) == []
-    with pytest.raises(ValueError):
-        write_durably(tmp_path, "../escape", data)
+def test_a_file_from_before_new_fields_still_decodes() -> None:
+    # An old writer knew only sender and recipients: the newer fields take defaults.
+    old = encode(Envelope("a@tenant.test", ("b@rcpt.test",)), b"hi")
+    assert decode(old)[0].attempts == 0
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        b'{"sender":"a","recipients":["b"],"colour":1}',
+        b'{"sender":"a","recipients":["b"],"attempts":true}',
+        b'{"sender":"a","recipients":["b"],"arrival":NaN}',
+        b'{"sender":"a","recipients":["b"],"attempts":-1}',
+        b'{"sender":"a","recipients":[]}',
+        b'{"sender":"a","recipients":["b"],"warned":1}',
+    ],
+)
+def test_envelopes_that_lie_are_refused(record: bytes) -> None:
+    framed = b"NSMAIL-QUEUE 1\nenvelope %d\n%s\nbody 0\n\n" % (len(record), record)
+    framed += b"end %s\n" % hashlib.sha256(framed).hexdigest().encode()
+    with pytest.raises(QueueFileError):
+        decode(framed)
+
+
+def test_recipients_may_wait_for_extraction_before_clean_up() -> None:
+    waiting = Envelope("a@tenant.test", (), extract=True)
+    assert decode(encode(waiting, b"To: b@rcpt.test\r\n\r\n"))[0] == waiting

@@ -1,0 +1,258 @@
+"""The queue manager: takes submitted mail in, schedules attempts, settles outcomes.
+
+It knows the spool's states and the retry policy; the agents (`LocalAgent`, the SMTP
+`Agent`) know how to deliver and report one outcome per recipient. For every attempt the
+next attempt time is written first (as the file's mtime), so a crash at any moment ends
+in a retry at that time, never in a loss or a hot loop. Permanent failures and expiry
+produce an RFC 3464 bounce to the envelope sender, queued as a new message with the null
+sender; null-sender mail never bounces.
+
+Security: runs as the tenant in its jail. Every queue file is tenant-written: a file that
+does not decode, or a message whose headers cannot be completed, goes to `corrupt/` with
+a log line and never stops the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from nsmail import dsn, headers, schedule
+from nsmail.delivery import Agent, Outcome, Status
+from nsmail.local import LocalAgent
+from nsmail.queuefile import Envelope, QueueFileError, decode, encode
+from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, MAILDROP, Spool, new_queue_id
+
+log = logging.getLogger("nsmail.qmgr")
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass
+class QueueManager:
+    """One tenant's queue, worked by one (single-threaded) worker."""
+
+    spool: Spool
+    domain: str
+    foreign_senders: bool  # may the envelope sender be outside `domain`?
+    reporting_mta: str  # the name bounces come from: the tenant's EHLO name
+    local: LocalAgent
+    remote: Agent
+    policy: schedule.RetryPolicy
+    rng: random.Random
+    clock: Callable[[], float]
+    next_due: float = 0.0  # earliest next attempt among deferred messages
+    stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
+
+    def recover(self) -> None:
+        for queue_id in self.spool.recover():
+            log.info("%s: was being delivered when the worker stopped; will retry", queue_id)
+
+    # -- submission to incoming ---------------------------------------------------------
+
+    def pick_up(self) -> int:
+        """Complete the headers of everything sendmail dropped off; move it to incoming."""
+        picked = 0
+        for queue_id in self.spool.ids(MAILDROP):
+            if self.stopping:
+                break
+            picked += self._clean_up(queue_id)
+        return picked
+
+    def _clean_up(self, queue_id: str) -> int:
+        loaded = self._load(MAILDROP, queue_id)
+        if loaded is None:
+            return 0
+        envelope, body = loaded
+        now = self.clock()
+        try:
+            done = headers.complete(
+                body,
+                headers.Completion(
+                    domain=self.domain,
+                    local_user=envelope.submitter or "postmaster",
+                    full_name=envelope.full_name or None,
+                    envelope_sender=envelope.sender,
+                    now=datetime.fromtimestamp(now).astimezone(),
+                    unique=queue_id,
+                    extract_recipients=envelope.extract,
+                ),
+            )
+        except headers.HeaderError as e:
+            self._quarantine(MAILDROP, queue_id, f"headers cannot be completed: {e}")
+            return 0
+        recipients = tuple(dict.fromkeys((*envelope.recipients, *done.recipients)))
+        if not recipients:
+            self._quarantine(MAILDROP, queue_id, "no recipients")
+            return 0
+        cleaned = dataclasses.replace(
+            envelope,
+            recipients=recipients,
+            extract=False,
+            cleaned=True,
+            arrival=envelope.arrival or now,
+        )
+        # Same id in both states: a crash between the two steps repeats, never duplicates.
+        self.spool.put(INCOMING, queue_id, encode(cleaned, done.message))
+        self.spool.remove(MAILDROP, queue_id)
+        return 1
+
+    # -- attempts -----------------------------------------------------------------------
+
+    def attempt_due(self, *, flush: bool = False) -> int:
+        """Try every new message, and every deferred one whose time has come (all on flush)."""
+        tried = 0
+        for queue_id in self.spool.ids(INCOMING):
+            if self.stopping:
+                return tried
+            self.attempt(INCOMING, queue_id)
+            tried += 1
+        now = self.clock()
+        if flush or now >= self.next_due:
+            self.next_due = float("inf")
+            for queue_id in self.spool.ids(DEFERRED):
+                when = self.spool.next_attempt(queue_id)
+                if when is None or self.stopping:
+                    continue
+                if flush or when <= now:
+                    self.attempt(DEFERRED, queue_id)
+                    tried += 1
+                else:
+                    self.next_due = min(self.next_due, when)
+        return tried
+
+    def attempt(self, state: str, queue_id: str) -> None:
+        loaded = self._load(state, queue_id)
+        if loaded is None:
+            return
+        envelope, body = loaded
+        now = self.clock()
+        retry_at = schedule.next_attempt(
+            self.policy, envelope.arrival, envelope.attempts + 1, now, self.rng.random()
+        )
+        self.spool.schedule(queue_id, state, retry_at)
+        self.spool.move(queue_id, state, ACTIVE)
+        outcomes = self._deliver(queue_id, envelope, body)
+        pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)
+        failed = [o for o in outcomes if o.status == Status.PERMANENT]
+        if pending and schedule.expired(self.policy, envelope.arrival, now):
+            failed += [_expired(o) for o in outcomes if o.status == Status.TEMPORARY]
+            pending = ()
+        if failed:
+            self._bounce(queue_id, envelope, body, failed, now, delayed=False)
+        if not pending:
+            self.spool.remove(ACTIVE, queue_id)
+            return
+        warned = envelope.warned
+        if not warned and schedule.warn_delay(self.policy, envelope.arrival, now, warned):
+            delayed = [o for o in outcomes if o.status == Status.TEMPORARY]
+            self._bounce(queue_id, envelope, body, delayed, now, delayed=True)
+            warned = True
+        later = dataclasses.replace(
+            envelope, recipients=pending, attempts=envelope.attempts + 1, warned=warned
+        )
+        self.spool.put(ACTIVE, queue_id, encode(later, body))
+        self.spool.schedule(queue_id, ACTIVE, retry_at)
+        self.spool.move(queue_id, ACTIVE, DEFERRED)
+        self.next_due = min(self.next_due, retry_at)
+
+    def _deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
+        local = tuple(r for r in envelope.recipients if self.local.is_local(r))
+        remote = tuple(r for r in envelope.recipients if not self.local.is_local(r))
+        outcomes = []
+        if local:
+            outcomes += self.local.deliver(
+                queue_id, dataclasses.replace(envelope, recipients=local), body
+            )
+        if remote:
+            outcomes += self.remote.deliver(
+                queue_id, dataclasses.replace(envelope, recipients=remote), body
+            )
+        return outcomes
+
+    # -- bounces ------------------------------------------------------------------------
+
+    def _bounce(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        body: bytes,
+        outcomes: list[Outcome],
+        now: float,
+        *,
+        delayed: bool,
+    ) -> None:
+        if not envelope.sender:
+            return  # RFC 3464 / RFC 5321 6.1: never bounce a bounce
+        bounce_id = new_queue_id(now)
+        report = dsn.bounce(
+            reporting_mta=self.reporting_mta,
+            original_sender=envelope.sender,
+            failures=[_failure(o, delayed) for o in outcomes],
+            original=body,
+            arrival=datetime.fromtimestamp(envelope.arrival or now).astimezone(),
+            now=datetime.fromtimestamp(now).astimezone(),
+            unique=bounce_id,
+            delayed=delayed,
+        )
+        notice = Envelope(sender="", recipients=(envelope.sender,), arrival=now, cleaned=True)
+        self.spool.put(INCOMING, bounce_id, encode(notice, report))
+        log.info(
+            "%s: %s notice %s to <%s>",
+            queue_id,
+            "delay" if delayed else "non-delivery",
+            bounce_id,
+            envelope.sender,
+        )
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _load(self, state: str, queue_id: str) -> tuple[Envelope, bytes] | None:
+        try:
+            envelope, body = decode(self.spool.read(state, queue_id))
+        except FileNotFoundError:
+            return None  # settled meanwhile
+        except (OSError, QueueFileError) as e:
+            self._quarantine(state, queue_id, str(e))
+            return None
+        # The tenant owns its spool and can write queue files without sendmail: its
+        # sender rule is enforced here, where the tenant cannot skip it.
+        domain = envelope.sender.rpartition("@")[2].lower()
+        if envelope.sender and domain != self.domain.lower() and not self.foreign_senders:
+            self._quarantine(state, queue_id, f"sender <{envelope.sender}> is not in {self.domain}")
+            return None
+        return envelope, body
+
+    def _quarantine(self, state: str, queue_id: str, why: str) -> None:
+        log.error("%s: moved to %s/: %s", queue_id, CORRUPT, why)
+        try:
+            self.spool.move(queue_id, state, CORRUPT)
+        except OSError as e:
+            log.error("%s: cannot quarantine: %s", queue_id, e)
+
+
+def _expired(outcome: Outcome) -> Outcome:
+    text = f"4.4.7 message expired in the queue; last error: {outcome.text}"
+    return dataclasses.replace(outcome, status=Status.PERMANENT, text=text)
+
+
+def _failure(outcome: Outcome, delayed: bool) -> dsn.Failure:
+    found = _ENHANCED.match(outcome.text)
+    if found:
+        status = found.group(0)
+    elif outcome.code is not None:
+        status = f"{str(outcome.code)[0]}.0.0"
+    else:
+        status = "4.0.0" if delayed else "5.0.0"
+    return dsn.Failure(
+        recipient=outcome.recipient,
+        status=status,
+        action="delayed" if delayed else "failed",
+        diagnostic=f"smtp; {outcome.code} {outcome.text}" if outcome.code else None,
+        remote_mta=outcome.relay.partition("[")[0] or None,
+    )

@@ -1,0 +1,70 @@
+"""The retry schedule of a deferred message: backoff, delay warning, and expiry.
+
+Like Postfix's minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime and
+delay_warning_time. Times are seconds on the caller's clock (arrival and now from the
+same one); randomness comes in as `jitter`. The caller tries a due message, and after a
+temporary failure bounces it if `expired`, else records `next_attempt` before anything
+else. So the last try happens at expiry, not one backoff before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Doubling past this many times cannot matter below any sane maximum, and 2.0 ** n
+# would overflow for large n.
+_MAX_DOUBLINGS = 64
+# Spread retries by up to this fraction either way, so messages deferred together
+# (one receiver down) do not all come back in the same second.
+_JITTER = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Seconds: first backoff, largest backoff, time in queue, age of the delay warning."""
+
+    first: float = 300
+    maximum: float = 4000
+    lifetime: float = 5 * 86400
+    delay_warning: float = 4 * 3600  # 0 sends none
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.maximum:
+            raise ValueError("retry backoff needs 0 < first <= maximum")
+        if self.lifetime < 0 or self.delay_warning < 0:
+            raise ValueError("queue lifetime and delay warning cannot be negative")
+
+
+def next_attempt(
+    policy: RetryPolicy, arrival: float, attempts: int, now: float, jitter: float
+) -> float:
+    """When to try again after `attempts` failed attempts, `jitter` drawn from [0, 1).
+
+    The backoff doubles from `first` up to `maximum` and is then scaled by 0.9 to 1.1;
+    the result is never before `now`, and never after expiry (arrival + lifetime) unless
+    `now` already is.
+    """
+    if not 0 <= jitter < 1:
+        raise ValueError(f"jitter must be in [0, 1), not {jitter}")
+    doublings = min(max(attempts - 1, 0), _MAX_DOUBLINGS)
+    backoff = min(policy.first * 2.0**doublings, policy.maximum)
+    planned = now + backoff * (1 + _JITTER * (2 * jitter - 1))
+    return max(now, min(planned, arrival + policy.lifetime))
+
+
+def expired(policy: RetryPolicy, arrival: float, now: float) -> bool:
+    """Whether a message that failed temporarily now has been queued long enough to bounce."""
+    return now >= arrival + policy.lifetime
+
+
+def warn_delay(policy: RetryPolicy, arrival: float, now: float, already_warned: bool) -> bool:
+    """Whether to tell the sender now that the message is still undelivered.
+
+    Once per message, and never when it expires anyway: the bounce says it all.
+    """
+    return (
+        not already_warned
+        and policy.delay_warning > 0
+        and now >= arrival + policy.delay_warning
+        and not expired(policy, arrival, now)
+    )

@@ -1,0 +1,386 @@
+"""`nsmail-sendmail`: the sendmail(1)-compatible command that queues one message for a tenant.
+
+It runs once per message (PHP `mail()`, cron, MUAs), so it imports only the configuration,
+queue-file and spool modules. The tenant is chosen by the caller's real uid; the message is
+written to the tenant's `maildrop` and exit status 0 means it is on disk (fsynced). Exit
+codes are sysexits(3): 64 usage, 65 message too large, 69 caller is no tenant, 75 cannot
+queue now (full disk, quota, I/O error), 77 not permitted, 78 broken configuration.
+
+Security: not setuid; it runs as the submitting user, or as root with `--tenant`, in which
+case it becomes the tenant (groups, gid, uid) right after reading the configuration, so
+root never writes into or reads from the tenant-writable spool tree, and what it creates
+belongs to the tenant. Arguments are the caller's own and are checked only to catch
+mistakes: the spool is the tenant's, so the sender-domain rule here is a courtesy that the
+worker must enforce again. `-bp` decodes tenant-written queue files (`queuefile.decode`
+raises only QueueFileError) and escapes every tenant-written string it prints.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import BinaryIO
+
+from nsmail import config as configuration
+from nsmail.queuefile import Envelope, QueueFileError, decode, encode
+from nsmail.spool import MAILDROP, STATES, Spool, new_queue_id
+
+PROG = "nsmail-sendmail"
+SPOOL_DIR = "var/spool/nsmail"  # under the tenant's home; /var/spool/nsmail in its jail
+MAX_MESSAGE = 50 << 20
+
+DELIVER = "deliver"
+LIST = "list"
+FLUSH = "flush"
+
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets, including its angle brackets.
+_MAX_ADDRESS = 254
+# Accepted and ignored, for scripts written for sendmail or Postfix: the body type (-B),
+# DSN requests (-N, -R, -V; the default notices are sent instead) and a traffic log (-X).
+_IGNORED_WITH_VALUE = frozenset("BNRVX")
+_WITH_VALUE = frozenset("bfFro") | _IGNORED_WITH_VALUE
+
+
+class SendmailError(Exception):
+    """A refusal: the exit code and the one line that explains it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What the command line asks for."""
+
+    mode: str = DELIVER  # DELIVER (-bm), LIST (-bp) or FLUSH (-q); the last one given wins
+    recipients: tuple[str, ...] = ()
+    extract: bool = False  # -t
+    dot_ends: bool = True  # a lone "." line ends the message; -i and -oi turn it off
+    sender: str | None = None  # -f/-r as given; None is the caller's own address
+    full_name: str = ""  # -F
+    verbose: bool = False  # -v
+    tenant: str | None = None  # --tenant, root only
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """getopt(3)-style parsing of sendmail's options; raises SendmailError(EX_USAGE).
+
+    Flags cluster (`-ti`), a value may be glued or the next argument (`-fADDR`, `-f ADDR`),
+    and options may follow recipients (as with Postfix on glibc) until `--`.
+    """
+    options = Options()
+    recipients: list[str] = []
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            recipients += rest
+            break
+        if arg.startswith("--"):
+            options = replace(options, tenant=_long_option(arg, rest))
+        elif arg.startswith("-") and arg != "-":
+            options = _short_options(options, arg, rest)
+        else:
+            recipients.append(arg)
+    return replace(options, recipients=tuple(recipients))
+
+
+def _long_option(arg: str, rest: list[str]) -> str:
+    name, has_value, value = arg[2:].partition("=")
+    if name != "tenant":
+        raise _usage(f"unknown option {_show(arg)}")
+    if has_value:
+        return value
+    if not rest:
+        raise _usage("--tenant needs a domain")
+    return rest.pop(0)
+
+
+def _short_options(options: Options, arg: str, rest: list[str]) -> Options:
+    """One argument of clustered single-letter options, taking a value from `rest` if due."""
+    for pos in range(1, len(arg)):
+        letter = arg[pos]
+        if letter in _WITH_VALUE:
+            if pos + 1 < len(arg):
+                return _with_value(options, letter, arg[pos + 1 :])
+            if not rest:
+                raise _usage(f"option -{letter} needs a value")
+            return _with_value(options, letter, rest.pop(0))
+        options = _flag(options, letter, glued=arg[pos + 1 :])
+    return options
+
+
+def _flag(options: Options, letter: str, glued: str) -> Options:
+    if letter == "t":
+        return replace(options, extract=True)
+    if letter == "i":
+        return replace(options, dot_ends=False)
+    if letter == "v":
+        return replace(options, verbose=True)
+    if letter == "q":
+        if glued:  # -q30m: a queue-run interval, for a daemon this is not
+            raise _usage(f"-q{_show(glued)}: only a plain -q (flush the queue) is supported")
+        return replace(options, mode=FLUSH)
+    if letter == "U":  # "initial user submission", which every use of this command is
+        return options
+    raise _usage(f"unknown option -{_show(letter)}")
+
+
+def _with_value(options: Options, letter: str, value: str) -> Options:
+    if letter == "b":
+        modes = {"m": DELIVER, "p": LIST}
+        if value not in modes:
+            raise _usage(f"-b{_show(value)} is not supported (only -bm and -bp)")
+        return replace(options, mode=modes[value])
+    if letter in "fr":
+        return replace(options, sender=value)
+    if letter == "F":
+        if not value.isprintable():  # it may end up in a From: header line
+            raise _usage(f"full name {_show(value)} contains control characters")
+        return replace(options, full_name=value)
+    if letter == "o" and value == "i":  # -oi, the old spelling of -i
+        return replace(options, dot_ends=False)
+    return options  # any other -o (-odi, -oem, -oQ...) and _IGNORED_WITH_VALUE
+
+
+def qualify(address: str, domain: str) -> str:
+    """A recipient or sender as given, with `@domain` added to a bare local part.
+
+    Raises SendmailError(EX_USAGE) for what cannot be an unquoted mailbox: whitespace,
+    control characters, angle brackets, an empty local part or domain, or excess length.
+    """
+    if not address or any(c.isspace() or not c.isprintable() or c in "<>" for c in address):
+        raise _usage(f"bad address {_show(address)}")
+    local, at, host = address.rpartition("@")
+    if not at:
+        address = f"{address}@{domain}"
+    elif not local or not host or host.startswith(".") or host.endswith(".") or ".." in host:
+        raise _usage(f"bad address {_show(address)}")
+    if len(address) > _MAX_ADDRESS:
+        raise _usage(f"address {_show(address[:40])}... is longer than {_MAX_ADDRESS} octets")
+    return address
+
+
+def envelope_sender(given: str | None, login: str, tenant: configuration.Tenant) -> str:
+    """The envelope sender: the caller's own address unless -f/-r named one it may use."""
+    if given is None:
+        return f"{login}@{tenant.domain}"
+    if given.startswith("<") and given.endswith(">"):
+        given = given[1:-1]
+    if not given:
+        return ""  # the null sender (RFC 5321 4.5.5) claims no domain
+    sender = qualify(given, tenant.domain)
+    domain = sender.rpartition("@")[2]
+    if domain.lower() != tenant.domain and not tenant.foreign_senders:
+        raise SendmailError(
+            os.EX_NOPERM,
+            f"sender {_show(sender)} is not in {tenant.domain}"
+            " (the tenant's configuration does not allow foreign_senders)",
+        )
+    return sender
+
+
+def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> bytes:
+    """The message from `stream`, up to EOF or, if `dot_ends`, a line holding only "."."""
+    if not dot_ends:
+        data = stream.read(limit + 1)
+    else:
+        lines: list[bytes] = []
+        size = 0
+        while size <= limit:
+            # At least 3 bytes, so a short read can never pass for the ".\n" line.
+            line = stream.readline(max(limit + 1 - size, 3))
+            # b"." alone: the dot line at end of input, with no newline after it.
+            if line in (b"", b".\n", b".\r\n", b"."):
+                break
+            lines.append(line)
+            size += len(line)
+        data = b"".join(lines)
+    if len(data) > limit:
+        raise SendmailError(os.EX_DATAERR, f"message too large (the limit is {limit} bytes)")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One queue file as `-bp` shows it."""
+
+    queue_id: str
+    state: str
+    size: int
+    envelope: Envelope | None  # None: the file is damaged or unreadable
+
+
+def format_queue(entries: Sequence[QueueEntry]) -> str:
+    """mailq(1)-style text: one block per message, then a total."""
+    if not entries:
+        return "Mail queue is empty\n"
+    header = f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<8}"
+    blocks = [header + " -Sender/Recipient-------\n"]
+    indent = " " * (len(header) + 1)
+    for entry in entries:
+        env = entry.envelope
+        arrival = _local_time(env.arrival) if env else "?"
+        sender = "(unreadable)" if env is None else _show(env.sender) or "<>"
+        recipients = () if env is None else env.recipients
+        lines = [f"{entry.queue_id:<22} {entry.size:>8} {arrival:<20} {entry.state:<8} {sender}"]
+        lines += [indent + _show(r) for r in recipients]
+        if env is not None and env.extract and not env.cleaned:
+            lines.append(indent + "(recipients from the headers, -t)")
+        blocks.append("\n".join(lines) + "\n\n")
+    total_kib = (sum(e.size for e in entries) + 1023) // 1024
+    count = len(entries)
+    blocks.append(f"-- {total_kib} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
+    return "".join(blocks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except SendmailError as e:
+        _complain(e.message)
+        return e.code
+    except configuration.ConfigError as e:
+        _complain(str(e))
+        return os.EX_CONFIG
+    except Exception as e:  # a bug: still one line, as PHP and cron log whatever we print
+        _complain(f"internal error: {type(e).__name__}: {_show(str(e))}")
+        return os.EX_SOFTWARE
+
+
+def _run(argv: Sequence[str]) -> int:
+    options = parse_args(argv)
+    if options.tenant is not None and os.getuid() != 0:
+        raise SendmailError(os.EX_NOPERM, "only root may use --tenant")
+    config = configuration.load(configuration.locate(None, os.environ))
+    tenant = _select_tenant(config, options.tenant)
+    if options.tenant is not None:
+        _become(tenant)
+    spool = Spool(tenant.home / SPOOL_DIR)
+    if options.mode == LIST:
+        try:
+            sys.stdout.write(format_queue(_queue_entries(spool)))
+            sys.stdout.flush()
+        except OSError as e:
+            raise _tempfail("cannot list the queue", e) from e
+    elif options.mode == FLUSH:
+        try:
+            spool.create()
+            spool.request_flush()
+        except OSError as e:
+            raise _tempfail("cannot request a queue run", e) from e
+    else:
+        queue_id = _submit(options, tenant, spool)
+        if options.verbose:
+            _complain(f"queued as {queue_id}")
+    return os.EX_OK
+
+
+def _submit(options: Options, tenant: configuration.Tenant, spool: Spool) -> str:
+    """Check the envelope, read the message, and store it durably; its queue id."""
+    login = _login(os.getuid())
+    sender = envelope_sender(options.sender, login, tenant)
+    recipients = tuple(qualify(r, tenant.domain) for r in options.recipients)
+    if not recipients and not options.extract:
+        raise _usage("no recipients given (name them, or use -t to take them from the headers)")
+    try:
+        body = read_message(sys.stdin.buffer, dot_ends=options.dot_ends, limit=MAX_MESSAGE)
+        now = time.time()
+        envelope = Envelope(
+            sender,
+            recipients,
+            arrival=now,
+            submitter=login,
+            full_name=options.full_name,
+            extract=options.extract,
+        )
+        queue_id = new_queue_id(now)
+        spool.create()
+        # Spool.put fsyncs the file and its directory and leaves no partial file on failure.
+        spool.put(MAILDROP, queue_id, encode(envelope, body))
+    except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
+        raise _tempfail("cannot queue the message", e) from e
+    return queue_id
+
+
+def _select_tenant(config: configuration.Config, domain: str | None) -> configuration.Tenant:
+    if domain is not None:
+        named = config.tenant(domain)
+        if named is None:
+            raise _usage(f"--tenant {_show(domain)}: no such tenant in {config.path}")
+        return named
+    uid = os.getuid()
+    mine = next((t for t in config.tenants if t.uid == uid), None)
+    if mine is None:
+        raise SendmailError(
+            os.EX_UNAVAILABLE, "mail from users outside a tenant is not accepted yet"
+        )
+    return mine
+
+
+def _become(tenant: configuration.Tenant) -> None:
+    """Root acting for a tenant: all of its ids, no supplementary groups, then verified."""
+    os.setgroups([])
+    os.setresgid(tenant.gid, tenant.gid, tenant.gid)
+    os.setresuid(tenant.uid, tenant.uid, tenant.uid)
+    ids = (os.getresuid(), os.getresgid(), os.getgroups())
+    if ids != ((tenant.uid,) * 3, (tenant.gid,) * 3, []):
+        raise SendmailError(os.EX_SOFTWARE, f"could not become uid {tenant.uid}: {ids}")
+
+
+def _login(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def _queue_entries(spool: Spool) -> list[QueueEntry]:
+    entries = []
+    for state in STATES:
+        for queue_id in spool.ids(state):
+            try:
+                data = spool.read(state, queue_id)
+            except FileNotFoundError:
+                continue  # delivered or moved on while we were listing
+            except OSError:
+                entries.append(QueueEntry(queue_id, state, 0, None))
+                continue
+            try:
+                envelope, body = decode(data)
+            except QueueFileError:
+                entries.append(QueueEntry(queue_id, state, len(data), None))
+                continue
+            entries.append(QueueEntry(queue_id, state, len(body), envelope))
+    return entries
+
+
+def _local_time(when: float) -> str:
+    try:
+        return time.strftime("%a %b %e %H:%M:%S", time.localtime(when))
+    except (OverflowError, OSError, ValueError):  # a tenant-written arrival time
+        return "?"
+
+
+def _tempfail(action: str, error: OSError) -> SendmailError:
+    where = f" ({_show(str(error.filename))})" if error.filename else ""
+    return SendmailError(os.EX_TEMPFAIL, f"{action}: {error.strerror or error}{where}")
+
+
+def _usage(message: str) -> SendmailError:
+    return SendmailError(os.EX_USAGE, message)
+
+
+def _show(text: str) -> str:
+    """`text` safe for one line of a terminal: unprintable characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _complain(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)

@@ -1,0 +1,151 @@
+"""A tenant's mail queue on disk: one file per message, one directory per state.
+
+States (Postfix's, by name): `maildrop` (as submitted by sendmail), `incoming` (headers
+completed, ready for a first attempt), `active` (being delivered), `deferred` (waiting
+for its next attempt, which is the file's modification time), `hold` (kept back by an
+operator), `corrupt` (quarantined: damaged or hostile, never deleted). A message moves
+between states only by rename(2), and every write is durable before it counts: the data
+is written under `tmp/`, fsynced, renamed into place, and the directory fsynced.
+
+Security: used by the tenant's own sendmail (as the tenant user, no chroot) and by the
+tenant's jailed worker; both run as the tenant uid, so the files are the tenant's own and
+are treated as hostile by whoever decodes them. Names come from `valid_queue_id` only.
+Files are opened with O_NOFOLLOW so a planted symlink is never followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+
+from nsmail.queuefile import valid_queue_id
+
+MAILDROP = "maildrop"
+INCOMING = "incoming"
+ACTIVE = "active"
+DEFERRED = "deferred"
+HOLD = "hold"
+CORRUPT = "corrupt"
+TMP = "tmp"
+STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
+SPOOL_IN_HOME = "var/spool/nsmail"  # the spool's place in a tenant home (and jail)
+FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
+MAX_FILE = 256 << 20  # larger files are not read into memory: quarantined
+
+
+def new_queue_id(now: float) -> str:
+    """Sortable by arrival, unique without coordination: microseconds, then randomness."""
+    return f"{int(now * 1_000_000):014x}{secrets.token_hex(4)}"
+
+
+class Spool:
+    """The queue directories under one root (`/var/spool/nsmail` inside the jail)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def create(self) -> None:
+        """Make the state directories (0700) if they are missing."""
+        for name in (TMP, *STATES):
+            (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def path(self, state: str, queue_id: str) -> Path:
+        if not valid_queue_id(queue_id):
+            raise ValueError(f"bad queue id {queue_id!r}")
+        return self.root / state / queue_id
+
+    def put(self, state: str, queue_id: str, data: bytes) -> None:
+        """Durably store `data` as `state`/`queue_id`, replacing a file of that name."""
+        tmp = self.path(TMP, queue_id)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)  # a full disk must leave no partial file behind
+            raise
+        os.close(fd)
+        try:
+            os.rename(tmp, self.path(state, queue_id))
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        self._sync(state)
+
+    def move(self, queue_id: str, source: str, target: str) -> None:
+        """One rename from state to state, made durable."""
+        os.rename(self.path(source, queue_id), self.path(target, queue_id))
+        self._sync(target)
+
+    def remove(self, state: str, queue_id: str) -> None:
+        self.path(state, queue_id).unlink()
+        self._sync(state)
+
+    def read(self, state: str, queue_id: str) -> bytes:
+        """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a symlink)."""
+        fd = os.open(self.path(state, queue_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(fd).st_size > MAX_FILE:
+                raise OSError(errno.EFBIG, "queue file too large")
+            return f.read(MAX_FILE + 1)
+
+    def ids(self, state: str) -> list[str]:
+        """Queue ids in `state`, oldest first; names that are no queue id are skipped."""
+        try:
+            names = os.listdir(self.root / state)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if valid_queue_id(n))
+
+    def next_attempt(self, queue_id: str) -> float | None:
+        """A deferred message's next attempt time (its mtime); None if it is gone."""
+        try:
+            return self.path(DEFERRED, queue_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def schedule(self, queue_id: str, state: str, when: float) -> None:
+        """Record the next attempt time of a message (before the attempt, so a crash
+        in the middle leads to a retry at that time, never a hot loop)."""
+        os.utime(self.path(state, queue_id), (when, when))
+
+    def recover(self) -> list[str]:
+        """At start: messages left active by a crash go back to incoming (retried)."""
+        stale = self.ids(ACTIVE)
+        for queue_id in stale:
+            self.move(queue_id, ACTIVE, INCOMING)
+        for name in self.ids(TMP):
+            _unlink_quietly(self.root / TMP / name)  # never acknowledged, never counted
+        return stale
+
+    def take_flush_request(self) -> bool:
+        """Whether someone asked for a flush since the last call (`sendmail -q`)."""
+        try:
+            (self.root / FLUSH_TRIGGER).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def request_flush(self) -> None:
+        fd = os.open(self.root / FLUSH_TRIGGER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+
+    def _sync(self, state: str) -> None:
+        fd = os.open(self.root / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

@@ -1,0 +1,165 @@
+"""The mail path end to end: `nsmail-sendmail` run by a tenant user, the real supervisor
+and jailed workers, a real Postfix receiver and a real NSD, all in lab namespaces."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from hosting import DUAL, V6_ONLY, Hosting, dns_records
+from lab import MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_reverse
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def sendmail(hosting: Hosting, domain: str, args: list[str], message: bytes) -> None:
+    uid = hosting.uid(domain)
+    result = subprocess.run(
+        [SENDMAIL, *args],
+        input=message,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        env={"NSMAIL_CONFIG": str(hosting.config_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def maildir(hosting: Hosting, domain: str, user: str) -> list[EmailMessage]:
+    new = hosting.home(domain) / "mail" / user / "new"
+    paths = sorted(new.iterdir()) if new.is_dir() else []
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)  # type: ignore[misc]
+        for p in paths
+    ]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def status_fields(report: EmailMessage) -> list[dict[str, str]]:
+    part = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = part.get_payload()
+    assert isinstance(blocks, list)
+    return [dict(block.items()) for block in blocks[1:]]
+
+
+def spool_empty(hosting: Hosting, domain: str) -> bool:
+    spool = hosting.home(domain) / "var/spool/nsmail"
+    return not any(
+        (spool / state).is_dir() and os.listdir(spool / state)
+        for state in ("maildrop", "incoming", "active", "deferred")
+    )
+
+
+MESSAGE = (
+    b"From: Alice <alice@bcd.test>\n"
+    b"To: x1@rcpt.test, x2@other.test, bob@bcd.test, reject@rcpt.test\n"
+    b"Subject: one message, four fates\n"
+    b"\n"
+    b"Hello from a web app.\n"
+)
+
+
+def test_one_message_local_remote_and_refused(lab: Lab) -> None:
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+
+    sendmail(hosting, DUAL.domain, ["-t", "-i", "-f", "alice@bcd.test"], MESSAGE)
+
+    received = postfix.wait_for(2, timeout=30)
+    assert sorted(str(m["X-Original-To"] or m["Delivered-To"]) for m in received) == [
+        "x1@rcpt.test",
+        "x2@other.test",
+    ]
+    for message in received:
+        # Completed headers with the tenant's identity, and the tenant's own address.
+        assert message["Message-ID"].endswith("@bcd.test>")
+        assert message["Date"]
+        assert message["From"] == "Alice <alice@bcd.test>"
+        received_line = " ".join(str(message["Received"]).split())
+        assert received_line.startswith("from bcd.test (bcd.test [IPv6:2001:db8:51::70])")
+        assert message["Bcc"] is None
+    # bob is a local user of bcd.test: his Maildir, not the network.
+    wait_for(lambda: maildir(hosting, DUAL.domain, "bob"))
+    (local,) = maildir(hosting, DUAL.domain, "bob")
+    assert local["Subject"] == "one message, four fates"
+    assert local["Return-Path"] == "<alice@bcd.test>"
+    # reject@ got a 550: the non-delivery report is in the sender's own Maildir.
+    wait_for(lambda: maildir(hosting, DUAL.domain, "alice"))
+    (report,) = maildir(hosting, DUAL.domain, "alice")
+    assert report.get_content_type() == "multipart/report"
+    (fields,) = status_fields(report)
+    assert fields["Final-Recipient"] == "rfc822; reject@rcpt.test"
+    assert fields["Action"] == "failed"
+    assert fields["Status"] == "5.1.1"
+    wait_for(lambda: spool_empty(hosting, DUAL.domain))
+    assert hosting.stop() == 0
+
+
+def test_null_implicit_and_ipv6_only_mx(lab: Lab) -> None:
+    records = [r for r in dns_records() if r[0] not in ("rcpt.test", "other.test")]
+    records += [
+        ("rcpt.test", "MX", "10 mx6.test"),  # its only MX has only an IPv6 address
+        ("mx6.test", "AAAA", MX_V6),
+        *forward_and_reverse("other.test", MX_V4),  # no MX: the implicit MX, RFC 5321 5.1
+        ("nullmx.test", "MX", "0 ."),  # RFC 7505: accepts no mail
+    ]
+    Nsd(lab, records)
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V6_ONLY))
+    hosting.start()
+
+    sendmail(
+        hosting,
+        V6_ONLY.domain,
+        ["-i", "-f", "alice@def.test", "y@rcpt.test"],
+        b"Subject: v6\n\nhi\n",
+    )
+    sendmail(
+        hosting, DUAL.domain, ["-i", "-f", "alice@bcd.test", "z@other.test"], b"Subject: a\n\nhi\n"
+    )
+    sendmail(
+        hosting, DUAL.domain, ["-i", "-f", "alice@bcd.test", "n@nullmx.test"], b"Subject: n\n\nhi\n"
+    )
+
+    received = {m["Subject"]: m for m in postfix.wait_for(2, timeout=30)}
+    v6 = " ".join(str(received["v6"]["Received"]).split())
+    assert v6.startswith("from def.test (def.test [IPv6:2001:db8:51::72])")
+    implicit = " ".join(str(received["a"]["Received"]).split())
+    assert implicit.startswith("from bcd.test (bcd.test [198.51.100.70])")
+    # The null MX bounced at once, without any connection.
+    wait_for(lambda: maildir(hosting, DUAL.domain, "alice"))
+    (report,) = maildir(hosting, DUAL.domain, "alice")
+    (fields,) = status_fields(report)
+    assert fields["Final-Recipient"] == "rfc822; n@nullmx.test"
+    assert fields["Status"] == "5.1.10"
+    assert "nullmx" not in postfix.log()
+    assert hosting.stop() == 0

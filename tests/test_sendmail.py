@@ -1,0 +1,496 @@
+"""Tests for nsmail.sendmail: the pure option parser and checks, then the real console
+script run as a tenant uid against a temporary configuration and spool."""
+
+from __future__ import annotations
+
+import grp
+import io
+import os
+import pwd
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nsmail.config import Tenant
+from nsmail.queuefile import Envelope, decode
+from nsmail.sendmail import (
+    DELIVER,
+    FLUSH,
+    LIST,
+    MAX_MESSAGE,
+    Options,
+    QueueEntry,
+    SendmailError,
+    envelope_sender,
+    format_queue,
+    parse_args,
+    qualify,
+    read_message,
+)
+from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP
+
+SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
+EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
+
+# --- option parser ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], Options()),
+        (["bob@x.test", "carol"], Options(recipients=("bob@x.test", "carol"))),
+        (["-t"], Options(extract=True)),
+        (["-t", "bob@x.test"], Options(extract=True, recipients=("bob@x.test",))),
+        (["-i"], Options(dot_ends=False)),
+        (["-oi"], Options(dot_ends=False)),
+        (["-o", "i"], Options(dot_ends=False)),
+        (["-ti"], Options(extract=True, dot_ends=False)),
+        (["-f", "a@b.test"], Options(sender="a@b.test")),
+        (["-fa@b.test"], Options(sender="a@b.test")),
+        (["-r", "a@b.test"], Options(sender="a@b.test")),
+        (["-ra@b.test"], Options(sender="a@b.test")),
+        (["-f", "<>"], Options(sender="<>")),
+        (["-f", ""], Options(sender="")),
+        (["-tif", "a@b.test"], Options(extract=True, dot_ends=False, sender="a@b.test")),
+        (["-F", "Alice Liddell"], Options(full_name="Alice Liddell")),
+        (["-FAlice"], Options(full_name="Alice")),
+        (["-bm"], Options(mode=DELIVER)),
+        (["-b", "p"], Options(mode=LIST)),
+        (["-bp"], Options(mode=LIST)),
+        (["-q"], Options(mode=FLUSH)),
+        (["-bp", "-q"], Options(mode=FLUSH)),
+        (["-vq"], Options(mode=FLUSH, verbose=True)),
+        (["-v", "bob"], Options(verbose=True, recipients=("bob",))),
+        (["bob", "-f", "a@b.test"], Options(sender="a@b.test", recipients=("bob",))),
+        (["--", "-t", "--tenant"], Options(recipients=("-t", "--tenant"))),
+        (["-", "bob"], Options(recipients=("-", "bob"))),
+        (["--tenant", "a.test"], Options(tenant="a.test")),
+        (["--tenant=a.test", "bob"], Options(tenant="a.test", recipients=("bob",))),
+        # Accepted and ignored.
+        (["-odi", "-oem", "-oQ/var/spool/x", "-o", "em"], Options()),
+        (["-B8BITMIME", "-B", "7BIT", "-N", "never", "-Rhdrs", "-V", "id1", "-X/tmp/x"], Options()),
+        (["-U", "-Ui"], Options(dot_ends=False)),
+    ],
+)
+def test_parse_args(argv: list[str], expected: Options) -> None:
+    assert parse_args(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-x"], "unknown option -x"),
+        (["-C", "/etc/mail"], "unknown option -C"),
+        (["-ti", "-h5"], "unknown option -h"),
+        (["--verbose"], "unknown option --verbose"),
+        (["--tenant"], "--tenant needs a domain"),
+        (["-f"], "option -f needs a value"),
+        (["bob", "-F"], "option -F needs a value"),
+        (["-q30m"], "only a plain -q"),
+        (["-bs"], "-bs is not supported"),
+        (["-bd"], "-bd is not supported"),
+        (["-F", "Eve\nBcc: x@y.test"], "control characters"),
+        (["-\x1b[2J"], "unknown option -\\x1b"),
+    ],
+)
+def test_parse_args_refuses(argv: list[str], message: str) -> None:
+    with pytest.raises(SendmailError) as caught:
+        parse_args(argv)
+    assert caught.value.code == EX_USAGE
+    assert message in caught.value.message
+    assert "\n" not in caught.value.message
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from("-tivqbpfFroBU=@ x.\n\x00\udcff"), max_size=8)))
+def test_parse_args_on_anything_returns_options_or_one_usage_line(argv: list[str]) -> None:
+    try:
+        parse_args(argv)
+    except SendmailError as e:
+        assert e.code == EX_USAGE and e.message.isprintable()
+
+
+@given(st.text(max_size=300))
+def test_qualify_on_anything_returns_a_plain_address_or_refuses(text: str) -> None:
+    try:
+        address = qualify(text, "bcd.test")
+    except SendmailError as e:
+        assert e.code == EX_USAGE and e.message.isprintable()
+        return
+    assert address.isprintable() and not any(c.isspace() or c in "<>" for c in address)
+    local, _, domain = address.rpartition("@")
+    assert local and domain and len(address) <= 254
+
+
+# --- addresses -------------------------------------------------------------------------
+
+
+def tenant(*, foreign_senders: bool = False) -> Tenant:
+    return Tenant(
+        domain="bcd.test",
+        ipv4=None,
+        ipv6=None,
+        ehlo="bcd.test",
+        uid=45001,
+        gid=45001,
+        home=Path("/nonexistent"),
+        users=(),
+        source="test",
+        foreign_senders=foreign_senders,
+    )
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("alice", "alice@bcd.test"),
+        ("alice@cde.test", "alice@cde.test"),
+        ("a.b+tag@sub.cde.test", "a.b+tag@sub.cde.test"),
+        ("alice@[198.51.100.7]", "alice@[198.51.100.7]"),
+        ("jos\u00e9@cde.test", "jos\u00e9@cde.test"),
+    ],
+)
+def test_qualify(given: str, expected: str) -> None:
+    assert qualify(given, "bcd.test") == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "alice bob@x.test",
+        "alice@x.test\n",
+        "tab\there",
+        "<alice@x.test>",
+        "alice>",
+        "@x.test",
+        "alice@",
+        "alice@.x.test",
+        "alice@x.test.",
+        "alice@x..test",
+        "\x00",
+        "\u2028alice",
+        "a" * 250 + "@x.test",
+        "a" * 250,  # too long once qualified
+    ],
+)
+def test_qualify_refuses(bad: str) -> None:
+    with pytest.raises(SendmailError) as caught:
+        qualify(bad, "bcd.test")
+    assert caught.value.code == EX_USAGE
+    assert caught.value.message.isprintable()
+
+
+@pytest.mark.parametrize(
+    ("given", "foreign", "expected"),
+    [
+        (None, False, "alice@bcd.test"),
+        ("<>", False, ""),
+        ("", False, ""),
+        ("bob", False, "bob@bcd.test"),
+        ("bob@BCD.Test", False, "bob@BCD.Test"),
+        ("<bob@bcd.test>", False, "bob@bcd.test"),
+        ("bob@cde.test", True, "bob@cde.test"),
+    ],
+)
+def test_envelope_sender(given: str | None, foreign: bool, expected: str) -> None:
+    assert envelope_sender(given, "alice", tenant(foreign_senders=foreign)) == expected
+
+
+@pytest.mark.parametrize("foreign", ["bob@cde.test", "bob@sub.bcd.test", "bob@bcd.test.evil.test"])
+def test_envelope_sender_refuses_foreign_domains(foreign: str) -> None:
+    with pytest.raises(SendmailError) as caught:
+        envelope_sender(foreign, "alice", tenant())
+    assert caught.value.code == EX_NOPERM
+    assert "foreign_senders" in caught.value.message
+
+
+# --- reading the message ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "dot_ends", "expected"),
+    [
+        (b"a\n.\nb\n", True, b"a\n"),
+        (b"a\r\n.\r\nb\r\n", True, b"a\r\n"),
+        (b".\n", True, b""),
+        (b"a\n.", True, b"a\n"),  # the dot line at end of input, unterminated
+        (b"a\n..\n.b\n. \n", True, b"a\n..\n.b\n. \n"),
+        (b"a\n.\nb\n", False, b"a\n.\nb\n"),
+        (b"", True, b""),
+        (b"no newline", True, b"no newline"),
+    ],
+)
+def test_read_message(data: bytes, dot_ends: bool, expected: bytes) -> None:
+    assert read_message(io.BytesIO(data), dot_ends=dot_ends, limit=100) == expected
+
+
+@pytest.mark.parametrize("dot_ends", [True, False])
+def test_read_message_limit(dot_ends: bool) -> None:
+    exact = b"123456789\n"
+    ended = exact + b".\n" if dot_ends else exact
+    assert read_message(io.BytesIO(ended), dot_ends=dot_ends, limit=10) == exact
+    # One more line, even one starting with a dot, is one too many.
+    for extra in (b"x", b".abc\n", b".\r"):
+        with pytest.raises(SendmailError) as caught:
+            read_message(io.BytesIO(exact + extra), dot_ends=dot_ends, limit=10)
+        assert caught.value.code == EX_DATAERR
+
+
+# --- queue listing ---------------------------------------------------------------------
+
+
+def test_format_queue() -> None:
+    assert format_queue([]) == "Mail queue is empty\n"
+    ok = Envelope("alice@bcd.test", ("bob@cde.test", "carol@cde.test"), arrival=1.7e9)
+    text = format_queue(
+        [
+            QueueEntry("0001", "deferred", 1500, ok),
+            QueueEntry("0002", "maildrop", 10, Envelope("", (), arrival=1.7e9, extract=True)),
+            QueueEntry("0003", "corrupt", 7, None),
+            QueueEntry("0004", "hold", 1, Envelope("\x1b[2J@x.test", ("\r\n@y",), arrival=1e300)),
+        ]
+    )
+    lines = text.splitlines()
+    assert lines[1].startswith("0001") and "deferred" in lines[1] and "alice@bcd.test" in lines[1]
+    assert lines[2].strip() == "bob@cde.test" and lines[3].strip() == "carol@cde.test"
+    assert "<>" in lines[5] and "from the headers" in lines[6]
+    assert "(unreadable)" in lines[8] and "corrupt" in lines[8]
+    assert "\x1b" not in text and "\r" not in text and "\\x1b[2J@x.test" in text
+    assert lines[-1] == "-- 2 Kbytes in 4 Requests."
+
+
+# --- the real command, run as a tenant ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A configuration with one tenant, in a directory every uid can read."""
+
+    root: Path
+    config: Path
+    domain: str
+    uid: int
+    home: Path
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "var/spool/nsmail"
+
+    def queued(self, state: str = MAILDROP) -> list[Path]:
+        directory = self.spool / state
+        return sorted(directory.iterdir()) if directory.exists() else []
+
+    def write_config(self, *, foreign_senders: bool = False) -> None:
+        self.config.write_text(
+            '[host]\nname = "host.test"\nresolvers = ["198.51.100.53"]\nuser = "nsmail"\n'
+            '[network]\nmode = "routed"\n'
+            f'[[tenant]]\ndomain = "{self.domain}"\nipv4 = "198.51.100.77"\n'
+            f'uid = {self.uid}\ngid = {self.uid}\nhome = "{self.home}"\n'
+            f"foreign_senders = {'true' if foreign_senders else 'false'}\n"
+        )
+        self.config.chmod(0o644)
+
+
+def unused_ids(count: int) -> list[int]:
+    """Ids above the usual ranges that name no user and no group on this machine."""
+    taken = {u.pw_uid for u in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    return random.sample(sorted(set(range(45000, 60000)) - taken), count)
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    if os.geteuid() != 0:
+        pytest.skip("runs the command as other uids")
+    root = Path(tempfile.mkdtemp(prefix="nsmail-sendmail-"))
+    try:
+        root.chmod(0o755)  # the tenant uid must reach the configuration and its home
+        (uid,) = unused_ids(1)
+        home = root / "home"
+        home.mkdir(mode=0o700)
+        os.chown(home, uid, uid)
+        made = Site(root, root / "nsmail.toml", f"t{secrets.token_hex(4)}.test", uid, home)
+        made.write_config()
+        yield made
+    finally:
+        shutil.rmtree(root)
+
+
+def sendmail(
+    site: Site,
+    args: Sequence[str],
+    message: bytes = b"Subject: hi\n\nhello\n",
+    *,
+    uid: int | None = None,
+    config: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The console script as `uid` (default: the tenant; 0 runs it as root)."""
+    as_uid = site.uid if uid is None else uid
+    drop = as_uid != 0
+    result = subprocess.run(
+        [str(SENDMAIL), *args],
+        input=message,
+        capture_output=True,
+        cwd=site.root,
+        env={"NSMAIL_CONFIG": str(config or site.config), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        check=False,
+        user=as_uid if drop else None,
+        group=as_uid if drop else None,
+        extra_groups=[] if drop else None,  # root's groups must not come along
+    )
+    stderr = result.stderr.decode()
+    if result.returncode != 0:  # every refusal is exactly one line, never a traceback
+        assert stderr.startswith("nsmail-sendmail: ") and stderr.count("\n") == 1, stderr
+    return subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), stderr
+    )
+
+
+def only_message(site: Site) -> tuple[Envelope, bytes]:
+    (path,) = site.queued()
+    assert path.stat().st_uid == site.uid and path.stat().st_mode & 0o777 == 0o600
+    return decode(path.read_bytes())
+
+
+def assert_nothing_queued(site: Site) -> None:
+    for state in (*STATES, TMP):
+        assert site.queued(state) == [], state
+
+
+def test_submits_as_the_tenant(site: Site) -> None:
+    result = sendmail(site, ["-v", "bob@cde.test", "carol", "-F", "Alice"])
+    assert result.returncode == 0, result.stderr
+    envelope, body = only_message(site)
+    assert body == b"Subject: hi\n\nhello\n"
+    assert envelope.sender == f"uid{site.uid}@{site.domain}"
+    assert envelope.recipients == ("bob@cde.test", f"carol@{site.domain}")
+    assert envelope.submitter == f"uid{site.uid}" and envelope.full_name == "Alice"
+    assert not envelope.extract and not envelope.cleaned
+    assert result.stderr == f"nsmail-sendmail: queued as {site.queued()[0].name}\n"
+    assert site.queued(TMP) == []
+
+
+def test_extract_recipients(site: Site) -> None:
+    assert sendmail(site, ["-t", "-i"], b"To: bob@cde.test\n\nhi\n").returncode == 0
+    envelope, _ = only_message(site)
+    assert envelope.extract and envelope.recipients == ()
+
+
+def test_foreign_sender(site: Site) -> None:
+    refused = sendmail(site, ["-f", "alice@cde.test", "bob@cde.test"])
+    assert refused.returncode == EX_NOPERM and "alice@cde.test" in refused.stderr
+    assert_nothing_queued(site)
+
+    site.write_config(foreign_senders=True)
+    assert sendmail(site, ["-falice@cde.test", "bob@cde.test"]).returncode == 0
+    assert only_message(site)[0].sender == "alice@cde.test"
+
+
+def test_own_domain_and_null_sender(site: Site) -> None:
+    assert sendmail(site, ["-r", f"list@{site.domain.upper()}", "bob@cde.test"]).returncode == 0
+    assert only_message(site)[0].sender == f"list@{site.domain.upper()}"
+    shutil.rmtree(site.spool)
+    assert sendmail(site, ["-f", "<>", "bob@cde.test"]).returncode == 0
+    assert only_message(site)[0].sender == ""
+
+
+@pytest.mark.parametrize("args", [["-x", "bob@cde.test"], [], ["-i"], ["bob smith@cde.test"]])
+def test_usage_errors(site: Site, args: list[str]) -> None:
+    assert sendmail(site, args).returncode == EX_USAGE
+    assert_nothing_queued(site)
+
+
+def test_lone_dot_ends_the_message_unless_i(site: Site) -> None:
+    message = b"Subject: dots\n\nfirst\n.\nsecond\n"
+    assert sendmail(site, ["bob@cde.test"], message).returncode == 0
+    assert only_message(site)[1] == b"Subject: dots\n\nfirst\n"
+    shutil.rmtree(site.spool)
+    assert sendmail(site, ["-oi", "bob@cde.test"], message).returncode == 0
+    assert only_message(site)[1] == message
+
+
+def test_too_large(site: Site) -> None:
+    result = sendmail(site, ["-i", "bob@cde.test"], b"x" * (MAX_MESSAGE + 1))
+    assert result.returncode == EX_DATAERR and "too large" in result.stderr
+    assert_nothing_queued(site)
+
+
+def test_list_and_flush(site: Site) -> None:
+    assert sendmail(site, ["-bp"]).stdout == "Mail queue is empty\n"
+    assert sendmail(site, ["-f", "<>", "bob@cde.test"]).returncode == 0
+    listing = sendmail(site, ["-bp"])
+    assert listing.returncode == 0
+    (path,) = site.queued()
+    assert path.name in listing.stdout and "maildrop" in listing.stdout
+    assert "<>" in listing.stdout and "bob@cde.test" in listing.stdout
+    assert listing.stdout.endswith("in 1 Request.\n")
+
+    assert not (site.spool / FLUSH_TRIGGER).exists()
+    assert sendmail(site, ["-q"]).returncode == 0
+    assert (site.spool / FLUSH_TRIGGER).stat().st_uid == site.uid
+
+
+def test_caller_outside_any_tenant(site: Site) -> None:
+    stranger = next(uid for uid in unused_ids(2) if uid != site.uid)
+    result = sendmail(site, ["bob@cde.test"], uid=stranger)
+    assert result.returncode == EX_UNAVAILABLE and "outside a tenant" in result.stderr
+    assert_nothing_queued(site)
+
+
+def test_tenant_option_is_for_root(site: Site) -> None:
+    refused = sendmail(site, ["--tenant", site.domain, "bob@cde.test"])
+    assert refused.returncode == EX_NOPERM
+    assert_nothing_queued(site)
+    assert sendmail(site, ["--tenant", "nope.test", "bob"], uid=0).returncode == EX_USAGE
+
+    # Root becomes the tenant: a spool it creates is the tenant's, the sender too.
+    assert sendmail(site, ["--tenant", site.domain, "bob@cde.test"], uid=0).returncode == 0
+    for directory in (site.spool, *(site.spool / s for s in (*STATES, TMP))):
+        assert directory.stat().st_uid == site.uid, directory
+    envelope, _ = only_message(site)
+    assert envelope.sender == f"uid{site.uid}@{site.domain}"
+    assert (
+        f"uid{site.uid}@{site.domain}"
+        in sendmail(site, ["--tenant", site.domain, "-bp"], uid=0).stdout
+    )
+
+
+def test_broken_configuration(site: Site) -> None:
+    result = sendmail(site, ["bob@cde.test"], config=site.root / "missing.toml")
+    assert result.returncode == EX_CONFIG and "missing.toml" in result.stderr
+
+
+def test_full_disk_leaves_nothing_behind(site: Site) -> None:
+    site.spool.mkdir(parents=True)
+    options = f"size=64k,mode=0700,uid={site.uid},gid={site.uid}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", site.spool], check=True)
+    try:
+        result = sendmail(site, ["-i", "bob@cde.test"], os.urandom(256 << 10))
+        assert result.returncode == EX_TEMPFAIL, result.stderr
+        assert "No space left on device" in result.stderr
+        assert_nothing_queued(site)
+        # Once there is room again the same command succeeds.
+        assert sendmail(site, ["bob@cde.test"]).returncode == 0
+    finally:
+        subprocess.run(["umount", site.spool], check=True)
+
+
+def test_unwritable_state_directory_leaves_nothing_behind(site: Site) -> None:
+    assert sendmail(site, ["-q"]).returncode == 0  # creates the spool
+    maildrop = site.spool / MAILDROP
+    os.chown(maildrop, 0, 0)
+    maildrop.chmod(0o755)
+    result = sendmail(site, ["bob@cde.test"])
+    assert result.returncode == EX_TEMPFAIL and "Permission denied" in result.stderr
+    assert_nothing_queued(site)

@@ -1,0 +1,74 @@
+"""The spool: durable puts, one-rename moves, recovery after a crash, quarantine safety."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nsmail.spool import (
+    ACTIVE,
+    DEFERRED,
+    INCOMING,
+    MAILDROP,
+    STATES,
+    TMP,
+    Spool,
+    new_queue_id,
+)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+    return spool
+
+
+def test_put_lands_in_one_state_only(spool: Spool) -> None:
+    spool.put(MAILDROP, "q1", b"data")
+    assert spool.ids(MAILDROP) == ["q1"]
+    assert all(spool.ids(state) == [] for state in STATES if state != MAILDROP)
+    assert os.listdir(spool.root / TMP) == []
+    spool.put(MAILDROP, "q1", b"newer")  # replaces, atomically
+    assert spool.read(MAILDROP, "q1") == b"newer"
+
+
+def test_move_and_schedule(spool: Spool) -> None:
+    spool.put(INCOMING, "q1", b"data")
+    spool.schedule("q1", INCOMING, 1_000_000.0)
+    spool.move("q1", INCOMING, DEFERRED)
+    assert spool.next_attempt("q1") == 1_000_000.0  # a rename keeps the time
+    assert spool.next_attempt("gone") is None
+
+
+def test_recovery_returns_active_mail_and_drops_unacknowledged_temp_files(spool: Spool) -> None:
+    spool.put(ACTIVE, "crashed", b"data")
+    (spool.root / TMP / "half").write_bytes(b"never acknowledged")
+    assert spool.recover() == ["crashed"]
+    assert spool.ids(INCOMING) == ["crashed"] and spool.ids(ACTIVE) == []
+    assert os.listdir(spool.root / TMP) == []
+
+
+def test_hostile_names_and_symlinks(spool: Spool, tmp_path: Path) -> None:
+    (spool.root / INCOMING / ".hidden").write_bytes(b"x")
+    (spool.root / INCOMING / "link").symlink_to(tmp_path / "secret")
+    (tmp_path / "secret").write_bytes(b"host file")
+    assert spool.ids(INCOMING) == ["link"]
+    with pytest.raises(OSError):
+        spool.read(INCOMING, "link")
+    with pytest.raises(ValueError):
+        spool.put(INCOMING, "../escape", b"x")
+
+
+def test_flush_trigger_is_taken_once(spool: Spool) -> None:
+    assert not spool.take_flush_request()
+    spool.request_flush()
+    assert spool.take_flush_request()
+    assert not spool.take_flush_request()
+
+
+def test_queue_ids_sort_by_time_and_are_unique() -> None:
+    assert new_queue_id(1.0) < new_queue_id(2.0) < new_queue_id(3.5)
+    assert len({new_queue_id(2.0) for _ in range(100)}) == 100
