@@ -37,9 +37,34 @@ _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir"})
 _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
-_DELIVERY_KEYS = frozenset({"scan_interval", "timeout", "port"})
+_DELIVERY_KEYS = frozenset(
+    {
+        "scan_interval",
+        "timeout",
+        "port",
+        "retry_first",
+        "retry_max",
+        "lifetime",
+        "delay_warning",
+        "tls",
+        "tls_verify",
+    }
+)
+TLS_POLICIES = ("may", "verify")
 _TENANT_KEYS = frozenset(
-    {"domain", "ipv4", "ipv6", "ehlo", "user", "uid", "gid", "home", "users", "foreign_senders"}
+    {
+        "domain",
+        "ipv4",
+        "ipv6",
+        "ehlo",
+        "user",
+        "uid",
+        "gid",
+        "home",
+        "users",
+        "foreign_senders",
+        "tls",
+    }
 )
 
 # RFC 1035 2.3.1 as relaxed by RFC 1123 2.1 (a label may start with a digit).
@@ -84,6 +109,15 @@ class DeliveryConfig:
     scan_interval: float = 60.0
     timeout: float = 30.0
     port: int = 25
+    # Retries (like Postfix's minimal/maximal_backoff_time and maximal_queue_lifetime).
+    retry_first: float = 300.0
+    retry_max: float = 4000.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    # STARTTLS: "may" encrypts when offered (RFC 7435); "verify" demands a certificate
+    # valid for the MX name. tls_verify lists destination domains that always demand it.
+    tls: str = "may"
+    tls_verify: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +133,7 @@ class Tenant:
     source: str
     # Whether the tenant may submit mail with an envelope sender outside its domain.
     foreign_senders: bool = False
+    tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -400,11 +435,31 @@ def _delivery(table: _Table) -> DeliveryConfig:
         port = defaults.port
     elif not 1 <= port <= 65535:
         raise table.error("port", f"{port} is not a port number (1-65535)")
+    first = _seconds(table, "retry_first", defaults.retry_first)
+    maximum = _seconds(table, "retry_max", defaults.retry_max)
+    if first > maximum:
+        raise table.error("retry_first", f"{first} is more than retry_max ({maximum})")
     return DeliveryConfig(
         scan_interval=_seconds(table, "scan_interval", defaults.scan_interval),
         timeout=_seconds(table, "timeout", defaults.timeout),
         port=port,
+        retry_first=first,
+        retry_max=maximum,
+        lifetime=_seconds(table, "lifetime", defaults.lifetime),
+        delay_warning=_seconds(table, "delay_warning", defaults.delay_warning),
+        tls=_tls_policy(table) or defaults.tls,
+        tls_verify=tuple(
+            _domain(table, f"tls_verify[{i}]", name)
+            for i, name in enumerate(table.strings("tls_verify") or ())
+        ),
     )
+
+
+def _tls_policy(table: _Table) -> str | None:
+    policy = table.string("tls")
+    if policy is not None and policy not in TLS_POLICIES:
+        raise table.error("tls", f"{policy!r} is not one of {', '.join(TLS_POLICIES)}")
+    return policy
 
 
 def _seconds(table: _Table, key: str, default: float) -> float:
@@ -443,6 +498,7 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         users=_users(table),
         source=table.file,
         foreign_senders=table.flag("foreign_senders"),
+        tls=_tls_policy(table),
     )
 
 

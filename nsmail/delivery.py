@@ -74,19 +74,7 @@ class Agent:
         for domain, recipients in _by_domain(envelope.recipients, outcomes).items():
             for outcome in self._deliver_domain(domain, envelope.sender, recipients, data):
                 outcomes[outcome.recipient] = outcome
-        result = [outcomes[r] for r in dict.fromkeys(envelope.recipients)]
-        for outcome in result:
-            log.info(
-                "%s: tenant=%s from=<%s> to=<%s> relay=%s status=%s reply=%s",
-                queue_id,
-                self.tenant.domain,
-                _printable(envelope.sender),
-                _printable(outcome.recipient),
-                outcome.relay or "none",
-                outcome.status,
-                _printable(f"{outcome.code or ''} {outcome.text}".strip()),
-            )
-        return result
+        return [outcomes[r] for r in dict.fromkeys(envelope.recipients)]
 
     def _deliver_domain(
         self, domain: str, sender: str, recipients: list[str], data: bytes
@@ -190,13 +178,13 @@ class _Session:
             return self._transaction(client, sender, recipients, data)
         except _NextHost as e:
             self.error = f"4.4.2 {self.relay} {e.stage}: {e.code} {_text(e.text)}"
-            log.info("%s", _printable(self.error))
+            log.info("%s", printable(self.error))
             _quietly_quit(client)
             return None
         except (smtplib.SMTPException, OSError, ValueError) as e:
             # OSError covers refused connections, timeouts and TLS failures.
             self.error = f"4.4.2 {self.relay}: {type(e).__name__}: {e}"
-            log.info("%s", _printable(self.error))
+            log.info("%s", printable(self.error))
             return None
         finally:
             client.close()
@@ -343,6 +331,6 @@ def _text(reply: bytes) -> str:
     return reply.decode("utf-8", "replace").replace("\n", " ")
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
     """`text` safe for one log line: no control characters."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -8,15 +8,12 @@ folded); anything else is an unknown user and bounces.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from nsmail import maildir
 from nsmail.delivery import Outcome, Status
 from nsmail.queuefile import Envelope
-
-log = logging.getLogger("nsmail.local")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +36,6 @@ class LocalAgent:
                 outcome = Outcome(recipient, Status.PERMANENT, 550, "5.1.1 no such user here", "")
             else:
                 outcome = self._store(queue_id, envelope.sender, recipient, user, body)
-            log.info(
-                "%s: to=<%s> relay=local status=%s reply=%s",
-                queue_id,
-                recipient,
-                outcome.status,
-                outcome.text,
-            )
             outcomes.append(outcome)
         return outcomes
 

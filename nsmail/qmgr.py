@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from nsmail import dsn, headers, schedule
-from nsmail.delivery import Agent, Outcome, Status
+from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
 from nsmail.queuefile import Envelope, QueueFileError, decode, encode
 from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, MAILDROP, Spool, new_queue_id
@@ -138,6 +138,7 @@ class QueueManager:
         self.spool.schedule(queue_id, state, retry_at)
         self.spool.move(queue_id, state, ACTIVE)
         outcomes = self._deliver(queue_id, envelope, body)
+        self._log(queue_id, envelope, outcomes, now)
         pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)
         failed = [o for o in outcomes if o.status == Status.PERMANENT]
         if pending and schedule.expired(self.policy, envelope.arrival, now):
@@ -174,6 +175,22 @@ class QueueManager:
                 queue_id, dataclasses.replace(envelope, recipients=remote), body
             )
         return outcomes
+
+    def _log(self, queue_id: str, envelope: Envelope, outcomes: list[Outcome], now: float) -> None:
+        """One line per recipient and attempt, like Postfix's smtp(8) lines."""
+        for o in outcomes:
+            log.info(
+                "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f dsn=%s status=%s (%s)",
+                queue_id,
+                self.domain,
+                printable(envelope.sender),
+                printable(o.recipient),
+                o.relay or "none",
+                max(0.0, now - envelope.arrival),
+                _enhanced_status(o),
+                o.status,
+                printable(f"{o.code or ''} {o.text}".strip()),
+            )
 
     # -- bounces ------------------------------------------------------------------------
 
@@ -241,14 +258,19 @@ def _expired(outcome: Outcome) -> Outcome:
     return dataclasses.replace(outcome, status=Status.PERMANENT, text=text)
 
 
-def _failure(outcome: Outcome, delayed: bool) -> dsn.Failure:
+def _enhanced_status(outcome: Outcome) -> str:
+    """RFC 3463 status of an outcome: from the reply text, else from the reply code."""
     found = _ENHANCED.match(outcome.text)
     if found:
-        status = found.group(0)
-    elif outcome.code is not None:
-        status = f"{str(outcome.code)[0]}.0.0"
-    else:
-        status = "4.0.0" if delayed else "5.0.0"
+        return found.group(0)
+    first = {Status.DELIVERED: "2", Status.TEMPORARY: "4", Status.PERMANENT: "5"}[outcome.status]
+    return f"{first}.0.0"
+
+
+def _failure(outcome: Outcome, delayed: bool) -> dsn.Failure:
+    status = _enhanced_status(outcome)
+    if delayed and status.startswith("5"):
+        status = "4" + status[1:]
     return dsn.Failure(
         recipient=outcome.recipient,
         status=status,

@@ -4,8 +4,10 @@ States (Postfix's, by name): `maildrop` (as submitted by sendmail), `incoming` (
 completed, ready for a first attempt), `active` (being delivered), `deferred` (waiting
 for its next attempt, which is the file's modification time), `hold` (kept back by an
 operator), `corrupt` (quarantined: damaged or hostile, never deleted). A message moves
-between states only by rename(2), and every write is durable before it counts: the data
-is written under `tmp/`, fsynced, renamed into place, and the directory fsynced.
+between states only by rename(2). Every write is durable before it counts: the data is
+written under `tmp/`, fsynced, renamed into place, and the directory fsynced. Moves and
+removals are not synced: if a crash undoes one, the message is found in its previous
+state and tried again; that can repeat a delivery, never lose one.
 
 Security: used by the tenant's own sendmail (as the tenant user, no chroot) and by the
 tenant's jailed worker; both run as the tenant uid, so the files are the tenant's own and
@@ -81,13 +83,11 @@ class Spool:
         self._sync(state)
 
     def move(self, queue_id: str, source: str, target: str) -> None:
-        """One rename from state to state, made durable."""
+        """One rename from state to state."""
         os.rename(self.path(source, queue_id), self.path(target, queue_id))
-        self._sync(target)
 
     def remove(self, state: str, queue_id: str) -> None:
         self.path(state, queue_id).unlink()
-        self._sync(state)
 
     def read(self, state: str, queue_id: str) -> bytes:
         """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a symlink)."""

@@ -106,7 +106,12 @@ def prepare(
         reporting_mta=tenant.ehlo,
         local=LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
         remote=remote,
-        policy=schedule.RetryPolicy(),
+        policy=schedule.RetryPolicy(
+            first=delivery.retry_first,
+            maximum=delivery.retry_max,
+            lifetime=delivery.lifetime,
+            delay_warning=delivery.delay_warning,
+        ),
         rng=shared.rng,
         clock=time.time,
     )
