@@ -19,8 +19,9 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -57,6 +58,40 @@ class Outcome:
     relay: str  # host[ip]:port, or "" when no connection was made
 
 
+class Connections:
+    """SMTP sessions kept open between messages (RFC 5321 3.3: a session may carry
+    several transactions), per mail host and address, for a short idle time."""
+
+    IDLE = 2.0  # seconds, like Postfix's smtp_connection_cache_time_limit
+    MAX_USES = 100
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, str], tuple[smtplib.SMTP, float, int]] = {}
+
+    def take(self, key: tuple[str, str]) -> tuple[smtplib.SMTP, int] | None:
+        found = self._open.pop(key, None)
+        return None if found is None else (found[0], found[2])
+
+    def keep(self, key: tuple[str, str], client: smtplib.SMTP, uses: int) -> None:
+        if uses >= self.MAX_USES:
+            _quietly_quit(client)
+            client.close()
+            return
+        self._open[key] = (client, time.monotonic(), uses)
+
+    def close_idle(self, *, everything: bool = False) -> float | None:
+        """Close sessions idle too long; seconds until the next one is due, if any."""
+        now = time.monotonic()
+        for key, (client, since, _) in list(self._open.items()):
+            if everything or now - since >= self.IDLE:
+                del self._open[key]
+                _quietly_quit(client)
+                client.close()
+        if not self._open:
+            return None
+        return max(0.0, min(since for _, since, _ in self._open.values()) + self.IDLE - now)
+
+
 @dataclass(frozen=True, slots=True)
 class Agent:
     """Delivers messages for one tenant."""
@@ -64,8 +99,10 @@ class Agent:
     tenant: Tenant
     config: DeliveryConfig
     resolver: dns.resolver.Resolver
-    tls: ssl.SSLContext | None
+    tls: ssl.SSLContext | None  # opportunistic: no certificate checks
+    tls_verified: ssl.SSLContext  # for destinations whose policy is "verify"
     rng: random.Random
+    connections: Connections = field(default_factory=Connections)
 
     def deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
         """Try every recipient of `envelope` once; one outcome per recipient, in order."""
@@ -104,7 +141,7 @@ class Agent:
             any_temporary = any_temporary or temporary
             for address in addresses:
                 found_any = True
-                session = _Session(self, host, address)
+                session = _Session(self, host, address, self._must_verify(domain))
                 outcomes = session.send(sender, recipients, data)
                 if outcomes is not None:
                     return outcomes
@@ -113,6 +150,10 @@ class Agent:
             # RFC 5321 5.1: neither MX nor address records: the domain takes no mail.
             return all_fail(Status.PERMANENT, f"5.1.2 domain {domain} has no mail host")
         return all_fail(Status.TEMPORARY, last_error)
+
+    def _must_verify(self, domain: str) -> bool:
+        policy = self.tenant.tls or self.config.tls
+        return policy == "verify" or domain in self.config.tls_verify
 
     def _route(self, name: dns.name.Name) -> Targets | NullMX:
         domain = name.to_text()
@@ -157,54 +198,91 @@ class _NextHost(Exception):
 
 
 class _Session:
-    """One SMTP connection to one address of one mail host."""
+    """One SMTP session to one address of one mail host, new or kept from before."""
 
-    def __init__(self, agent: Agent, host: str, address: IPv4Address | IPv6Address) -> None:
+    def __init__(
+        self, agent: Agent, host: str, address: IPv4Address | IPv6Address, verify: bool
+    ) -> None:
         self.agent = agent
         self.host = host
         self.address = address
+        self.verify = verify
         port = agent.config.port
         self.relay = f"{host}[{address}]:{port}"
+        self.key = (host.lower(), f"{address}:{int(verify)}")
         self.error = ""
 
     def send(self, sender: str, recipients: list[str], data: bytes) -> list[Outcome] | None:
         """Outcomes for `recipients`, or None (see `error`) if another host should be tried."""
-        tenant = self.agent.tenant
-        source = tenant.ipv6 if self.address.version == 6 else tenant.ipv4
-        client = _BoundSMTP(
-            str(source), self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
-        )
+        kept = self.agent.connections.take(self.key)
+        if kept is not None:
+            client, uses = kept
+            try:
+                return self._finish(
+                    client, uses, self._transaction(client, sender, recipients, data)
+                )
+            except (_NextHost, smtplib.SMTPException, OSError, ValueError):
+                client.close()  # it went stale while idle: start afresh, once
+        client = self._open_client()
         try:
-            return self._transaction(client, sender, recipients, data)
+            self._greet(client)
+            return self._finish(client, 0, self._transaction(client, sender, recipients, data))
         except _NextHost as e:
             self.error = f"4.4.2 {self.relay} {e.stage}: {e.code} {_text(e.text)}"
-            log.info("%s", printable(self.error))
-            _quietly_quit(client)
-            return None
         except (smtplib.SMTPException, OSError, ValueError) as e:
             # OSError covers refused connections, timeouts and TLS failures.
             self.error = f"4.4.2 {self.relay}: {type(e).__name__}: {e}"
-            log.info("%s", printable(self.error))
-            return None
-        finally:
-            client.close()
+        log.info("%s", printable(self.error))
+        _quietly_quit(client)
+        client.close()
+        return None
 
-    def _transaction(
-        self, client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
-    ) -> list[Outcome]:
+    def _open_client(self) -> smtplib.SMTP:
+        tenant = self.agent.tenant
+        source = tenant.ipv6 if self.address.version == 6 else tenant.ipv4
+        return _BoundSMTP(
+            str(source), self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
+        )
+
+    def _greet(self, client: smtplib.SMTP) -> None:
         code, text = client.connect(str(self.address), self.agent.config.port)
         if code != 220:
             raise _NextHost("greeting", code, text)
         code, text = _ehlo_or_helo(client)
         if code != 250:
             raise _NextHost("EHLO", code, text)
-        tls = self.agent.tls
-        if tls is not None and client.has_extn("starttls"):
-            # RFC 3207 with RFC 7435 opportunistic semantics: encrypt when offered.
-            client.starttls(context=tls)
-            code, text = _ehlo_or_helo(client)
-            if code != 250:
-                raise _NextHost("EHLO after STARTTLS", code, text)
+        if not client.has_extn("starttls"):
+            if self.verify:  # RFC 3207; policy demands TLS, so no plain text
+                raise _NextHost("EHLO", 530, b"4.7.4 STARTTLS not offered, TLS required")
+            return
+        tls = self.agent.tls_verified if self.verify else self.agent.tls
+        if tls is None:
+            return
+        # RFC 3207 with RFC 7435 opportunistic semantics unless verification is required.
+        client.starttls(context=tls)
+        code, text = _ehlo_or_helo(client)
+        if code != 250:
+            raise _NextHost("EHLO after STARTTLS", code, text)
+
+    def _finish(self, client: smtplib.SMTP, uses: int, outcomes: list[Outcome]) -> list[Outcome]:
+        """Keep the session for the next message when it is in a clean state."""
+        try:
+            if any(o.status != Status.DELIVERED for o in outcomes):
+                code, _ = client.rset()  # RFC 5321 4.1.1.5: clear a half-done transaction
+                if code != 250:
+                    raise OSError("RSET refused")
+            self.agent.connections.keep(self.key, client, uses + 1)
+        except (smtplib.SMTPException, OSError):
+            client.close()
+        return outcomes
+
+    def _transaction(
+        self, client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
+    ) -> list[Outcome]:
+        limit = _size_limit(client)
+        if limit and len(data) > limit:
+            text = f"5.3.4 message size {len(data)} exceeds the server's limit {limit}".encode()
+            return [self._outcome(r, 552, text) for r in recipients]  # RFC 1870 6.1
         options = _mail_options(client, sender, recipients, data)
         if options is None:
             return [
@@ -225,7 +303,6 @@ class _Session:
                 rejected[recipient] = self._outcome(recipient, code, text)
         accepted = [r for r in recipients if r not in rejected]
         if not accepted:
-            _quietly_quit(client)
             return [rejected[r] for r in recipients]
         try:
             code, text = client.data(data)
@@ -234,12 +311,12 @@ class _Session:
             text = e.smtp_error if isinstance(e.smtp_error, bytes) else e.smtp_error.encode()
         except (smtplib.SMTPException, OSError) as e:
             # After RCPT the attempt counts: no other host for these recipients now.
+            client.close()
             failure = f"4.4.2 {self.relay}: lost during DATA: {type(e).__name__}: {e}"
             return [
                 rejected.get(r) or Outcome(r, Status.TEMPORARY, None, failure, self.relay)
                 for r in recipients
             ]
-        _quietly_quit(client)
         return [rejected.get(r) or self._outcome(r, code, text) for r in recipients]
 
     def _outcome(self, recipient: str, code: int, text: bytes) -> Outcome:
@@ -290,11 +367,19 @@ def _ehlo_or_helo(client: smtplib.SMTP) -> tuple[int, bytes]:
     return code, text
 
 
+def _size_limit(client: smtplib.SMTP) -> int:
+    """The server's RFC 1870 SIZE limit, 0 when it states none."""
+    value = client.esmtp_features.get("size", "")
+    return int(value) if value.isdigit() else 0
+
+
 def _mail_options(
     client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
 ) -> list[str] | None:
     """MAIL FROM parameters for this message; None if the server cannot take it."""
     options: list[str] = []
+    if client.has_extn("size"):
+        options.append(f"SIZE={len(data)}")  # RFC 1870 3
     if not data.isascii() and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")  # RFC 6152 2
     if not (sender.isascii() and all(r.isascii() for r in recipients)):

@@ -49,6 +49,7 @@ class Shared:
     """What every worker uses and may share with its siblings until it writes to it."""
 
     tls: ssl.SSLContext
+    tls_verified: ssl.SSLContext
     resolver: dns.resolver.Resolver
     rng: random.Random
 
@@ -72,7 +73,12 @@ def preload() -> Shared:
     # valid for the MX name, so not authenticating is better than falling back to plain.
     tls.check_hostname = False
     tls.verify_mode = ssl.CERT_NONE
-    return Shared(tls=tls, resolver=make_resolver(), rng=random.Random())
+    return Shared(
+        tls=tls,
+        tls_verified=ssl.create_default_context(),
+        resolver=make_resolver(),
+        rng=random.Random(),
+    )
 
 
 def prepare(
@@ -97,6 +103,7 @@ def prepare(
         config=delivery,
         resolver=shared.resolver,
         tls=shared.tls,
+        tls_verified=shared.tls_verified,
         rng=shared.rng,
     )
     queue = QueueManager(
@@ -162,6 +169,9 @@ class Worker:
             self.queue.pick_up()
             self.queue.attempt_due(flush=flush)
             wait = min(next_scan, self.queue.next_due) - time.time()
+            linger = self.queue.remote.connections.close_idle(everything=self._stopping)
+            if linger is not None:
+                wait = min(wait, linger)
             poller.poll(max(0.0, wait) * 1000)
             watch.drain()
             with contextlib.suppress(BlockingIOError):

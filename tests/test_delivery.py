@@ -33,7 +33,7 @@ ZONE = {
 }
 TENANT_IPV4 = IPv4Address("127.0.0.5")  # not the server's address: the bind is visible
 SELF_SIGNED = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1"
-SELF_SIGNED_NAME = ("-subj", "/CN=mx.rcpt.test")
+SELF_SIGNED_NAME = ("-subj", "/CN=mx.rcpt.test", "-addext", "subjectAltName=DNS:mx.rcpt.test")
 BODY = b"Subject: test\n\nhello\n.leading dot\n"
 
 
@@ -45,6 +45,7 @@ class Received:
     peer: str
     ehlo: str
     tls: bool
+    session: int  # which SMTP session (connection) carried it
 
 
 @dataclass
@@ -75,9 +76,13 @@ class Recorder:
                 peer=session.peer[0],
                 ehlo=session.host_name,
                 tls=session.ssl is not None,
+                session=id(session),
             )
         )
         return self.data_reply
+
+
+_agents: list[Agent] = []
 
 
 def free_port() -> int:
@@ -97,6 +102,9 @@ def smtp_server(
     try:
         yield controller.port
     finally:
+        # Agents keep sessions open between messages: end them before the server goes.
+        for made in _agents:
+            made.connections.close_idle(everything=True)
         controller.stop()
 
 
@@ -135,14 +143,24 @@ def port(recorder: Recorder) -> Iterator[int]:
         yield p
 
 
-def agent(dns: DNSStack, port: int, tenant: Tenant, tls: ssl.SSLContext | None = None) -> Agent:
-    return Agent(
+def agent(
+    dns: DNSStack,
+    port: int,
+    tenant: Tenant,
+    opportunistic: ssl.SSLContext | None = None,
+    tls_verified: ssl.SSLContext | None = None,
+    **config: Any,
+) -> Agent:
+    made = Agent(
         tenant=tenant,
-        config=DeliveryConfig(port=port, timeout=5),
+        config=DeliveryConfig(port=port, timeout=5, **config),
         resolver=dns.resolver(),
-        tls=tls,
+        tls=opportunistic,
+        tls_verified=tls_verified or ssl.create_default_context(),
         rng=random.Random(0),
     )
+    _agents.append(made)
+    return made
 
 
 def by_recipient(outcomes: list[Outcome]) -> dict[str, tuple[Status, int | None]]:
@@ -262,8 +280,89 @@ def test_starttls_when_offered(dns: DNSStack, recorder: Recorder, tmp_path: Path
     client_tls.check_hostname = False
     client_tls.verify_mode = ssl.CERT_NONE
     with smtp_server(recorder, tls_context=server_tls) as port:
-        outcomes = agent(dns, port, make_tenant(tmp_path), tls=client_tls).deliver(
+        outcomes = agent(dns, port, make_tenant(tmp_path), opportunistic=client_tls).deliver(
             "q9", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
         )
     assert by_recipient(outcomes) == {"a@rcpt.test": (Status.DELIVERED, 250)}, outcomes
     assert recorder.received[0].tls
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server TLS context for mx.rcpt.test and the certificate file that vouches for it."""
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [*SELF_SIGNED.split(), *SELF_SIGNED_NAME, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    return server_tls, cert
+
+
+@pytest.mark.parametrize(
+    ("policy", "trusted", "offered", "expected"),
+    [
+        ("verify", False, True, Status.TEMPORARY),  # certificate not trusted: no plain text
+        ("verify", True, True, Status.DELIVERED),
+        ("verify", True, False, Status.TEMPORARY),  # STARTTLS not offered at all
+        ("may", False, False, Status.DELIVERED),
+    ],
+)
+def test_tls_policy(
+    dns: DNSStack,
+    recorder: Recorder,
+    tmp_path: Path,
+    policy: str,
+    trusted: bool,
+    offered: bool,
+    expected: Status,
+) -> None:
+    server_tls, cert = self_signed(tmp_path)
+    verifying = ssl.create_default_context(cafile=str(cert) if trusted else None)
+    server = {"tls_context": server_tls} if offered else {}
+    with smtp_server(recorder, **server) as port:
+        delivering = agent(dns, port, make_tenant(tmp_path), tls_verified=verifying, tls=policy)
+        (outcome,) = delivering.deliver("q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY)
+    assert outcome.status == expected, outcome
+    assert bool(recorder.received) == (expected == Status.DELIVERED)
+    if expected == Status.DELIVERED and policy == "verify":
+        assert recorder.received[0].tls
+
+
+def test_a_destination_listed_for_verification_demands_tls(
+    dns: DNSStack, recorder: Recorder, tmp_path: Path
+) -> None:
+    with smtp_server(recorder) as port:
+        delivering = agent(dns, port, make_tenant(tmp_path), tls_verify=("rcpt.test",))
+        (outcome,) = delivering.deliver("q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY)
+    assert outcome.status == Status.TEMPORARY and "TLS required" in outcome.text
+    assert recorder.received == []
+
+
+def test_too_large_for_the_server_bounces_without_data(
+    dns: DNSStack, recorder: Recorder, tmp_path: Path
+) -> None:
+    with smtp_server(recorder, data_size_limit=100) as port:
+        big = b"Subject: big\n\n" + b"x" * 500 + b"\n"
+        (outcome,) = agent(dns, port, make_tenant(tmp_path)).deliver(
+            "q", Envelope("alice@tenant.test", ("a@rcpt.test",)), big
+        )
+    assert (outcome.status, outcome.code) == (Status.PERMANENT, 552)
+    assert outcome.text.startswith("5.3.4")
+    assert recorder.rcpt_attempts == []
+
+
+def test_one_connection_carries_several_messages(
+    dns: DNSStack, recorder: Recorder, port: int, tmp_path: Path
+) -> None:
+    delivering = agent(dns, port, make_tenant(tmp_path))
+    for n in range(3):
+        delivering.deliver(f"q{n}", Envelope("alice@tenant.test", (f"a{n}@rcpt.test",)), BODY)
+    # A refused recipient leaves the session clean (RSET) for the next message.
+    recorder.rcpt_replies["b"] = "550 5.1.1 no such user"
+    delivering.deliver("q3", Envelope("alice@tenant.test", ("b@rcpt.test",)), BODY)
+    delivering.deliver("q4", Envelope("alice@tenant.test", ("c@rcpt.test",)), BODY)
+    assert len(recorder.received) == 4
+    assert len({r.session for r in recorder.received}) == 1
+    assert delivering.connections.close_idle(everything=True) is None
