@@ -1,4 +1,14 @@
-"""`scripts/bench`: measure nsmail on this machine and print a table (or --json)."""
+"""`scripts/bench`: measure nsmail on this machine and print a table (or --json).
+
+    scripts/bench [throughput options]   delivery throughput, sendmail latency and CPU per
+                                         message, nsmail against a Postfix baseline
+    scripts/bench tenants [--tenants K ...]
+                                         tenant bring-up and tear-down, memory per worker
+
+`--quick` (throughput) is a smoke test: a few messages, checked one by one; it exits
+non-zero when any message is missing or arrived with the wrong identity, never because
+of a time. `python -m bench submit SPEC` is internal: the sendmail runner of throughput.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from bench.tenants import measure_tenants
+from bench.throughput import Options, measure_throughput, submit_main, table
+
+QUICK_MESSAGES = 40
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+def tenants_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench tenants", description=__doc__)
     parser.add_argument(
         "--tenants",
         type=int,
@@ -24,7 +37,7 @@ def main() -> int:
         help="tenant counts for bring-up/tear-down (default: 100 1000)",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for count in args.tenants:
         print(f"bench: bringing up {count} tenants...", file=sys.stderr, flush=True)
@@ -39,6 +52,41 @@ def main() -> int:
             f"{r['uss_mib_per_idle_worker']:>22.2f}"
         )
     return 0
+
+
+def throughput_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = Options()
+    parser.add_argument("--messages", type=int, default=defaults.messages, metavar="N")
+    parser.add_argument("--tenants", type=int, default=defaults.tenants, metavar="K")
+    parser.add_argument("--size", type=int, default=defaults.size, metavar="BYTES")
+    parser.add_argument("--repeat", type=int, default=defaults.repeat, metavar="R")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK_MESSAGES} messages, one round; checks delivery, not time",
+    )
+    args = parser.parse_args(argv)
+    options = Options(args.messages, args.tenants, args.size, args.repeat)
+    if args.quick:
+        options = Options(QUICK_MESSAGES, args.tenants, args.size, 1, timeout=30.0)
+    report = measure_throughput(options, lambda text: print(f"bench: {text}", file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0 if report["ok"] else 1
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if argv[:1] == ["tenants"]:
+        return tenants_main(argv[1:])
+    if argv[:1] == ["submit"]:
+        return submit_main(argv[1])
+    return throughput_main(argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from nsmail import config as configuration
 from nsmail import control
 from nsmail.jail import run_as
-from nsmail.spool import SPOOL_IN_HOME, Spool
+from nsmail.spool import Spool
 from nsmail.status import WorkerStatus, render_table
 
 EX_OK = 0
@@ -85,7 +85,7 @@ def _flush(config: configuration.Config, domains: list[str]) -> int:
         return EX_USAGE
     failed = 0
     for tenant in tenants:
-        spool = Spool(tenant.home / SPOOL_IN_HOME)
+        spool = Spool(tenant.spool)
         failed += run_as(tenant.uid, tenant.gid, spool.request_flush) != 0
     return EX_TEMPFAIL if failed else EX_OK
 

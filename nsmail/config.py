@@ -25,17 +25,21 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
+from nsmail.spool import SPOOL_IN_HOME
+
 IPAddress = IPv4Address | IPv6Address
 _Family = TypeVar("_Family", IPv4Address, IPv6Address)
 
 DEFAULT_RUN_DIR = Path("/run/nsmail")
+DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
+HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
 DEFAULT_PATH = Path("/etc/nsmail/nsmail.toml")
 DROPIN_DIR = "tenants.d"
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
-_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir"})
+_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir", "spool"})
 _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
 _DELIVERY_KEYS = frozenset(
     {
@@ -93,6 +97,8 @@ class HostConfig:
     uid: int
     gid: int
     run_dir: Path
+    # The queue of mail from the machine's own users (not of any tenant).
+    spool: Path = DEFAULT_HOST_SPOOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,15 @@ class Tenant:
     # Whether the tenant may submit mail with an envelope sender outside its domain.
     foreign_senders: bool = False
     tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
+    spool_in_home: str = SPOOL_IN_HOME  # where its queue is, inside its home (jail)
+
+    @property
+    def spool(self) -> Path:
+        return self.home / self.spool_in_home
+
+    @property
+    def is_host(self) -> bool:
+        return self.source == HOST_SOURCE
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -167,6 +182,24 @@ class SystemLookup:
     user: Callable[[str], Account | None]
     is_dir: Callable[[str], bool]
     default_resolvers: Callable[[], tuple[IPAddress, ...]]
+
+
+def host_identity(config: Config) -> Tenant:
+    """The machine's own users' mail, sent as the host: a tenant without a namespace
+    (the kernel picks the source address), run as `host.user`, its queue `host.spool`."""
+    host = config.host
+    return Tenant(
+        domain=host.name,
+        ipv4=None,
+        ipv6=None,
+        ehlo=host.name,
+        uid=host.uid,
+        gid=host.gid,
+        home=host.spool,
+        users=(),
+        source=HOST_SOURCE,
+        spool_in_home=".",
+    )
 
 
 def locate(cli_path: str | None, environ: Mapping[str, str]) -> Path:
@@ -393,10 +426,16 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
     if account is None:
         raise table.error("user", f"unknown user {user!r}")
 
-    run_dir = PurePosixPath(table.string_or("run_dir", str(DEFAULT_RUN_DIR)))
-    if not run_dir.is_absolute():
-        raise table.error("run_dir", f"{str(run_dir)!r} is not an absolute path")
-    return HostConfig(name, resolvers, user, account.uid, account.gid, Path(run_dir))
+    run_dir = _absolute_path(table, "run_dir", DEFAULT_RUN_DIR)
+    spool = _absolute_path(table, "spool", DEFAULT_HOST_SPOOL)
+    return HostConfig(name, resolvers, user, account.uid, account.gid, run_dir, spool)
+
+
+def _absolute_path(table: _Table, key: str, default: Path) -> Path:
+    path = PurePosixPath(table.string_or(key, str(default)))
+    if not path.is_absolute() or ".." in path.parts:
+        raise table.error(key, f"{str(path)!r} is not an absolute path")
+    return Path(path)
 
 
 def _network(table: _Table) -> NetworkConfig:
@@ -584,6 +623,8 @@ class _Registry:
 
     def add(self, table: _Table, tenant: Tenant) -> None:
         here = f"{table.path} in {table.file}"
+        if tenant.domain == self._host.name:
+            raise table.error("domain", f"'{tenant.domain}' is the host's own name (host.name)")
         self._claim(table, "domain", tenant.domain, here)
         for key, address in (("ipv4", tenant.ipv4), ("ipv6", tenant.ipv6)):
             if address is None:

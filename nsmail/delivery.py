@@ -171,10 +171,11 @@ class Agent:
             (dns.rdatatype.AAAA, self.tenant.ipv6),
             (dns.rdatatype.A, self.tenant.ipv4),
         ]
+        unbound = not self.tenant.addresses  # the host's own mail: the kernel chooses
         addresses: list[IPv4Address | IPv6Address] = []
         temporary = False
         for rdtype, own in wanted:
-            if own is None:
+            if own is None and not unbound:
                 continue
             try:
                 answer = self.resolver.resolve(_absolute(host), rdtype, search=False)
@@ -241,7 +242,7 @@ class _Session:
         tenant = self.agent.tenant
         source = tenant.ipv6 if self.address.version == 6 else tenant.ipv4
         return _BoundSMTP(
-            str(source), self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
+            source, self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
         )
 
     def _greet(self, client: smtplib.SMTP) -> None:
@@ -333,13 +334,19 @@ def classify(code: int) -> Status:
 
 
 class _BoundSMTP(smtplib.SMTP):
-    """smtplib connecting from one source address, to IP literals only.
+    """smtplib connecting from one source address (or any, for the host), to IP literals only.
 
     No getaddrinfo: after the chroot there is no resolver configuration for glibc, and the
     destination is always an address we resolved ourselves.
     """
 
-    def __init__(self, source: str, server_name: str, local_hostname: str, timeout: float) -> None:
+    def __init__(
+        self,
+        source: IPv4Address | IPv6Address | None,
+        server_name: str,
+        local_hostname: str,
+        timeout: float,
+    ) -> None:
         self._source = source
         super().__init__(local_hostname=local_hostname, timeout=timeout)
         # smtplib's name for the TLS server name (SNI): the MX host, not the IP literal.
@@ -351,7 +358,8 @@ class _BoundSMTP(smtplib.SMTP):
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
-            sock.bind((self._source, 0))
+            if self._source is not None:
+                sock.bind((str(self._source), 0))
             sock.connect((host, port))
         except OSError:
             sock.close()

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -46,6 +46,10 @@ class QueueManager:
     policy: schedule.RetryPolicy
     rng: random.Random
     clock: Callable[[], float]
+    # The host's queue takes files from every local user: who submitted a file is its
+    # owner (the kernel's word), named by this map; tenants' users must use their own.
+    owners: Mapping[int, str] | None = None
+    tenant_uids: frozenset[int] = frozenset()
     next_due: float = 0.0  # earliest next attempt among deferred messages
     stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
 
@@ -69,6 +73,12 @@ class QueueManager:
         if loaded is None:
             return 0
         envelope, body = loaded
+        if self.owners is not None:
+            uid = self.spool.owner(MAILDROP, queue_id)
+            if uid in self.tenant_uids:
+                self._quarantine(MAILDROP, queue_id, f"uid {uid} is a tenant's: not host mail")
+                return 0
+            envelope = dataclasses.replace(envelope, submitter=self.owners.get(uid, f"uid{uid}"))
         now = self.clock()
         try:
             done = headers.complete(

@@ -27,10 +27,9 @@ from typing import BinaryIO
 
 from nsmail import config as configuration
 from nsmail.queuefile import Envelope, QueueFileError, decode, encode
-from nsmail.spool import MAILDROP, STATES, Spool, new_queue_id
+from nsmail.spool import STATES, Spool, new_queue_id
 
 PROG = "nsmail-sendmail"
-SPOOL_DIR = "var/spool/nsmail"  # under the tenant's home; /var/spool/nsmail in its jail
 MAX_MESSAGE = 50 << 20
 
 DELIVER = "deliver"
@@ -262,7 +261,7 @@ def _run(argv: Sequence[str]) -> int:
     tenant = _select_tenant(config, options.tenant)
     if options.tenant is not None:
         _become(tenant)
-    spool = Spool(tenant.home / SPOOL_DIR)
+    spool = Spool(tenant.spool)
     if options.mode == LIST:
         try:
             sys.stdout.write(format_queue(_queue_entries(spool)))
@@ -301,9 +300,11 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool) -> str
             extract=options.extract,
         )
         queue_id = new_queue_id(now)
-        spool.create()
-        # Spool.put fsyncs the file and its directory and leaves no partial file on failure.
-        spool.put(MAILDROP, queue_id, encode(envelope, body))
+        if not tenant.is_host:
+            spool.create()  # the tenant's own; the host's queue is made by its worker
+        # Spool.drop fsyncs the file and its directory and leaves no partial file on failure.
+        # The host's worker (another user) must read what the machine's users drop off.
+        spool.drop(queue_id, encode(envelope, body), 0o644 if tenant.is_host else 0o600)
     except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
         raise _tempfail("cannot queue the message", e) from e
     return queue_id
@@ -317,11 +318,8 @@ def _select_tenant(config: configuration.Config, domain: str | None) -> configur
         return named
     uid = os.getuid()
     mine = next((t for t in config.tenants if t.uid == uid), None)
-    if mine is None:
-        raise SendmailError(
-            os.EX_UNAVAILABLE, "mail from users outside a tenant is not accepted yet"
-        )
-    return mine
+    # Users outside every tenant send as the hosting machine itself.
+    return mine or configuration.host_identity(config)
 
 
 def _become(tenant: configuration.Tenant) -> None:

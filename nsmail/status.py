@@ -12,6 +12,7 @@ class WorkerStatus:
     """What the supervisor knows about one tenant's worker."""
 
     domain: str
+    role: str  # "host" (the machine's own users' mail) or "tenant"
     namespace: str | None
     pid: int | None
     uid: int
@@ -51,7 +52,7 @@ def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
     head = f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'UID':>7} {'STATE':<9} {'UP':>6} {'RST':>4}"
     lines = [head]
     for r in records:
-        address = r.ipv4 or r.ipv6 or "-"
+        address = r.ipv4 or r.ipv6 or ("(host's own)" if r.role == "host" else "-")
         if r.ipv4 and r.ipv6:
             address += " +v6"
         lines.append(

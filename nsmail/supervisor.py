@@ -31,12 +31,21 @@ from typing import Any, Literal
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nsmail import control, dnsrelay, worker
-from nsmail.config import Config, ConfigError, DeliveryConfig, IPAddress, Tenant, load
+from nsmail.config import (
+    Config,
+    ConfigError,
+    DeliveryConfig,
+    IPAddress,
+    Tenant,
+    host_identity,
+    load,
+)
 from nsmail.jail import Identity
 from nsmail.netns import HostNetwork, TenantNames
 from nsmail.spawn import SpawnError, Zygote
 from nsmail.status import WorkerStatus
 from nsmail.systemd import notify
+from nsmail.worker import HostQueue
 
 log = logging.getLogger("nsmail.supervisor")
 
@@ -113,7 +122,7 @@ class Supervisor:
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
         self._start_relay()
-        for tenant in self.config.tenants:
+        for tenant in _identities(self.config):
             self._add(tenant)
         self._notify_when_up()
         try:
@@ -195,22 +204,30 @@ class Supervisor:
     def _start(self, slot: Slot) -> None:
         tenant = slot.tenant
         try:
-            if slot.names is None:
+            if tenant.is_host:
+                _prepare_host_spool(tenant)
+            elif slot.names is None:
                 slot.names = self.host.create(tenant)
         except (OSError, NetlinkError) as e:
             slot.crashes += 1
-            self._back_off(slot, f"cannot build its namespace: {e}")
+            self._back_off(slot, f"cannot prepare its namespace or queue: {e}")
             return
         slot.state = State.STARTING
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with worker_end:
             self._hand_to_relay(slot.relay_end)
+            host_queue = HostQueue(frozenset(t.uid for t in self.config.tenants))
             self.zygote.request(
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
-                slot.names.path,
+                slot.names.path if slot.names else None,
                 [worker_end.fileno()],
-                partial(_worker_main, tenant, self.config.delivery),
+                partial(
+                    _worker_main,
+                    tenant,
+                    self.config.delivery,
+                    host_queue if tenant.is_host else None,
+                ),
                 partial(self._spawned, slot),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
@@ -404,7 +421,7 @@ class Supervisor:
         if new.host.resolvers != self.config.host.resolvers and self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
         self.config = new
-        wanted = {t.domain: t for t in new.tenants}
+        wanted = {t.domain: t for t in _identities(new)}
         for domain, slot in list(self.slots.items()):
             tenant = wanted.get(domain)
             if slot.state == State.STOPPING:
@@ -464,6 +481,7 @@ class Supervisor:
         return [
             WorkerStatus(
                 domain=s.tenant.domain,
+                role="host" if s.tenant.is_host else "tenant",
                 namespace=s.names.namespace if s.names else None,
                 pid=s.pid,
                 uid=s.tenant.uid,
@@ -474,7 +492,9 @@ class Supervisor:
                 started=s.started,
                 last_error=s.last_error,
             )
-            for s in sorted(self.slots.values(), key=lambda s: s.tenant.domain)
+            for s in sorted(
+                self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain)
+            )
         ]
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -488,8 +508,9 @@ class Supervisor:
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
 
     def _summary(self) -> str:
-        running = sum(1 for s in self.slots.values() if s.state == State.RUNNING)
-        return f"{running} of {len(self.slots)} tenants running"
+        tenants = [s for s in self.slots.values() if not s.tenant.is_host]
+        running = sum(1 for s in tenants if s.state == State.RUNNING)
+        return f"{running} of {len(tenants)} tenants running"
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -497,8 +518,22 @@ class Supervisor:
             os.kill(pid, sig)
 
 
-def _worker_main(tenant: Tenant, delivery: DeliveryConfig, fds: list[int]) -> Callable[[], None]:
-    return worker.prepare(tenant, delivery, socket.socket(fileno=fds[0])).run
+def _identities(config: Config) -> list[Tenant]:
+    """Everyone who gets a worker: the host's own users' mail first, then each tenant."""
+    return [host_identity(config), *config.tenants]
+
+
+def _prepare_host_spool(host: Tenant) -> None:
+    # A path of root's configuration, not a tenant's: root may make it, for host.user.
+    host.spool.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(host.spool, host.uid, host.gid)
+
+
+def _worker_main(
+    tenant: Tenant, delivery: DeliveryConfig, host_queue: HostQueue | None, fds: list[int]
+) -> Callable[[], None]:
+    channel = socket.socket(fileno=fds[0])
+    return worker.prepare(tenant, delivery, channel, host_queue=host_queue).run
 
 
 def _relay_main(

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import pwd
 import random
 import select
 import signal
@@ -37,9 +38,7 @@ from nsmail.delivery import Agent
 from nsmail.local import LocalAgent
 from nsmail.qmgr import QueueManager
 from nsmail.resolver import make_resolver, use_relay
-from nsmail.spool import INCOMING, MAILDROP, SPOOL_IN_HOME, Spool
-
-SPOOL_ROOT = Path("/", SPOOL_IN_HOME)
+from nsmail.spool import INCOMING, MAILDROP, Spool
 
 log = logging.getLogger("nsmail.worker")
 
@@ -85,13 +84,14 @@ def prepare(
     tenant: Tenant,
     delivery: DeliveryConfig,
     dns_channel: socket.socket,
-    spool_root: Path = SPOOL_ROOT,
     home: Path = Path("/"),
+    host_queue: HostQueue | None = None,
 ) -> Worker:
     """Load everything the worker needs from files, before the chroot takes them away.
 
-    `spool_root` and `home` are paths as seen after the chroot. Called once per worker
+    `home` is the tenant home as seen after the chroot. Called once per worker
     process: the shared resolver and random generator become this worker's own here.
+    `host_queue` makes this the worker of the machine's own users' mail.
     """
     shared = preload()
     time.tzset()
@@ -107,7 +107,7 @@ def prepare(
         rng=shared.rng,
     )
     queue = QueueManager(
-        spool=Spool(spool_root),
+        spool=Spool(home / tenant.spool_in_home),
         domain=tenant.domain,
         foreign_senders=tenant.foreign_senders,
         reporting_mta=tenant.ehlo,
@@ -122,7 +122,17 @@ def prepare(
         rng=shared.rng,
         clock=time.time,
     )
+    if host_queue is not None:
+        queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
+        queue.tenant_uids = host_queue.tenant_uids
     return Worker(queue, delivery.scan_interval)
+
+
+@dataclass(frozen=True, slots=True)
+class HostQueue:
+    """What the host's worker knows beyond a tenant's: whose uids are tenants'."""
+
+    tenant_uids: frozenset[int]
 
 
 class Worker:
@@ -136,7 +146,7 @@ class Worker:
     def run(self) -> None:
         """Deliver until SIGTERM; a message being delivered is finished first."""
         spool = self.queue.spool
-        spool.create()
+        spool.create(public_maildrop=self.queue.owners is not None)
         self.queue.recover()
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGTERM, self._on_sigterm)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, MX_V4, MX_V6, Lab
+from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from lab import forward_and_reverse as fr
 
 from nsmail.queuefile import Envelope, encode
@@ -45,7 +45,7 @@ THREE = (DUAL, V4_ONLY, V6_ONLY)
 
 def dns_records(tenants: tuple[TenantSpec, ...] = THREE) -> list[tuple[str, str, str]]:
     """Forward and reverse DNS for the host, the tenants and the receiving MX."""
-    records = [*fr(HOST_NAME, HOST_V4), (f"{BRIDGE_V4}", "PTR", HOST_NAME)]
+    records = [*fr(HOST_NAME, HOST_V4), *fr(HOST_NAME, HOST_V6), (BRIDGE_V4, "PTR", HOST_NAME)]
     records += [("rcpt.test", "MX", "10 mx.test"), ("other.test", "MX", "10 mx.test")]
     records += [*fr("mx.test", MX_V4), *fr("mx.test", MX_V6)]
     for t in tenants:
@@ -87,6 +87,10 @@ class Hosting:
     def config_path(self) -> Path:
         return self.etc / "nsmail.toml"
 
+    @property
+    def host_spool(self) -> Path:
+        return self.root / "hostspool"
+
     def home(self, domain: str) -> Path:
         return self.root / "tenants" / domain
 
@@ -112,7 +116,7 @@ class Hosting:
         settings = {"scan_interval": 2, "timeout": 5, **delivery}
         text = (
             f'[host]\nname = "{HOST_NAME}"\nresolvers = {json.dumps(list(self.resolvers))}\n'
-            f'run_dir = "{self.run_dir}"\n'
+            f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n'
             f'[network]\n{network}prefix = "{self.lab.prefix}"\n'
             "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         )
@@ -186,6 +190,14 @@ class Hosting:
         )
 
     def status(self) -> dict[str, dict[str, Any]]:
+        """The tenants' workers by domain (the host's own worker: `host_status`)."""
+        return {d: w for d, w in self._workers().items() if w["role"] == "tenant"}
+
+    def host_status(self) -> dict[str, Any]:
+        (host,) = [w for w in self._workers().values() if w["role"] == "host"]
+        return host
+
+    def _workers(self) -> dict[str, dict[str, Any]]:
         result = self.nsmail("status", "--json")
         assert result.returncode == 0, result.stderr
         return {w["domain"]: w for w in json.loads(result.stdout)["workers"]}

@@ -5,14 +5,16 @@ Run as a process inside the lab's "internet" namespace::
     python tests/rude_smtp.py --listen 203.0.113.25:25 --listen [2001:db8:113::25]:25 \\
         --log FILE --seed N --mode rude|fair [--stall SECONDS]
 
-Each connection (the client makes one transaction per connection) gets one behaviour,
-drawn from ``random.Random(f"{seed}:{number}")`` with ``number`` counting connections
-from 0, so a seed replays the same sequence of behaviours. ``--mode fair`` always
-accepts. Every stored message is one JSON line in the log (Message-ID, envelope,
-behaviour, connection number), written, flushed and fsynced *before* the final reply, so
-the log is exactly what a client may believe was received. ``drop-after-dot`` stores the
-message and then closes without a reply: the client cannot know, must retry, and the
-retry is a duplicate (``"acked": false`` in the log marks such a record).
+A seed replays the same misbehaviour: connection ``c`` (counted from 0) first draws
+its greeting from ``GREETING`` with ``random.Random(f"{seed}:{c}")``, and its ``t``-th
+transaction (a client may keep a session for several messages) draws its fate from
+``TRANSACTION`` with ``random.Random(f"{seed}:{c}:{t}")``. ``--mode fair`` always greets
+and accepts. Every stored message is one JSON line in the log (Message-ID, envelope,
+behaviour, connection and transaction numbers), written, flushed and fsynced *before*
+the final reply, so the log holds everything a client may believe was received.
+``drop-after-dot`` stores the message and then closes without a reply: the client cannot
+know, must retry, and the retry is a duplicate (``"acked": false`` marks such a record).
+Each connection and transaction is also one line on stderr, for the story of a failure.
 
 "listening" on stdout says the sockets are bound. `RudeSmtp` starts one in a lab and
 reads its log back.
@@ -33,16 +35,21 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-if TYPE_CHECKING:
-    from lab import Lab
+from lab import MX_V4, MX_V6, Lab
 
-# name -> weight; "accept" is frequent so that most mail settles within a few attempts.
-RUDE = {
-    "accept": 40,
-    "421-greeting": 6,  # RFC 5321 3.8: service not available, closing
+# name -> weight, drawn once per connection.
+GREETING = {
+    "greet": 80,
+    "421-greeting": 12,  # RFC 5321 3.8: service not available, closing
+    "garbage-greeting": 8,  # a greeting line without a code
+}
+# name -> weight, drawn once per transaction (at MAIL); "accept" is frequent so that
+# most mail settles within a few attempts.
+TRANSACTION = {
+    "accept": 44,
+    "421-mail": 4,  # shutting down in the middle of a kept session
     "451-rcpt": 6,
     "452-rcpt": 6,  # too many recipients: the first is taken, the rest get 452
     "550-rcpt": 5,
@@ -50,21 +57,32 @@ RUDE = {
     "drop-before-data": 6,  # RCPT taken, the connection dies at DATA
     "drop-after-dot": 6,  # stored, then the connection dies before the reply
     "stall": 3,  # no reply to MAIL for longer than the client waits
-    "garbage-greeting": 3,  # a greeting line without a code
     "garbage-rcpt": 4,  # "2x0 ok" to RCPT
 }
 
 
-def behaviour(seed: int, number: int, mode: str) -> str:
-    """The behaviour of connection `number` (pure, so a test can replay it)."""
+def greeting(seed: int, connection: int, mode: str) -> str:
+    """How connection `connection` is greeted (pure, so a test can replay it)."""
+    if mode == "fair":
+        return "greet"
+    return _draw(GREETING, f"{seed}:{connection}")
+
+
+def fate(seed: int, connection: int, transaction: int, mode: str) -> str:
+    """What happens to transaction `transaction` of connection `connection` (pure)."""
     if mode == "fair":
         return "accept"
-    draw = random.Random(f"{seed}:{number}")
-    return draw.choices(list(RUDE), weights=list(RUDE.values()))[0]
+    return _draw(TRANSACTION, f"{seed}:{connection}:{transaction}")
+
+
+def _draw(weights: dict[str, int], key: str) -> str:
+    return random.Random(key).choices(list(weights), weights=list(weights.values()))[0]
 
 
 @dataclass
 class Transaction:
+    number: int = -1  # -1 before the first MAIL
+    behaviour: str = "accept"
     mail_from: str | None = None
     rcpt_to: list[str] = field(default_factory=list)
 
@@ -84,8 +102,9 @@ class Server:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         number = self.connections
         self.connections += 1
-        rude = behaviour(self.seed, number, self.mode)
-        session = Session(self, number, rude, reader, writer)
+        greet = greeting(self.seed, number, self.mode)
+        print(number, writer.get_extra_info("peername"), greet, file=sys.stderr, flush=True)
+        session = Session(self, number, greet, reader, writer)
         try:
             await session.run()
         except (Hangup, ConnectionError, asyncio.IncompleteReadError):
@@ -93,14 +112,15 @@ class Server:
         finally:
             writer.close()
 
-    def record(self, number: int, rude: str, txn: Transaction, data: bytes, acked: bool) -> None:
+    def record(self, connection: int, txn: Transaction, data: bytes, acked: bool) -> None:
         message = BytesHeaderParser().parsebytes(data)
         line = {
             "message_id": str(message.get("Message-ID", "")).strip(),
             "mail_from": txn.mail_from,
             "rcpt_to": txn.rcpt_to,
-            "connection": number,
-            "behaviour": rude,
+            "connection": connection,
+            "transaction": txn.number,
+            "behaviour": txn.behaviour,
             "acked": acked,
         }
         self.log.write(json.dumps(line) + "\n")
@@ -109,19 +129,20 @@ class Server:
 
 
 class Session:
-    """One connection: a minimal RFC 5321 server with one planned misbehaviour."""
+    """One connection: a minimal RFC 5321 server with planned misbehaviours."""
 
     def __init__(
         self,
         server: Server,
         number: int,
-        rude: str,
+        greet: str,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         self.server = server
         self.number = number
-        self.rude = rude
+        self.greet = greet
+        self.transactions = 0
         self.reader = reader
         self.writer = writer
         self.txn = Transaction()
@@ -131,10 +152,10 @@ class Session:
         await self.writer.drain()
 
     async def run(self) -> None:
-        if self.rude == "421-greeting":
+        if self.greet == "421-greeting":
             await self.reply("421 4.3.2 mx.test closing, come back later")
             raise Hangup
-        if self.rude == "garbage-greeting":
+        if self.greet == "garbage-greeting":
             await self.reply("hello, this is not an SMTP greeting")
             raise Hangup
         await self.reply("220 mx.test ESMTP rude")
@@ -169,10 +190,17 @@ class Session:
         await self.reply("250 2.0.0 ok")
 
     async def mail(self, argument: str) -> None:
-        if self.rude == "stall":
+        number = self.transactions
+        self.transactions += 1
+        rude = fate(self.server.seed, self.number, number, self.server.mode)
+        print(f"{self.number}.{number}", rude, file=sys.stderr, flush=True)
+        if rude == "stall":
             await asyncio.sleep(self.server.stall)
             raise Hangup
-        self.txn = Transaction(mail_from=_path(argument))
+        if rude == "421-mail":
+            await self.reply("421 4.3.2 mx.test shutting down")
+            raise Hangup
+        self.txn = Transaction(number, rude, mail_from=_path(argument))
         await self.reply("250 2.1.0 ok")
 
     async def rcpt(self, argument: str) -> None:
@@ -183,7 +211,7 @@ class Session:
             "550-rcpt": "550 5.1.1 no such user",
             "garbage-rcpt": "2x0 ok",
         }
-        refusal = replies.get(self.rude)
+        refusal = replies.get(self.txn.behaviour)
         if refusal is not None:
             await self.reply(refusal)
             return
@@ -191,20 +219,21 @@ class Session:
         await self.reply("250 2.1.5 ok")
 
     async def data(self, argument: str) -> None:
-        if self.rude == "drop-before-data":
+        rude = self.txn.behaviour
+        if rude == "drop-before-data":
             raise Hangup
         if not self.txn.rcpt_to:
             await self.reply("554 5.5.1 no valid recipients")
             return
         await self.reply("354 go ahead")
         content = await self._read_data()
-        if self.rude == "552-data":
+        if rude == "552-data":
             await self.reply("552 5.3.4 message too big for me")
-        elif self.rude == "drop-after-dot":
-            self.server.record(self.number, self.rude, self.txn, content, acked=False)
+        elif rude == "drop-after-dot":
+            self.server.record(self.number, self.txn, content, acked=False)
             raise Hangup
         else:
-            self.server.record(self.number, self.rude, self.txn, content, acked=True)
+            self.server.record(self.number, self.txn, content, acked=True)
             await self.reply("250 2.0.0 stored")
         self.txn = Transaction()
 
@@ -222,19 +251,21 @@ class RudeSmtp:
     """This server on the lab MX addresses (port 25, both families); stopped with the lab."""
 
     def __init__(self, lab: Lab, *, seed: int, mode: str = "rude", stall: float = 5.0) -> None:
-        from lab import MX_V4, MX_V6
-
-        self.log_path = lab.tempdir("rude-smtp") / "received.jsonl"
+        directory = lab.tempdir("rude-smtp")
+        self.log_path = directory / "received.jsonl"
+        self.trace_path = directory / "trace.txt"  # a line per connection and transaction
         argv = [sys.executable, __file__, "--log", str(self.log_path)]
         argv += ["--listen", f"{MX_V4}:25", "--listen", f"[{MX_V6}]:25"]
         argv += ["--seed", str(seed), "--mode", mode, "--stall", str(stall)]
-        self._proc = lab.popen(lab.net, argv, stdout=subprocess.PIPE, text=True)
+        with self.trace_path.open("w") as trace:
+            self._proc = lab.popen(lab.net, argv, stdout=subprocess.PIPE, stderr=trace, text=True)
         self._wait_listening(10.0)
 
     def _wait_listening(self, timeout: float) -> None:
         assert self._proc.stdout is not None
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
         line = self._proc.stdout.readline() if ready else ""
+        self._proc.stdout.close()
         if line.strip() != "listening":
             raise RuntimeError(f"rude_smtp did not start: {line!r} (exit {self._proc.poll()})")
 

@@ -60,6 +60,7 @@ def test_names_fit_the_kernel_limits() -> None:
 def test_status_table_fits_80_columns() -> None:
     record = WorkerStatus(
         domain="a-rather-long-hosted-domain-name.test",
+        role="tenant",
         namespace="nsm-a-rather-long-hosted-domain-name.test",
         pid=4194304,
         uid=1000000,

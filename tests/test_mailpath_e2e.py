@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from hosting import DUAL, V6_ONLY, Hosting, dns_records
-from lab import MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_reverse
+from lab import HOST_V6, MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_reverse
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -162,4 +163,32 @@ def test_null_implicit_and_ipv6_only_mx(lab: Lab) -> None:
     assert fields["Final-Recipient"] == "rfc822; n@nullmx.test"
     assert fields["Status"] == "5.1.10"
     assert "nullmx" not in postfix.log()
+    assert hosting.stop() == 0
+
+
+def test_the_machines_own_users_send_as_the_host(lab: Lab) -> None:
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+    host = hosting.host_status()
+    assert host["uid"] == pwd.getpwnam("nsmail").pw_uid and host["namespace"] is None
+    stranger = hosting.uid_base + 999  # no tenant's uid
+    result = subprocess.run(
+        [SENDMAIL, "-i", "x1@rcpt.test"],
+        input=b"Subject: cron\n\nthe nightly job ran\n",
+        user=stranger,
+        group=stranger,
+        extra_groups=[],
+        env={"NSMAIL_CONFIG": str(hosting.config_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    (message,) = postfix.wait_for(1, timeout=30)
+    received = " ".join(str(message["Received"]).split())
+    assert received.startswith(f"from abc.test (abc.test [IPv6:{HOST_V6}])")
+    assert message["From"] == f"uid{stranger}@abc.test"
     assert hosting.stop() == 0

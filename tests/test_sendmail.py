@@ -37,7 +37,7 @@ from nsmail.sendmail import (
     qualify,
     read_message,
 )
-from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP
+from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
 
 SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
@@ -287,6 +287,10 @@ class Site:
     def spool(self) -> Path:
         return self.home / "var/spool/nsmail"
 
+    @property
+    def host_spool(self) -> Path:
+        return self.root / "hostspool"
+
     def queued(self, state: str = MAILDROP) -> list[Path]:
         directory = self.spool / state
         return sorted(directory.iterdir()) if directory.exists() else []
@@ -294,6 +298,7 @@ class Site:
     def write_config(self, *, foreign_senders: bool = False) -> None:
         self.config.write_text(
             '[host]\nname = "host.test"\nresolvers = ["198.51.100.53"]\nuser = "nsmail"\n'
+            f'spool = "{self.host_spool}"\n'
             '[network]\nmode = "routed"\n'
             f'[[tenant]]\ndomain = "{self.domain}"\nipv4 = "198.51.100.77"\n'
             f'uid = {self.uid}\ngid = {self.uid}\nhome = "{self.home}"\n'
@@ -441,10 +446,25 @@ def test_list_and_flush(site: Site) -> None:
     assert (site.spool / FLUSH_TRIGGER).stat().st_uid == site.uid
 
 
-def test_caller_outside_any_tenant(site: Site) -> None:
+def test_a_caller_outside_every_tenant_sends_as_the_host(site: Site) -> None:
     stranger = next(uid for uid in unused_ids(2) if uid != site.uid)
-    result = sendmail(site, ["bob@cde.test"], uid=stranger)
-    assert result.returncode == EX_UNAVAILABLE and "outside a tenant" in result.stderr
+    # Before the host's worker made its queue, nothing can be queued: try again later.
+    early = sendmail(site, ["bob@cde.test"], uid=stranger)
+    assert early.returncode == EX_TEMPFAIL, early.stderr
+    nsmail = pwd.getpwnam("nsmail")
+    site.host_spool.mkdir()
+    os.chown(site.host_spool, nsmail.pw_uid, nsmail.pw_gid)
+    Spool(site.host_spool).create(public_maildrop=True)  # what the host worker does
+    assert sendmail(site, ["-f", "someone@cde.test", "bob@cde.test"], uid=stranger).returncode == (
+        EX_NOPERM
+    )
+    assert sendmail(site, ["bob@cde.test"], uid=stranger).returncode == 0
+    (dropped,) = (site.host_spool / MAILDROP).iterdir()
+    envelope, _ = decode(dropped.read_bytes())
+    assert envelope.sender.endswith("@host.test")
+    # Its owner is the kernel's record of who sent it; the host worker reads it.
+    assert dropped.stat().st_uid == stranger
+    assert dropped.stat().st_mode & 0o777 == 0o644
     assert_nothing_queued(site)
 
 

@@ -56,9 +56,7 @@ def start_worker(
             inside = Path("/") if chroot else home
             config = DeliveryConfig(scan_interval=scan_interval, timeout=5, port=port)
             tenant = dataclasses.replace(make_tenant(home), foreign_senders=foreign_senders)
-            serving = worker.prepare(
-                tenant, config, channel, spool_root=inside / SPOOL_IN_HOME, home=inside
-            )
+            serving = worker.prepare(tenant, config, channel, home=inside)
             if chroot:
                 os.chroot(home)
                 os.chdir("/")
@@ -187,8 +185,9 @@ def test_mixed_outcomes_defer_bounce_and_deliver(
     # A flush (sendmail -q) retries deferred mail at once.
     recorder.rcpt_replies.pop("later")
     spool.request_flush()
-    wait_for(lambda: not spool.ids(DEFERRED))
+    wait_for(lambda: len(recorder.received) == 2)
     assert recorder.received[-1].recipients == ["later@rcpt.test"]
+    wait_for(lambda: not spool.ids(DEFERRED) and not spool.ids(ACTIVE))
 
 
 def test_null_sender_mail_never_bounces(running: tuple[Recorder, Path], spool: Spool) -> None:
