@@ -85,8 +85,7 @@ def _flush(config: configuration.Config, domains: list[str]) -> int:
         return EX_USAGE
     failed = 0
     for tenant in tenants:
-        spool = Spool(tenant.spool)
-        failed += run_as(tenant.uid, tenant.gid, spool.request_flush) != 0
+        failed += run_as(tenant.uid, tenant.gid, Spool(tenant.spool).request_flush) != 0
     return EX_TEMPFAIL if failed else EX_OK
 
 

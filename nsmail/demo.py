@@ -64,6 +64,10 @@ DNS_V4, DNS_V6 = "203.0.113.53", "2001:db8:113::53"
 BRIDGE, BRIDGE_V4, BRIDGE_V6 = "nsbr0", "198.51.100.1", "2001:db8:51::1"
 UPLINK = "up0"
 PEER = "eth0"
+# Fixed, at once usable link-local addresses instead of generated ones (which bring DAD
+# delays and chatter): the kernel sends a neighbour solicitation for a forwarded packet
+# only from a link-local address.
+LINK_LOCAL_HOST, LINK_LOCAL_NET = "fe80::1", "fe80::2"
 RECIPIENT_DOMAIN = "rcpt.test"
 NSMAIL_RCPT = f"x1@{RECIPIENT_DOMAIN}"
 NAIVE_RCPT = f"x2@{RECIPIENT_DOMAIN}"
@@ -79,7 +83,7 @@ FIRST_UID = 61000  # above Debian's dynamic range (1000-59999), below nobody's 6
 FAIL_AT_ENV = "NSMAIL_DEMO_FAIL_AT"
 
 READY_WAIT = 20.0
-DELIVERY_WAIT = 8.0
+DELIVERY_WAIT = 20.0
 SUPERVISOR_GRACE = 25.0  # it gives each worker 10 s, then waits up to 10 s for namespaces
 SERVER_GRACE = 3.0
 TABLE_WIDTH = 100
@@ -503,9 +507,17 @@ class Demo:
             finally:
                 os.close(fd)
             host.link("add", ifname=BRIDGE, kind="bridge")
-            _addresses(host, UPLINK, (HOST_V4, 24), (HOST_V6, 64))
-            _addresses(host, BRIDGE, (BRIDGE_V4, 24), (BRIDGE_V6, 64))
-            _addresses(net, PEER, (MX_V4, 24), (DNS_V4, 24), (MX_V6, 64), (DNS_V6, 64))
+            _addresses(host, UPLINK, (HOST_V4, 24), (HOST_V6, 64), (LINK_LOCAL_HOST, 64))
+            _addresses(host, BRIDGE, (BRIDGE_V4, 24), (BRIDGE_V6, 64), (LINK_LOCAL_HOST, 64))
+            _addresses(
+                net,
+                PEER,
+                (MX_V4, 24),
+                (DNS_V4, 24),
+                (MX_V6, 64),
+                (DNS_V6, 64),
+                (LINK_LOCAL_NET, 64),
+            )
             # The tenants' addresses are reached through the hosting machine.
             net.route("add", dst="198.51.100.0/24", gateway=HOST_V4)
             net.route("add", dst="2001:db8:51::/64", gateway=HOST_V6)
@@ -634,7 +646,7 @@ def _enable_forwarding_in(namespace: Path) -> None:
 def _addresses(ipr: IPRoute, ifname: str, *addresses: tuple[str, int]) -> None:
     index = int(ipr.link("get", ifname=ifname)[0]["index"])
     for address, prefixlen in addresses:
-        # IPv6 addresses are usable at once: there is nobody to collide with.
+        # No duplicate address detection: nobody else is on these links.
         flags = netns.IFA_F_NODAD if ":" in address else 0
         ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=flags)
     ipr.link("set", index=index, state="up", **netns.NO_LINK_LOCAL)

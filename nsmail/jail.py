@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ def run_as(uid: int, gid: int, action: Callable[[], None]) -> int:
             action()
             code = 0
         except BaseException as e:
-            print(f"nsmail: as uid {uid}: {e}", flush=True)
+            print(f"nsmail: as uid {uid}: {e}", file=sys.stderr, flush=True)
         finally:
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

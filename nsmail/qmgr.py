@@ -19,13 +19,14 @@ import logging
 import random
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from nsmail import dsn, headers, schedule
 from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
 from nsmail.queuefile import Envelope, QueueFileError, decode, encode
+from nsmail.report import MAX_TEXT, QUEUE_STATES, Report, Tally
 from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, MAILDROP, Spool, new_queue_id
 
 log = logging.getLogger("nsmail.qmgr")
@@ -52,6 +53,26 @@ class QueueManager:
     tenant_uids: frozenset[int] = frozenset()
     next_due: float = 0.0  # earliest next attempt among deferred messages
     stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
+    # What the worker reports to the supervisor (nsmail.report).
+    tally: Tally = field(default_factory=Tally)
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_delivery_at: float | None = None
+
+    def counts(self) -> dict[str, int]:
+        return {state: len(self.spool.ids(state)) for state in QUEUE_STATES}
+
+    def report(self, state: str, now: float) -> Report:
+        return Report(
+            domain=self.domain,
+            state=state,
+            queue=self.counts(),
+            total=dict(self.tally.total),
+            hour=self.tally.last_hour(now),
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            last_delivery_at=self.last_delivery_at,
+        )
 
     def recover(self) -> None:
         for queue_id in self.spool.recover():
@@ -187,8 +208,15 @@ class QueueManager:
         return outcomes
 
     def _log(self, queue_id: str, envelope: Envelope, outcomes: list[Outcome], now: float) -> None:
-        """One line per recipient and attempt, like Postfix's smtp(8) lines."""
+        """One line per recipient and attempt, like Postfix's smtp(8) lines; and counted."""
         for o in outcomes:
+            self.tally.add(str(o.status), now)
+            if o.status == Status.DELIVERED:
+                self.last_delivery_at = now
+            else:
+                reply = f"{o.code or ''} {o.text}".strip()
+                self.last_error = printable(f"<{o.recipient}>: {reply}")[:MAX_TEXT]
+                self.last_error_at = now
             log.info(
                 "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f dsn=%s status=%s (%s)",
                 queue_id,

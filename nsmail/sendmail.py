@@ -270,7 +270,6 @@ def _run(argv: Sequence[str]) -> int:
             raise _tempfail("cannot list the queue", e) from e
     elif options.mode == FLUSH:
         try:
-            spool.create()
             spool.request_flush()
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e

@@ -183,6 +183,7 @@ class Spool:
         return True
 
     def request_flush(self) -> None:
+        self.create()
         fd = os.open(self.root / FLUSH_TRIGGER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         os.close(fd)
 

@@ -9,19 +9,25 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
-    """What the supervisor knows about one tenant's worker."""
+    """What the supervisor knows about one worker (its own view and the worker's report)."""
 
     domain: str
     role: str  # "host" (the machine's own users' mail) or "tenant"
     namespace: str | None
     pid: int | None
     uid: int
-    state: str
+    state: str  # starting, idle, delivering, backing off, crashed, stopping
     ipv4: str | None
     ipv6: str | None
     restarts: int
     started: float | None  # wall-clock time of the current worker's start
-    last_error: str | None
+    queue: dict[str, int] | None  # messages per queue state, as last reported
+    total: dict[str, int] | None  # sent / deferred / bounced since the worker started
+    hour: dict[str, int] | None  # the same, in the last hour
+    last_error: str | None  # the latest of a delivery error and a crash
+    last_error_at: float | None
+    last_delivery_at: float | None
+    refused_reports: int  # status reports refused as malformed or lying
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,20 +53,35 @@ def _uptime(started: float | None, now: float) -> str:
 
 
 def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
-    """A table that fits 80 columns; long domains and addresses are cut, not wrapped."""
+    """Two lines per worker that fit 80 columns; long names are cut, not wrapped."""
     now = time.time() if now is None else now
-    head = f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'UID':>7} {'STATE':<9} {'UP':>6} {'RST':>4}"
+    head = (
+        f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'STATE':<11} {'UP':>6} {'RST':>3} "
+        f"{'QUEUED':>6}"
+    )
     lines = [head]
     for r in records:
         address = r.ipv4 or r.ipv6 or ("(host's own)" if r.role == "host" else "-")
         if r.ipv4 and r.ipv6:
             address += " +v6"
+        queue = r.queue or {}
+        waiting = sum(n for state, n in queue.items() if state not in ("hold", "corrupt"))
         lines.append(
-            f"{_cut(r.domain, 20):<20} {_cut(address, 19):<19} {r.pid or '-':>7} {r.uid:>7} "
-            f"{_cut(r.state, 9):<9} {_uptime(r.started, now):>6} {r.restarts:>4}"
+            f"{_cut(r.domain, 20):<20} {_cut(address, 19):<19} {r.pid or '-':>7} "
+            f"{_cut(r.state, 11):<11} {_uptime(r.started, now):>6} {r.restarts:>3} "
+            f"{waiting if r.queue is not None else '-':>6}"
         )
+        hour = r.hour or {}
+        details = (
+            f"  uid {r.uid}  ns {r.namespace or '-'}  last hour: {hour.get('sent', 0)} sent "
+            f"{hour.get('deferred', 0)} deferred {hour.get('bounced', 0)} bounced"
+        )
+        held = queue.get("hold", 0) + queue.get("corrupt", 0)
+        if held:
+            details += f"  {held} held"
+        lines.append(_cut(details, 79))
         if r.last_error:
-            lines.append(f"  last error: {_cut(r.last_error, 64)}")
+            lines.append(f"  last error: {_cut(r.last_error, 66)}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ from nsmail.config import (
 )
 from nsmail.jail import Identity
 from nsmail.netns import HostNetwork, TenantNames
+from nsmail.report import MAX_REPORT, Report, ReportError
+from nsmail.report import decode as decode_report
 from nsmail.spawn import SpawnError, Zygote
 from nsmail.status import WorkerStatus
 from nsmail.systemd import notify
@@ -80,7 +82,12 @@ class Slot:
     crashes: int = 0
     due: float = 0.0  # monotonic time of the next start, or of SIGKILL while stopping
     last_error: str | None = None
+    last_error_at: float | None = None
     relay_end: socket.socket | None = None
+    reports: socket.socket | None = None  # the supervisor's end of the worker's reports
+    report: Report | None = None  # the worker's latest valid report
+    refused_reports: int = 0
+    refused_logged: float = 0.0
     after_stop: Literal["remove", "restart"] = "remove"
     replacement: Tenant | None = None
 
@@ -214,14 +221,18 @@ class Supervisor:
             return
         slot.state = State.STARTING
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with worker_end:
+        reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot.reports.setblocking(False)
+        slot.report = None
+        self.selector.register(slot.reports, selectors.EVENT_READ, partial(self._on_report, slot))
+        with worker_end, reporting_end:
             self._hand_to_relay(slot.relay_end)
             host_queue = HostQueue(frozenset(t.uid for t in self.config.tenants))
             self.zygote.request(
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
-                [worker_end.fileno()],
+                [worker_end.fileno(), reporting_end.fileno()],
                 partial(
                     _worker_main,
                     tenant,
@@ -236,7 +247,7 @@ class Supervisor:
 
     def _spawned(self, slot: Slot, result: int | SpawnError) -> None:
         if isinstance(result, SpawnError):
-            self._close_relay_end(slot)
+            self._close_channels(slot)
             if slot.state == State.STOPPING:
                 self._finish_stop(slot)
             else:
@@ -256,6 +267,7 @@ class Supervisor:
         delay = restart_delay(slot.crashes)
         slot.state = State.BACKOFF
         slot.last_error = error
+        slot.last_error_at = time.time()
         slot.due = time.monotonic() + delay
         log.error("%s: %s; next start in %.0f s", slot.tenant.domain, error, delay)
 
@@ -273,7 +285,7 @@ class Supervisor:
             self._signal(slot.pid, signal.SIGTERM)
 
     def _finish_stop(self, slot: Slot) -> None:
-        self._close_relay_end(slot)
+        self._close_channels(slot)
         if slot.names is not None:
             self.host.remove(slot.names)
         del self.slots[slot.tenant.domain]
@@ -311,17 +323,56 @@ class Supervisor:
             log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
             self._finish_stop(slot)
             return
-        self._close_relay_end(slot)
+        self._close_channels(slot)
         ran = time.monotonic() - slot.started_mono
         slot.crashes = slot.crashes + 1 if ran < STABLE_AFTER else 1
         slot.restarts += 1
         slot.started = None
         self._back_off(slot, f"worker {pid} {how}")
 
-    def _close_relay_end(self, slot: Slot) -> None:
+    def _close_channels(self, slot: Slot) -> None:
         if slot.relay_end is not None:
             slot.relay_end.close()
             slot.relay_end = None
+        if slot.reports is not None:
+            self.selector.unregister(slot.reports)
+            slot.reports.close()
+            slot.reports = None
+
+    def _on_report(self, slot: Slot) -> None:
+        """Take what the worker reported; anything but a valid report is refused, counted
+        and logged (at most once a minute per worker), and changes nothing."""
+        for _ in range(32):  # bounded work per wake-up, whatever a worker sends
+            if slot.reports is None:
+                return
+            try:
+                data, _, flags, _ = slot.reports.recvmsg(MAX_REPORT + 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, flags = b"", 0
+            if not data and not flags:
+                self._close_channels(slot)  # the worker is gone; reaping tells the rest
+                return
+            try:
+                if flags & socket.MSG_TRUNC:
+                    raise ReportError(f"more than {MAX_REPORT} bytes")
+                slot.report = decode_report(data, slot.tenant.domain)
+            except ReportError as e:
+                self._refuse_report(slot, str(e))
+
+    def _refuse_report(self, slot: Slot, why: str) -> None:
+        slot.refused_reports += 1
+        now = time.monotonic()
+        if now - slot.refused_logged >= 60:
+            slot.refused_logged = now
+            log.warning(
+                "%s: refused a status report from worker %s (%d so far): %s",
+                slot.tenant.domain,
+                slot.pid,
+                slot.refused_reports,
+                why,
+            )
 
     # -- the zygote and the DNS relay --------------------------------------------------
 
@@ -478,24 +529,8 @@ class Supervisor:
     # -- status ----------------------------------------------------------------------
 
     def statuses(self) -> list[WorkerStatus]:
-        return [
-            WorkerStatus(
-                domain=s.tenant.domain,
-                role="host" if s.tenant.is_host else "tenant",
-                namespace=s.names.namespace if s.names else None,
-                pid=s.pid,
-                uid=s.tenant.uid,
-                state=str(s.state),
-                ipv4=str(s.tenant.ipv4) if s.tenant.ipv4 else None,
-                ipv6=str(s.tenant.ipv6) if s.tenant.ipv6 else None,
-                restarts=s.restarts,
-                started=s.started,
-                last_error=s.last_error,
-            )
-            for s in sorted(
-                self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain)
-            )
-        ]
+        order = sorted(self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain))
+        return [_status_of(slot) for slot in order]
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request["cmd"] == "status":
@@ -518,6 +553,37 @@ class Supervisor:
             os.kill(pid, sig)
 
 
+def _status_of(slot: Slot) -> WorkerStatus:
+    report = slot.report
+    tenant = slot.tenant
+    state = {State.BACKOFF: "crashed", State.STOPPING: "stopping"}.get(slot.state, str(slot.state))
+    if slot.state == State.RUNNING and report is not None:
+        state = report.state
+    # The latest of the worker's last delivery error and the supervisor's last crash.
+    error, error_at = slot.last_error, slot.last_error_at
+    if report and report.last_error_at and (error_at is None or report.last_error_at > error_at):
+        error, error_at = report.last_error, report.last_error_at
+    return WorkerStatus(
+        domain=tenant.domain,
+        role="host" if tenant.is_host else "tenant",
+        namespace=slot.names.namespace if slot.names else None,
+        pid=slot.pid,
+        uid=tenant.uid,
+        state=state,
+        ipv4=str(tenant.ipv4) if tenant.ipv4 else None,
+        ipv6=str(tenant.ipv6) if tenant.ipv6 else None,
+        restarts=slot.restarts,
+        started=slot.started,
+        queue=dict(report.queue) if report else None,
+        total=dict(report.total) if report else None,
+        hour=dict(report.hour) if report else None,
+        last_error=error,
+        last_error_at=error_at,
+        last_delivery_at=report.last_delivery_at if report else None,
+        refused_reports=slot.refused_reports,
+    )
+
+
 def _identities(config: Config) -> list[Tenant]:
     """Everyone who gets a worker: the host's own users' mail first, then each tenant."""
     return [host_identity(config), *config.tenants]
@@ -532,8 +598,8 @@ def _prepare_host_spool(host: Tenant) -> None:
 def _worker_main(
     tenant: Tenant, delivery: DeliveryConfig, host_queue: HostQueue | None, fds: list[int]
 ) -> Callable[[], None]:
-    channel = socket.socket(fileno=fds[0])
-    return worker.prepare(tenant, delivery, channel, host_queue=host_queue).run
+    dns, reports = (socket.socket(fileno=fd) for fd in fds)
+    return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue).run
 
 
 def _relay_main(

@@ -37,10 +37,12 @@ from nsmail.config import DeliveryConfig, Tenant
 from nsmail.delivery import Agent
 from nsmail.local import LocalAgent
 from nsmail.qmgr import QueueManager
+from nsmail.report import encode as encode_report
 from nsmail.resolver import make_resolver, use_relay
 from nsmail.spool import INCOMING, MAILDROP, Spool
 
 log = logging.getLogger("nsmail.worker")
+REPORT_EVERY = 10.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,7 @@ def prepare(
     tenant: Tenant,
     delivery: DeliveryConfig,
     dns_channel: socket.socket,
+    report_channel: socket.socket | None = None,
     home: Path = Path("/"),
     host_queue: HostQueue | None = None,
 ) -> Worker:
@@ -125,7 +128,7 @@ def prepare(
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
         queue.tenant_uids = host_queue.tenant_uids
-    return Worker(queue, delivery.scan_interval)
+    return Worker(queue, delivery.scan_interval, report_channel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +141,14 @@ class HostQueue:
 class Worker:
     """Serves one tenant's queue until SIGTERM."""
 
-    def __init__(self, queue: QueueManager, scan_interval: float) -> None:
+    def __init__(
+        self, queue: QueueManager, scan_interval: float, reports: socket.socket | None = None
+    ) -> None:
         self.queue = queue
         self.scan_interval = scan_interval
         self._stopping = False
+        self._reports = reports
+        self._reported: tuple[float, bytes] = (0.0, b"")
 
     def run(self) -> None:
         """Deliver until SIGTERM; a message being delivered is finished first."""
@@ -161,6 +168,21 @@ class Worker:
             os.close(wake_read)
             os.close(wake_write)
 
+    def _report(self, state: str) -> None:
+        """Tell the supervisor how things stand: on change, and at least every REPORT_EVERY."""
+        if self._reports is None:
+            return
+        now = time.time()
+        data = encode_report(self.queue.report(state, now))
+        last_time, last_data = self._reported
+        if data == last_data and now - last_time < REPORT_EVERY:
+            return
+        try:
+            self._reports.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return  # a busy or gone supervisor: the next report says it all again
+        self._reported = (now, data)
+
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
         self.queue.stopping = True
@@ -176,8 +198,10 @@ class Worker:
             if flush or now >= next_scan:
                 self.queue.next_due = now  # the periodic scan looks at everything
                 next_scan = now + self.scan_interval
+            self._report("delivering")
             self.queue.pick_up()
             self.queue.attempt_due(flush=flush)
+            self._report("backing off" if self.queue.next_due < float("inf") else "idle")
             wait = min(next_scan, self.queue.next_due) - time.time()
             linger = self.queue.remote.connections.close_idle(everything=self._stopping)
             if linger is not None:

@@ -10,7 +10,7 @@ its greeting from ``GREETING`` with ``random.Random(f"{seed}:{c}")``, and its ``
 transaction (a client may keep a session for several messages) draws its fate from
 ``TRANSACTION`` with ``random.Random(f"{seed}:{c}:{t}")``. ``--mode fair`` always greets
 and accepts. Every stored message is one JSON line in the log (Message-ID, envelope,
-behaviour, connection and transaction numbers), written, flushed and fsynced *before*
+behaviour, connection and transaction numbers, time), written, flushed and fsynced *before*
 the final reply, so the log holds everything a client may believe was received.
 ``drop-after-dot`` stores the message and then closes without a reply: the client cannot
 know, must retry, and the retry is a duplicate (``"acked": false`` marks such a record).
@@ -32,6 +32,7 @@ import random
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
@@ -122,6 +123,7 @@ class Server:
             "transaction": txn.number,
             "behaviour": txn.behaviour,
             "acked": acked,
+            "at": time.time(),
         }
         self.log.write(json.dumps(line) + "\n")
         self.log.flush()

@@ -69,7 +69,20 @@ def test_status_table_fits_80_columns() -> None:
         ipv6="2001:db8:51:ffff:ffff:ffff:ffff:ffff",
         restarts=123,
         started=0.0,
+        queue={
+            "maildrop": 0,
+            "incoming": 1,
+            "active": 1,
+            "deferred": 99999,
+            "hold": 7,
+            "corrupt": 1,
+        },
+        total={"sent": 10**9, "deferred": 10**9, "bounced": 10**9},
+        hour={"sent": 10**6, "deferred": 10**6, "bounced": 10**6},
         last_error="worker 4194304 killed by SIGKILL " * 5,
+        last_error_at=0.0,
+        last_delivery_at=None,
+        refused_reports=0,
     )
     table = render_table([record], now=200000.0)
     assert "a-rather-long-hoste~" in table

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hosting import DUAL, V6_ONLY, Hosting, dns_records
@@ -191,4 +192,31 @@ def test_the_machines_own_users_send_as_the_host(lab: Lab) -> None:
     received = " ".join(str(message["Received"]).split())
     assert received.startswith(f"from abc.test (abc.test [IPv6:{HOST_V6}])")
     assert message["From"] == f"uid{stranger}@abc.test"
+    assert hosting.stop() == 0
+
+
+def test_status_shows_each_workers_queue_and_counters(lab: Lab) -> None:
+    Nsd(lab, dns_records())
+    Postfix(lab)  # answers 451 for tempfail@rcpt.test
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V6_ONLY))
+    hosting.start()
+    sendmail(hosting, DUAL.domain, ["-i", "tempfail@rcpt.test"], b"Subject: later\n\nhi\n")
+    sendmail(hosting, V6_ONLY.domain, ["-i", "x@rcpt.test"], b"Subject: now\n\nhi\n")
+
+    def settled(status: dict[str, dict[str, Any]]) -> bool:
+        queued = status[DUAL.domain]["queue"] or {}
+        delivered = status[V6_ONLY.domain]["total"] or {}
+        return queued.get("deferred") == 1 and delivered.get("sent") == 1
+
+    status = hosting.wait_status(settled, timeout=30)
+    deferred, clean = status[DUAL.domain], status[V6_ONLY.domain]
+    assert deferred["state"] == "backing off"
+    assert deferred["hour"]["deferred"] == 1 and "451" in deferred["last_error"]
+    assert clean["state"] == "idle" and sum(clean["queue"].values()) == 0
+    assert clean["last_delivery_at"] is not None
+    table = hosting.nsmail("status")
+    assert table.returncode == 0
+    assert all(len(line) <= 80 for line in table.stdout.splitlines())
+    assert "backing off" in table.stdout and "(host's own)" in table.stdout
     assert hosting.stop() == 0

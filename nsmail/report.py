@@ -1,0 +1,123 @@
+"""Worker status reports: what a worker tells the supervisor, in a small, strict format.
+
+A report is one JSON object in one datagram of at most MAX_REPORT bytes, with exactly the
+fields of `Report`. The supervisor decodes it with `decode`, which refuses anything else:
+oversized, malformed, a field missing, added or of the wrong type, a number out of range,
+or a report claiming to be another tenant's. Pure: no IO, time is passed in.
+
+Security: the worker runs as the tenant and may be the tenant's (a compromised worker
+can send anything); `decode` runs as root in the supervisor and must stay small, bounded
+and exception-safe (only ReportError).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MAX_REPORT = 2048
+MAX_TEXT = 300
+QUEUE_STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
+WORKER_STATES = ("idle", "delivering", "backing off")
+OUTCOMES = ("sent", "deferred", "bounced")
+_MAX_COUNT = 2**53
+
+
+class ReportError(ValueError):
+    """The datagram is not a valid report for this worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    domain: str
+    state: str  # one of WORKER_STATES
+    queue: Mapping[str, int]  # messages per queue state
+    total: Mapping[str, int]  # outcomes since the worker started, per OUTCOMES
+    hour: Mapping[str, int]  # outcomes in the last hour
+    last_error: str | None
+    last_error_at: float | None
+    last_delivery_at: float | None
+
+
+def encode(report: Report) -> bytes:
+    data = json.dumps(asdict(report), separators=(",", ":"), ensure_ascii=True).encode()
+    if len(data) > MAX_REPORT:
+        raise ReportError("report too large")  # only an oversized last_error can do this
+    return data
+
+
+def decode(data: bytes, domain: str) -> Report:
+    """The report in `data` from the worker of `domain`; ReportError if it is not one."""
+    if len(data) > MAX_REPORT:
+        raise ReportError(f"{len(data)} bytes, more than {MAX_REPORT}")
+    try:
+        fields = json.loads(data.decode("ascii"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ReportError(f"not JSON: {e}") from None
+    if not isinstance(fields, dict) or set(fields) != set(Report.__dataclass_fields__):
+        raise ReportError("fields missing or unknown")
+    if fields["domain"] != domain:
+        raise ReportError(f"claims to be {str(fields['domain'])[:100]!r}")
+    if fields["state"] not in WORKER_STATES:
+        raise ReportError("unknown state")
+    return Report(
+        domain=domain,
+        state=fields["state"],
+        queue=_counts(fields["queue"], QUEUE_STATES),
+        total=_counts(fields["total"], OUTCOMES),
+        hour=_counts(fields["hour"], OUTCOMES),
+        last_error=_text(fields["last_error"]),
+        last_error_at=_time(fields["last_error_at"]),
+        last_delivery_at=_time(fields["last_delivery_at"]),
+    )
+
+
+def _counts(value: Any, keys: tuple[str, ...]) -> dict[str, int]:
+    if not isinstance(value, dict) or set(value) != set(keys):
+        raise ReportError("counts of the wrong shape")
+    for count in value.values():
+        if type(count) is not int or not 0 <= count < _MAX_COUNT:
+            raise ReportError("count out of range")
+    return {key: value[key] for key in keys}
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT or not value.isprintable():
+        raise ReportError("bad text")
+    return value
+
+
+def _time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ReportError("bad time")
+    return float(value)
+
+
+@dataclass
+class Tally:
+    """Outcome counters since start and over the last hour (per-minute buckets)."""
+
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    _minutes: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, outcome: str, now: float) -> None:
+        self.total[outcome] += 1
+        bucket = self._minutes.setdefault(int(now // 60), dict.fromkeys(OUTCOMES, 0))
+        bucket[outcome] += 1
+
+    def last_hour(self, now: float) -> dict[str, int]:
+        current = int(now // 60)
+        for minute in [m for m in self._minutes if m <= current - 60]:
+            del self._minutes[minute]
+        hour = dict.fromkeys(OUTCOMES, 0)
+        for bucket in self._minutes.values():
+            for outcome, count in bucket.items():
+                hour[outcome] += count
+        return hour

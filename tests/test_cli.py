@@ -1,0 +1,69 @@
+"""The `nsmail` command's own verbs that need no running supervisor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hosting import NSMAIL
+
+from nsmail.spool import FLUSH_TRIGGER
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+TENANT_UID = 47123
+
+
+@pytest.fixture
+def config() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="nsmail-cli-"))
+    root.chmod(0o755)  # the tenant must reach its home
+    home = root / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, TENANT_UID, TENANT_UID)
+    path = root / "nsmail.toml"
+    path.write_text(
+        '[host]\nname = "abc.test"\nresolvers = ["203.0.113.53"]\n'
+        f'run_dir = "{root}/run"\nspool = "{root}/hostspool"\n'
+        '[network]\nmode = "routed"\n'
+        f'[[tenant]]\ndomain = "bcd.test"\nipv4 = "198.51.100.70"\nuid = {TENANT_UID}\n'
+        f'gid = {TENANT_UID}\nhome = "{home}"\n'
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+
+
+def nsmail(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [NSMAIL, "--config", str(config), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_flush_asks_each_worker_as_its_tenant(config: Path) -> None:
+    result = nsmail(config, "flush")
+    assert result.returncode == 0, result.stderr
+    trigger = config.parent / "home/var/spool/nsmail" / FLUSH_TRIGGER
+    # Made with the tenant's own rights: root never writes into a tenant's home.
+    assert trigger.stat().st_uid == TENANT_UID
+    assert nsmail(config, "flush", "nope.test").returncode == 64
+
+
+def test_flush_does_not_follow_a_planted_symlink(config: Path) -> None:
+    spool = config.parent / "home/var/spool"
+    spool.mkdir(parents=True)
+    (spool / "nsmail").symlink_to("/etc")
+    os.lchown(spool / "nsmail", TENANT_UID, TENANT_UID)
+    result = nsmail(config, "flush")
+    assert result.returncode == 75
+    assert not Path("/etc", FLUSH_TRIGGER).exists()
+
+
+def test_check_accepts_a_good_configuration(config: Path) -> None:
+    result = nsmail(config, "check")
+    assert result.returncode == 0 and "1 tenants" in result.stdout
