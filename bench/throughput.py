@@ -145,16 +145,24 @@ class Sink:
     def count(self) -> int:
         return len(os.listdir(self.dumps))
 
-    def wait_for(self, count: int, timeout: float) -> float | None:
-        """The monotonic time at which `count` dumps were there, or None after `timeout`."""
+    def wait_for(self, count: int, timeout: float) -> tuple[float | None, float | None]:
+        """Monotonic times at which the first dump and `count` dumps were there (None: not
+        within `timeout`)."""
         deadline = time.monotonic() + timeout
+        first = None
         while True:
             now = time.monotonic()
-            if self.count() >= count:
-                return now
+            seen = self.count()
+            if first is None and seen:
+                first = now
+            if seen >= count:
+                return first, now
             if now > deadline:
-                return None
+                return first, None
             time.sleep(_POLL)
+
+    def cpu(self) -> float:
+        return tree_cpu(self.proc.pid)
 
     def take(self) -> list[bytes]:
         """Every dump so far, removed from the sink's directory."""

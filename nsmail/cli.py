@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,19 +16,21 @@ from nsmail import control
 from nsmail.jail import run_as
 from nsmail.spool import Spool
 from nsmail.status import WorkerStatus, render_table
+from nsmail.systemd import log_formatter
 
 EX_OK = 0
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_NOPERM = 77
 EX_CONFIG = 78
+WATCH_EVERY = 2.0
 
 
 def _setup_logging() -> None:
-    # systemd's journal stamps each line itself; a terminal or a file wants the time.
-    under_systemd = "JOURNAL_STREAM" in os.environ
-    fmt = "%(name)s: %(message)s" if under_systemd else "%(asctime)s %(name)s: %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(os.environ))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show per-tenant worker status")
     status.add_argument("tenant", nargs="?", help="only this domain")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--watch", action="store_true", help="refresh every 2 s until interrupted (Ctrl-C)"
+    )
     commands.add_parser("check", help="validate the configuration (exit 78 on error)")
     flush = commands.add_parser("flush", help="retry deferred mail now (root)")
     flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
@@ -60,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = configuration.locate(args.config, os.environ)
     if args.command == "status":
-        return _status(configuration.run_dir_of(path), args.tenant, args.json)
+        run_dir = configuration.run_dir_of(path)
+        if not args.watch:
+            return _status(run_dir, args.tenant, args.json)
+        return _watch(run_dir, args.tenant, args.json)
     try:
         config = configuration.load(path)
     except configuration.ConfigError as e:
@@ -89,18 +98,35 @@ def _flush(config: configuration.Config, domains: list[str]) -> int:
     return EX_TEMPFAIL if failed else EX_OK
 
 
+def _watch(run_dir: Path, tenant: str | None, as_json: bool) -> int:
+    try:
+        while True:
+            if not as_json and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")  # clear the screen, like watch(1)
+            code = _status(run_dir, tenant, as_json)
+            if code != EX_OK:
+                return code
+            sys.stdout.flush()
+            time.sleep(WATCH_EVERY)
+    except KeyboardInterrupt:
+        return EX_OK
+
+
 def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
     try:
         reply = control.request(run_dir, "status")
+    except control.Denied as e:
+        print(f"nsmail: permission denied: {e}", file=sys.stderr)
+        return EX_NOPERM
     except control.Unavailable as e:
         print(f"nsmail: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
     if not reply.get("ok"):
         print(f"nsmail: {reply.get('error', 'status refused')}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return EX_NOPERM if reply.get("denied") else EX_UNAVAILABLE
     workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant]
     if as_json:
-        print(json.dumps({"host": reply["host"], "workers": workers}, indent=2))
+        print(json.dumps({"host": reply["host"], "workers": workers}))
     else:
         print(render_table([WorkerStatus.from_json(w) for w in workers]))
     return EX_OK

@@ -13,6 +13,7 @@ escape unprintable characters and stay on one line.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
@@ -39,7 +40,7 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
-_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir", "spool"})
+_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir", "spool", "admin_group", "metrics"})
 _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
 _DELIVERY_KEYS = frozenset(
     {
@@ -99,6 +100,8 @@ class HostConfig:
     run_dir: Path
     # The queue of mail from the machine's own users (not of any tenant).
     spool: Path = DEFAULT_HOST_SPOOL
+    admin_gid: int | None = None  # members may use the control socket (nsmail status)
+    metrics: str | None = None  # "address:port" of the Prometheus endpoint; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,7 @@ class SystemLookup:
     user: Callable[[str], Account | None]
     is_dir: Callable[[str], bool]
     default_resolvers: Callable[[], tuple[IPAddress, ...]]
+    group: Callable[[str], int | None] = lambda name: None  # group name -> gid
 
 
 def host_identity(config: Config) -> Tenant:
@@ -260,7 +264,12 @@ def run_dir_of(path: Path) -> Path:
 
 def system_lookup() -> SystemLookup:
     """The real machine: passwd, the filesystem and /etc/resolv.conf."""
-    return SystemLookup(user=_passwd_user, is_dir=os.path.isdir, default_resolvers=_resolv_conf)
+    return SystemLookup(
+        user=_passwd_user,
+        is_dir=os.path.isdir,
+        default_resolvers=_resolv_conf,
+        group=_group_id,
+    )
 
 
 def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
@@ -294,6 +303,13 @@ def _passwd_user(name: str) -> Account | None:
     except (KeyError, ValueError):  # ValueError: an embedded NUL
         return None
     return Account(entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def _group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def _resolv_conf() -> tuple[IPAddress, ...]:
@@ -428,7 +444,28 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
 
     run_dir = _absolute_path(table, "run_dir", DEFAULT_RUN_DIR)
     spool = _absolute_path(table, "spool", DEFAULT_HOST_SPOOL)
-    return HostConfig(name, resolvers, user, account.uid, account.gid, run_dir, spool)
+    admin_gid = None
+    if (group := table.string("admin_group")) is not None:
+        admin_gid = lookup.group(group)
+        if admin_gid is None:
+            raise table.error("admin_group", f"unknown group {group!r}")
+    metrics = table.string("metrics")
+    if metrics is not None:
+        _check_endpoint(table, "metrics", metrics)
+    return HostConfig(
+        name, resolvers, user, account.uid, account.gid, run_dir, spool, admin_gid, metrics
+    )
+
+
+def _check_endpoint(table: _Table, key: str, text: str) -> None:
+    """ "198.51.100.1:9425" or "[2001:db8::1]:9425"."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise table.error(key, f"{text!r} is not address:port")
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise table.error(key, f"{host!r} is not an IP address") from None
 
 
 def _absolute_path(table: _Table, key: str, default: Path) -> Path:

@@ -1,8 +1,9 @@
 """The supervisor's control socket: one JSON request line in, one JSON reply line out.
 
-Security: the socket lives in the run directory, mode 0600, owned by root, and the
-server also checks the peer's credentials (SO_PEERCRED): only root is served. Requests
-are size-bounded and read with a timeout, so a stuck client cannot stall the supervisor.
+Security: the socket lives in the run directory, owned by root, mode 0600 (0660 with the
+configured admin group), and the server also checks the peer's credentials (SO_PEERCRED):
+only root and members of the admin group are served. Requests are size-bounded and read
+with a timeout, so a stuck client cannot stall the supervisor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ class Unavailable(Exception):
     """No supervisor answers on the control socket."""
 
 
-def listen(run_dir: Path) -> socket.socket:
+class Denied(Exception):
+    """The caller may not use the control socket (root and the admin group only)."""
+
+
+def listen(run_dir: Path, admin_gid: int | None) -> socket.socket:
     """Bind the control socket, replacing a stale one from an earlier run."""
     run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = run_dir / SOCKET_NAME
@@ -37,18 +42,34 @@ def listen(run_dir: Path) -> socket.socket:
         server.bind(str(path))
     finally:
         os.umask(old_umask)
+    if admin_gid is not None:
+        os.chown(path, 0, admin_gid)
+        os.chmod(path, 0o660)
     server.listen(16)
     server.setblocking(False)
     return server
 
 
-def _peer_uid(conn: socket.socket) -> int:
+def _allowed(conn: socket.socket, admin_gid: int | None) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, gid = struct.unpack("3i", creds)
+    if uid == 0:
+        return True
+    if admin_gid is None:
+        return False
+    return gid == admin_gid or admin_gid in _supplementary_groups(pid)
 
 
-def serve_one(server: socket.socket, handle: Handler) -> None:
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next((line for line in f if line.startswith("Groups:")), "Groups:")
+    except OSError:
+        return set()
+    return {int(g) for g in line.split()[1:] if g.isdigit()}
+
+
+def serve_one(server: socket.socket, handle: Handler, admin_gid: int | None) -> None:
     """Accept one pending client and answer its request; errors end only that client."""
     try:
         conn, _ = server.accept()
@@ -57,8 +78,8 @@ def serve_one(server: socket.socket, handle: Handler) -> None:
     with conn:
         conn.settimeout(CLIENT_TIMEOUT)
         try:
-            if _peer_uid(conn) != 0:
-                reply: dict[str, Any] = {"ok": False, "error": "permission denied"}
+            if not _allowed(conn, admin_gid):
+                reply: dict[str, Any] = {"ok": False, "denied": True, "error": "permission denied"}
             else:
                 reply = _dispatch(_read_line(conn), handle)
             conn.sendall(json.dumps(reply).encode() + b"\n")
@@ -93,6 +114,8 @@ def request(run_dir: Path, cmd: str, **args: Any) -> dict[str, Any]:
         sock.settimeout(10.0)
         try:
             sock.connect(str(path))
+        except PermissionError as e:
+            raise Denied(f"{path}: only root and the admin group may ask") from e
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise Unavailable(f"no supervisor is running ({path}: {e.strerror})") from e
         sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")

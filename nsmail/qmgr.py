@@ -72,6 +72,8 @@ class QueueManager:
             last_error=self.last_error,
             last_error_at=self.last_error_at,
             last_delivery_at=self.last_delivery_at,
+            latency_counts=tuple(self.tally.latency_counts),
+            latency_sum=self.tally.latency_sum,
         )
 
     def recover(self) -> None:
@@ -213,6 +215,7 @@ class QueueManager:
             self.tally.add(str(o.status), now)
             if o.status == Status.DELIVERED:
                 self.last_delivery_at = now
+                self.tally.observe_latency(now - envelope.arrival)
             else:
                 reply = f"{o.code or ''} {o.text}".strip()
                 self.last_error = printable(f"<{o.recipient}>: {reply}")[:MAX_TEXT]

@@ -12,6 +12,7 @@ and exception-safe (only ReportError).
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ MAX_TEXT = 300
 QUEUE_STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 WORKER_STATES = ("idle", "delivering", "backing off")
 OUTCOMES = ("sent", "deferred", "bounced")
+# Upper bounds (seconds) of the delivery latency histogram: arrival to delivery.
+LATENCY_BOUNDS = (1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 _MAX_COUNT = 2**53
 
 
@@ -40,6 +43,10 @@ class Report:
     last_error: str | None
     last_error_at: float | None
     last_delivery_at: float | None
+    # Delivered recipients by latency: counts per LATENCY_BOUNDS bucket (+ one for more),
+    # not cumulative, and the sum of all latencies.
+    latency_counts: tuple[int, ...]
+    latency_sum: float
 
 
 def encode(report: Report) -> bytes:
@@ -72,7 +79,17 @@ def decode(data: bytes, domain: str) -> Report:
         last_error=_text(fields["last_error"]),
         last_error_at=_time(fields["last_error_at"]),
         last_delivery_at=_time(fields["last_delivery_at"]),
+        latency_counts=_buckets(fields["latency_counts"]),
+        latency_sum=_time(fields["latency_sum"]) or 0.0,
     )
+
+
+def _buckets(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != len(LATENCY_BOUNDS) + 1:
+        raise ReportError("latency buckets of the wrong shape")
+    if not all(type(n) is int and 0 <= n < _MAX_COUNT for n in value):
+        raise ReportError("count out of range")
+    return tuple(value)
 
 
 def _counts(value: Any, keys: tuple[str, ...]) -> dict[str, int]:
@@ -105,7 +122,14 @@ class Tally:
     """Outcome counters since start and over the last hour (per-minute buckets)."""
 
     total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    latency_sum: float = 0.0
     _minutes: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def observe_latency(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.latency_counts[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.latency_sum += seconds
 
     def add(self, outcome: str, now: float) -> None:
         self.total[outcome] += 1

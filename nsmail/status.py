@@ -28,6 +28,8 @@ class WorkerStatus:
     last_error_at: float | None
     last_delivery_at: float | None
     refused_reports: int  # status reports refused as malformed or lying
+    latency_counts: list[int] | None  # delivered recipients per nsmail.report latency bucket
+    latency_sum: float | None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

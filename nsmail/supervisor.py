@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsmail import control, dnsrelay, worker
+from nsmail import control, dnsrelay, metrics, worker
 from nsmail.config import (
     Config,
     ConfigError,
@@ -114,8 +114,10 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self._signals_r, self._signals_w = socket.socketpair()
         self._control: socket.socket | None = None
+        self._metrics: socket.socket | None = None
         self.zygote = Zygote()
         self._ready = False
+        self._last_summary = ""
 
     # -- main loop -------------------------------------------------------------------
 
@@ -123,8 +125,11 @@ class Supervisor:
         worker.preload()
         self._start_zygote()
         self._install_signals()
-        self._control = control.listen(self.config.host.run_dir)
+        self._control = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
         self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
+        if self.config.host.metrics:
+            self._metrics = metrics.listen(self.config.host.metrics)
+            self.selector.register(self._metrics, selectors.EVENT_READ, self._on_metrics)
         stale = self.host.remove_stale()
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
@@ -164,9 +169,13 @@ class Supervisor:
                     self.shutdown()
         self._reap()  # SIGCHLDs coalesce; reaping is cheap and idempotent
 
+    def _on_metrics(self) -> None:
+        assert self._metrics is not None
+        metrics.serve_one(self._metrics, metrics.render(self.statuses()))
+
     def _on_control(self) -> None:
         assert self._control is not None
-        control.serve_one(self._control, self._handle_request)
+        control.serve_one(self._control, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
         dues = [s.due for s in self.slots.values() if s.state in (State.BACKOFF, State.STOPPING)]
@@ -358,6 +367,7 @@ class Supervisor:
                 if flags & socket.MSG_TRUNC:
                     raise ReportError(f"more than {MAX_REPORT} bytes")
                 slot.report = decode_report(data, slot.tenant.domain)
+                self._update_status()
             except ReportError as e:
                 self._refuse_report(slot, str(e))
 
@@ -518,6 +528,8 @@ class Supervisor:
                 self.host.remove(slot.names)
         if self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGKILL)
+        if self._metrics is not None:
+            self._metrics.close()
         if self._control is not None:
             self._control.close()
             (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
@@ -545,7 +557,15 @@ class Supervisor:
     def _summary(self) -> str:
         tenants = [s for s in self.slots.values() if not s.tenant.is_host]
         running = sum(1 for s in tenants if s.state == State.RUNNING)
-        return f"{running} of {len(tenants)} tenants running"
+        deferred = sum(s.report.queue["deferred"] for s in self.slots.values() if s.report)
+        return f"{running} of {len(tenants)} tenants running, {deferred} messages deferred"
+
+    def _update_status(self) -> None:
+        """Keep systemd's STATUS= line current (`systemctl status nsmail`)."""
+        summary = self._summary()
+        if summary != self._last_summary:
+            self._last_summary = summary
+            notify(STATUS=summary)
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -581,6 +601,8 @@ def _status_of(slot: Slot) -> WorkerStatus:
         last_error_at=error_at,
         last_delivery_at=report.last_delivery_at if report else None,
         refused_reports=slot.refused_reports,
+        latency_counts=list(report.latency_counts) if report else None,
+        latency_sum=report.latency_sum if report else None,
     )
 
 

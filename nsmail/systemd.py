@@ -1,12 +1,37 @@
-"""The sd_notify protocol: tell systemd when the supervisor is ready and what it is doing.
+"""systemd integration: sd_notify (ready, status) and log lines the journal understands.
 
 Security: runs as root; only writes to the socket systemd named in $NOTIFY_SOCKET.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from collections.abc import Mapping
+
+# sd-daemon(3): a "<N>" prefix on a stderr line sets its syslog priority in the journal.
+_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines without a time stamp (the journal adds its own) but with a priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def log_formatter(environ: Mapping[str, str]) -> logging.Formatter:
+    """The journal's format under systemd, else time-stamped lines for a terminal or file."""
+    if "JOURNAL_STREAM" in environ:
+        return JournalFormatter("%(name)s: %(message)s")
+    return logging.Formatter("%(asctime)s %(name)s: %(message)s")
 
 
 def notify(**fields: str) -> bool:

@@ -106,7 +106,9 @@ class Hosting:
     def namespace(self, domain: str) -> str:
         return f"{self.lab.prefix}-{domain}"
 
-    def write_config(self, tenants: tuple[TenantSpec, ...], **delivery: Any) -> Path:
+    def write_config(
+        self, tenants: tuple[TenantSpec, ...], host_extra: str = "", **delivery: Any
+    ) -> Path:
         network = (
             f'mode = "bridge"\nbridge = "{BRIDGE}"\n'
             f'gateway4 = "{BRIDGE_V4}"\ngateway6 = "{BRIDGE_V6}"\n'
@@ -116,7 +118,7 @@ class Hosting:
         settings = {"scan_interval": 2, "timeout": 5, **delivery}
         text = (
             f'[host]\nname = "{HOST_NAME}"\nresolvers = {json.dumps(list(self.resolvers))}\n'
-            f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n'
+            f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n{host_extra}'
             f'[network]\n{network}prefix = "{self.lab.prefix}"\n'
             "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         )

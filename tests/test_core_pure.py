@@ -83,6 +83,8 @@ def test_status_table_fits_80_columns() -> None:
         last_error_at=0.0,
         last_delivery_at=None,
         refused_reports=0,
+        latency_counts=None,
+        latency_sum=None,
     )
     table = render_table([record], now=200000.0)
     assert "a-rather-long-hoste~" in table

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from hosting import DUAL, V6_ONLY, Hosting, dns_records
-from lab import HOST_V6, MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_reverse
+from lab import HOST_V4, HOST_V6, MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_reverse
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -219,4 +219,42 @@ def test_status_shows_each_workers_queue_and_counters(lab: Lab) -> None:
     assert table.returncode == 0
     assert all(len(line) <= 80 for line in table.stdout.splitlines())
     assert "backing off" in table.stdout and "(host's own)" in table.stdout
+    assert hosting.stop() == 0
+
+
+SCRAPE = """
+import sys, urllib.request
+print(urllib.request.urlopen(f"http://{sys.argv[1]}/metrics", timeout=5).read().decode())
+"""
+
+
+def test_metrics_count_what_was_delivered(lab: Lab) -> None:
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V6_ONLY), host_extra=f'metrics = "{HOST_V4}:9425"\n')
+    hosting.start()
+    alice = ["-i", "-f", "alice@bcd.test"]
+    for n in range(2):
+        sendmail(hosting, DUAL.domain, [*alice, f"x{n}@rcpt.test"], b"Subject: m\n\nhi\n")
+    sendmail(hosting, DUAL.domain, [*alice, "reject@rcpt.test"], b"Subject: m\n\nhi\n")
+    postfix.wait_for(2)
+
+    def sent() -> dict[str, float]:
+        page = lab.run(lab.net, [sys.executable, "-c", SCRAPE, f"{HOST_V4}:9425"]).stdout
+        samples = {}
+        for line in page.splitlines():
+            if line.startswith("nsmail_messages_total{"):
+                labels, value = line.rsplit(" ", 1)
+                samples[labels] = float(value)
+        return samples
+
+    # Two to Postfix, and the report on reject@ into alice's own Maildir.
+    wait_for(lambda: sent().get('nsmail_messages_total{outcome="sent",tenant="bcd.test"}') == 3)
+    samples = sent()
+    assert samples['nsmail_messages_total{outcome="bounced",tenant="bcd.test"}'] == 1
+    assert samples['nsmail_messages_total{outcome="sent",tenant="def.test"}'] == 0
+    page = lab.run(lab.net, [sys.executable, "-c", SCRAPE, f"{HOST_V4}:9425"]).stdout
+    assert 'nsmail_delivery_latency_seconds_count{tenant="bcd.test"} 3.0' in page
+    assert 'nsmail_queue_messages{state="deferred",tenant="bcd.test"} 0.0' in page
     assert hosting.stop() == 0

@@ -37,6 +37,8 @@ GOOD = Report(
     last_error="<x@rcpt.test>: 451 4.3.0 try later",
     last_error_at=1.5e9,
     last_delivery_at=None,
+    latency_counts=(3, 2, 0, 0, 0, 0, 0, 0, 0, 0),
+    latency_sum=4.5,
 )
 
 
@@ -83,13 +85,15 @@ def test_the_hourly_tally_forgets() -> None:
 def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket]]:
     """A supervisor's report handling for one slot, fed through a real socketpair."""
     # The real Supervisor's report path, without the namespaces and children that
-    # __init__ and run() would bring: only the selector is used on this path.
+    # __init__ and run() would bring: only the selector and the slots are used on it.
     supervisor = Supervisor.__new__(Supervisor)
     supervisor.selector = selectors.DefaultSelector()
+    supervisor._last_summary = ""
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )
     slot = Slot(tenant)
+    supervisor.slots = {tenant.domain: slot}
     worker_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     slot.reports.setblocking(False)
     supervisor.selector.register(slot.reports, 1, None)

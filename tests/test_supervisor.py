@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -269,3 +271,47 @@ def test_status_without_supervisor_exits_69(lab: Lab) -> None:
     result = hosting.nsmail("status", "--json")
     assert result.returncode == 69
     assert result.stderr.count("\n") == 1
+
+
+def test_the_control_socket_serves_root_and_the_admin_group_only(lab: Lab) -> None:
+    admins = grp.getgrnam("nogroup").gr_gid
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), host_extra='admin_group = "nogroup"\n')
+    hosting.start()
+    stranger = hosting.uid_base + 998
+
+    def status_as(gid: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [NSMAIL, "--config", str(hosting.config_path), "status", "--json"],
+            user=stranger,
+            group=gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    admin = status_as(admins)
+    assert admin.returncode == 0, admin.stderr
+    assert [w["domain"] for w in json.loads(admin.stdout)["workers"]] == ["abc.test", "bcd.test"]
+    refused = status_as(stranger)
+    assert refused.returncode == 77 and "permission denied" in refused.stderr
+    assert hosting.stop() == 0
+
+
+def test_status_watch_refreshes_until_interrupted(lab: Lab) -> None:
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+    watching = subprocess.Popen(
+        [NSMAIL, "--config", str(hosting.config_path), "status", "--watch", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    watching.send_signal(signal.SIGINT)
+    out, _ = watching.communicate(timeout=10)
+    assert watching.returncode == 0
+    snapshots = [json.loads(line) for line in out.splitlines()]
+    assert len(snapshots) >= 2 and all(s["host"] == "abc.test" for s in snapshots)
+    assert hosting.stop() == 0
