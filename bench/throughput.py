@@ -95,9 +95,9 @@ def message(tag: str, domain: str, seq: int, size: int) -> bytes:
     head = f"From: {sender(domain)}\nTo: {RECIPIENT}\nSubject: bench {name}\n\n"
     last = f"end {name}\n"
     filler = max(0, size - len(head) - len(last))
-    line = "x" * 75 + "\n"
-    body = line * (filler // len(line)) + "y" * (filler % len(line))
-    return (head + body + ("\n" if body and not body.endswith("\n") else "") + last).encode()
+    lines, rest = divmod(filler, 76)
+    body = ("x" * 75 + "\n") * lines + ("y" * (rest - 1) + "\n" if rest else "")
+    return (head + body + last).encode()
 
 
 class UnlimitedNsd(Nsd):
@@ -394,17 +394,26 @@ def submitted(proc: subprocess.Popen[bytes], timeout: float) -> Submissions:
 
 
 @dataclass
-class Round:
-    """The figures of one round of one system, and the checks behind them."""
+class Phase:
+    """One timed delivery of N messages: the figures and the check behind them."""
 
-    prefilled_rate: float | None = None
-    prefilled_cpu: float | None = None  # CPU seconds per 1,000 messages
-    e2e_rate: float | None = None
-    e2e_cpu: float | None = None
+    seconds: float | None = None  # from the start to the sink holding all N
+    first_seconds: float | None = None  # from the start to the first arrival
+    rate: float | None = None  # messages per second
+    cpu_per_1000: float | None = None  # CPU seconds of the delivering side
+    sink_cpu_per_1000: float | None = None  # CPU seconds of smtp-sink, for scale
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Round:
+    """The figures of one round of one system."""
+
+    prefilled: Phase = field(default_factory=Phase)
+    end_to_end: Phase = field(default_factory=Phase)
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     problems: list[str] = field(default_factory=list)
-    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Bench:
@@ -429,24 +438,50 @@ class Bench:
         ]
         return Submitter(argv, env, tag, self.options.size, tenants)
 
-    def timed_delivery(
-        self, tag: str, start: float, cpu_root: Callable[[], int], round_: Round, key: str
-    ) -> tuple[float | None, float | None]:
-        """Wait for all N at the sink; (messages per second, CPU s per 1,000), then check."""
-        n = self.options.messages
-        done = self.sink.wait_for(n, self.options.timeout)
-        cpu = tree_cpu(cpu_root()) if done is not None else None
-        result = collect(self.sink, tag, self.tenants, self.counts)
-        round_.checks[key] = asdict(result)
-        if done is None:
-            round_.problems.append(f"{key}: only {result.received} of {n} arrived in time")
-        if not result.ok:
-            round_.problems.append(f"{key}: check failed: {result}")
-        if done is None:
-            return None, None
-        return n / (done - start), cpu
+    def deliver(
+        self, tag: str, cpu: Callable[[], float], problems: list[str]
+    ) -> Callable[[float], Phase]:
+        """Wait for all N at the sink, then check them; the phase once its start is known.
 
-    # -- nsmail --------------------------------------------------------------------------
+        `cpu` is the delivering side's CPU seconds so far (called when the last message
+        is in); the returned function takes the phase's start (monotonic).
+        """
+        n = self.options.messages
+        sink_before = self.sink.cpu()
+        first, last = self.sink.wait_for(n, self.options.timeout)
+        used = cpu() if last is not None else None
+        sink_used = self.sink.cpu() - sink_before
+        result = collect(self.sink, tag, self.tenants, self.counts)
+        if last is None:
+            problems.append(f"{tag}: only {result.received} of {n} arrived in time")
+        if not result.ok:
+            problems.append(f"{tag}: check failed: {result}")
+
+        def phase(start: float) -> Phase:
+            return Phase(
+                seconds=None if last is None else last - start,
+                first_seconds=None if first is None else first - start,
+                rate=None if last is None else n / (last - start),
+                cpu_per_1000=None if used is None else used / n * 1000,
+                sink_cpu_per_1000=sink_used / n * 1000,
+                check=asdict(result),
+            )
+
+        return phase
+
+    def end_to_end(
+        self, spec: Submitter, wrap: Callable[[list[str]], list[str]], root: int, round_: Round
+    ) -> None:
+        """(b) and (c): the daemon under `root` runs; submit all N through `spec`."""
+        before = tree_cpu(root)
+        proc = run_submitter(spec, wrap, self.work)
+        phase = self.deliver(spec.tag, lambda: tree_cpu(root) - before, round_.problems)
+        subs = submitted(proc, self.options.timeout)
+        round_.problems += subs.failures[:5]
+        round_.end_to_end = phase(subs.first)
+        if subs.latencies:
+            round_.latency_p50_ms = percentile(subs.latencies, 50) * 1000
+            round_.latency_p99_ms = percentile(subs.latencies, 99) * 1000
 
     def nsmail_round(self, r: int) -> Round:
         round_ = Round()
@@ -455,52 +490,21 @@ class Bench:
         self.log(f"nsmail round {r}: filling the maildrops")
         for t, n in zip(self.tenants, self.counts, strict=True):
             for seq in range(n):
-                hosting.enqueue(
-                    t.domain,
-                    sender(t.domain),
-                    [RECIPIENT],
-                    message(tag, t.domain, seq, self.options.size),
-                )
-        self.log(f"nsmail round {r}: (a) delivering prefilled queues")
+                body = message(tag, t.domain, seq, self.options.size)
+                hosting.enqueue(t.domain, sender(t.domain), [RECIPIENT], body)
+        self.log(f"nsmail round {r}: (a) delivering the prefilled queues")
         start = time.monotonic()
         hosting.start(timeout=60)
         assert hosting.proc is not None
         pid = hosting.proc.pid
-        rate, cpu = self.timed_delivery(tag, start, lambda: pid, round_, "prefilled")
-        round_.prefilled_rate = rate
-        round_.prefilled_cpu = None if cpu is None else cpu / self.options.messages * 1000
+        round_.prefilled = self.deliver(tag, lambda: tree_cpu(pid), round_.problems)(start)
         self.log(f"nsmail round {r}: (b) end to end through nsmail-sendmail")
-        tag = f"nsmail-r{r}-b"
         env = {"NSMAIL_CONFIG": str(hosting.config_path), "PATH": "/usr/bin:/bin"}
-        spec = self.submitter([NSMAIL_SENDMAIL], env, tag)
-        self._end_to_end(spec, lambda argv: argv, pid, round_)
-        assert hosting.stop(timeout=60) == 0, hosting.log()
+        spec = self.submitter([NSMAIL_SENDMAIL], env, f"nsmail-r{r}-b")
+        self.end_to_end(spec, lambda argv: argv, pid, round_)
+        if hosting.stop(timeout=60) != 0:
+            round_.problems.append(f"the supervisor did not stop cleanly:\n{hosting.log()}")
         return round_
-
-    def _end_to_end(
-        self, spec: Submitter, wrap: Callable[[list[str]], list[str]], root: int, round_: Round
-    ) -> None:
-        cpu_before = tree_cpu(root)
-        proc = run_submitter(spec, wrap, self.work)
-        done = self.sink.wait_for(self.options.messages, self.options.timeout)
-        cpu_after = tree_cpu(root)
-        subs = submitted(proc, self.options.timeout)
-        result = collect(self.sink, spec.tag, self.tenants, self.counts)
-        round_.checks["end_to_end"] = asdict(result)
-        round_.problems += subs.failures[:5]
-        if done is None:
-            round_.problems.append(f"end_to_end: only {result.received} arrived in time")
-        if not result.ok:
-            round_.problems.append(f"end_to_end: check failed: {result}")
-        if done is not None and subs.latencies:
-            n = self.options.messages
-            round_.e2e_rate = n / (done - subs.first)
-            round_.e2e_cpu = (cpu_after - cpu_before) / n * 1000
-        if subs.latencies:
-            round_.latency_p50_ms = percentile(subs.latencies, 50) * 1000
-            round_.latency_p99_ms = percentile(subs.latencies, 99) * 1000
-
-    # -- Postfix -------------------------------------------------------------------------
 
     def postfix_round(self, postfix: SendingPostfix, r: int) -> Round:
         round_ = Round()
@@ -508,28 +512,23 @@ class Bench:
         self.log(f"postfix round {r}: filling its maildrop (master down)")
         spec = self.submitter([POSTFIX_SENDMAIL], {"PATH": "/usr/bin:/bin"}, tag)
         subs = submitted(run_submitter(spec, postfix.wrap, self.work), self.options.timeout)
-        if subs.failures:
-            round_.problems += subs.failures[:5]
-        queued = postfix.queued()
-        if queued != self.options.messages:
-            round_.problems.append(f"prefill: {queued} queued, not {self.options.messages}")
+        round_.problems += subs.failures[:5]
+        if (queued := postfix.queued()) != self.options.messages:
+            round_.problems.append(f"{tag}: {queued} queued, not {self.options.messages}")
         self.log(f"postfix round {r}: (a) delivering the prefilled queue")
         start = time.monotonic()
         starter = postfix.start()
         master: list[int] = []
 
-        def root() -> int:
-            if not master:
-                master.append(postfix.started(starter))
-            return master[0]
+        def cpu() -> float:
+            master.append(postfix.started(starter))
+            return tree_cpu(master[0])
 
-        rate, cpu = self.timed_delivery(tag, start, root, round_, "prefilled")
-        root()
-        round_.prefilled_rate = rate
-        round_.prefilled_cpu = None if cpu is None else cpu / self.options.messages * 1000
+        round_.prefilled = self.deliver(tag, cpu, round_.problems)(start)
+        root = master[0] if master else postfix.started(starter)
         self.log(f"postfix round {r}: (b) end to end through Postfix's sendmail")
         spec = self.submitter([POSTFIX_SENDMAIL], {"PATH": "/usr/bin:/bin"}, f"postfix-r{r}-b")
-        self._end_to_end(spec, postfix.wrap, root(), round_)
+        self.end_to_end(spec, postfix.wrap, root, round_)
         postfix.stop()
         return round_
 
@@ -546,34 +545,35 @@ def median(values: Sequence[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
-FIGURES = (
-    # (key, label, unit, whether higher is better)
-    ("prefilled_rate", "(a) prefilled queues", "msg/s", True),
-    ("e2e_rate", "(b) end to end via sendmail", "msg/s", True),
-    ("latency_p50_ms", "(c) sendmail latency p50", "ms", False),
-    ("latency_p99_ms", "(c) sendmail latency p99", "ms", False),
-    ("prefilled_cpu", "(f) CPU per 1000 msgs, (a)", "s", False),
-    ("e2e_cpu", "(f) CPU per 1000 msgs, (b)", "s", False),
+Figure = Callable[[Round], float | None]
+FIGURES: tuple[tuple[str, str, Figure, bool], ...] = (
+    # label, unit, how to read it from a round, whether higher is better
+    ("(a) prefilled queues", "msg/s", lambda r: r.prefilled.rate, True),
+    ("(b) end to end via sendmail", "msg/s", lambda r: r.end_to_end.rate, True),
+    ("(c) sendmail latency p50", "ms", lambda r: r.latency_p50_ms, False),
+    ("(c) sendmail latency p99", "ms", lambda r: r.latency_p99_ms, False),
+    ("(f) CPU per 1000 msgs in (a)", "s", lambda r: r.prefilled.cpu_per_1000, False),
+    ("(f) CPU per 1000 msgs in (b)", "s", lambda r: r.end_to_end.cpu_per_1000, False),
 )
 
 
 def measure_throughput(options: Options, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run both systems `options.repeat` times; the median figures and every check."""
+    """Run both systems `options.repeat` times; the median figures, every round and check."""
     if not 1 <= options.tenants <= MAX_TENANTS:
         raise ValueError(f"--tenants must be 1..{MAX_TENANTS}")
-    if options.messages < options.tenants:
-        raise ValueError("--messages must be at least --tenants")
+    if options.messages < options.tenants or options.repeat < 1:
+        raise ValueError("--messages must be at least --tenants, --repeat at least 1")
     with Lab() as lab:
         bench = Bench(lab, options, log)
         nsmail = [bench.nsmail_round(r) for r in range(options.repeat)]
-        # Same addresses on the same bridge: Postfix's namespace exists only once nsmail's
-        # tenant namespaces are gone.
+        # The same addresses on the same bridge: Postfix's namespace may exist only once
+        # nsmail's tenant namespaces are gone.
         postfix = SendingPostfix(lab, bench.tenants)
         baseline = [bench.postfix_round(postfix, r) for r in range(options.repeat)]
     rows = []
-    for key, label, unit, higher_better in FIGURES:
-        ours = median([getattr(r, key) for r in nsmail])
-        theirs = median([getattr(r, key) for r in baseline])
+    for label, unit, read, higher_better in FIGURES:
+        ours = median([read(r) for r in nsmail])
+        theirs = median([read(r) for r in baseline])
         ratio = None
         if ours and theirs:
             ratio = ours / theirs if higher_better else theirs / ours
@@ -595,15 +595,16 @@ def table(report: dict[str, Any]) -> str:
     o = report["options"]
     lines = [
         f"{o['messages']} messages of {o['size']} bytes from {o['tenants']} tenants, "
-        f"median of {o['repeat']} round(s)",
-        f"{'figure':<32} {'nsmail':>10} {'postfix':>10} {'ratio (>1: nsmail better)':>26}",
+        f"median of {o['repeat']} round(s); every message checked: "
+        + ("all arrived once, from the right address and EHLO" if report["ok"] else "FAILED"),
+        f"{'figure':<38} {'nsmail':>9} {'postfix':>9}  ratio (>1: nsmail better)",
     ]
     for row in report["rows"]:
-        cells = [_cell(row["nsmail"]), _cell(row["postfix"]), _cell(row["ratio"], "x")]
         label = f"{row['figure']} ({row['unit']})"
-        lines.append(f"{label:<32} {cells[0]:>10} {cells[1]:>10} {cells[2]:>26}")
-    for problem in report["problems"]:
-        lines.append(f"PROBLEM: {problem}")
+        ratio = _cell(row["ratio"], "x")
+        lines.append(f"{label:<38} {_cell(row['nsmail']):>9} {_cell(row['postfix']):>9}  {ratio}")
+    lines.append("ratio: nsmail/postfix for rates, postfix/nsmail for latency and CPU")
+    lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nsmail import config as configuration
-from nsmail import control
+from nsmail import control, tenantadmin
 from nsmail.jail import run_as
 from nsmail.spool import Spool
 from nsmail.status import WorkerStatus, render_table
@@ -49,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
         "--watch", action="store_true", help="refresh every 2 s until interrupted (Ctrl-C)"
     )
     commands.add_parser("check", help="validate the configuration (exit 78 on error)")
+    tenant = commands.add_parser("tenant", help="add, remove or list hosted domains (root)")
+    verbs = tenant.add_subparsers(dest="verb", required=True, metavar="VERB")
+    add = verbs.add_parser("add", help="add a tenant as tenants.d/DOMAIN.toml and apply it")
+    add.add_argument("domain")
+    add.add_argument("--ipv4")
+    add.add_argument("--ipv6")
+    add.add_argument("--ehlo")
+    add.add_argument("--user", help="passwd name (or --uid and --gid)")
+    add.add_argument("--uid", type=int)
+    add.add_argument("--gid", type=int)
+    add.add_argument("--home")
+    add.add_argument("--users", default="", help="local mailboxes, comma separated")
+    verbs.add_parser("remove", help="remove a tenant added with 'tenant add'").add_argument(
+        "domain"
+    )
+    verbs.add_parser("list", help="list the tenants").add_argument("--json", action="store_true")
     flush = commands.add_parser("flush", help="retry deferred mail now (root)")
     flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
     commands.add_parser(
@@ -80,10 +96,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_OK
     if args.command == "flush":
         return _flush(config, args.tenant)
+    if args.command == "tenant":
+        return _tenant(path, args)
     _setup_logging()
     from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def _tenant(path: Path, args: argparse.Namespace) -> int:
+    try:
+        if args.verb == "list":
+            tenants = tenantadmin.listing(path)
+            if args.json:
+                print(json.dumps(tenants))
+            for t in [] if args.json else tenants:
+                addresses = " ".join(str(a) for a in (t["ipv4"], t["ipv6"]) if a)
+                print(f"{t['domain']:<30} {addresses:<40} uid {t['uid']}")
+            return EX_OK
+        if args.verb == "remove":
+            print(f"nsmail: {tenantadmin.remove(path, args.domain)}")
+            return EX_OK
+        new = tenantadmin.NewTenant(
+            domain=args.domain,
+            ipv4=args.ipv4,
+            ipv6=args.ipv6,
+            ehlo=args.ehlo,
+            user=args.user,
+            uid=args.uid,
+            gid=args.gid,
+            home=args.home,
+            users=tuple(u for u in args.users.split(",") if u),
+        )
+        print(f"nsmail: {tenantadmin.add(path, new)}")
+        return EX_OK
+    except tenantadmin.AdminError as e:
+        print(f"nsmail: {e}", file=sys.stderr)
+        return e.code
 
 
 def _flush(config: configuration.Config, domains: list[str]) -> int:

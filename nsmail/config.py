@@ -237,13 +237,18 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
 
 def load(path: Path) -> Config:
     """Read the main file and its tenants.d/*.toml drop-ins and `parse` them."""
+    return parse(read_documents(path), system_lookup())
+
+
+def read_documents(path: Path) -> list[tuple[str, str]]:
+    """(file name, text) of the main file, then of its drop-ins in name order."""
     documents = [(str(path), _read(path))]
     dropin_dir = path.parent / DROPIN_DIR
     if dropin_dir.is_dir():
         # Hidden names are editor droppings (emacs' .#x.toml lock links), never config.
         names = sorted(p.name for p in dropin_dir.glob("*.toml") if not p.name.startswith("."))
         documents += [(str(dropin_dir / n), _read(dropin_dir / n)) for n in names]
-    return parse(documents, system_lookup())
+    return documents
 
 
 def run_dir_of(path: Path) -> Path:

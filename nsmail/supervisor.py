@@ -466,18 +466,25 @@ class Supervisor:
 
     # -- reload and shutdown ---------------------------------------------------------
 
-    def reload(self) -> None:
+    def reload(self) -> str | None:
+        """Apply the configuration on disk; why it was refused, or None."""
         notify(RELOADING="1", MONOTONIC_USEC=str(time.monotonic_ns() // 1000))
+        refused: str | None
         try:
             new = load(self.config.path)
         except ConfigError as e:
-            log.error("reload refused, keeping the running configuration: %s", e)
-            notify(READY="1", STATUS=self._summary())
-            return
-        if new.network != self.config.network:
-            log.error("reload refused: [network] changed; restart the supervisor to apply it")
-            notify(READY="1", STATUS=self._summary())
-            return
+            refused = str(e)
+        else:
+            refused = "[network] changed; restart the supervisor to apply it"
+            if new.network == self.config.network:
+                self._apply(new)
+                refused = None
+        if refused:
+            log.error("reload refused, keeping the running configuration: %s", refused)
+        notify(READY="1", STATUS=self._summary())
+        return refused
+
+    def _apply(self, new: Config) -> None:
         everything_changed = (new.host, new.delivery) != (self.config.host, self.config.delivery)
         if new.host.resolvers != self.config.host.resolvers and self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
@@ -498,7 +505,6 @@ class Supervisor:
             if domain not in self.slots:
                 log.info("%s: added to the configuration", domain)
                 self._add(tenant)
-        notify(READY="1", STATUS=self._summary())
 
     def shutdown(self) -> None:
         if self.stopping:
@@ -552,6 +558,9 @@ class Supervisor:
                 "relay_pid": self.relay.pid,
                 "workers": [s.to_json() for s in self.statuses()],
             }
+        if request["cmd"] == "reload":
+            refused = self.reload()
+            return {"ok": refused is None, "error": refused}
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
 
     def _summary(self) -> str:

@@ -258,3 +258,46 @@ def test_metrics_count_what_was_delivered(lab: Lab) -> None:
     assert 'nsmail_delivery_latency_seconds_count{tenant="bcd.test"} 3.0' in page
     assert 'nsmail_queue_messages{state="deferred",tenant="bcd.test"} 0.0' in page
     assert hosting.stop() == 0
+
+
+def test_tenant_add_and_remove_on_a_running_supervisor(lab: Lab) -> None:
+    Nsd(lab, [*dns_records(), *forward_and_reverse("new.test", "198.51.100.90")])
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V6_ONLY))
+    hosting.start()
+    before = hosting.status()
+    uid = hosting.uid("new.test")
+    home = hosting.home("new.test")
+    home.mkdir(parents=True)
+    os.chown(home, uid, uid)
+    add = ["tenant", "add", "new.test", "--ipv4", "198.51.100.90", "--uid", str(uid)]
+    add += ["--gid", str(uid), "--home", str(home)]
+
+    # Bad input: a taken address, a bad domain. A clear line, nothing written.
+    dropins = hosting.etc / "tenants.d"
+    taken = hosting.nsmail(*add[:3], "--ipv4", "198.51.100.70", *add[5:])
+    assert taken.returncode == 65 and "198.51.100.70" in taken.stderr and "already" in taken.stderr
+    bad = hosting.nsmail("tenant", "add", "bad_domain.test", *add[3:])
+    assert bad.returncode == 65 and bad.stderr.count("\n") == 1
+    assert list(dropins.iterdir()) == []
+
+    added = hosting.nsmail(*add)
+    assert added.returncode == 0, added.stderr
+    status = hosting.wait_status(lambda s: "new.test" in s and s["new.test"]["pid"])
+    assert {d: status[d]["pid"] for d in before} == {d: w["pid"] for d, w in before.items()}
+    sendmail(
+        hosting, "new.test", ["-i", "-f", "a@new.test", "x@rcpt.test"], b"Subject: new\n\nhi\n"
+    )
+    (message,) = postfix.wait_for(1)
+    assert " ".join(str(message["Received"]).split()).startswith(
+        "from new.test (new.test [198.51.100.90])"
+    )
+
+    removed = hosting.nsmail("tenant", "remove", "new.test")
+    assert removed.returncode == 0, removed.stderr
+    after = hosting.wait_status(lambda s: "new.test" not in s)
+    assert {d: w["pid"] for d, w in after.items()} == {d: w["pid"] for d, w in before.items()}
+    wait_for(lambda: not os.path.exists(f"/run/netns/{hosting.namespace('new.test')}"))
+    assert list(dropins.iterdir()) == []
+    assert hosting.stop() == 0
