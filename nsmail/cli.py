@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nsmail import config as configuration
-from nsmail import control, tenantadmin
+from nsmail import control, tenant_exec, tenantadmin
 from nsmail.jail import run_as
 from nsmail.spool import Spool
 from nsmail.status import WorkerStatus, render_table
@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "domain"
     )
     verbs.add_parser("list", help="list the tenants").add_argument("--json", action="store_true")
+    run = commands.add_parser(
+        "exec", help="run a command in a tenant's namespace, as the tenant (root)"
+    )
+    run.add_argument("tenant")
+    run.add_argument("--chroot", action="store_true", help="also inside the tenant's home")
+    run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
     flush = commands.add_parser("flush", help="retry deferred mail now (root)")
     flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
     commands.add_parser(
@@ -98,10 +104,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _flush(config, args.tenant)
     if args.command == "tenant":
         return _tenant(path, args)
+    if args.command == "exec":
+        return _exec(config, args)
+    assert args.command == "supervise", args.command  # every other verb returned above
     _setup_logging()
     from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def _exec(config: configuration.Config, args: argparse.Namespace) -> int:
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    tenant = config.tenant(args.tenant)
+    if tenant is None or not command:
+        print("nsmail: usage: nsmail exec TENANT [--chroot] -- COMMAND [ARG...]", file=sys.stderr)
+        return EX_USAGE
+    return tenant_exec.run(config, tenant, command, chroot=args.chroot)
 
 
 def _tenant(path: Path, args: argparse.Namespace) -> int:

@@ -53,13 +53,7 @@ def enter(identity: Identity, parent_pid: int) -> None:
         root_stat = os.stat(identity.root)
         os.chroot(identity.root)
         os.chdir("/")
-        for cap in range(last_cap + 1):
-            prctl.capbset_drop(cap)
-        prctl.cap_inheritable.limit()
-        prctl.set_no_new_privs(1)
-        os.setgroups([])
-        os.setresgid(identity.gid, identity.gid, identity.gid)
-        os.setresuid(identity.uid, identity.uid, identity.uid)
+        drop(identity.uid, identity.gid, last_cap)
         _wait_for_adoption(parent_pid)
         prctl.set_pdeathsig(signal.SIGKILL)
         if os.getppid() != parent_pid:
@@ -74,6 +68,20 @@ def enter(identity: Identity, parent_pid: int) -> None:
         problems.append("root directory is not the jail")
     if problems:
         raise JailError("; ".join(problems))
+
+
+def drop(uid: int, gid: int, last_cap: int | None = None) -> None:
+    """Become uid:gid for good: no capabilities (bounding set included, so nothing
+    executed later gets any back), no_new_privs, no groups, real/effective/saved ids."""
+    if last_cap is None:
+        last_cap = int(_read_at(None, "/proc/sys/kernel/cap_last_cap"))
+    for cap in range(last_cap + 1):  # only possible before the uid change (CAP_SETPCAP)
+        prctl.capbset_drop(cap)
+    prctl.cap_inheritable.limit()
+    prctl.set_no_new_privs(1)
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
 
 
 def _wait_for_adoption(parent_pid: int) -> None:
@@ -129,9 +137,7 @@ def run_as(uid: int, gid: int, action: Callable[[], None]) -> int:
     if pid == 0:
         code = EX_SOFTWARE
         try:
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            drop(uid, gid)
             action()
             code = 0
         except BaseException as e:

@@ -13,10 +13,11 @@ Like Postfix's postqueue and postsuper, for every tenant's queue (and the host's
 
 Named IDs are all or nothing: every ID is looked up first, and if any is unknown, not in a
 state the command applies to, or in the worker's hands, nothing changes. `--all` changes
-what it can and reports the rest. Exit status (sysexits, the first that applies): 64 usage
-(also an ID found in two queues: name one with --tenant), 77 not permitted, 70 internal
-error, 66 no such message (or not in a state the command applies to), 75 try again (being
-delivered, or the queue could not be read), else 0.
+what it can and reports the rest (hold and delete: mail still in the worker's hands, 75).
+Exit status (sysexits; when several apply, the first of this list): 64 usage (also an ID
+found in two queues: name one with --tenant), 77 not permitted, 78 configuration, 70
+internal error, 66 no such message or not in a state the command applies to, 75 try again
+(in the worker's hands, moved meanwhile, or the queue could not be read); else 0.
 
 Security: run by root or by a tenant's user (found by real uid, as sendmail does); not setuid.
 Root never touches a queue itself: each queue is read and changed in a child that dropped to
@@ -149,7 +150,8 @@ def format_listing(entries: Sequence[Entry]) -> str:
         lines = [f"{entry.queue_id:<22} {entry.size:>8} {arrival:<20} {entry.state:<8} {sender}"]
         if entry.next_attempt is not None and env is not None:
             when = _short_time(entry.next_attempt)
-            lines.append(f"{indent}({env.attempts} attempts, next {when})")
+            tries = f"{env.attempts} attempt{'s' if env.attempts != 1 else ''}"
+            lines.append(f"{indent}({tries}, next {when})")
         lines += [indent + printable(r) for r in (() if env is None else env.recipients)]
         if env is not None and env.extract and not env.cleaned:
             lines.append(indent + "(recipients from the headers, -t)")
@@ -436,12 +438,16 @@ def _read(spool: Spool, state: str, queue_id: str) -> tuple[bytes, float]:
     put there is refused without blocking or reading (O_NONBLOCK, then fstat)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(spool.path(state, queue_id), flags)
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         if info.st_size > MAX_FILE:
             raise OSError(errno.EFBIG, "queue file too large")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         return f.read(MAX_FILE + 1), info.st_mtime
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -314,4 +315,42 @@ def test_status_watch_refreshes_until_interrupted(lab: Lab) -> None:
     assert watching.returncode == 0
     snapshots = [json.loads(line) for line in out.splitlines()]
     assert len(snapshots) >= 2 and all(s["host"] == "abc.test" for s in snapshots)
+    assert hosting.stop() == 0
+
+
+PEER_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 2525))
+s.listen()
+while True:
+    c, peer = s.accept()
+    c.sendall(peer[0].removeprefix("::ffff:").encode())
+    c.close()
+"""
+CLIENT = """
+import socket
+with socket.create_connection(("203.0.113.25", 2525), timeout=5) as s:
+    print("seen as", s.recv(100).decode())
+print(open("/proc/self/status").read())
+"""
+
+
+def test_exec_runs_any_program_with_the_tenants_identity(lab: Lab) -> None:
+    lab.popen(lab.net, [sys.executable, "-c", PEER_ECHO])
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL, V4_ONLY))
+    hosting.start()
+    time.sleep(0.3)
+    result = hosting.nsmail("exec", "cde.test", "--", sys.executable, "-c", CLIENT)
+    assert result.returncode == 0, result.stderr
+    assert "seen as 198.51.100.71" in result.stdout
+    status = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    uid = str(hosting.uid("cde.test"))
+    assert status["Uid"].split() == [uid] * 4
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    unknown = hosting.nsmail("exec", "nope.test", "--", "true")
+    assert unknown.returncode == 64
     assert hosting.stop() == 0
