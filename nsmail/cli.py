@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "sendmail", help="submit a message, like sendmail(1)", add_help=False
     ).add_argument("args", nargs=argparse.REMAINDER)
+    # prefix_chars="+": every word after `queue` (options too) is queuetool's to parse.
+    commands.add_parser(
+        "queue",
+        help="list, show, hold, release, requeue, delete queued mail",
+        add_help=False,
+        prefix_chars="+",
+    ).add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -87,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sendmail.main(argv[1:])
     args = _parser().parse_args(argv)
     path = configuration.locate(args.config, os.environ)
+    if args.command == "queue":
+        from nsmail import queuetool  # run by tenants' users too: it loads the config itself
+
+        return queuetool.main(path, args.args)
     if args.command == "status":
         run_dir = configuration.run_dir_of(path)
         if not args.watch:

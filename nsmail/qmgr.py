@@ -168,8 +168,11 @@ class QueueManager:
         retry_at = schedule.next_attempt(
             self.policy, envelope.arrival, envelope.attempts + 1, now, self.rng.random()
         )
-        self.spool.schedule(queue_id, state, retry_at)
-        self.spool.move(queue_id, state, ACTIVE)
+        try:
+            self.spool.schedule(queue_id, state, retry_at)
+            self.spool.move(queue_id, state, ACTIVE)
+        except FileNotFoundError:  # held, requeued or deleted (`nsmail queue`) since read
+            return
         outcomes = self._deliver(queue_id, envelope, body)
         self._log(queue_id, envelope, outcomes, now)
         pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)

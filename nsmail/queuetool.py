@@ -19,18 +19,20 @@ found in two queues: name one with --tenant), 77 not permitted, 78 configuration
 internal error, 66 no such message or not in a state the command applies to, 75 try again
 (in the worker's hands, moved meanwhile, or the queue could not be read); else 0.
 
-Security: run by root or by a tenant's user (found by real uid, as sendmail does); not setuid.
-Root never touches a queue itself: each queue is read and changed in a child that dropped to
-the queue owner's uid and gid for good (`jail.run_as`), so a planted symlink leads only where
-the tenant could go anyway; the child is not dumpable after the uid change, so the tenant
-cannot tamper with it, and its reply (JSON, then raw message bytes) comes back through a
-memfd. A tenant's user sees and changes only its own queue: `--tenant` or an ID of any other
-queue is refused (77) without saying whether it exists, as its spool is not readable anyway.
-Queue files are tenant-written: they are opened without following symlinks and without
-blocking (a FIFO), only regular files are read, `queuefile.decode` raises only
-QueueFileError, and every tenant-written string is escaped before it reaches a terminal.
-State changes are single renames or unlinks of names checked with `valid_queue_id`; one
-that loses a race with the worker reports it instead of guessing.
+Security: run by root or by a tenant's user (found by real uid, as sendmail does); not
+setuid. Root never touches a queue itself: each queue is read and changed in a child that
+dropped to the queue owner's uid and gid for good (`jail.run_as`), so a planted symlink
+leads only where the tenant could go anyway. Its reply (JSON, then raw message bytes) comes
+back through a memfd; after the uid change the child is not dumpable (fs.suid_dumpable = 0),
+so the tenant cannot tamper with it, and a forged reply could only misreport that tenant's
+own queue: changes are made by a child of the queue they name. A tenant's user sees and
+changes only its own queue: `--tenant` or an ID of any other queue is refused (77) without
+saying whether it exists, as its spool is not readable anyway. Queue files are
+tenant-written: they are opened without following symlinks and without blocking (a FIFO),
+only regular files are read, `queuefile.decode` raises only QueueFileError, and every
+tenant-written string is escaped before it reaches a terminal. State changes are single
+renames or unlinks of names checked with `valid_queue_id`; one that loses a race with the
+worker reports it instead of guessing.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import errno
 import json
 import os
 import re
-import stat
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -60,7 +61,6 @@ from nsmail.spool import (
     HOLD,
     INCOMING,
     MAILDROP,
-    MAX_FILE,
     STATES,
     Spool,
 )
@@ -385,7 +385,7 @@ def scan(spool: Spool, tenant: str) -> list[Entry]:
 def load(spool: Spool, tenant: str, state: str, queue_id: str) -> tuple[Entry, bytes] | None:
     """One queue file's entry and message (empty if unreadable); None if it is not there."""
     try:
-        data, mtime = _read(spool, state, queue_id)
+        data, mtime = spool.read_with_time(state, queue_id)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -431,24 +431,6 @@ def apply(spool: Spool, change: Change) -> Outcome:
     except OSError as e:
         return dataclasses.replace(done, code=EX_TEMPFAIL, reason=_os_error(e))
     return done
-
-
-def _read(spool: Spool, state: str, queue_id: str) -> tuple[bytes, float]:
-    """A queue file's bytes and mtime. Unlike `Spool.read`, a FIFO or directory the tenant
-    put there is refused without blocking or reading (O_NONBLOCK, then fstat)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(spool.path(state, queue_id), flags)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_size > MAX_FILE:
-            raise OSError(errno.EFBIG, "queue file too large")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read(MAX_FILE + 1), info.st_mtime
 
 
 def _os_error(error: OSError) -> str:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from nsmail import config as configuration
-from nsmail.queuefile import Envelope, QueueFileError, decode, encode
-from nsmail.spool import STATES, Spool, new_queue_id
+from nsmail.queuefile import Envelope, encode
+from nsmail.spool import Spool, new_queue_id
 
 PROG = "nsmail-sendmail"
 MAX_MESSAGE = 50 << 20
@@ -206,39 +206,6 @@ def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> bytes:
     return data
 
 
-@dataclass(frozen=True, slots=True)
-class QueueEntry:
-    """One queue file as `-bp` shows it."""
-
-    queue_id: str
-    state: str
-    size: int
-    envelope: Envelope | None  # None: the file is damaged or unreadable
-
-
-def format_queue(entries: Sequence[QueueEntry]) -> str:
-    """mailq(1)-style text: one block per message, then a total."""
-    if not entries:
-        return "Mail queue is empty\n"
-    header = f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<8}"
-    blocks = [header + " -Sender/Recipient-------\n"]
-    indent = " " * (len(header) + 1)
-    for entry in entries:
-        env = entry.envelope
-        arrival = _local_time(env.arrival) if env else "?"
-        sender = "(unreadable)" if env is None else _show(env.sender) or "<>"
-        recipients = () if env is None else env.recipients
-        lines = [f"{entry.queue_id:<22} {entry.size:>8} {arrival:<20} {entry.state:<8} {sender}"]
-        lines += [indent + _show(r) for r in recipients]
-        if env is not None and env.extract and not env.cleaned:
-            lines.append(indent + "(recipients from the headers, -t)")
-        blocks.append("\n".join(lines) + "\n\n")
-    total_kib = (sum(e.size for e in entries) + 1023) // 1024
-    count = len(entries)
-    blocks.append(f"-- {total_kib} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
-    return "".join(blocks)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(sys.argv[1:] if argv is None else argv)
@@ -264,7 +231,9 @@ def _run(argv: Sequence[str]) -> int:
     spool = Spool(tenant.spool)
     if options.mode == LIST:
         try:
-            sys.stdout.write(format_queue(_queue_entries(spool)))
+            from nsmail import queuetool  # only here: submission stays lean
+
+            sys.stdout.write(queuetool.format_listing(queuetool.scan(spool, tenant.domain)))
             sys.stdout.flush()
         except OSError as e:
             raise _tempfail("cannot list the queue", e) from e
@@ -336,33 +305,6 @@ def _login(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid{uid}"
-
-
-def _queue_entries(spool: Spool) -> list[QueueEntry]:
-    entries = []
-    for state in STATES:
-        for queue_id in spool.ids(state):
-            try:
-                data = spool.read(state, queue_id)
-            except FileNotFoundError:
-                continue  # delivered or moved on while we were listing
-            except OSError:
-                entries.append(QueueEntry(queue_id, state, 0, None))
-                continue
-            try:
-                envelope, body = decode(data)
-            except QueueFileError:
-                entries.append(QueueEntry(queue_id, state, len(data), None))
-                continue
-            entries.append(QueueEntry(queue_id, state, len(body), envelope))
-    return entries
-
-
-def _local_time(when: float) -> str:
-    try:
-        return time.strftime("%a %b %e %H:%M:%S", time.localtime(when))
-    except (OverflowError, OSError, ValueError):  # a tenant-written arrival time
-        return "?"
 
 
 def _tempfail(action: str, error: OSError) -> SendmailError:

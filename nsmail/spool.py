@@ -21,6 +21,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -132,12 +133,29 @@ class Spool:
         self.path(state, queue_id).unlink()
 
     def read(self, state: str, queue_id: str) -> bytes:
-        """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a symlink)."""
-        fd = os.open(self.path(state, queue_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            if os.fstat(fd).st_size > MAX_FILE:
+        """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a
+        symlink, EINVAL for anything but a regular file)."""
+        return self.read_with_time(state, queue_id)[0]
+
+    def read_with_time(self, state: str, queue_id: str) -> tuple[bytes, float]:
+        """The file's bytes and its mtime (a deferred message's next attempt).
+
+        O_NONBLOCK and the fstat check: a FIFO or device planted by the tenant is refused
+        without blocking, never read.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(self.path(state, queue_id), flags)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if info.st_size > MAX_FILE:
                 raise OSError(errno.EFBIG, "queue file too large")
-            return f.read(MAX_FILE + 1)
+        except BaseException:
+            os.close(fd)
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return f.read(MAX_FILE + 1), info.st_mtime
 
     def ids(self, state: str) -> list[str]:
         """Queue ids in `state`, oldest first; names that are no queue id are skipped."""

@@ -180,7 +180,7 @@ def test_split_message_and_printable_text() -> None:
 pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 # `nsmail queue` once the lead wires it into nsmail.cli; until then, queuetool.main itself.
 NSMAIL = Path(sys.executable).with_name("nsmail")
-VIA_CLI = False
+VIA_CLI = True
 _VIA_MAIN = (
     "import sys; from pathlib import Path; from nsmail import queuetool;"
     " sys.exit(queuetool.main(Path(sys.argv[1]), sys.argv[2:]))"
@@ -488,6 +488,12 @@ def test_show(site: Site) -> None:
     assert shown["headers"] == BODY.split(b"\n\n")[0].decode() + "\n"
     assert shown["body"] == "the body\n"
     assert queue(site, "show", "0000000000000000unknown").returncode == EX_NOINPUT
+    # More than a pipe holds comes back from the child running as the tenant.
+    large = b"x" * 99 + b"\n"
+    big = put(
+        site, B, INCOMING, encode(Envelope("", ("bob@rcpt.test",)), b"A: 1\n\n" + large * 3000)
+    )
+    assert queue(site, "show", "--body", big).stdout.endswith("\n" + large.decode() * 3000)
 
 
 @pytestmark_root

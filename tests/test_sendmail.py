@@ -29,10 +29,8 @@ from nsmail.sendmail import (
     LIST,
     MAX_MESSAGE,
     Options,
-    QueueEntry,
     SendmailError,
     envelope_sender,
-    format_queue,
     parse_args,
     qualify,
     read_message,
@@ -245,29 +243,6 @@ def test_read_message_limit(dot_ends: bool) -> None:
         with pytest.raises(SendmailError) as caught:
             read_message(io.BytesIO(exact + extra), dot_ends=dot_ends, limit=10)
         assert caught.value.code == EX_DATAERR
-
-
-# --- queue listing ---------------------------------------------------------------------
-
-
-def test_format_queue() -> None:
-    assert format_queue([]) == "Mail queue is empty\n"
-    ok = Envelope("alice@bcd.test", ("bob@cde.test", "carol@cde.test"), arrival=1.7e9)
-    text = format_queue(
-        [
-            QueueEntry("0001", "deferred", 1500, ok),
-            QueueEntry("0002", "maildrop", 10, Envelope("", (), arrival=1.7e9, extract=True)),
-            QueueEntry("0003", "corrupt", 7, None),
-            QueueEntry("0004", "hold", 1, Envelope("\x1b[2J@x.test", ("\r\n@y",), arrival=1e300)),
-        ]
-    )
-    lines = text.splitlines()
-    assert lines[1].startswith("0001") and "deferred" in lines[1] and "alice@bcd.test" in lines[1]
-    assert lines[2].strip() == "bob@cde.test" and lines[3].strip() == "carol@cde.test"
-    assert "<>" in lines[5] and "from the headers" in lines[6]
-    assert "(unreadable)" in lines[8] and "corrupt" in lines[8]
-    assert "\x1b" not in text and "\r" not in text and "\\x1b[2J@x.test" in text
-    assert lines[-1] == "-- 2 Kbytes in 4 Requests."
 
 
 # --- the real command, run as a tenant ---------------------------------------------------

@@ -72,3 +72,9 @@ def test_flush_trigger_is_taken_once(spool: Spool) -> None:
 def test_queue_ids_sort_by_time_and_are_unique() -> None:
     assert new_queue_id(1.0) < new_queue_id(2.0) < new_queue_id(3.5)
     assert len({new_queue_id(2.0) for _ in range(100)}) == 100
+
+
+def test_a_fifo_is_refused_without_blocking(spool: Spool) -> None:
+    os.mkfifo(spool.root / INCOMING / "fifo")
+    with pytest.raises(OSError, match="not a regular file"):
+        spool.read(INCOMING, "fifo")
