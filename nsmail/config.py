@@ -53,6 +53,8 @@ _DELIVERY_KEYS = frozenset(
         "delay_warning",
         "tls",
         "tls_verify",
+        "hourly_limit",
+        "recipient_limit",
     }
 )
 TLS_POLICIES = ("may", "verify")
@@ -69,6 +71,8 @@ _TENANT_KEYS = frozenset(
         "users",
         "foreign_senders",
         "tls",
+        "hourly_limit",
+        "recipient_limit",
     }
 )
 
@@ -127,6 +131,10 @@ class DeliveryConfig:
     # valid for the MX name. tls_verify lists destination domains that always demand it.
     tls: str = "may"
     tls_verify: tuple[str, ...] = ()
+    # Sending limits of every tenant (0: none); a tenant may set its own. Mail over a
+    # limit is held, not lost: an operator releases it (nsmail queue release).
+    hourly_limit: int = 0  # messages taken in per hour
+    recipient_limit: int = 0  # recipients per message
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +151,8 @@ class Tenant:
     # Whether the tenant may submit mail with an envelope sender outside its domain.
     foreign_senders: bool = False
     tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
+    hourly_limit: int | None = None  # None: [delivery] hourly_limit
+    recipient_limit: int | None = None  # None: [delivery] recipient_limit
     spool_in_home: str = SPOOL_IN_HOME  # where its queue is, inside its home (jail)
 
     @property
@@ -529,11 +539,20 @@ def _delivery(table: _Table) -> DeliveryConfig:
         lifetime=_seconds(table, "lifetime", defaults.lifetime),
         delay_warning=_seconds(table, "delay_warning", defaults.delay_warning),
         tls=_tls_policy(table) or defaults.tls,
+        hourly_limit=_limit(table, "hourly_limit") or 0,
+        recipient_limit=_limit(table, "recipient_limit") or 0,
         tls_verify=tuple(
             _domain(table, f"tls_verify[{i}]", name)
             for i, name in enumerate(table.strings("tls_verify") or ())
         ),
     )
+
+
+def _limit(table: _Table, key: str) -> int | None:
+    value = table.integer(key)
+    if value is not None and not 0 <= value < 2**31:
+        raise table.error(key, f"{value} is not a limit (0 for none)")
+    return value
 
 
 def _tls_policy(table: _Table) -> str | None:
@@ -580,6 +599,8 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         source=table.file,
         foreign_senders=table.flag("foreign_senders"),
         tls=_tls_policy(table),
+        hourly_limit=_limit(table, "hourly_limit"),
+        recipient_limit=_limit(table, "recipient_limit"),
     )
 
 

@@ -27,7 +27,7 @@ from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
 from nsmail.queuefile import Envelope, QueueFileError, decode, encode
 from nsmail.report import MAX_TEXT, QUEUE_STATES, Report, Tally
-from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, MAILDROP, Spool, new_queue_id
+from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, Spool, new_queue_id
 
 log = logging.getLogger("nsmail.qmgr")
 
@@ -51,6 +51,10 @@ class QueueManager:
     # owner (the kernel's word), named by this map; tenants' users must use their own.
     owners: Mapping[int, str] | None = None
     tenant_uids: frozenset[int] = frozenset()
+    # Sending limits (0: none): over them, mail is held for an operator, never lost.
+    hourly_limit: int = 0
+    recipient_limit: int = 0
+    _taken_in: Tally = field(default_factory=Tally)  # messages taken in, per minute
     next_due: float = 0.0  # earliest next attempt among deferred messages
     stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
     # What the worker reports to the supervisor (nsmail.report).
@@ -130,10 +134,23 @@ class QueueManager:
             cleaned=True,
             arrival=envelope.arrival or now,
         )
+        over = self._over_limit(len(recipients), now)
+        if over:
+            self.last_error, self.last_error_at = f"{queue_id} held: {over}", now
+            log.warning("%s: tenant=%s held: %s", queue_id, self.domain, over)
+        else:
+            self._taken_in.add("sent", now)
         # Same id in both states: a crash between the two steps repeats, never duplicates.
-        self.spool.put(INCOMING, queue_id, encode(cleaned, done.message))
+        self.spool.put(HOLD if over else INCOMING, queue_id, encode(cleaned, done.message))
         self.spool.remove(MAILDROP, queue_id)
         return 1
+
+    def _over_limit(self, recipients: int, now: float) -> str | None:
+        if self.recipient_limit and recipients > self.recipient_limit:
+            return f"{recipients} recipients, over the limit of {self.recipient_limit}"
+        if self.hourly_limit and self._taken_in.last_hour(now)["sent"] >= self.hourly_limit:
+            return f"the limit of {self.hourly_limit} messages per hour is reached"
+        return None
 
     # -- attempts -----------------------------------------------------------------------
 

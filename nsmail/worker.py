@@ -124,6 +124,10 @@ def prepare(
         ),
         rng=shared.rng,
         clock=time.time,
+        hourly_limit=delivery.hourly_limit if tenant.hourly_limit is None else tenant.hourly_limit,
+        recipient_limit=(
+            delivery.recipient_limit if tenant.recipient_limit is None else tenant.recipient_limit
+        ),
     )
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}

@@ -35,6 +35,7 @@ class TenantSpec:
     domain: str
     ipv4: str | None
     ipv6: str | None
+    extra: str = ""  # more TOML lines for this tenant's table
 
 
 DUAL = TenantSpec("bcd.test", "198.51.100.70", "2001:db8:51::70")
@@ -136,7 +137,7 @@ class Hosting:
         lines = [f'[[tenant]]\ndomain = "{t.domain}"\nuid = {uid}\ngid = {uid}\nhome = "{home}"']
         lines += [f'ipv4 = "{t.ipv4}"'] if t.ipv4 else []
         lines += [f'ipv6 = "{t.ipv6}"'] if t.ipv6 else []
-        lines += ['users = ["alice", "bob"]']
+        lines += ['users = ["alice", "bob"]', *t.extra.splitlines()]
         return "\n".join(lines) + "\n"
 
     # -- the supervisor ------------------------------------------------------------------

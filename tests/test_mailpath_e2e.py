@@ -3,6 +3,7 @@ and jailed workers, a real Postfix receiver and a real NSD, all in lab namespace
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import os
@@ -300,4 +301,26 @@ def test_tenant_add_and_remove_on_a_running_supervisor(lab: Lab) -> None:
     assert {d: w["pid"] for d, w in after.items()} == {d: w["pid"] for d, w in before.items()}
     wait_for(lambda: not os.path.exists(f"/run/netns/{hosting.namespace('new.test')}"))
     assert list(dropins.iterdir()) == []
+    assert hosting.stop() == 0
+
+
+def test_mail_over_the_hourly_limit_is_held_not_lost(lab: Lab) -> None:
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    limited = dataclasses.replace(DUAL, extra="hourly_limit = 3")
+    hosting.write_config((limited, V6_ONLY))
+    hosting.start()
+    for n in range(5):
+        sendmail(hosting, DUAL.domain, ["-i", "-f", "alice@bcd.test", f"l{n}@rcpt.test"], b"\n")
+    for n in range(5):
+        sendmail(hosting, V6_ONLY.domain, ["-i", "-f", "alice@def.test", f"f{n}@rcpt.test"], b"\n")
+    postfix.wait_for(8)  # 3 of the limited tenant, all 5 of the other
+    status = hosting.wait_status(lambda s: (s[DUAL.domain]["queue"] or {}).get("hold") == 2)
+    assert "per hour" in status[DUAL.domain]["last_error"]
+    assert status[V6_ONLY.domain]["queue"]["hold"] == 0
+    # An operator looks, and lets them go.
+    released = hosting.nsmail("queue", "release", "--all", "--tenant", DUAL.domain)
+    assert released.returncode == 0, released.stderr
+    assert len(postfix.wait_for(10)) == 10
     assert hosting.stop() == 0
