@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--watch", action="store_true", help="refresh every 2 s until interrupted (Ctrl-C)"
     )
-    commands.add_parser("check", help="validate the configuration (exit 78 on error)")
+    check = commands.add_parser("check", help="validate the configuration (exit 78 on error)")
+    check.add_argument(
+        "--dns", action="store_true", help="check each tenant's DNS as receivers see it (root)"
+    )
+    check.add_argument("tenant", nargs="*", help="with --dns: only these domains")
+    check.add_argument("--json", action="store_true", help="with --dns: machine-readable output")
     tenant = commands.add_parser("tenant", help="add, remove or list hosted domains (root)")
     verbs = tenant.add_subparsers(dest="verb", required=True, metavar="VERB")
     add = verbs.add_parser("add", help="add a tenant as tenants.d/DOMAIN.toml and apply it")
@@ -109,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nsmail: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check":
+        if args.dns:
+            from nsmail import preflight  # pyspf and cryptography load only for --dns
+
+            return preflight.main(config, args.tenant, args.json)
         print(f"{path}: OK, {len(config.tenants)} tenants")
         return EX_OK
     if args.command == "flush":

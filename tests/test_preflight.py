@@ -1,0 +1,527 @@
+"""DNS preflight: the pure evaluation of DNS answers, then `check --dns` against a real NSD,
+asking from inside the tenant namespaces that the real supervisor made."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hosting import DUAL, THREE, V4_ONLY, V6_ONLY, Hosting, dns_records
+from lab import DNS_V4, DNS_V6, Lab, Nsd, Record, reverse_name
+
+from nsmail import preflight
+from nsmail.config import Tenant
+from nsmail.preflight import (
+    Answer,
+    Finding,
+    SpfVerdict,
+    TenantFacts,
+    check_dkim,
+    evaluate,
+    spf_record,
+)
+
+V4 = IPv4Address("198.51.100.70")
+V6 = IPv6Address("2001:db8:51::70")
+SPF = "v=spf1 ip4:198.51.100.0/24 ip6:2001:db8:51::/64 -all"
+PTR4 = "70.100.51.198.in-addr.arpa."
+PTR6 = "0.7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.5.0.0.8.b.d.0.1.0.0.2.ip6.arpa."
+
+
+# --- the pure core ---------------------------------------------------------------------
+
+
+def address(ip: IPv4Address | IPv6Address, ehlo: str = "bcd.test", **changes: object) -> object:
+    """The facts of an address whose DNS is all in order, with `changes`."""
+    identities = dict.fromkeys(("bcd.test", ehlo))
+    good = preflight.AddressFacts(
+        ip,
+        ptr=Answer((ehlo,)),
+        forward=Answer((str(ip),)),
+        spf=tuple(SpfVerdict(i, "pass", "sender SPF authorized") for i in identities),
+    )
+    return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+
+
+def facts(*addresses: object, ehlo: str = "bcd.test", **changes: object) -> TenantFacts:
+    good = TenantFacts(
+        "bcd.test",
+        ehlo,
+        tuple(addresses) or (address(V4, ehlo), address(V6, ehlo)),  # type: ignore[arg-type]
+        mx=Answer(("10 mx.test",)),
+        spf_records={i: Answer((SPF,)) for i in dict.fromkeys(("bcd.test", ehlo))},
+    )
+    return dataclasses.replace(good, **changes)  # type: ignore[arg-type]
+
+
+def problems(tenant_facts: TenantFacts) -> list[str]:
+    return [f.line() for f in evaluate(tenant_facts) if not f.ok]
+
+
+def test_a_correct_setup_is_all_clear() -> None:
+    findings = evaluate(facts())
+    assert [(f.family, f.check) for f in findings] == [
+        ("ipv4", "ptr"),
+        ("ipv4", "fcrdns"),
+        ("ipv4", "spf"),
+        ("ipv6", "ptr"),
+        ("ipv6", "fcrdns"),
+        ("ipv6", "spf"),
+        (None, "mx"),
+    ]
+    assert all(f.ok and f.problem is None and f.fix is None for f in findings)
+    assert preflight.render(findings, []) == "all clear"
+    assert preflight.exit_code(findings) == 0
+
+
+def test_a_missing_ptr_says_which_record_to_publish() -> None:
+    missing = facts(address(V4), address(V6, ptr=Answer()))
+    assert problems(missing) == [f"bcd.test: IPv6 {V6} has no PTR: publish {PTR6} PTR bcd.test."]
+    assert preflight.exit_code(evaluate(missing)) == 1
+
+
+def test_a_ptr_naming_another_host_is_replaced() -> None:
+    other = facts(address(V4, ptr=Answer(("other.test",))), address(V6))
+    assert problems(other) == [
+        f"bcd.test: IPv4 {V4} has PTR other.test, not the EHLO name bcd.test: "
+        f"replace {PTR4} PTR other.test. with {PTR4} PTR bcd.test."
+    ]
+
+
+def test_a_ptr_set_that_includes_the_ehlo_name_is_fine() -> None:
+    assert problems(facts(address(V4, ptr=Answer(("x.test", "BCD.test"))))) == []
+
+
+def test_an_ehlo_name_not_resolving_back_is_reported() -> None:
+    none = facts(address(V4, forward=Answer()), address(V6))
+    assert problems(none) == [
+        f"bcd.test: EHLO name bcd.test has no A record, so IPv4 {V4} has no forward-confirmed "
+        f"reverse DNS: publish bcd.test. A {V4}"
+    ]
+    elsewhere = facts(address(V4), address(V6, forward=Answer(("2001:db8:51::9",))))
+    assert problems(elsewhere) == [
+        f"bcd.test: EHLO name bcd.test resolves to 2001:db8:51::9, not to {V6}, so IPv6 {V6} "
+        f"has no forward-confirmed reverse DNS: add bcd.test. AAAA {V6}"
+    ]
+
+
+def test_an_ipv6_address_spelled_differently_still_matches() -> None:
+    spelled = address(V6, forward=Answer(("2001:0db8:0051:0000:0000:0000:0000:0070",)))
+    assert problems(facts(spelled)) == []
+
+
+def fail(identity: str = "bcd.test", result: str = "fail") -> tuple[SpfVerdict, ...]:
+    return (SpfVerdict(identity, result, "SPF fail - not authorized"),)
+
+
+def test_spf_not_covering_an_address_proposes_the_record_with_it() -> None:
+    narrow = "v=spf1 ip4:198.51.100.0/24 -all"
+    tenant = facts(
+        address(V4), address(V6, spf=fail()), spf_records={"bcd.test": Answer((narrow,))}
+    )
+    assert problems(tenant) == [
+        f"bcd.test: IPv6 {V6} is not authorised by the SPF record of bcd.test (fail): "
+        f'replace bcd.test. TXT "{narrow}" with "v=spf1 ip6:{V6} ip4:198.51.100.0/24 -all"'
+    ]
+
+
+def test_both_families_failing_get_the_same_complete_fix() -> None:
+    tenant = facts(
+        address(V4, spf=fail(result="softfail")),
+        address(V6, spf=fail(result="softfail")),
+        spf_records={"bcd.test": Answer(("v=spf1 mx ~all",))},
+    )
+    fixes = {f.fix for f in evaluate(tenant) if not f.ok}
+    assert fixes == {
+        f'replace bcd.test. TXT "v=spf1 mx ~all" with "v=spf1 ip4:{V4} ip6:{V6} mx ~all"'
+    }
+
+
+def test_no_spf_record_at_all() -> None:
+    tenant = facts(
+        address(V4, spf=fail(result="none")),
+        address(V6, spf=fail(result="none")),
+        spf_records={"bcd.test": Answer()},
+    )
+    assert problems(tenant)[0] == (
+        f"bcd.test: IPv4 {V4} is not authorised by SPF: bcd.test has no SPF record: "
+        f'publish bcd.test. TXT "v=spf1 ip4:{V4} ip6:{V6} -all"'
+    )
+
+
+def test_an_invalid_or_unevaluable_spf_record() -> None:
+    broken = facts(address(V4, spf=(SpfVerdict("bcd.test", "permerror", "Unknown mechanism"),)))
+    assert problems(broken) == [
+        "bcd.test: the SPF record of bcd.test is invalid (Unknown mechanism), so IPv4 "
+        f"{V4} fails: publish exactly one valid SPF record, e.g. "
+        f'bcd.test. TXT "v=spf1 ip4:{V4} -all"'
+    ]
+    timeout = facts(address(V4, spf=(SpfVerdict("bcd.test", "temperror", "DNS timeout"),)))
+    (finding,) = [f for f in evaluate(timeout) if not f.ok]
+    assert finding.check == "spf"
+    assert finding.problem == f"SPF of bcd.test for IPv4 {V4} could not be evaluated (DNS timeout)"
+    # A failed TXT lookup beside a "fail" is no proof that the record is missing.
+    unknown = facts(address(V4, spf=fail()), spf_records={"bcd.test": Answer(error="SERVFAIL")})
+    (finding,) = [f for f in evaluate(unknown) if not f.ok]
+    assert finding.problem == f"SPF of bcd.test for IPv4 {V4} could not be evaluated (SERVFAIL)"
+
+
+def test_a_separate_ehlo_name_gets_its_own_spf_check() -> None:
+    helo_fails = (
+        SpfVerdict("bcd.test", "pass", ""),
+        SpfVerdict("mail.bcd.test", "none", ""),
+    )
+    tenant = facts(
+        address(V4, "mail.bcd.test", spf=helo_fails),
+        ehlo="mail.bcd.test",
+        spf_records={"bcd.test": Answer((SPF,)), "mail.bcd.test": Answer()},
+    )
+    assert [(f.check, f.ok) for f in evaluate(tenant)] == [
+        ("ptr", True),
+        ("fcrdns", True),
+        ("spf", True),
+        ("spf-helo", False),
+        ("mx", True),
+    ]
+    assert problems(tenant) == [
+        f"bcd.test: IPv4 {V4} is not authorised by SPF: the EHLO name mail.bcd.test has no "
+        f'SPF record: publish mail.bcd.test. TXT "v=spf1 ip4:{V4} -all"'
+    ]
+
+
+def test_spf_record_puts_new_addresses_first() -> None:
+    assert spf_record(None, [V4]) == f"v=spf1 ip4:{V4} -all"
+    assert spf_record("v=spf1  -ip4:198.51.100.70 ~all", [V4]) == (
+        f"v=spf1 ip4:{V4} -ip4:198.51.100.70 ~all"
+    )
+
+
+def test_a_domain_without_mx_or_with_a_null_mx() -> None:
+    assert problems(facts(mx=Answer())) == [
+        "bcd.test: the domain has no MX record, so replies and bounces cannot come back: "
+        "publish bcd.test. MX 10 <the host that receives mail for bcd.test>."
+    ]
+    (null,) = problems(facts(mx=Answer(("0 .",))))
+    assert "null MX (RFC 7505)" in null
+    assert null.endswith(
+        "replace bcd.test. MX 0 . with bcd.test. MX 10 <the host that receives mail for bcd.test>."
+    )
+
+
+def test_a_failed_lookup_is_not_mistaken_for_a_missing_record() -> None:
+    failed = Answer(error="The DNS operation timed out.")
+    tenant = facts(address(V4, ptr=failed), mx=failed)
+    assert problems(tenant) == [
+        f"bcd.test: the PTR {PTR4} lookup failed (The DNS operation timed out.): make sure the "
+        "resolvers reach the zone's nameservers and those answer",
+        "bcd.test: the MX bcd.test lookup failed (The DNS operation timed out.): make sure the "
+        "resolvers reach the zone's nameservers and those answer",
+    ]
+
+
+def tenant_of(*addresses: IPv4Address | IPv6Address) -> Tenant:
+    v4 = next((a for a in addresses if isinstance(a, IPv4Address)), None)
+    v6 = next((a for a in addresses if isinstance(a, IPv6Address)), None)
+    return Tenant("bcd.test", v4, v6, "bcd.test", 1000, 1000, Path("/srv/x"), (), "t.toml")
+
+
+def test_only_resolvers_the_namespace_can_reach_are_asked() -> None:
+    resolvers = (ip_address(DNS_V4), ip_address("127.0.0.53"), ip_address(DNS_V6))
+    assert preflight.reachable_resolvers(resolvers, tenant_of(V6)) == (ip_address(DNS_V6),)
+    assert preflight.reachable_resolvers(resolvers, tenant_of(V4, V6)) == (
+        ip_address(DNS_V4),
+        ip_address(DNS_V6),
+    )
+
+
+def test_the_report_shows_notes_then_problems() -> None:
+    bad = Finding("bcd.test", "ipv4", "ptr", False, "IPv4 x has no PTR", "publish y")
+    good = Finding("cde.test", None, "mx", True)
+    assert preflight.render([good, bad], ["cde.test: no namespace"]) == (
+        "note: cde.test: no namespace\nbcd.test: IPv4 x has no PTR: publish y"
+    )
+    assert preflight.render([good], ["n"]) == "note: n\nall clear"
+
+
+def test_the_childs_reply_must_be_findings_about_its_own_tenant() -> None:
+    good = dataclasses.asdict(Finding("bcd.test", "ipv4", "ptr", False, "x\x1b[2J", None))
+    decoded = preflight._decode("bcd.test", json.dumps([good]).encode())
+    assert decoded == (Finding("bcd.test", "ipv4", "ptr", False, "x\\x1b[2J", None),)
+    for reply in (
+        b"",
+        b"[]",
+        b'{"error": "PermissionError: setns"}',
+        json.dumps([{**good, "tenant": "cde.test"}]).encode(),
+        json.dumps([{**good, "ok": "yes"}]).encode(),
+        json.dumps([{**good, "extra": 1}]).encode(),
+    ):
+        (broken,) = preflight._decode("bcd.test", reply)
+        assert broken.check == "lookup" and not broken.ok
+        assert broken.problem is not None and broken.problem.startswith("could not be checked")
+
+
+# --- DKIM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPublicKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+
+
+def der(key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_dkim_matches_the_published_rsa_key_in_either_form(rsa_key: rsa.RSAPublicKey) -> None:
+    pkcs1 = rsa_key.public_bytes(Encoding.DER, PublicFormat.PKCS1)
+    pem = rsa_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    folded = b64(der(rsa_key))
+    folded = folded[:100] + " \t" + folded[100:]  # RFC 6376 3.2: FWS inside a value
+    for record in (
+        f"v=DKIM1; k=rsa; p={b64(der(rsa_key))}",
+        f"p={folded}",
+        f"v=DKIM1;p={b64(pkcs1)};",  # erratum 3017: an RSAPublicKey
+    ):
+        for key in (der(rsa_key), pem):
+            assert check_dkim("bcd.test", "s1", key, Answer((record,))).ok, record
+
+
+def test_dkim_ed25519_is_published_bare() -> None:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert check_dkim("bcd.test", "s1", der(key), Answer((f"v=DKIM1; k=ed25519; p={b64(raw)}",))).ok
+    # Neither the same bytes under the default k=rsa nor an Ed25519 SubjectPublicKeyInfo.
+    assert not check_dkim("bcd.test", "s1", der(key), Answer((f"p={b64(raw)}",))).ok
+    spki = f"k=ed25519; p={b64(der(key))}"
+    assert not check_dkim("bcd.test", "s1", der(key), Answer((spki,))).ok
+    missing = check_dkim("bcd.test", "s1", der(key), Answer())
+    assert missing.line() == (
+        "bcd.test: DKIM selector s1 has no key record: publish s1._domainkey.bcd.test. TXT "
+        f'"v=DKIM1; k=ed25519; p={b64(raw)}"'
+    )
+
+
+def test_dkim_problems(rsa_key: rsa.RSAPublicKey) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    record = f"v=DKIM1; k=rsa; p={b64(der(rsa_key))}"
+    cases = {
+        f"v=DKIM1; k=rsa; p={b64(der(other))}": "is not the configured signing key",
+        "v=DKIM1; k=rsa; p=": "is revoked (empty p=)",
+        "v=DKIM2; p=AAAA": "is malformed",
+        "k=rsa; k=rsa; p=AAAA": "is malformed",
+        "p=not*base64": "is not the configured signing key",
+    }
+    for published, problem in cases.items():
+        finding = check_dkim("bcd.test", "s1", der(rsa_key), Answer((published,)))
+        assert not finding.ok and finding.problem is not None
+        assert finding.problem.endswith(problem), published
+        # A 2048-bit key does not fit one TXT string: the fix splits it (RFC 1035 3.3.14).
+        assert finding.fix is not None
+        assert finding.fix.startswith(
+            f'replace the record with s1._domainkey.bcd.test. TXT "{record[:255]}" "'
+        )
+    twice = check_dkim("bcd.test", "s1", der(rsa_key), Answer((record, record)))
+    assert twice.problem == "DKIM selector s1 has 2 TXT records, verifiers pick any"
+    with pytest.raises(ValueError):
+        check_dkim("bcd.test", "s1", b"not a key", Answer((record,)))
+
+
+# --- end to end: real NSD, real supervisor, queries from the tenant namespaces ----------
+
+# Run in the lab's host namespace, never in the machine's own: a tenant without a namespace
+# is checked from where the check runs, and the lab DNS must not be asked over the real
+# uplink. argv: config, DKIM public key (DER) of bcd.test's selector s1, text or json.
+CHECK = """
+import sys
+from pathlib import Path
+from nsmail import config, preflight
+keys = {"bcd.test": [preflight.DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
+sys.exit(preflight.main(config.load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
+"""
+
+
+@dataclass
+class Site:
+    lab: Lab
+    nsd: Nsd
+    hosting: Hosting
+    key_file: Path
+    dkim_record: Record
+
+    def records(self) -> list[Record]:
+        """DNS with which every tenant is all clear."""
+        records = [*dns_records(THREE), self.dkim_record]
+        for t in THREE:
+            records += [(t.domain, "MX", "10 mx.test"), (t.domain, "TXT", SPF)]
+        return records
+
+    def check(
+        self, config: Path | None = None, mode: str = "json"
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-c", CHECK, str(config or self.hosting.config_path)]
+        return self.lab.run(self.lab.host, [*argv, str(self.key_file), mode], check=False)
+
+    def problems(self) -> list[tuple[str, str | None, str, str]]:
+        """(tenant, family, check, text line) of every problem; asserts nothing else."""
+        result = self.check()
+        assert result.stderr == ""  # no "checked from elsewhere" note: namespaces were used
+        findings = [Finding(**f) for f in json.loads(result.stdout)]
+        assert {f.tenant for f in findings} == {t.domain for t in THREE}
+        bad = [(f.tenant, f.family, f.check, f.line()) for f in findings if not f.ok]
+        assert result.returncode == (1 if bad else 0)
+        return bad
+
+
+@pytest.fixture(scope="module")
+def site(rsa_key: rsa.RSAPublicKey) -> Iterator[Site]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with Lab() as lab:
+        key_file = lab.tempdir("dkim") / "s1.der"
+        key_file.write_bytes(der(rsa_key))
+        dkim = ("s1._domainkey.bcd.test", "TXT", f"v=DKIM1; k=rsa; p={b64(der(rsa_key))}")
+        # Both families: a single-family tenant reaches only resolvers of its own family.
+        hosting = Hosting(lab, resolvers=(DNS_V4, DNS_V6))
+        site = Site(lab, Nsd(lab, ()), hosting, key_file, dkim)
+        site.nsd.restart(site.records())
+        hosting.write_config(THREE)
+        hosting.start()
+        yield site
+
+
+def without(records: list[Record], *unwanted: Record) -> list[Record]:
+    assert all(r in records for r in unwanted)
+    return [r for r in records if r not in unwanted]
+
+
+def test_a_correct_setup_reports_all_clear(site: Site) -> None:
+    site.nsd.restart(site.records())
+    assert site.problems() == []
+    findings = [Finding(**f) for f in json.loads(site.check().stdout)]
+    assert Finding("bcd.test", None, "dkim", True) in findings  # selector s1 was looked up
+    text = site.check(mode="text")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "all clear\n", "")
+
+
+def ptr(spec_address: str, name: str) -> Record:
+    return (reverse_name(spec_address), "PTR", name)
+
+
+def test_a_missing_ptr(site: Site) -> None:
+    assert V4_ONLY.ipv4 is not None
+    site.nsd.restart(without(site.records(), ptr(V4_ONLY.ipv4, V4_ONLY.domain)))
+    assert site.problems() == [
+        (
+            "cde.test",
+            "ipv4",
+            "ptr",
+            f"cde.test: IPv4 {V4_ONLY.ipv4} has no PTR: "
+            f"publish {reverse_name(V4_ONLY.ipv4)}. PTR cde.test.",
+        )
+    ]
+
+
+def test_a_ptr_naming_another_host(site: Site) -> None:
+    assert DUAL.ipv4 is not None
+    records = without(site.records(), ptr(DUAL.ipv4, DUAL.domain))
+    site.nsd.restart([*records, ptr(DUAL.ipv4, "other.test")])
+    rev = reverse_name(DUAL.ipv4)
+    assert site.problems() == [
+        (
+            "bcd.test",
+            "ipv4",
+            "ptr",
+            f"bcd.test: IPv4 {DUAL.ipv4} has PTR other.test, not the EHLO name bcd.test: "
+            f"replace {rev}. PTR other.test. with {rev}. PTR bcd.test.",
+        )
+    ]
+
+
+def test_an_ehlo_name_without_an_address_record_back(site: Site) -> None:
+    assert V4_ONLY.ipv4 is not None
+    site.nsd.restart(without(site.records(), (V4_ONLY.domain, "A", V4_ONLY.ipv4)))
+    assert site.problems() == [
+        (
+            "cde.test",
+            "ipv4",
+            "fcrdns",
+            f"cde.test: EHLO name cde.test has no A record, so IPv4 {V4_ONLY.ipv4} has no "
+            f"forward-confirmed reverse DNS: publish cde.test. A {V4_ONLY.ipv4}",
+        )
+    ]
+
+
+def test_spf_not_covering_the_address(site: Site) -> None:
+    narrow = "v=spf1 ip4:198.51.100.0/24 -all"
+    records = without(site.records(), (V6_ONLY.domain, "TXT", SPF))
+    site.nsd.restart([*records, (V6_ONLY.domain, "TXT", narrow)])
+    assert site.problems() == [
+        (
+            "def.test",
+            "ipv6",
+            "spf",
+            f"def.test: IPv6 {V6_ONLY.ipv6} is not authorised by the SPF record of def.test "
+            f'(fail): replace def.test. TXT "{narrow}" with '
+            f'"v=spf1 ip6:{V6_ONLY.ipv6} ip4:198.51.100.0/24 -all"',
+        )
+    ]
+
+
+def test_ipv6_without_ptr_while_ipv4_is_fine(site: Site) -> None:
+    assert DUAL.ipv6 is not None
+    site.nsd.restart(without(site.records(), ptr(DUAL.ipv6, DUAL.domain)))
+    assert site.problems() == [
+        (
+            "bcd.test",
+            "ipv6",
+            "ptr",
+            f"bcd.test: IPv6 {DUAL.ipv6} has no PTR: "
+            f"publish {reverse_name(DUAL.ipv6)}. PTR bcd.test.",
+        )
+    ]
+
+
+def test_the_queries_come_from_the_tenant_namespaces(site: Site) -> None:
+    # With only an IPv4 resolver the IPv6-only tenant's namespace has no way to DNS,
+    # though the place the check runs from has one.
+    site.nsd.restart(site.records())
+    text = site.hosting.config_path.read_text()
+    only_v4 = site.hosting.etc / "only-v4.toml"
+    only_v4.write_text(text.replace(json.dumps([DNS_V4, DNS_V6]), json.dumps([DNS_V4])))
+    result = site.check(only_v4, mode="text")
+    assert (result.returncode, result.stdout) == (
+        1,
+        f"def.test: none of the [host] resolvers ({DNS_V4}) is reachable from its namespace, "
+        "which has only IPv6 and its own loopback: add a non-loopback IPv6 resolver to "
+        "[host] resolvers\n",
+    )
+
+
+def test_without_a_supervisor_it_checks_from_here_and_says_so(site: Site) -> None:
+    site.nsd.restart(site.records())
+    prefix = site.lab.prefix
+    elsewhere = "u" + prefix[1:]  # a prefix with no namespaces: no supervisor runs for it
+    assert not list(Path("/run/netns").glob(f"{elsewhere}-*"))
+    text = site.hosting.config_path.read_text()
+    config = site.hosting.etc / "no-supervisor.toml"
+    config.write_text(text.replace(f'prefix = "{prefix}"', f'prefix = "{elsewhere}"'))
+    result = site.check(config, mode="text")
+    notes = [f"note: {t.domain}: no namespace /run/netns/{elsewhere}-{t.domain}" for t in THREE]
+    lines = result.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines[:-1]] == notes
+    assert lines[-1] == "all clear" and result.returncode == 0
