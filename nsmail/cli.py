@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "sendmail", help="submit a message, like sendmail(1)", add_help=False
     ).add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser(
+        "demo", help="show what nsmail changes, in a throwaway lab (root)", add_help=False
+    ).add_argument("args", nargs=argparse.REMAINDER)
     # prefix_chars="+": every word after `queue` (options too) is queuetool's to parse.
     commands.add_parser(
         "queue",
@@ -97,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nsmail import sendmail  # its own options, and kept lean
 
         return sendmail.main(argv[1:])
+    if "demo" in argv[:1]:
+        from nsmail import demo  # its own options
+
+        return demo.main(argv[1:])
     args = _parser().parse_args(argv)
     path = configuration.locate(args.config, os.environ)
     if args.command == "queue":

@@ -68,6 +68,7 @@ PEER = "eth0"
 # delays and chatter): the kernel sends a neighbour solicitation for a forwarded packet
 # only from a link-local address.
 LINK_LOCAL_HOST, LINK_LOCAL_NET = "fe80::1", "fe80::2"
+NET_ADDRESSES = ((MX_V4, 24), (DNS_V4, 24), (MX_V6, 64), (DNS_V6, 64), (LINK_LOCAL_NET, 64))
 RECIPIENT_DOMAIN = "rcpt.test"
 NSMAIL_RCPT = f"x1@{RECIPIENT_DOMAIN}"
 NAIVE_RCPT = f"x2@{RECIPIENT_DOMAIN}"
@@ -216,16 +217,22 @@ def render_comparison(tenants: Sequence[dict[str, Any]], width: int = TABLE_WIDT
 
 def render(report: dict[str, Any], status_table: str) -> str:
     """What a person reads at the end of the demo."""
-    policy = "refuses a HELO that is not the client's name" if report["strict"] else "accepts all"
+    policy = (
+        "Policy (--strict): refuse a HELO that is not that name."
+        if report["strict"]
+        else "Policy: accept all (--strict refuses a HELO that is not that name)."
+    )
     return "\n".join(
         [
-            f"What {MX_NAME} wrote in each Received header, 'from HELO (verified name [address])'"
-            f" (policy: {policy}):",
+            f"How {MX_NAME} saw each message: 'from HELO (name [address])' in the Received header",
+            "it wrote, the name being the client's forward-confirmed reverse DNS name.",
+            policy,
+            "",
             render_comparison(report["tenants"]),
             "",
             f"The usual way, every tenant connects from {HOST_V4}, whose name is {HOST_NAME}:",
             "its HELO cannot match. With nsmail each tenant connects from its own address,",
-            "whose forward-confirmed name is the tenant's own.",
+            "whose name is the tenant's own.",
             "",
             "nsmail status:",
             status_table,
@@ -301,16 +308,15 @@ def _load() -> State | None:
         return State(owner=Proc("unknown", 0, 0))
 
 
-def _claim(owner: Proc) -> State:
+def _claim(owner: Proc) -> None:
     """Become the one demo of this machine, or say why not."""
     STATE_DIR.mkdir(mode=0o700, exist_ok=True)
     while True:
-        state = State(owner=owner)
         try:
             fd = os.open(STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(state.to_json())
-            return state
+                f.write(State(owner=owner).to_json())
+            return
         except FileExistsError:
             pass
         old = _load()
@@ -388,7 +394,7 @@ def take_down(state: State, children: Mapping[int, subprocess.Popen[bytes]] | No
     namespaces = _lab_namespaces()
     _kill_inside(namespaces)
     for path in namespaces:
-        netns._remove_namespace(path)
+        netns.remove_namespace(path)
     if state.tmp and Path(state.tmp).name.startswith(TEMP_PREFIX):
         shutil.rmtree(state.tmp, ignore_errors=True)
     STATE_FILE.unlink(missing_ok=True)
@@ -433,7 +439,7 @@ def _child_setup(namespace: Path) -> None:
 
 
 def _free_uids(count: int) -> list[int]:
-    """Ids with neither a passwd nor a group entry: no file or process belongs to them."""
+    """Ids that are neither a user's nor a group's on this machine."""
     found: list[int] = []
     for uid in itertools.count(FIRST_UID):
         with contextlib.suppress(KeyError):
@@ -446,12 +452,6 @@ def _free_uids(count: int) -> list[int]:
         if len(found) == count:
             return found
     raise AssertionError("unreachable")
-
-
-def _enable_forwarding() -> None:
-    # /proc/sys/net shows the namespace of the thread that opens it.
-    for knob in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
-        Path("/proc/sys", knob).write_text("1\n")
 
 
 class Demo:
@@ -496,9 +496,9 @@ class Demo:
     # -- the network
 
     def build_network(self) -> None:
-        netns._share_netns_dir()
-        with netns._create_namespace(LAB_HOST) as host, netns._create_namespace(LAB_NET) as net:
-            _enable_forwarding_in(LAB_HOST)
+        netns.share_netns_dir()
+        with netns.create_namespace(LAB_HOST) as host, netns.create_namespace(LAB_NET) as net:
+            _enable_forwarding(LAB_HOST)
             host.link("set", index=netns.LOOPBACK_INDEX, state="up")
             net.link("set", index=netns.LOOPBACK_INDEX, state="up")
             fd = os.open(LAB_NET, os.O_RDONLY | os.O_CLOEXEC)
@@ -509,15 +509,7 @@ class Demo:
             host.link("add", ifname=BRIDGE, kind="bridge")
             _addresses(host, UPLINK, (HOST_V4, 24), (HOST_V6, 64), (LINK_LOCAL_HOST, 64))
             _addresses(host, BRIDGE, (BRIDGE_V4, 24), (BRIDGE_V6, 64), (LINK_LOCAL_HOST, 64))
-            _addresses(
-                net,
-                PEER,
-                (MX_V4, 24),
-                (DNS_V4, 24),
-                (MX_V6, 64),
-                (DNS_V6, 64),
-                (LINK_LOCAL_NET, 64),
-            )
+            _addresses(net, PEER, *NET_ADDRESSES)
             # The tenants' addresses are reached through the hosting machine.
             net.route("add", dst="198.51.100.0/24", gateway=HOST_V4)
             net.route("add", dst="2001:db8:51::/64", gateway=HOST_V6)
@@ -553,6 +545,7 @@ class Demo:
             os.chown(home, uid, uid)
             home.chmod(0o700)
         self.config.write_text(config_text(self.tmp, TENANTS, self.uids))
+        self.update(config=str(self.config))
         notify_path = self.tmp / "notify"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
             notify.bind(str(notify_path))
@@ -638,9 +631,11 @@ class Demo:
         return result.stdout.rstrip("\n")
 
 
-def _enable_forwarding_in(namespace: Path) -> None:
+def _enable_forwarding(namespace: Path) -> None:
+    # /proc/sys/net shows the namespace of the thread that opens it.
     with netns.inside(namespace):
-        _enable_forwarding()
+        for knob in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+            Path("/proc/sys", knob).write_text("1\n")
 
 
 def _addresses(ipr: IPRoute, ifname: str, *addresses: tuple[str, int]) -> None:
@@ -794,14 +789,24 @@ def _run(demo: Demo, as_json: bool) -> str:
 
 
 def _explore(demo: Demo) -> str:
-    sendmail = demo.nsmail.with_name("nsmail-sendmail")
-    first = TENANTS[0].domain
-    return f"""
-The lab stays up. To look around:
-  {demo.nsmail} --config {demo.config} status
-  nsenter --net={netns.NETNS_DIR}/{PREFIX}-{first} ip address    # a tenant's network
-  ls {home_of(demo.tmp, TENANTS[0])}/var/spool/nsmail             # its queue
-  ls {demo.maildir}/new; cat {demo.maildir}/{VERDICTS}     # what {MX_NAME} received
-  echo 'Subject: hi' | NSMAIL_CONFIG={demo.config} \\
-    {sendmail} --tenant {first} -i x3@{RECIPIENT_DOMAIN}      # send more
-Take it down with: nsmail demo --down"""
+    tenant = TENANTS[0]
+    commented = [
+        (
+            f"nsenter --net={netns.NETNS_DIR}/{PREFIX}-{tenant.domain} ip address",
+            f"{tenant.domain}'s own network",
+        ),
+        (f"ls {home_of(demo.tmp, tenant)}/var/spool/nsmail", f"{tenant.domain}'s queue"),
+        (f"cat {demo.maildir}/{VERDICTS}", f"what {MX_NAME} decided"),
+    ]
+    column = max(len(command) for command, _ in commented) + 2
+    return "\n".join(
+        [
+            "",
+            "The lab stays up. To look around, as root:",
+            f"  export NSMAIL_CONFIG={demo.config} PATH={demo.nsmail.parent}:$PATH",
+            "  nsmail status",
+            *(f"  {command.ljust(column)}# {why}" for command, why in commented),
+            f"  echo 'Subject: hi' | nsmail-sendmail --tenant {tenant.domain} -i {NAIVE_RCPT}",
+            "Take it down with: nsmail demo --down",
+        ]
+    )

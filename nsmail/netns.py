@@ -111,7 +111,7 @@ def inside(path: Path) -> Iterator[None]:
         yield
 
 
-def _share_netns_dir() -> None:
+def share_netns_dir() -> None:
     """Make /run/netns a shared mount point, as `ip netns add` does.
 
     Namespaces are kept alive by bind mounts there; shared propagation makes them
@@ -124,7 +124,7 @@ def _share_netns_dir() -> None:
         _check(_libc.mount(b"none", where, None, MS_SHARED | MS_REC, None), "share /run/netns")
 
 
-def _create_namespace(path: Path) -> IPRoute:
+def create_namespace(path: Path) -> IPRoute:
     """Create a named namespace like `ip netns add`; return a netlink socket inside it."""
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
     with _coming_back():
@@ -142,7 +142,7 @@ def _ignore_router_advertisements() -> None:
     Path("/proc/sys/net/ipv6/conf/default/accept_ra").write_text("0")
 
 
-def _remove_namespace(path: Path) -> None:
+def remove_namespace(path: Path) -> None:
     _libc.umount2(bytes(path), MNT_DETACH)  # fails harmlessly if it is no mount (any more)
     with suppress(FileNotFoundError):
         path.unlink()
@@ -163,7 +163,7 @@ class HostNetwork:
 
     def __init__(self, network: NetworkConfig) -> None:
         self.network = network
-        _share_netns_dir()
+        share_netns_dir()
         self.ipr = IPRoute()
         self._bridge_index: int | None = None
         if network.mode == "routed":
@@ -179,7 +179,7 @@ class HostNetwork:
         """Build the tenant's namespace and wire it; on any failure nothing is left."""
         names = self.names(tenant)
         try:
-            inner = _create_namespace(names.path)
+            inner = create_namespace(names.path)
             with inner:
                 self._add_veth(names)
                 self._configure_host_end(names, tenant)
@@ -196,7 +196,7 @@ class HostNetwork:
         once the namespace's last user is gone the kernel destroys its devices, the veth
         pair with them, in batches in the background.
         """
-        _remove_namespace(names.path)
+        remove_namespace(names.path)
 
     def ours(self) -> list[str]:
         """Host-side links and namespaces that carry this configuration's prefix."""
@@ -211,7 +211,7 @@ class HostNetwork:
         stale = self.ours()
         for name in stale:
             if "-" in name:
-                _remove_namespace(NETNS_DIR / name)
+                remove_namespace(NETNS_DIR / name)
             else:
                 with suppress(NetlinkError):
                     self.ipr.link("del", ifname=name)

@@ -167,6 +167,7 @@ class Worker:
         try:
             self._serve(watch, wake_read)
         finally:
+            self.queue.remote.connections.close_all()
             signal.set_wakeup_fd(-1)
             watch.close()
             os.close(wake_read)
@@ -207,7 +208,7 @@ class Worker:
             self.queue.attempt_due(flush=flush)
             self._report("backing off" if self.queue.next_due < float("inf") else "idle")
             wait = min(next_scan, self.queue.next_due) - time.time()
-            linger = self.queue.remote.connections.close_idle(everything=self._stopping)
+            linger = self.queue.remote.connections.close_idle()
             if linger is not None:
                 wait = min(wait, linger)
             poller.poll(max(0.0, wait) * 1000)
