@@ -61,10 +61,16 @@ def throughput_main(argv: list[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = Options()
-    parser.add_argument("--messages", type=int, default=defaults.messages, metavar="N")
-    parser.add_argument("--tenants", type=int, default=defaults.tenants, metavar="K")
-    parser.add_argument("--size", type=int, default=defaults.size, metavar="BYTES")
-    parser.add_argument("--repeat", type=int, default=defaults.repeat, metavar="R")
+    for name, metavar, help_text in (
+        ("messages", "N", "messages per measurement, over all tenants"),
+        ("tenants", "K", "tenants (and parallel sendmail submitters)"),
+        ("size", "BYTES", "size of each message"),
+        ("repeat", "R", "rounds per system; the table shows medians"),
+    ):
+        default = getattr(defaults, name)
+        parser.add_argument(
+            f"--{name}", type=int, default=default, metavar=metavar, help=f"{help_text} ({default})"
+        )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "--quick",
@@ -74,7 +80,7 @@ def throughput_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     options = Options(args.messages, args.tenants, args.size, args.repeat)
     if args.quick:
-        options = Options(QUICK_MESSAGES, args.tenants, args.size, 1, timeout=30.0)
+        options = Options(QUICK_MESSAGES, args.tenants, args.size, 1, timeout=60.0)
     report = measure_throughput(options, lambda text: print(f"bench: {text}", file=sys.stderr))
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0 if report["ok"] else 1
