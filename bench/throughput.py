@@ -106,21 +106,6 @@ def message(tag: str, domain: str, seq: int, size: int) -> bytes:
     return (head + body + last).encode()
 
 
-class UnlimitedNsd(Nsd):
-    """The lab's NSD without response rate limiting.
-
-    NSD limits each source /24 (/56) to 200 answers a second by default and drops the rest,
-    which costs a client a one-second resolver timeout. Postfix resolves once per new
-    connection with no cache of its own (a provider puts a local caching resolver beside
-    it), and nsmail's workers cache per TTL, so with the limit on the benchmark would
-    measure NSD's rate limiter against Postfix, not the MTAs.
-    """
-
-    def _config(self) -> str:
-        unlimited = "server:\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n"
-        return super()._config().replace("server:\n", unlimited, 1)
-
-
 # -- the sink ------------------------------------------------------------------------------
 
 
@@ -427,7 +412,7 @@ class Bench:
         self.log = log
         self.tenants = bench_tenants(options.tenants)
         self.counts = shares(options.messages, options.tenants)
-        UnlimitedNsd(lab, dns_records(self.tenants))
+        Nsd(lab, dns_records(self.tenants))
         self.sink = Sink(lab)
         self.hosting = Hosting(lab)
         self.hosting.write_config(self.tenants)

@@ -57,6 +57,7 @@ class QueueManager:
     _taken_in: Tally = field(default_factory=Tally)  # messages taken in, per minute
     next_due: float = 0.0  # earliest next attempt among deferred messages
     stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
+    progress: Callable[[], None] = lambda: None  # told after every attempt (status reports)
     # What the worker reports to the supervisor (nsmail.report).
     tally: Tally = field(default_factory=Tally)
     last_error: str | None = None
@@ -87,24 +88,27 @@ class QueueManager:
     # -- submission to incoming ---------------------------------------------------------
 
     def pick_up(self) -> int:
-        """Complete the headers of everything sendmail dropped off; move it to incoming."""
+        """Complete the headers of everything sendmail dropped off, move it to incoming,
+        and try each message at once: a full maildrop must not delay the first delivery."""
         picked = 0
         for queue_id in self.spool.ids(MAILDROP):
             if self.stopping:
                 break
-            picked += self._clean_up(queue_id)
+            if self._clean_up(queue_id):
+                picked += 1
+                self.attempt(INCOMING, queue_id)
         return picked
 
-    def _clean_up(self, queue_id: str) -> int:
+    def _clean_up(self, queue_id: str) -> bool:
         loaded = self._load(MAILDROP, queue_id)
         if loaded is None:
-            return 0
+            return False
         envelope, body = loaded
         if self.owners is not None:
             uid = self.spool.owner(MAILDROP, queue_id)
             if uid in self.tenant_uids:
                 self._quarantine(MAILDROP, queue_id, f"uid {uid} is a tenant's: not host mail")
-                return 0
+                return False
             envelope = dataclasses.replace(envelope, submitter=self.owners.get(uid, f"uid{uid}"))
         now = self.clock()
         try:
@@ -122,11 +126,11 @@ class QueueManager:
             )
         except headers.HeaderError as e:
             self._quarantine(MAILDROP, queue_id, f"headers cannot be completed: {e}")
-            return 0
+            return False
         recipients = tuple(dict.fromkeys((*envelope.recipients, *done.recipients)))
         if not recipients:
             self._quarantine(MAILDROP, queue_id, "no recipients")
-            return 0
+            return False
         cleaned = dataclasses.replace(
             envelope,
             recipients=recipients,
@@ -143,7 +147,7 @@ class QueueManager:
         # Same id in both states: a crash between the two steps repeats, never duplicates.
         self.spool.put(HOLD if over else INCOMING, queue_id, encode(cleaned, done.message))
         self.spool.remove(MAILDROP, queue_id)
-        return 1
+        return not over
 
     def _over_limit(self, recipients: int, now: float) -> str | None:
         if self.recipient_limit and recipients > self.recipient_limit:
@@ -192,6 +196,7 @@ class QueueManager:
             return
         outcomes = self._deliver(queue_id, envelope, body)
         self._log(queue_id, envelope, outcomes, now)
+        self.progress()
         pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)
         failed = [o for o in outcomes if o.status == Status.PERMANENT]
         if pending and schedule.expired(self.policy, envelope.arrival, now):

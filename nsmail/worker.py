@@ -42,7 +42,8 @@ from nsmail.resolver import make_resolver, use_relay
 from nsmail.spool import INCOMING, MAILDROP, Spool
 
 log = logging.getLogger("nsmail.worker")
-REPORT_EVERY = 10.0  # seconds
+REPORT_EVERY = 10.0  # seconds: a report at least this often
+REPORT_AT_MOST = 0.5  # seconds: and no more often than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,8 @@ class Worker:
         self._stopping = False
         self._reports = reports
         self._reported: tuple[float, bytes] = (0.0, b"")
+        self._unreported: str | None = None
+        queue.progress = lambda: self._report("delivering")
 
     def run(self) -> None:
         """Deliver until SIGTERM; a message being delivered is finished first."""
@@ -174,12 +177,17 @@ class Worker:
             os.close(wake_write)
 
     def _report(self, state: str) -> None:
-        """Tell the supervisor how things stand: on change, and at least every REPORT_EVERY."""
+        """Tell the supervisor how things stand: on change, at least every REPORT_EVERY,
+        at most every REPORT_AT_MOST (counting the queue costs six directory listings)."""
         if self._reports is None:
             return
         now = time.time()
-        data = encode_report(self.queue.report(state, now))
         last_time, last_data = self._reported
+        if now - last_time < REPORT_AT_MOST:
+            self._unreported = state  # sent when the limit allows: see _serve
+            return
+        self._unreported = None
+        data = encode_report(self.queue.report(state, now))
         if data == last_data and now - last_time < REPORT_EVERY:
             return
         try:
@@ -203,7 +211,6 @@ class Worker:
             if flush or now >= next_scan:
                 self.queue.next_due = now  # the periodic scan looks at everything
                 next_scan = now + self.scan_interval
-            self._report("delivering")
             self.queue.pick_up()
             self.queue.attempt_due(flush=flush)
             self._report("backing off" if self.queue.next_due < float("inf") else "idle")
@@ -211,6 +218,8 @@ class Worker:
             linger = self.queue.remote.connections.close_idle()
             if linger is not None:
                 wait = min(wait, linger)
+            if self._unreported is not None:  # a report held back by the rate limit
+                wait = min(wait, self._reported[0] + REPORT_AT_MOST - time.time())
             poller.poll(max(0.0, wait) * 1000)
             watch.drain()
             with contextlib.suppress(BlockingIOError):
