@@ -20,7 +20,9 @@ from nsmail.systemd import log_formatter
 
 EX_OK = 0
 EX_USAGE = 64
+EX_DATAERR = 65
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -76,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("tenant")
     run.add_argument("--chroot", action="store_true", help="also inside the tenant's home")
     run.add_argument("argv", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    dkim_parser = commands.add_parser("dkim", help="DKIM signing keys (root)")
+    dkim_verbs = dkim_parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    keygen = dkim_verbs.add_parser(
+        "keygen", help="make a tenant's signing key; print its DNS record and config lines"
+    )
+    keygen.add_argument("tenant")
+    keygen.add_argument("--selector", default="s1")
+    keygen.add_argument("--type", dest="kind", choices=("rsa", "ed25519"), default="rsa")
     flush = commands.add_parser("flush", help="retry deferred mail now (root)")
     flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
     commands.add_parser(
@@ -121,12 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nsmail: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check":
-        if args.dns:
-            from nsmail import preflight  # pyspf and cryptography load only for --dns
-
-            return preflight.main(config, args.tenant, args.json)
-        print(f"{path}: OK, {len(config.tenants)} tenants")
-        return EX_OK
+        return _check(path, config, args)
+    if args.command == "dkim":
+        return _dkim_keygen(path, args)
     if args.command == "flush":
         return _flush(config, args.tenant)
     if args.command == "tenant":
@@ -138,6 +145,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def _check(path: Path, config: configuration.Config, args: argparse.Namespace) -> int:
+    """Also reads every DKIM key, as the workers will, and checks DNS publishes it."""
+    from nsmail import dkim  # cryptography only where keys are used
+
+    signers = []
+    for tenant in config.tenants:
+        if tenant.dkim_selector is None or tenant.dkim_key is None:
+            continue
+        try:
+            signers.append(dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key))
+        except dkim.DkimError as e:
+            print(f"nsmail: {tenant.source}: {tenant.domain}: dkim_key: {e}", file=sys.stderr)
+            return EX_CONFIG
+    if args.dns:
+        from nsmail import preflight  # pyspf loads only for --dns
+
+        keys = {s.domain: [preflight.DkimKey(s.selector, s.public_key())] for s in signers}
+        return preflight.main(config, args.tenant, args.json, keys)
+    print(f"{path}: OK, {len(config.tenants)} tenants")
+    return EX_OK
+
+
+def _dkim_keygen(path: Path, args: argparse.Namespace) -> int:
+    from nsmail import dkim
+
+    try:
+        print(dkim.keygen(path, args.tenant, args.selector, args.kind), end="")
+    except dkim.DkimError as e:
+        print(f"nsmail: {e}", file=sys.stderr)
+        return EX_DATAERR
+    except OSError as e:
+        print(f"nsmail: cannot write the key: {e}", file=sys.stderr)
+        return EX_CANTCREAT
+    return EX_OK
 
 
 def _exec(config: configuration.Config, args: argparse.Namespace) -> int:

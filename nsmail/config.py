@@ -73,6 +73,8 @@ _TENANT_KEYS = frozenset(
         "tls",
         "hourly_limit",
         "recipient_limit",
+        "dkim_selector",
+        "dkim_key",
     }
 )
 
@@ -80,6 +82,8 @@ _TENANT_KEYS = frozenset(
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # RFC 5321 4.1.2 Dot-string, atext from RFC 5322 3.2.3.
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+# RFC 6376 3.1: a DKIM selector is one or more dot-separated labels.
+_SELECTOR = re.compile(rf"{_LABEL.pattern}(?:\.{_LABEL.pattern})*")
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,4}")
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid, so it is never a real id
 
@@ -153,6 +157,10 @@ class Tenant:
     tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
     hourly_limit: int | None = None  # None: [delivery] hourly_limit
     recipient_limit: int | None = None  # None: [delivery] recipient_limit
+    # DKIM signing (nsmail.dkim), both or neither; the key file is root's, 0600, and
+    # outside every tenant home.
+    dkim_selector: str | None = None
+    dkim_key: Path | None = None
     spool_in_home: str = SPOOL_IN_HOME  # where its queue is, inside its home (jail)
 
     @property
@@ -241,6 +249,7 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
         dropin.reject_unknown(_DROPIN_TABLES, "a drop-in may hold only [[tenant]] tables")
         for tenant_table in dropin.tables("tenant"):
             registry.add(tenant_table, _tenant(tenant_table, lookup))
+    registry.check_dkim_keys()
     _check_gateways(main, network, registry.tenants)
     return Config(Path(main_file), host, network, delivery, tuple(registry.tenants))
 
@@ -587,6 +596,7 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
     ehlo_text = table.string("ehlo")
     ehlo = domain if ehlo_text is None else _domain(table, "ehlo", ehlo_text)
     uid, gid, passwd_home = _identity(table, lookup)
+    dkim_selector, dkim_key = _dkim(table)
     return Tenant(
         domain=domain,
         ipv4=ipv4,
@@ -601,7 +611,25 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         tls=_tls_policy(table),
         hourly_limit=_limit(table, "hourly_limit"),
         recipient_limit=_limit(table, "recipient_limit"),
+        dkim_selector=dkim_selector,
+        dkim_key=dkim_key,
     )
+
+
+def _dkim(table: _Table) -> tuple[str | None, Path | None]:
+    selector = table.string("dkim_selector")
+    key = table.string("dkim_key")
+    if selector is None and key is None:
+        return None, None
+    if selector is None or key is None:
+        missing = "dkim_selector" if selector is None else "dkim_key"
+        raise table.error(missing, "required: give dkim_selector and dkim_key together")
+    if not _SELECTOR.fullmatch(selector.lower()):
+        raise table.error("dkim_selector", f"{selector!r} is not a selector (LDH labels)")
+    path = PurePosixPath(key)
+    if not path.is_absolute() or ".." in path.parts:
+        raise table.error("dkim_key", f"{key!r} is not an absolute path")
+    return selector.lower(), Path(path)
 
 
 def _identity(table: _Table, lookup: SystemLookup) -> tuple[int, int, str | None]:
@@ -683,6 +711,7 @@ class _Registry:
         if network.gateway6 is not None:
             self._gateways[network.gateway6] = "network.gateway6"
         self._claims: dict[tuple[str, object], str] = {}
+        self._tables: list[_Table] = []
 
     def add(self, table: _Table, tenant: Tenant) -> None:
         here = f"{table.path} in {table.file}"
@@ -702,6 +731,15 @@ class _Registry:
         self._claim(table, id_key, tenant.uid, here, kind="uid")
         self._claim(table, "home", tenant.home, here)
         self.tenants.append(tenant)
+        self._tables.append(table)
+
+    def check_dkim_keys(self) -> None:
+        """A tenant can read and replace the files in its home: no key may be there."""
+        for table, tenant in zip(self._tables, self.tenants, strict=True):
+            key = tenant.dkim_key
+            owner = next((t for t in self.tenants if key and key.is_relative_to(t.home)), None)
+            if owner is not None:
+                raise table.error("dkim_key", f"'{key}' is inside the home of {owner.domain}")
 
     def _claim(
         self, table: _Table, key: str, value: object, here: str, *, kind: str | None = None

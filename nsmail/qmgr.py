@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from nsmail import dsn, headers, schedule
+from nsmail import dkim, dsn, headers, schedule
 from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
 from nsmail.queuefile import Envelope, QueueFileError, decode, encode
@@ -51,6 +51,7 @@ class QueueManager:
     # owner (the kernel's word), named by this map; tenants' users must use their own.
     owners: Mapping[int, str] | None = None
     tenant_uids: frozenset[int] = frozenset()
+    signer: dkim.Signer | None = None  # signs what is taken in and the bounces (DKIM)
     # Sending limits (0: none): over them, mail is held for an operator, never lost.
     hourly_limit: int = 0
     recipient_limit: int = 0
@@ -145,7 +146,8 @@ class QueueManager:
         else:
             self._taken_in.add("sent", now)
         # Same id in both states: a crash between the two steps repeats, never duplicates.
-        self.spool.put(HOLD if over else INCOMING, queue_id, encode(cleaned, done.message))
+        message = done.message if self.signer is None else self.signer.sign(done.message, now)
+        self.spool.put(HOLD if over else INCOMING, queue_id, encode(cleaned, message))
         self.spool.remove(MAILDROP, queue_id)
         return not over
 
@@ -283,6 +285,8 @@ class QueueManager:
             unique=bounce_id,
             delayed=delayed,
         )
+        if self.signer is not None:
+            report = self.signer.sign(report, now)
         notice = Envelope(sender="", recipients=(envelope.sender,), arrival=now, cleaned=True)
         self.spool.put(INCOMING, bounce_id, encode(notice, report))
         log.info(

@@ -1,15 +1,17 @@
 """The root supervisor: one namespace and one jailed worker per tenant, kept running.
 
-It builds every tenant's namespace, forks the tenant's worker into it, restarts workers
-that die (with growing back-off), applies configuration changes on SIGHUP without
-disturbing tenants whose configuration did not change, and on SIGTERM stops every
-worker and removes everything it made. One unprivileged DNS relay process serves all
-workers (see `nsmail.dnsrelay`).
+It builds every tenant's namespace, has the zygote (`nsmail.spawn`) fork the tenant's
+worker into it, restarts workers that die (with growing back-off), applies configuration
+changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
+configuration did not change, and on SIGTERM stops every worker and removes everything
+it made. A worker for the machine's own users' mail runs beside the tenants', and one
+unprivileged DNS relay process serves them all (`nsmail.dnsrelay`).
 
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
-homes, and it talks to workers only through the descriptors it handed them. Requests on
-the control socket come from root only (`nsmail.control`).
+homes, and it hears from workers only through the descriptors it handed them: status
+reports are bounded and validated (`nsmail.report`). The control socket serves root and
+the admin group (`nsmail.control`); metrics are off unless configured.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import dns.name
 import dns.rdata
 import dns.resolver
 
-from nsmail import inotify, schedule
+from nsmail import dkim, inotify, schedule
 from nsmail.config import DeliveryConfig, Tenant
 from nsmail.delivery import Agent
 from nsmail.local import LocalAgent
@@ -102,6 +102,10 @@ def prepare(
     time.localtime()
     use_relay(shared.resolver, dns_channel, delivery.timeout)
     shared.rng.seed()  # siblings forked from one parent must not draw the same numbers
+    signer = None
+    if tenant.dkim_selector is not None and tenant.dkim_key is not None:
+        # Still root and outside the jail: the key file is out of reach after it.
+        signer = dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key)
     remote = Agent(
         tenant=tenant,
         config=delivery,
@@ -129,6 +133,7 @@ def prepare(
         recipient_limit=(
             delivery.recipient_limit if tenant.recipient_limit is None else tenant.recipient_limit
         ),
+        signer=signer,
     )
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
