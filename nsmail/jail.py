@@ -82,6 +82,9 @@ def drop(uid: int, gid: int, last_cap: int | None = None) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # No core dumps and no ptrace by the same uid (a tenant's own shell, say): said
+    # explicitly, not left to the fs.suid_dumpable setting.
+    prctl.set_dumpable(0)
 
 
 def _wait_for_adoption(parent_pid: int) -> None:
