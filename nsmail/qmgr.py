@@ -34,6 +34,9 @@ log = logging.getLogger("nsmail.qmgr")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+Loaded = tuple[Envelope, bytes]
+
+
 @dataclass
 class QueueManager:
     """One tenant's queue, worked by one (single-threaded) worker."""
@@ -86,32 +89,33 @@ class QueueManager:
         for queue_id in self.spool.recover():
             log.info("%s: was being delivered when the worker stopped; will retry", queue_id)
 
-    # -- submission to incoming ---------------------------------------------------------
+    # -- taking submitted mail in --------------------------------------------------------
 
     def pick_up(self) -> int:
-        """Complete the headers of everything sendmail dropped off, move it to incoming,
-        and try each message at once: a full maildrop must not delay the first delivery."""
+        """Try everything sendmail dropped off, at once: a full maildrop must not delay
+        the first delivery. Mail over a sending limit goes to hold instead."""
         picked = 0
         for queue_id in self.spool.ids(MAILDROP):
             if self.stopping:
                 break
-            if self._clean_up(queue_id):
-                picked += 1
-                self.attempt(INCOMING, queue_id)
+            self._attempt_safely(MAILDROP, queue_id)
+            picked += 1
         return picked
 
-    def _clean_up(self, queue_id: str) -> bool:
-        loaded = self._load(MAILDROP, queue_id)
-        if loaded is None:
-            return False
-        envelope, body = loaded
-        if self.owners is not None:
+    def _clean(self, state: str, queue_id: str, envelope: Envelope, body: bytes) -> Loaded | None:
+        """Complete the headers in memory (RFC 5322 3.6; like Postfix's cleanup).
+
+        Deterministic, from the file alone (Date from the arrival time, Message-ID from
+        the queue id), so it gives the same message at every attempt: the file is only
+        rewritten, cleaned, when the message has to wait. None: quarantined.
+        """
+        if self.owners is not None and state == MAILDROP:
             uid = self.spool.owner(MAILDROP, queue_id)
             if uid in self.tenant_uids:
                 self._quarantine(MAILDROP, queue_id, f"uid {uid} is a tenant's: not host mail")
-                return False
+                return None
             envelope = dataclasses.replace(envelope, submitter=self.owners.get(uid, f"uid{uid}"))
-        now = self.clock()
+        arrival = envelope.arrival or self.clock()
         try:
             done = headers.complete(
                 body,
@@ -120,36 +124,36 @@ class QueueManager:
                     local_user=envelope.submitter or "postmaster",
                     full_name=envelope.full_name or None,
                     envelope_sender=envelope.sender,
-                    now=datetime.fromtimestamp(now).astimezone(),
+                    now=datetime.fromtimestamp(arrival).astimezone(),
                     unique=queue_id,
                     extract_recipients=envelope.extract,
                 ),
             )
         except headers.HeaderError as e:
-            self._quarantine(MAILDROP, queue_id, f"headers cannot be completed: {e}")
-            return False
+            self._quarantine(state, queue_id, f"headers cannot be completed: {e}")
+            return None
         recipients = tuple(dict.fromkeys((*envelope.recipients, *done.recipients)))
         if not recipients:
-            self._quarantine(MAILDROP, queue_id, "no recipients")
-            return False
+            self._quarantine(state, queue_id, "no recipients")
+            return None
         cleaned = dataclasses.replace(
-            envelope,
-            recipients=recipients,
-            extract=False,
-            cleaned=True,
-            arrival=envelope.arrival or now,
+            envelope, recipients=recipients, extract=False, cleaned=True, arrival=arrival
         )
-        over = self._over_limit(len(recipients), now)
-        if over:
-            self.last_error, self.last_error_at = f"{queue_id} held: {over}", now
-            log.warning("%s: tenant=%s held: %s", queue_id, self.domain, over)
-        else:
+        message = done.message if self.signer is None else self.signer.sign(done.message, arrival)
+        return cleaned, message
+
+    def _hold_if_over_limit(self, queue_id: str, envelope: Envelope, body: bytes) -> bool:
+        now = self.clock()
+        over = self._over_limit(len(envelope.recipients), now)
+        if not over:
             self._taken_in.add("sent", now)
+            return False
+        self.last_error, self.last_error_at = f"{queue_id} held: {over}", now
+        log.warning("%s: tenant=%s held: %s", queue_id, self.domain, over)
         # Same id in both states: a crash between the two steps repeats, never duplicates.
-        message = done.message if self.signer is None else self.signer.sign(done.message, now)
-        self.spool.put(HOLD if over else INCOMING, queue_id, encode(cleaned, message))
+        self.spool.put(HOLD, queue_id, encode(envelope, body))
         self.spool.remove(MAILDROP, queue_id)
-        return not over
+        return True
 
     def _over_limit(self, recipients: int, now: float) -> str | None:
         if self.recipient_limit and recipients > self.recipient_limit:
@@ -166,7 +170,7 @@ class QueueManager:
         for queue_id in self.spool.ids(INCOMING):
             if self.stopping:
                 return tried
-            self.attempt(INCOMING, queue_id)
+            self._attempt_safely(INCOMING, queue_id)
             tried += 1
         now = self.clock()
         if flush or now >= self.next_due:
@@ -176,17 +180,38 @@ class QueueManager:
                 if when is None or self.stopping:
                     continue
                 if flush or when <= now:
-                    self.attempt(DEFERRED, queue_id)
+                    self._attempt_safely(DEFERRED, queue_id)
                     tried += 1
                 else:
                     self.next_due = min(self.next_due, when)
         return tried
+
+    def _attempt_safely(self, state: str, queue_id: str) -> None:
+        # One message's trouble with the file system (a full disk, a file the tenant
+        # swapped) stops only that message, until the next scan.
+        try:
+            self.attempt(state, queue_id)
+        except OSError as e:
+            log.error("%s: left in %s/ after a file system error: %s", queue_id, state, e)
 
     def attempt(self, state: str, queue_id: str) -> None:
         loaded = self._load(state, queue_id)
         if loaded is None:
             return
         envelope, body = loaded
+        if not envelope.cleaned:
+            loaded = self._clean(state, queue_id, envelope, body)
+            if loaded is None:
+                return
+            envelope, body = loaded
+            if state == MAILDROP and self._hold_if_over_limit(queue_id, envelope, body):
+                return
+            if state == MAILDROP and self.owners is not None:
+                # The host's maildrop holds other users' files: take a copy of our own
+                # (its time stamp must be ours to set) before touching it.
+                self.spool.put(INCOMING, queue_id, encode(envelope, body))
+                self.spool.remove(MAILDROP, queue_id)
+                state = INCOMING
         now = self.clock()
         retry_at = schedule.next_attempt(
             self.policy, envelope.arrival, envelope.attempts + 1, now, self.rng.random()
@@ -299,7 +324,7 @@ class QueueManager:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _load(self, state: str, queue_id: str) -> tuple[Envelope, bytes] | None:
+    def _load(self, state: str, queue_id: str) -> Loaded | None:
         try:
             envelope, body = decode(self.spool.read(state, queue_id))
         except FileNotFoundError:

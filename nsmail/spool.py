@@ -1,8 +1,9 @@
 """A tenant's mail queue on disk: one file per message, one directory per state.
 
-States (Postfix's, by name): `maildrop` (as submitted by sendmail), `incoming` (headers
-completed, ready for a first attempt), `active` (being delivered), `deferred` (waiting
-for its next attempt, which is the file's modification time), `hold` (kept back by an
+States (Postfix's, by name): `maildrop` (as submitted by sendmail), `incoming` (taken in
+and waiting for an attempt: released or requeued mail, recovered mail), `active` (being
+delivered), `deferred` (waiting for its next attempt, which is the file's modification
+time; its headers are completed), `hold` (kept back by an
 operator), `corrupt` (quarantined: damaged or hostile, never deleted). A message moves
 between states only by rename(2). Every write is durable before it counts: the data is
 written under `tmp/`, fsynced, renamed into place, and the directory fsynced. Moves and

@@ -30,7 +30,7 @@ from lab import Lab, Nsd
 from rude_smtp import RudeSmtp
 
 from nsmail.queuefile import decode
-from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, INCOMING, MAILDROP, SPOOL_IN_HOME
+from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, SPOOL_IN_HOME
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -134,7 +134,7 @@ def queued(hosting: Hosting, tenants: tuple[TenantSpec, ...]) -> dict[str, dict[
     found: dict[str, dict[Pair, float]] = {}
     for tenant in tenants:
         spool = hosting.home(tenant.domain) / SPOOL_IN_HOME
-        for state in (MAILDROP, INCOMING, ACTIVE, DEFERRED, CORRUPT):
+        for state in (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT):
             for path in (spool / state).glob("*") if (spool / state).is_dir() else ():
                 try:
                     raw = path.read_bytes()
@@ -193,7 +193,8 @@ def test_rude_receiver_loses_nothing(lab: Lab) -> None:
     )
     deferred = {p for p, when in spool.get(DEFERRED, {}).items() if when > now - 1}
     in_flight = {p for state in (MAILDROP, INCOMING, ACTIVE) for p in spool.get(state, {})}
-    lost = [p for p in pairs if not (received[p] or bounces[p] or p in deferred | in_flight)]
+    held = set(spool.get(HOLD, {}))  # over a sending limit: kept, not lost
+    lost = [p for p in pairs if not (received[p] or bounces[p] or p in deferred | in_flight | held)]
     statuses = Counter(
         status for n in found if n.action == "failed" for status in n.recipients.values()
     )
@@ -201,7 +202,7 @@ def test_rude_receiver_loses_nothing(lab: Lab) -> None:
     print(
         f"{len(pairs)} pairs in {elapsed:.1f} s: delivered {sum(1 for p in pairs if received[p])}"
         f", bounced {sum(1 for p in pairs if bounces[p])} {dict(statuses)}"
-        f", deferred {len(deferred)}, in flight {len(in_flight)}"
+        f", deferred {len(deferred)}, in flight {len(in_flight)}, held {len(held)}"
         f", duplicates {sum(received.values()) - len(received)}"
         f", received and bounced {sum(1 for p in pairs if received[p] and bounces[p])}"
         f", delay warnings {sum(1 for n in found if n.action == 'delayed')}"
