@@ -44,7 +44,9 @@ def notify(**fields: str) -> bool:
     message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
-            sock.sendto(message, address)
+            # Never wait: a listener that stopped reading must not freeze the supervisor
+            # (reaping, restarts) once its small queue is full; the next STATUS= says it all.
+            sock.sendto(message, socket.MSG_DONTWAIT, address)
         except OSError:
             return False
     return True

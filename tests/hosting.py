@@ -8,6 +8,7 @@ readiness is what systemd would see. Tenant namespaces it makes are named
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,7 +25,7 @@ from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, M
 from lab import forward_and_reverse as fr
 
 from nsmail.queuefile import Envelope, encode
-from nsmail.spool import MAILDROP, Spool, new_queue_id
+from nsmail.spool import Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 HOST_NAME = "abc.test"
@@ -200,7 +201,18 @@ class Hosting:
         (host,) = [w for w in self._workers().values() if w["role"] == "host"]
         return host
 
+    def drain_notify(self) -> None:
+        """Read what the supervisor told systemd since, as systemd would."""
+        if self._notify is None:
+            return
+        self._notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while self._notify.recv(4096):
+                pass
+        self._notify.setblocking(True)
+
     def _workers(self) -> dict[str, dict[str, Any]]:
+        self.drain_notify()
         result = self.nsmail("status", "--json")
         assert result.returncode == 0, result.stderr
         return {w["domain"]: w for w in json.loads(result.stdout)["workers"]}
@@ -231,7 +243,7 @@ class Hosting:
                 os.setgid(uid)
                 os.setuid(uid)
                 spool.create()
-                spool.put(MAILDROP, queue_id, encode(envelope, body))
+                spool.drop(queue_id, encode(envelope, body), 0o600)
                 code = 0
             finally:
                 os._exit(code)

@@ -43,17 +43,6 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def drain_notify(hosting: Hosting) -> None:
-    """Read the supervisor's sd_notify messages: `Hosting` reads them only until READY=1,
-    and with 10 unread (net.unix.max_dgram_qlen) its next STATUS= blocks the supervisor."""
-    sock = hosting._notify
-    assert sock is not None
-    sock.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while sock.recv(4096):
-            pass
-
-
 def submit(hosting: Hosting, messages: list[bytes]) -> None:
     """Drop `messages` into the tenant's maildrop as its own uid, as sendmail does; like
     `Hosting.enqueue`, but one process for all of them (a fork each takes many seconds)."""
@@ -91,7 +80,7 @@ class Killer:
     def tick(self, received: int) -> None:
         if len(self.killed) == len(self.marks) or received < self.marks[len(self.killed)]:
             return
-        drain_notify(self.hosting)
+        self.hosting.drain_notify()
         worker = self.hosting.status()[DUAL.domain]
         pid = worker["pid"]
         if worker["state"] not in LIVE or pid is None or pid in self.killed:
@@ -134,7 +123,7 @@ def test_kill_9_loses_nothing(lab: Lab) -> None:
         if len(killer.killed) == KILLS and all(received[m] for m in sent):
             break
         killer.tick(len(received))
-        drain_notify(hosting)
+        hosting.drain_notify()
         time.sleep(0.05)
     elapsed = time.monotonic() - started
 
@@ -155,7 +144,7 @@ def test_kill_9_loses_nothing(lab: Lab) -> None:
     deadline = time.monotonic() + 25
     while (worker := hosting.status()[DUAL.domain])["state"] not in LIVE:
         assert time.monotonic() < deadline, f"no restart: {worker}; {context}"
-        drain_notify(hosting)
+        hosting.drain_notify()
         time.sleep(0.2)
     assert worker["restarts"] == KILLS, worker
     spool = hosting.home(DUAL.domain) / SPOOL_IN_HOME

@@ -11,7 +11,6 @@ again. The seed is printed; NSMAIL_RUDE_SEED replays one.
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.policy
 import os
@@ -58,17 +57,6 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def drain_notify(hosting: Hosting) -> None:
-    """Read the supervisor's sd_notify messages: `Hosting` reads them only until READY=1,
-    and with 10 unread (net.unix.max_dgram_qlen) its next STATUS= blocks the supervisor."""
-    sock = hosting._notify
-    assert sock is not None
-    sock.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while sock.recv(4096):
-            pass
-
-
 @dataclass(frozen=True)
 class Notice:
     """One DSN found in a sender's Maildir."""
@@ -91,7 +79,7 @@ def submit(hosting: Hosting, run: str) -> dict[Pair, TenantSpec]:
             f"Subject: rude {i}\nMessage-ID: {message_id}\n\nmessage {i}\n"
         ).encode()
         hosting.enqueue(tenant.domain, f"alice@{tenant.domain}", recipients, body)
-        drain_notify(hosting)
+        hosting.drain_notify()
         pairs.update({(message_id, r): tenant for r in recipients})
     return pairs
 
@@ -166,7 +154,7 @@ def test_rude_receiver_loses_nothing(lab: Lab) -> None:
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while not settled and time.monotonic() < deadline:
         time.sleep(0.5)
-        drain_notify(hosting)
+        hosting.drain_notify()
         # A record without the 250 (dropped after the dot) leaves the client unsure: it
         # still holds the recipient, so only acknowledged ones are settled.
         acked = {
@@ -225,9 +213,9 @@ def test_rude_receiver_loses_nothing(lab: Lab) -> None:
     deadline = time.monotonic() + 10
     while any(queued(hosting, TENANTS).values()) and time.monotonic() < deadline:
         time.sleep(0.2)
-        drain_notify(hosting)
+        hosting.drain_notify()
     assert not any(queued(hosting, TENANTS).values()), f"left queued; {context}"
-    drain_notify(hosting)
+    hosting.drain_notify()
     workers = hosting.status()
     for tenant in TENANTS:
         worker = workers[tenant.domain]
