@@ -235,7 +235,8 @@ class _Session:
                 return self._finish(
                     client, uses, self._transaction(client, sender, recipients, data)
                 )
-            except (_NextHost, smtplib.SMTPException, OSError, ValueError):
+            except (_NextHost, smtplib.SMTPException, OSError, ValueError) as e:
+                log.info("%s: kept session unusable (%s); reconnecting", self.relay, e)
                 client.close()  # it went stale while idle: start afresh, once
         client = self._open_client()
         try:
@@ -334,6 +335,9 @@ class _Session:
         return [rejected.get(r) or self._outcome(r, code, text) for r in recipients]
 
     def _outcome(self, recipient: str, code: int, text: bytes) -> Outcome:
+        if not 200 <= code <= 599:  # smtplib says -1 for a reply without a valid code
+            text = b"4.5.0 malformed reply: " + text
+            return Outcome(recipient, Status.TEMPORARY, None, _text(text), self.relay)
         return Outcome(recipient, classify(code), code, _text(text), self.relay)
 
 
