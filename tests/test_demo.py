@@ -14,6 +14,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from hosting import DUAL, V4_ONLY, Hosting
+from lab import Lab
 
 from nsmail import demo
 from nsmail.config import Account, SystemLookup, parse
@@ -198,3 +200,21 @@ def test_kept_lab_refuses_a_second_demo_until_taken_down(clean: None) -> None:
     assert not leftovers()
     again = run_demo("--down")
     assert again.returncode == 0 and "no demo is up" in again.stderr
+
+
+@as_root
+def test_twice_in_a_row_beside_a_running_supervisor(clean: None) -> None:
+    # Another nsmail, with its own tenants, runs on this machine meanwhile: untouched.
+    with Lab() as lab:
+        hosting = Hosting(lab)
+        hosting.write_config((DUAL, V4_ONLY))
+        hosting.start()
+        before = hosting.status()
+        for _ in range(2):
+            result = run_demo("--json")
+            assert result.returncode == 0, result.stderr
+            assert all(t["nsmail"]["clean"] for t in json.loads(result.stdout)["tenants"])
+        after = hosting.status()
+        assert {d: w["pid"] for d, w in after.items()} == {d: w["pid"] for d, w in before.items()}
+        assert all(os.path.exists(f"/run/netns/{hosting.namespace(d)}") for d in after)
+        assert hosting.stop() == 0
