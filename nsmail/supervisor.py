@@ -56,6 +56,7 @@ log = logging.getLogger("nsmail.supervisor")
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a worker
 STABLE_AFTER = 60.0  # a worker that ran this long before dying starts back-off afresh
 MAX_BACKOFF = 60.0
+STATUS_EVERY = 1.0  # seconds between updates of systemd's STATUS= line
 
 
 def restart_delay(crashes: int) -> float:
@@ -120,6 +121,7 @@ class Supervisor:
         self.zygote = Zygote()
         self._ready = False
         self._last_summary = ""
+        self._status_due = float("inf")  # when STATUS= is next brought up to date
 
     # -- main loop -------------------------------------------------------------------
 
@@ -181,14 +183,18 @@ class Supervisor:
 
     def _timeout(self) -> float | None:
         dues = [s.due for s in self.slots.values() if s.state in (State.BACKOFF, State.STOPPING)]
+        dues.append(self._status_due)
         if self._relay_due():
             dues.append(self.relay.due)
-        if not dues:
+        soonest = min(dues)
+        if soonest == float("inf"):
             return None
-        return max(0.0, min(dues) - time.monotonic())
+        return max(0.0, soonest - time.monotonic())
 
     def _run_due(self) -> None:
         now = time.monotonic()
+        if self._status_due <= now:
+            self._update_status()
         for slot in list(self.slots.values()):
             if slot.due > now:
                 continue
@@ -369,7 +375,7 @@ class Supervisor:
                 if flags & socket.MSG_TRUNC:
                     raise ReportError(f"more than {MAX_REPORT} bytes")
                 slot.report = decode_report(data, slot.tenant.domain)
-                self._update_status()
+                self._status_due = min(self._status_due, time.monotonic() + STATUS_EVERY)
             except ReportError as e:
                 self._refuse_report(slot, str(e))
 
@@ -572,7 +578,9 @@ class Supervisor:
         return f"{running} of {len(tenants)} tenants running, {deferred} messages deferred"
 
     def _update_status(self) -> None:
-        """Keep systemd's STATUS= line current (`systemctl status nsmail`)."""
+        """Keep systemd's STATUS= line current (`systemctl status nsmail`), at most once per
+        STATUS_EVERY: summing up every worker on each report would cost O(workers²)."""
+        self._status_due = float("inf")
         summary = self._summary()
         if summary != self._last_summary:
             self._last_summary = summary

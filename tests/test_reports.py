@@ -89,6 +89,7 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     supervisor = Supervisor.__new__(Supervisor)
     supervisor.selector = selectors.DefaultSelector()
     supervisor._last_summary = ""
+    supervisor._status_due = float("inf")
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )

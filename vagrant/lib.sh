@@ -10,7 +10,8 @@ fail() { echo "provision: $*" >&2; exit 1; }
 # in a venv (the mx runs its lab DNS server).
 common_setup() {
   local role=$1
-  env | grep '^RIG_' | sort >/etc/default/nsmail-rig
+  local v
+  for v in ${!RIG_@}; do printf '%s="%s"\n' "$v" "${!v}"; done >/etc/default/nsmail-rig
   install -m 755 "$rig/rig-net" /usr/local/sbin/nsmail-rig-net
   cat >/etc/systemd/system/nsmail-rig-net.service <<UNIT
 [Unit]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def read_env(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key: value.strip('"') for key, value in pairs}
 
 
 def records(env: dict[str, str]) -> list[list[str]]:
