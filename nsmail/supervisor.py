@@ -244,18 +244,15 @@ class Supervisor:
         self.selector.register(slot.reports, selectors.EVENT_READ, partial(self._on_report, slot))
         with worker_end, reporting_end:
             self._hand_to_relay(slot.relay_end)
-            host_queue = HostQueue(frozenset(t.uid for t in self.config.tenants))
+            host_queue = (
+                HostQueue(frozenset(t.uid for t in self.config.tenants)) if tenant.is_host else None
+            )
             self.zygote.request(
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
                 [worker_end.fileno(), reporting_end.fileno()],
-                partial(
-                    _worker_main,
-                    tenant,
-                    self.config.delivery,
-                    host_queue if tenant.is_host else None,
-                ),
+                partial(_worker_main, tenant, self.config.delivery, host_queue),
                 partial(self._spawned, slot),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
