@@ -44,7 +44,7 @@ from pathlib import Path
 
 from hosting import HOST_NAME, TenantSpec
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, Lab, LabError
-from lab.postfix import _MASTER, _QUEUE_DIRS
+from lab.postfix import MASTER, MASTER_CF, QUEUE_DIRS
 from lab.topology import NETNS_DIR
 
 SENDMAIL = "/usr/sbin/sendmail"
@@ -56,30 +56,10 @@ _MOUNT_SCRIPT = (
     'mount --bind "$1" /etc/postfix && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
 )
 
-# Debian's master.cf services that a sending instance uses, chroot off, no smtpd.
-_MASTER_CF = """\
-pickup     unix      n - n 60 1 pickup
-cleanup    unix      n - n - 0 cleanup
-qmgr       unix      n - n 300 1 qmgr
-rewrite    unix      - - n - - trivial-rewrite
-bounce     unix      - - n - 0 bounce
-defer      unix      - - n - 0 bounce
-trace      unix      - - n - 0 bounce
-verify     unix      - - n - 1 verify
-flush      unix      n - n 1000? 0 flush
-proxymap   unix      - - n - - proxymap
-proxywrite unix      - - n - 1 proxymap
-smtp       unix      - - n - - smtp
-relay      unix      - - n - - smtp
-showq      unix      n - n - - showq
-error      unix      - - n - - error
-retry      unix      - - n - - error
-discard    unix      - - n - - discard
-local      unix      - n n - - local
-anvil      unix      - - n - 1 anvil
-scache     unix      - - n - 1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
+# The lab receiver's master.cf without its smtpd: a sending instance.
+_MASTER_CF = "".join(
+    line for line in MASTER_CF.splitlines(keepends=True) if not line.startswith("smtp       inet")
+)
 
 
 def transport(index: int) -> str:
@@ -125,7 +105,7 @@ class SendingPostfix:
 
     def start(self) -> subprocess.Popen[bytes]:
         """Start the master (`master -w` returns once it is up); the caller waits for it."""
-        argv = self.wrap([_MASTER, "-w"], in_namespace=True)
+        argv = self.wrap([MASTER, "-w"], in_namespace=True)
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def started(self, starter: subprocess.Popen[bytes]) -> int:
@@ -176,7 +156,7 @@ class SendingPostfix:
             (d / sub).mkdir(mode=0o755)
         os.chown(d / "data", postfix.pw_uid, postfix.pw_gid)
         postdrop = grp.getgrnam("postdrop").gr_gid
-        for name, (mode, postfix_owned, postdrop_group) in _QUEUE_DIRS.items():
+        for name, (mode, postfix_owned, postdrop_group) in QUEUE_DIRS.items():
             path = self.spool / name
             path.mkdir()
             os.chown(

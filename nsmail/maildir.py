@@ -15,6 +15,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from nsmail.spool import write_all
+
 MAIL_DIR = "mail"
 
 
@@ -30,9 +32,7 @@ def deliver(home: Path, user: str, message: bytes, unique: str) -> Path:
     tmp = box / "tmp" / unique
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(message)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, message)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -77,9 +77,7 @@ class Spool:
         fd = os.open(partial, flags, 0o600)
         try:
             os.fchmod(fd, mode)  # the umask of a cron job or web app must not decide
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
             os.rename(partial, final)
             try:
@@ -110,9 +108,7 @@ class Spool:
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -212,6 +208,13 @@ class Spool:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until everything is written (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _syncfs(fd: int) -> None:

@@ -58,10 +58,10 @@ DEFAULT_RECIPIENT_STATUS: Mapping[str, str] = {
 }
 _POLICY_SCRIPT = Path(__file__).with_name("helo_policy.py")
 _STOP_TIMEOUT = 5.0
-_MASTER = "/usr/lib/postfix/sbin/master"
+MASTER = "/usr/lib/postfix/sbin/master"
 # Queue directories as post-install creates them (/etc/postfix/postfix-files):
 # name -> (mode, owned by postfix, group postdrop).
-_QUEUE_DIRS = {
+QUEUE_DIRS = {
     "active": (0o700, True, False),
     "bounce": (0o700, True, False),
     "corrupt": (0o700, True, False),
@@ -79,7 +79,7 @@ _QUEUE_DIRS = {
 }
 
 # Like Debian's master.cf, minus chroot and the services a receiver does not use.
-_MASTER_CF = """\
+MASTER_CF = """\
 smtp       inet      n - n - - smtpd
 pickup     unix      n - n 60 1 pickup
 cleanup    unix      n - n - 0 cleanup
@@ -189,7 +189,7 @@ class Postfix:
 
     def _start(self) -> None:
         # `postfix start` ends with master -w (wait until the daemon is ready).
-        argv = [_MASTER, "-c", str(self.dir / "etc"), "-w"]
+        argv = [MASTER, "-c", str(self.dir / "etc"), "-w"]
         result = self._lab.run(self._lab.net, argv, resolver=True, check=False)
         self._running = True
         if result.returncode != 0:
@@ -204,7 +204,7 @@ class Postfix:
         os.chown(d / "data", postfix.pw_uid, postfix.pw_gid)
         os.chown(d / "mail", nobody.pw_uid, nobody.pw_gid)
         postdrop = grp.getgrnam("postdrop").gr_gid
-        for name, (mode, postfix_owned, postdrop_group) in _QUEUE_DIRS.items():
+        for name, (mode, postfix_owned, postdrop_group) in QUEUE_DIRS.items():
             path = d / "spool" / name
             path.mkdir()
             os.chown(
@@ -214,7 +214,7 @@ class Postfix:
         access = d / "etc" / "recipient_access"
         access.write_text("".join(f"{rcpt} {reply}\n" for rcpt, reply in recipient_status.items()))
         helo_restrictions = ["reject_unknown_helo_hostname"]
-        master_cf = _MASTER_CF
+        master_cf = MASTER_CF
         if helo_must_match:
             script = d / "helo_policy.py"
             shutil.copyfile(_POLICY_SCRIPT, script)
