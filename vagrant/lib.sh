@@ -33,7 +33,22 @@ UNIT
   systemctl restart nsmail-rig-net.service || fail "the $role network setup failed"
   # The management network's DHCP must not replace the resolver the rig sets.
   printf 'make_resolv_conf() { :; }\n' >/etc/dhcp/dhclient-enter-hooks.d/nsmail-rig
+  ensure_packages postfix python3-venv
   install_nsmail
+}
+
+# The offline box has them; a stock box needs a route out (NSMAIL_VAGRANT_MGMT=nat).
+ensure_packages() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null ||
+    fail "cannot install ${missing[*]}: the box lacks them and the guest has no route out"
 }
 
 install_nsmail() {

@@ -15,7 +15,8 @@ After=nsmail-rig-net.service
 Requires=nsmail-rig-net.service
 
 [Service]
-ExecStart=/opt/nsmail/venv/bin/python -m nsmail.lab.dnsserver --records /etc/nsmail-rig/records.json --listen $RIG_MX_V4:53 --listen [$RIG_MX_V6]:53
+ExecStart=/opt/nsmail/venv/bin/python -m nsmail.lab.dnsserver \
+  --records /etc/nsmail-rig/records.json --listen $RIG_MX_V4:53 --listen [$RIG_MX_V6]:53
 Restart=on-failure
 
 [Install]
@@ -28,6 +29,8 @@ echo "nameserver $RIG_MX_V4" >/etc/resolv.conf
 
 install -m 644 /nsmail/tests/lab/helo_policy.py /etc/postfix/helo_policy.py
 install -d -m 755 -o nobody -g nogroup /var/mail/rig
+policy="check_policy_service unix:private/helo-policy"
+policy_argv="argv=/usr/bin/python3 -I /etc/postfix/helo_policy.py"
 postconf -e \
   "myhostname = $RIG_MX_NAME" \
   "mydomain = ${RIG_MX_NAME#*.}" \
@@ -46,14 +49,14 @@ postconf -e \
   "virtual_gid_maps = static:$(getent group nogroup | cut -d: -f3)" \
   'smtpd_helo_required = yes' \
   'smtpd_client_restrictions = reject_unknown_client_hostname' \
-  'smtpd_helo_restrictions = reject_unknown_helo_hostname, check_policy_service unix:private/helo-policy' \
+  "smtpd_helo_restrictions = reject_unknown_helo_hostname, $policy" \
   'smtpd_relay_restrictions = reject_unauth_destination' \
   'smtpd_recipient_restrictions =' \
   'unknown_client_reject_code = 550' \
   'unknown_hostname_reject_code = 550'
 # No chroot: smtpd must read the rig's resolv.conf, not a copy in the spool.
 postconf -F '*/*/chroot = n'
-postconf -M 'helo-policy/unix=helo-policy unix - n n - 0 spawn user=nobody argv=/usr/bin/python3 -I /etc/postfix/helo_policy.py'
+postconf -M "helo-policy/unix=helo-policy unix - n n - 0 spawn user=nobody $policy_argv"
 postfix check || fail "postfix check failed"
 systemctl enable postfix.service >/dev/null 2>&1
 systemctl restart postfix.service || fail "postfix did not start"

@@ -1,8 +1,11 @@
 # The rig's names and addresses, in one place: the Vagrantfile builds the machines from
 # them and hands them to the provisioning scripts as environment variables.
-# Documentation ranges only (RFC 5737, RFC 3849).
+# Documentation ranges only (RFC 5737, RFC 3849). The two libvirt networks get a bridge in
+# the machine's own namespace, so their prefixes are routes there: they stay small and
+# clear of 203.0.113.80, which this kind of machine uses to reach its package registries.
 module Rig
   MGMT_NET = "203.0.113.128/25" # Vagrant's SSH network, isolated
+  MAIL_NETMASK = "255.255.255.224" # the mail network: 203.0.113.0/27
   MGMT_BRIDGE = "nsrig-mgmt0"
   MAIL_PREFIX6 = 64 # 2001:db8:113::/64 on the mail network, set up by provisioning
 
