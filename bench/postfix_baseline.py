@@ -32,11 +32,9 @@ namespaces.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -44,7 +42,7 @@ from pathlib import Path
 
 from hosting import HOST_NAME, TenantSpec
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, Lab, LabError
-from lab.postfix import MASTER, MASTER_CF, QUEUE_DIRS
+from lab.postfix import MASTER, MASTER_CF, QUEUE_DIRS, stop_master
 from lab.topology import NETNS_DIR
 
 SENDMAIL = "/usr/sbin/sendmail"
@@ -119,16 +117,8 @@ class SendingPostfix:
     def stop(self) -> None:
         """SIGTERM to the master, as `postfix stop` does; wait until it is gone (idempotent)."""
         pid, self.master_pid = self.master_pid, None
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        # The master leads its own process group, as `postfix stop` assumes when forcing.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        if pid is not None:
+            stop_master(pid)
 
     # -- set-up ------------------------------------------------------------------------
 

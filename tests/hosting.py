@@ -25,7 +25,7 @@ from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, M
 from lab import forward_and_reverse as fr
 
 from nsmail.queuefile import Envelope, encode
-from nsmail.spool import Spool, new_queue_id
+from nsmail.spool import SPOOL_IN_HOME, Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 HOST_NAME = "abc.test"
@@ -231,10 +231,18 @@ class Hosting:
 
     def enqueue(self, domain: str, sender: str, recipients: list[str], body: bytes) -> str:
         """Drop a message into a tenant's maildrop as its own uid, as its sendmail would."""
+        (queue_id,) = self.enqueue_many(domain, sender, recipients, [body])
+        return queue_id
+
+    def enqueue_many(
+        self, domain: str, sender: str, recipients: list[str], bodies: list[bytes]
+    ) -> list[str]:
+        """`enqueue` for many messages from one process (a fork each takes long)."""
         uid = self.uid(domain)
-        spool = Spool(self.home(domain) / "var/spool/nsmail")
-        queue_id = new_queue_id(time.time())
-        envelope = Envelope(sender, tuple(recipients), arrival=time.time(), submitter="alice")
+        spool = Spool(self.home(domain) / SPOOL_IN_HOME)
+        now = time.time()
+        queue_ids = [new_queue_id(now) for _ in bodies]
+        envelope = Envelope(sender, tuple(recipients), arrival=now, submitter="alice")
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -243,10 +251,11 @@ class Hosting:
                 os.setgid(uid)
                 os.setuid(uid)
                 spool.create()
-                spool.drop(queue_id, encode(envelope, body), 0o600)
+                for queue_id, body in zip(queue_ids, bodies, strict=True):
+                    spool.drop(queue_id, encode(envelope, body), 0o600)
                 code = 0
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "enqueue failed"
-        return queue_id
+        return queue_ids

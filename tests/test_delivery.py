@@ -268,14 +268,7 @@ def test_ipv6_is_preferred_when_the_tenant_has_both(
 
 
 def test_starttls_when_offered(dns: DNSStack, recorder: Recorder, tmp_path: Path) -> None:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [*SELF_SIGNED.split(), *SELF_SIGNED_NAME, "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(cert, key)
+    server_tls, _ = self_signed(tmp_path)
     client_tls = ssl.create_default_context()
     client_tls.check_hostname = False
     client_tls.verify_mode = ssl.CERT_NONE

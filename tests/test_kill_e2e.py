@@ -25,8 +25,7 @@ from hosting import DUAL, Hosting, dns_records
 from lab import Lab, Nsd
 from rude_smtp import RudeSmtp
 
-from nsmail.queuefile import Envelope, encode
-from nsmail.spool import SPOOL_IN_HOME, STATES, Spool, new_queue_id
+from nsmail.spool import SPOOL_IN_HOME, STATES
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -41,31 +40,6 @@ LIVE = ("running", "idle", "delivering", "backing off")
 def lab() -> Iterator[Lab]:
     with Lab() as lab:
         yield lab
-
-
-def submit(hosting: Hosting, messages: list[bytes]) -> None:
-    """Drop `messages` into the tenant's maildrop as its own uid, as sendmail does; like
-    `Hosting.enqueue`, but one process for all of them (a fork each takes many seconds)."""
-    uid = hosting.uid(DUAL.domain)
-    spool = Spool(hosting.home(DUAL.domain) / SPOOL_IN_HOME)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            spool.create()
-            for body in messages:
-                envelope = Envelope(
-                    "alice@bcd.test", ("to@rcpt.test",), arrival=time.time(), submitter="alice"
-                )
-                spool.drop(new_queue_id(time.time()), encode(envelope, body), 0o600)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "enqueue failed"
 
 
 class Killer:
@@ -103,8 +77,10 @@ def test_kill_9_loses_nothing(lab: Lab) -> None:
     submitted = time.monotonic()
     run = secrets.token_hex(4)
     sent = [f"<kill-{i}-{run}@{DUAL.domain}>" for i in range(MESSAGES)]
-    submit(
-        hosting,
+    hosting.enqueue_many(
+        DUAL.domain,
+        "alice@bcd.test",
+        ["to@rcpt.test"],
         [
             f"From: alice@bcd.test\nSubject: {i}\nMessage-ID: {m}\n\n{i}\n".encode()
             for i, m in enumerate(sent)

@@ -106,6 +106,18 @@ postlog    unix-dgram n - n - 1 postlogd
 """
 
 
+def stop_master(pid: int) -> None:
+    """SIGTERM to a Postfix master, as `postfix stop` does; wait until it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The master leads its own process group, as `postfix stop` assumes when forcing.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     # A zombie counts as gone: this machine's init reaps orphans only every second or so.
     try:
@@ -178,14 +190,7 @@ class Postfix:
             pid = int((self.dir / "spool" / "pid" / "master.pid").read_text().split()[0])
         except (FileNotFoundError, IndexError, ValueError):
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        # The master leads its own process group, as `postfix stop` assumes when forcing.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        stop_master(pid)
 
     def _start(self) -> None:
         # `postfix start` ends with master -w (wait until the daemon is ready).
