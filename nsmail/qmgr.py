@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import random
 import re
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,7 +59,7 @@ class QueueManager:
     # Sending limits (0: none): over them, mail is held for an operator, never lost.
     hourly_limit: int = 0
     recipient_limit: int = 0
-    _taken_in: Tally = field(default_factory=Tally)  # messages taken in, per minute
+    _taken_in: deque[float] = field(default_factory=deque)  # when, in the last hour
     next_due: float = 0.0  # earliest next attempt among deferred messages
     stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
     progress: Callable[[], None] = lambda: None  # told after every attempt (status reports)
@@ -146,7 +147,7 @@ class QueueManager:
         now = self.clock()
         over = self._over_limit(len(envelope.recipients), now)
         if not over:
-            self._taken_in.add("sent", now)
+            self._taken_in.append(now)
             return False
         self.last_error, self.last_error_at = f"{queue_id} held: {over}", now
         log.warning("%s: tenant=%s held: %s", queue_id, self.domain, over)
@@ -158,7 +159,9 @@ class QueueManager:
     def _over_limit(self, recipients: int, now: float) -> str | None:
         if self.recipient_limit and recipients > self.recipient_limit:
             return f"{recipients} recipients, over the limit of {self.recipient_limit}"
-        if self.hourly_limit and self._taken_in.last_hour(now)["sent"] >= self.hourly_limit:
+        while self._taken_in and self._taken_in[0] <= now - 3600:
+            self._taken_in.popleft()
+        if self.hourly_limit and len(self._taken_in) >= self.hourly_limit:
             return f"the limit of {self.hourly_limit} messages per hour is reached"
         return None
 
