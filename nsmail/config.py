@@ -55,6 +55,8 @@ _DELIVERY_KEYS = frozenset(
         "tls_verify",
         "hourly_limit",
         "recipient_limit",
+        "message_size_limit",
+        "queue_size_limit",
     }
 )
 TLS_POLICIES = ("may", "verify")
@@ -73,6 +75,8 @@ _TENANT_KEYS = frozenset(
         "tls",
         "hourly_limit",
         "recipient_limit",
+        "message_size_limit",
+        "queue_size_limit",
         "dkim_selector",
         "dkim_key",
     }
@@ -139,6 +143,10 @@ class DeliveryConfig:
     # limit is held, not lost: an operator releases it (nsmail queue release).
     hourly_limit: int = 0  # messages taken in per hour
     recipient_limit: int = 0  # recipients per message
+    # Refused at submission (0: none): a larger message (EX_DATAERR), and any message
+    # while the queue's files already hold this many bytes (EX_TEMPFAIL).
+    message_size_limit: int = 25 << 20
+    queue_size_limit: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +165,8 @@ class Tenant:
     tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
     hourly_limit: int | None = None  # None: [delivery] hourly_limit
     recipient_limit: int | None = None  # None: [delivery] recipient_limit
+    message_size_limit: int | None = None  # None: [delivery] message_size_limit
+    queue_size_limit: int | None = None  # None: [delivery] queue_size_limit
     # DKIM signing (nsmail.dkim), both or neither; the key file is root's, 0600, and
     # outside every tenant home.
     dkim_selector: str | None = None
@@ -278,7 +288,7 @@ def run_dir_of(path: Path) -> Path:
     """
     try:
         host = tomllib.loads(path.read_text()).get("host", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # see _decode for RecursionError
         return DEFAULT_RUN_DIR
     run_dir = host.get("run_dir") if isinstance(host, dict) else None
     if isinstance(run_dir, str) and run_dir.startswith("/"):
@@ -484,7 +494,8 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
 def _check_endpoint(table: _Table, key: str, text: str) -> None:
     """ "198.51.100.1:9425" or "[2001:db8::1]:9425"."""
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+    # Not str.isdigit: it takes "²", which int() refuses.
+    if not colon or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise table.error(key, f"{text!r} is not address:port")
     try:
         ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
@@ -550,6 +561,8 @@ def _delivery(table: _Table) -> DeliveryConfig:
         tls=_tls_policy(table) or defaults.tls,
         hourly_limit=_limit(table, "hourly_limit") or 0,
         recipient_limit=_limit(table, "recipient_limit") or 0,
+        message_size_limit=_size(table, "message_size_limit", defaults.message_size_limit),
+        queue_size_limit=_size(table, "queue_size_limit", defaults.queue_size_limit),
         tls_verify=tuple(
             _domain(table, f"tls_verify[{i}]", name)
             for i, name in enumerate(table.strings("tls_verify") or ())
@@ -561,6 +574,18 @@ def _limit(table: _Table, key: str) -> int | None:
     value = table.integer(key)
     if value is not None and not 0 <= value < 2**31:
         raise table.error(key, f"{value} is not a limit (0 for none)")
+    return value
+
+
+def _size(table: _Table, key: str, default: int) -> int:
+    value = _size_or_none(table, key)
+    return default if value is None else value
+
+
+def _size_or_none(table: _Table, key: str) -> int | None:
+    value = table.integer(key)
+    if value is not None and not 0 <= value < 2**50:
+        raise table.error(key, f"{value} is not a size in bytes (0 for no limit)")
     return value
 
 
@@ -611,6 +636,8 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         tls=_tls_policy(table),
         hourly_limit=_limit(table, "hourly_limit"),
         recipient_limit=_limit(table, "recipient_limit"),
+        message_size_limit=_size_or_none(table, "message_size_limit"),
+        queue_size_limit=_size_or_none(table, "queue_size_limit"),
         dkim_selector=dkim_selector,
         dkim_key=dkim_key,
     )

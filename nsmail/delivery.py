@@ -32,6 +32,7 @@ import dns.rdatatype
 import dns.resolver
 
 from nsmail.config import DeliveryConfig, Tenant
+from nsmail.message import CHUNK, Message, dot_stuffed
 from nsmail.queuefile import Envelope
 from nsmail.routing import NullMX, Targets, route
 
@@ -39,8 +40,11 @@ log = logging.getLogger("nsmail.delivery")
 
 # RFC 5321 4.1.2: no control characters, spaces or angle brackets inside a path.
 _BAD_PATH_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with RST, keep no state
+# RFC 5321 4.2: a reply line is the code, then "-" if more lines follow, else SP or nothing.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:[ -][^\r\n]*)?\r?\n")
+_MAX_REPLY_LINE = 8192  # smtplib's limit; RFC 5321 4.5.3.1.5 says 512 octets
+_MAX_REPLY_LINES = 100  # far more than the longest EHLO reply
 
 
 class Status(StrEnum):
@@ -117,17 +121,17 @@ class Agent:
     rng: random.Random
     connections: Connections = field(default_factory=Connections)
 
-    def deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
+    def deliver(self, queue_id: str, envelope: Envelope, message: Message) -> list[Outcome]:
         """Try every recipient of `envelope` once; one outcome per recipient, in order."""
-        data = _LINE_END.sub(b"\r\n", body)  # RFC 5321 2.3.8: lines end in CRLF
+        payload = _Payload(message, eight_bit=not message.is_ascii())
         outcomes: dict[str, Outcome] = {}
         for domain, recipients in _by_domain(envelope.recipients, outcomes).items():
-            for outcome in self._deliver_domain(domain, envelope.sender, recipients, data):
+            for outcome in self._deliver_domain(domain, envelope.sender, recipients, payload):
                 outcomes[outcome.recipient] = outcome
         return [outcomes[r] for r in dict.fromkeys(envelope.recipients)]
 
     def _deliver_domain(
-        self, domain: str, sender: str, recipients: list[str], data: bytes
+        self, domain: str, sender: str, recipients: list[str], payload: _Payload
     ) -> list[Outcome]:
         def all_fail(status: Status, text: str) -> list[Outcome]:
             return [Outcome(r, status, None, text, "") for r in recipients]
@@ -155,7 +159,7 @@ class Agent:
             for address in addresses:
                 found_any = True
                 session = _Session(self, host, address, self._must_verify(domain))
-                outcomes = session.send(sender, recipients, data)
+                outcomes = session.send(sender, recipients, payload)
                 if outcomes is not None:
                     return outcomes
                 last_error = session.error
@@ -201,6 +205,12 @@ class Agent:
         return addresses, temporary
 
 
+@dataclass(frozen=True, slots=True)
+class _Payload:
+    message: Message
+    eight_bit: bool  # RFC 6152: BODY=8BITMIME is due
+
+
 class _NextHost(Exception):
     """This host cannot take the message now; another one may."""
 
@@ -226,14 +236,14 @@ class _Session:
         self.key = (host.lower(), f"{address}:{int(verify)}")
         self.error = ""
 
-    def send(self, sender: str, recipients: list[str], data: bytes) -> list[Outcome] | None:
+    def send(self, sender: str, recipients: list[str], payload: _Payload) -> list[Outcome] | None:
         """Outcomes for `recipients`, or None (see `error`) if another host should be tried."""
         kept = self.agent.connections.take(self.key)
         if kept is not None:
             client, uses = kept
             try:
                 return self._finish(
-                    client, uses, self._transaction(client, sender, recipients, data)
+                    client, uses, self._transaction(client, sender, recipients, payload)
                 )
             except (_NextHost, smtplib.SMTPException, OSError, ValueError) as e:
                 log.info("%s: kept session unusable (%s); reconnecting", self.relay, e)
@@ -241,7 +251,8 @@ class _Session:
         client = self._open_client()
         try:
             self._greet(client)
-            return self._finish(client, 0, self._transaction(client, sender, recipients, data))
+            outcomes = self._transaction(client, sender, recipients, payload)
+            return self._finish(client, 0, outcomes)
         except _NextHost as e:
             self.error = f"4.4.2 {self.relay} {e.stage}: {e.code} {_text(e.text)}"
         except (smtplib.SMTPException, OSError, ValueError) as e:
@@ -292,13 +303,14 @@ class _Session:
         return outcomes
 
     def _transaction(
-        self, client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
+        self, client: smtplib.SMTP, sender: str, recipients: list[str], payload: _Payload
     ) -> list[Outcome]:
         limit = _size_limit(client)
-        if limit and len(data) > limit:
-            text = f"5.3.4 message size {len(data)} exceeds the server's limit {limit}".encode()
+        size = payload.message.size
+        if limit and size > limit:
+            text = f"5.3.4 message size {size} exceeds the server's limit {limit}".encode()
             return [self._outcome(r, 552, text) for r in recipients]  # RFC 1870 6.1
-        options = _mail_options(client, sender, recipients, data)
+        options = _mail_options(client, sender, recipients, payload)
         if options is None:
             return [
                 self._outcome(r, 553, b"5.6.7 server does not support SMTPUTF8") for r in recipients
@@ -314,30 +326,34 @@ class _Session:
                 rejected[recipient] = self._outcome(recipient, 553, b"5.1.3 bad address")
                 continue
             code, text = client.rcpt(recipient)
-            if code not in (250, 251):
+            if not 200 <= code <= 299:  # RFC 5321 4.2.1: any 2yz takes the recipient
                 rejected[recipient] = self._outcome(recipient, code, text)
         accepted = [r for r in recipients if r not in rejected]
         if not accepted:
             return [rejected[r] for r in recipients]
         try:
-            code, text = client.data(data)
+            code, text = _data(client, payload.message)
         except smtplib.SMTPDataError as e:
             code = e.smtp_code
             text = e.smtp_error if isinstance(e.smtp_error, bytes) else e.smtp_error.encode()
+            if not 400 <= code <= 599:
+                # RFC 5321 4.3.2: DATA is answered 354, 4yz or 5yz. The message did not go,
+                # so no other reply (a 2yz above all) may pass for the one after the dot.
+                return self._lost(recipients, rejected, f"{code} {_text(text)} in reply to DATA")
         except (smtplib.SMTPException, OSError) as e:
             # After RCPT the attempt counts: no other host for these recipients now.
             client.close()
-            failure = f"4.4.2 {self.relay}: lost during DATA: {type(e).__name__}: {e}"
-            return [
-                rejected.get(r) or Outcome(r, Status.TEMPORARY, None, failure, self.relay)
-                for r in recipients
-            ]
+            return self._lost(recipients, rejected, f"lost during DATA: {type(e).__name__}: {e}")
         return [rejected.get(r) or self._outcome(r, code, text) for r in recipients]
 
+    def _lost(self, recipients: list[str], rejected: dict[str, Outcome], why: str) -> list[Outcome]:
+        failure = f"4.4.2 {self.relay}: {why}"
+        return [
+            rejected.get(r) or Outcome(r, Status.TEMPORARY, None, failure, self.relay)
+            for r in recipients
+        ]
+
     def _outcome(self, recipient: str, code: int, text: bytes) -> Outcome:
-        if not 200 <= code <= 599:  # smtplib says -1 for a reply without a valid code
-            text = b"4.5.0 malformed reply: " + text
-            return Outcome(recipient, Status.TEMPORARY, None, _text(text), self.relay)
         return Outcome(recipient, classify(code), code, _text(text), self.relay)
 
 
@@ -369,6 +385,38 @@ class _BoundSMTP(smtplib.SMTP):
         # smtplib's name for the TLS server name (SNI): the MX host, not the IP literal.
         self._host = server_name
 
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's reply reader, made strict. A reply must be complete within the timeout
+        and _MAX_REPLY_LINES lines (like Postfix's smtp_per_record_deadline), or a server
+        sending continuation lines holds the worker for ever. A line without a valid code,
+        or with another code than the first line's (RFC 5321 4.2.1), ends the session:
+        where the next reply starts is then unknown, and reading on would take the rest of
+        this reply for the answer to the next command."""
+        assert self.sock is not None
+        if self.file is None:
+            self.file = self.sock.makefile("rb")
+        deadline = time.monotonic() + self.timeout
+        codes: set[bytes] = set()
+        texts: list[bytes] = []
+        try:
+            for _ in range(_MAX_REPLY_LINES):
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                line = self.file.readline(_MAX_REPLY_LINE + 1)
+                if not line:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                match = _REPLY_LINE.fullmatch(line)
+                if match is None or codes - {match[1]}:
+                    raise smtplib.SMTPResponseException(-1, b"malformed reply: " + line[:100])
+                codes.add(match[1])
+                texts.append(line[4:].strip(b" \t\r\n"))
+                if line[3:4] != b"-":
+                    self.sock.settimeout(self.timeout)
+                    return int(match[1]), b"\n".join(texts)
+            raise smtplib.SMTPResponseException(-1, b"reply of too many lines")
+        except (smtplib.SMTPException, OSError):
+            self.close()
+            raise
+
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         destination = ip_address(host)
         family = socket.AF_INET6 if destination.version == 6 else socket.AF_INET
@@ -393,25 +441,45 @@ def _ehlo_or_helo(client: smtplib.SMTP) -> tuple[int, bytes]:
 
 
 def _size_limit(client: smtplib.SMTP) -> int:
-    """The server's RFC 1870 SIZE limit, 0 when it states none."""
+    """The server's RFC 1870 SIZE limit, 0 when it states none, or none that makes sense."""
     value = client.esmtp_features.get("size", "")
-    return int(value) if value.isdigit() else 0
+    # RFC 1870 4: 1*20DIGIT. str.isdigit alone takes "²", and int() refuses 5000 digits.
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0
 
 
 def _mail_options(
-    client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes
+    client: smtplib.SMTP, sender: str, recipients: list[str], payload: _Payload
 ) -> list[str] | None:
     """MAIL FROM parameters for this message; None if the server cannot take it."""
     options: list[str] = []
     if client.has_extn("size"):
-        options.append(f"SIZE={len(data)}")  # RFC 1870 3
-    if not data.isascii() and client.has_extn("8bitmime"):
+        options.append(f"SIZE={payload.message.size}")  # RFC 1870 3: an estimate
+    if payload.eight_bit and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")  # RFC 6152 2
     if not (sender.isascii() and all(r.isascii() for r in recipients)):
         if not client.has_extn("smtputf8"):
             return None
         options.append("SMTPUTF8")  # RFC 6531 3.4
     return options
+
+
+def _data(client: smtplib.SMTP, message: Message) -> tuple[int, bytes]:
+    """RFC 5321 4.1.1.4 DATA with the message streamed from the queue file (smtplib's
+    `data` wants it whole in memory); raises SMTPDataError if DATA is refused."""
+    client.putcmd("data")
+    code, text = client.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, text)
+    # Whole pieces in as few writes as possible, the final dot with the last one: a small
+    # write after another waits for its ACK (Nagle), which the server may delay 40 ms.
+    pending: list[bytes] = []
+    for piece in dot_stuffed(message.wire()):
+        pending.append(piece)
+        if sum(map(len, pending)) >= CHUNK:
+            client.send(b"".join(pending))
+            pending = []
+    client.send(b"".join([*pending, b".\r\n"]))
+    return client.getreply()
 
 
 def _quietly_quit(client: smtplib.SMTP) -> None:

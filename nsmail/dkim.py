@@ -41,6 +41,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
@@ -49,6 +50,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from nsmail import config as configuration
+from nsmail.message import Message
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 KINDS = ("rsa", "ed25519")
@@ -75,8 +77,8 @@ OVERSIGNED = (b"from",)
 FOLD_AT = 76
 TXT_STRING = 255  # RFC 1035 3.3.14: one <character-string> holds at most 255 octets
 
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 _WSP = re.compile(rb"[ \t]+")
+_SPACE_AT_END = re.compile(rb" \r\n")
 # RFC 6376 3.1: a selector is one or more dot-separated LDH labels.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -98,15 +100,15 @@ class Signer:
     def algorithm(self) -> str:
         return "ed25519-sha256" if isinstance(self.key, ed25519.Ed25519PrivateKey) else "rsa-sha256"
 
-    def sign(self, message: bytes, now: float) -> bytes:
+    def sign(self, message: Message, now: float) -> Message:
         """`message` with a DKIM-Signature field prepended, or unchanged if its From is
-        not the tenant's (see the module docstring)."""
-        fields, body = _split(_as_sent(message))
+        not the tenant's (see the module docstring). The body is hashed as it streams."""
+        fields, _ = _split(message.head)
         if not _aligned(fields, self.domain):
             return message
         names = [name for name in SIGNED_FIELDS for f in fields if f[0] == name]
         names += OVERSIGNED
-        body_hash = hashlib.sha256(_relaxed_body(body)).digest()
+        body_hash = _relaxed_body_hash(message.body_wire())
         tags = [
             ("v", "1"),
             ("a", self.algorithm),
@@ -122,7 +124,8 @@ class Signer:
         data = b"".join(_relaxed_header(raw) for raw in _select(fields, names))
         data += _relaxed_header(unsigned.removesuffix(b"\r\n")).removesuffix(b"\r\n")
         signature = base64.b64encode(self._signature(data)).decode()
-        return _fold_value(unsigned.removesuffix(b"\r\n"), signature) + b"\r\n" + message
+        field = _fold_value(unsigned.removesuffix(b"\r\n"), signature) + b"\r\n"
+        return Message(field + message.head, message.rest)
 
     def public_key(self) -> bytes:
         """The public key as a DER SubjectPublicKeyInfo (what `nsmail.preflight` checks)."""
@@ -177,7 +180,7 @@ def load_signer(domain: str, selector: str, path: Path) -> Signer:
     finally:
         os.close(fd)
     signer = signer_from_pem(domain, selector, pem)
-    signer.sign(b"From: <warm-up@" + domain.encode() + b">\r\n\r\n", 0.0)
+    signer.sign(Message.of(b"From: <warm-up@" + domain.encode() + b">\r\n\r\n"), 0.0)
     return signer
 
 
@@ -231,13 +234,6 @@ def dns_record(signer: Signer) -> str:
 # --- message parsing and canonicalization (pure) ---------------------------------------
 
 
-def _as_sent(message: bytes) -> bytes:
-    """The message as delivery sends it, which is what the receiver verifies: CRLF line
-    ends (RFC 5321 2.3.8), and a last line ended before the final dot (smtplib does)."""
-    data = _LINE_END.sub(b"\r\n", message)
-    return data if data.endswith(b"\r\n") else data + b"\r\n"
-
-
 def _split(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """((lower-cased name, raw field without its last CRLF), ...), body) of a CRLF message."""
     head, _, body = (b"\r\n" + message).partition(b"\r\n\r\n")
@@ -281,13 +277,21 @@ def _relaxed_header(raw: bytes) -> bytes:
     return name.strip(b" \t").lower() + b":" + value + b"\r\n"
 
 
-def _relaxed_body(body: bytes) -> bytes:
-    """RFC 6376 3.4.4: whitespace runs as one space, none at line ends, no trailing empty
-    lines; a non-empty body ends in CRLF."""
-    lines = [_WSP.sub(b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
-    while lines and not lines[-1]:
-        lines.pop()
-    return b"".join(line + b"\r\n" for line in lines)
+def _relaxed_body_hash(lines: Iterable[bytes]) -> bytes:
+    """RFC 6376 3.4.4 and 3.7: the SHA-256 of the body canonicalized relaxed: whitespace
+    runs as one space, none at line ends, no trailing empty lines; a non-empty body ends
+    in CRLF. `lines` come in pieces of whole CRLF lines."""
+    digest = hashlib.sha256()
+    empty = b""  # a run of empty lines, written only if more text follows
+    for piece in lines:
+        canonical = _SPACE_AT_END.sub(b"\r\n", _WSP.sub(b" ", piece))
+        text = canonical.rstrip(b"\r\n")
+        if text:
+            digest.update(empty + text + b"\r\n")
+            empty = canonical[len(text) + 2 :]
+        else:
+            empty += canonical
+    return digest.digest()
 
 
 def _fold_tags(tags: list[tuple[str, str]]) -> bytes:

@@ -37,6 +37,9 @@ _TYPED = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BOUNDARY_UNSAFE = re.compile(r"[^A-Za-z0-9'()+_,./:=?-]")
 
+# Larger originals are returned as their header section only (RET=HDRS).
+MAX_ORIGINAL = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:
@@ -66,7 +69,7 @@ def bounce(
     unique: str,
     delayed: bool = False,
     include_body: bool = True,
-    max_original: int = 64 * 1024,
+    max_original: int = MAX_ORIGINAL,
 ) -> bytes:
     """The notification to `original_sender` about `failures` of the message `original`.
 

@@ -34,8 +34,8 @@ from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses
 
-# RFC 5322 2.1.1: at most 998 octets per line, excluding the CRLF.
-MAX_LINE = 998
+from nsmail.message import MAX_LINE, boundary, break_line
+
 MAX_HEADER_BYTES = 1 << 20
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -111,6 +111,21 @@ def complete(raw: bytes, c: Completion) -> Completed:
     )
 
 
+def header_length(raw: bytes) -> int:
+    """How many bytes at the start of `raw` are its header section as `complete` sees it,
+    the blank line that ends it included: `complete(raw[:n])` is the completed header
+    section and `raw[n:]` the body, unchanged, so the body can stay on disk."""
+    start = 0
+    for end in _LINE_END.finditer(raw):
+        line = raw[start : end.start()].replace(b"\0", b"")
+        if line == b"":
+            return end.end()
+        if not (line[:1] in (b" ", b"\t") and start) and not _FIELD.match(line):
+            return start
+        start = end.end()
+    return len(raw)
+
+
 def body_lines(data: bytes) -> list[bytes]:
     """Split `data` at CRLF, bare CR or bare LF; lines over MAX_LINE octets are broken."""
     return _break_all(_lines(data))
@@ -129,7 +144,7 @@ def fold(line: bytes) -> list[bytes]:
             pieces.append(line[start:cut])
             start = cut
         else:
-            cut = _boundary(line, start)
+            cut = boundary(line, start)
             pieces.append(line[start:cut])
             # The continuation needs leading whitespace: one space, that much changes.
             line = b" " + line[cut:]
@@ -167,29 +182,7 @@ def _split(lines: list[bytes]) -> tuple[list[list[bytes]], list[bytes]]:
 
 
 def _break_all(lines: list[bytes]) -> list[bytes]:
-    return [piece for line in lines for piece in _break(line)]
-
-
-def _break(line: bytes) -> list[bytes]:
-    pieces = []
-    start = 0
-    while len(line) - start > MAX_LINE:
-        cut = _boundary(line, start)
-        pieces.append(line[start:cut])
-        start = cut
-    pieces.append(line[start:])
-    return pieces
-
-
-def _boundary(line: bytes, start: int) -> int:
-    """Where to cut a line longer than MAX_LINE past `start`: at the limit, or before it at
-    the start of a UTF-8 character."""
-    limit = start + MAX_LINE
-    cut = limit
-    # Up to three UTF-8 continuation bytes (10xxxxxx) follow a character's first byte.
-    while cut > limit - 3 and 0x80 <= line[cut] < 0xC0:
-        cut -= 1
-    return cut if not 0x80 <= line[cut] < 0xC0 else limit
+    return [piece for line in lines for piece in break_line(line)]
 
 
 def _name(line: bytes) -> bytes:

@@ -8,11 +8,13 @@ folded); anything else is an unknown user and bounces.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from nsmail import maildir
 from nsmail.delivery import Outcome, Status
+from nsmail.message import Message
 from nsmail.queuefile import Envelope
 
 
@@ -27,7 +29,7 @@ class LocalAgent:
     def is_local(self, recipient: str) -> bool:
         return recipient.rpartition("@")[2].lower() == self.domain.lower()
 
-    def deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
+    def deliver(self, queue_id: str, envelope: Envelope, message: Message) -> list[Outcome]:
         mailboxes = {user.casefold(): user for user in self.users}
         outcomes = []
         for recipient in envelope.recipients:
@@ -35,17 +37,20 @@ class LocalAgent:
             if user is None:
                 outcome = Outcome(recipient, Status.PERMANENT, 550, "5.1.1 no such user here", "")
             else:
-                outcome = self._store(queue_id, envelope.sender, recipient, user, body)
+                outcome = self._store(queue_id, envelope.sender, recipient, user, message)
             outcomes.append(outcome)
         return outcomes
 
-    def _store(self, queue_id: str, sender: str, recipient: str, user: str, body: bytes) -> Outcome:
+    def _store(
+        self, queue_id: str, sender: str, recipient: str, user: str, message: Message
+    ) -> Outcome:
         # RFC 5321 4.4: the final delivery adds Return-Path; Delivered-To marks the hop.
         trace = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
         # The same name on every attempt: a retry after a crash replaces, not duplicates.
         tag = hashlib.sha256(recipient.casefold().encode()).hexdigest()[:12]
         try:
-            maildir.deliver(self.home, user, trace + body, f"{queue_id}.{tag}.{self.domain}")
+            pieces = itertools.chain((trace,), message.wire())
+            maildir.deliver(self.home, user, pieces, f"{queue_id}.{tag}.{self.domain}")
         except OSError as e:
             text = f"4.2.0 mailbox write failed: {e.strerror or e}"
             return Outcome(recipient, Status.TEMPORARY, None, text, "")

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from nsmail.spool import write_all
+from nsmail.spool import write_pieces
 
 MAIL_DIR = "mail"
 
 
-def deliver(home: Path, user: str, message: bytes, unique: str) -> Path:
-    """Store `message` (already carrying Return-Path and Delivered-To) for `user`.
+def deliver(home: Path, user: str, message: Iterable[bytes], unique: str) -> Path:
+    """Store `message`, in pieces (already carrying Return-Path and Delivered-To), for `user`.
 
     Storing under a name already in new/ replaces that file, so a retried delivery
     does not duplicate.
@@ -32,7 +33,7 @@ def deliver(home: Path, user: str, message: bytes, unique: str) -> Path:
     tmp = box / "tmp" / unique
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        write_all(fd, message)
+        write_pieces(fd, message)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -14,6 +14,7 @@ a log line and never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -26,7 +27,8 @@ from datetime import datetime
 from nsmail import dkim, dsn, headers, schedule
 from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
-from nsmail.queuefile import Envelope, QueueFileError, decode, encode
+from nsmail.message import MAX_LINE, Body, Message
+from nsmail.queuefile import Envelope, QueueFileError, frame
 from nsmail.report import MAX_TEXT, QUEUE_STATES, Report, Tally
 from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, Spool, new_queue_id
 
@@ -35,7 +37,9 @@ log = logging.getLogger("nsmail.qmgr")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
-Loaded = tuple[Envelope, bytes]
+Loaded = tuple[Envelope, Message]
+# Enough of a message's start for its header section; more is a HeaderError anyway.
+_HEAD_PREFIX = headers.MAX_HEADER_BYTES + 2 * MAX_LINE
 
 
 @dataclass
@@ -103,12 +107,13 @@ class QueueManager:
             picked += 1
         return picked
 
-    def _clean(self, state: str, queue_id: str, envelope: Envelope, body: bytes) -> Loaded | None:
+    def _clean(self, state: str, queue_id: str, envelope: Envelope, body: Body) -> Loaded | None:
         """Complete the headers in memory (RFC 5322 3.6; like Postfix's cleanup).
 
         Deterministic, from the file alone (Date from the arrival time, Message-ID from
         the queue id), so it gives the same message at every attempt: the file is only
-        rewritten, cleaned, when the message has to wait. None: quarantined.
+        rewritten, cleaned, when the message has to wait. Only the header section is
+        read into memory; the body stays in the file. None: quarantined.
         """
         if self.owners is not None and state == MAILDROP:
             uid = self.spool.owner(MAILDROP, queue_id)
@@ -117,9 +122,11 @@ class QueueManager:
                 return None
             envelope = dataclasses.replace(envelope, submitter=self.owners.get(uid, f"uid{uid}"))
         arrival = envelope.arrival or self.clock()
+        prefix = body.read(0, _HEAD_PREFIX)
+        head_length = headers.header_length(prefix)
         try:
             done = headers.complete(
-                body,
+                prefix[:head_length],
                 headers.Completion(
                     domain=self.domain,
                     local_user=envelope.submitter or "postmaster",
@@ -140,10 +147,10 @@ class QueueManager:
         cleaned = dataclasses.replace(
             envelope, recipients=recipients, extract=False, cleaned=True, arrival=arrival
         )
-        message = done.message if self.signer is None else self.signer.sign(done.message, arrival)
-        return cleaned, message
+        message = Message(done.message, body.after(head_length))
+        return cleaned, message if self.signer is None else self.signer.sign(message, arrival)
 
-    def _hold_if_over_limit(self, queue_id: str, envelope: Envelope, body: bytes) -> bool:
+    def _hold_if_over_limit(self, queue_id: str, envelope: Envelope, message: Message) -> bool:
         now = self.clock()
         over = self._over_limit(len(envelope.recipients), now)
         if not over:
@@ -152,7 +159,7 @@ class QueueManager:
         self.last_error, self.last_error_at = f"{queue_id} held: {over}", now
         log.warning("%s: tenant=%s held: %s", queue_id, self.domain, over)
         # Same id in both states: a crash between the two steps repeats, never duplicates.
-        self.spool.put(HOLD, queue_id, encode(envelope, body))
+        self.spool.put(HOLD, queue_id, frame(envelope, message.raw()))
         self.spool.remove(MAILDROP, queue_id)
         return True
 
@@ -198,21 +205,33 @@ class QueueManager:
             log.error("%s: left in %s/ after a file system error: %s", queue_id, state, e)
 
     def attempt(self, state: str, queue_id: str) -> None:
-        loaded = self._load(state, queue_id)
-        if loaded is None:
-            return
-        envelope, body = loaded
-        if not envelope.cleaned:
+        with contextlib.ExitStack() as opened:
+            try:
+                envelope, body, _ = opened.enter_context(self.spool.open_message(state, queue_id))
+            except FileNotFoundError:
+                return  # settled meanwhile
+            except (OSError, QueueFileError) as e:
+                self._quarantine(state, queue_id, str(e))
+                return
+            if self._sender_allowed(state, queue_id, envelope):
+                self._attempt(state, queue_id, envelope, body)
+
+    def _attempt(self, state: str, queue_id: str, envelope: Envelope, body: Body) -> None:
+        # "cleaned" is the worker's own mark, but the submitter can forge it: a file in
+        # maildrop is as submitted, whatever it says (owner check, limits, signing).
+        if envelope.cleaned and state != MAILDROP:
+            message = Message(b"", body)
+        else:
             loaded = self._clean(state, queue_id, envelope, body)
             if loaded is None:
                 return
-            envelope, body = loaded
-            if state == MAILDROP and self._hold_if_over_limit(queue_id, envelope, body):
+            envelope, message = loaded
+            if state == MAILDROP and self._hold_if_over_limit(queue_id, envelope, message):
                 return
             if state == MAILDROP and self.owners is not None:
                 # The host's maildrop holds other users' files: take a copy of our own
                 # (its time stamp must be ours to set) before touching it.
-                self.spool.put(INCOMING, queue_id, encode(envelope, body))
+                self.spool.put(INCOMING, queue_id, frame(envelope, message.raw()))
                 self.spool.remove(MAILDROP, queue_id)
                 state = INCOMING
         now = self.clock()
@@ -224,7 +243,7 @@ class QueueManager:
             self.spool.move(queue_id, state, ACTIVE)
         except FileNotFoundError:  # held, requeued or deleted (`nsmail queue`) since read
             return
-        outcomes = self._deliver(queue_id, envelope, body)
+        outcomes = self._deliver(queue_id, envelope, message)
         self._log(queue_id, envelope, outcomes, now)
         self.progress()
         pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)
@@ -233,34 +252,34 @@ class QueueManager:
             failed += [_expired(o) for o in outcomes if o.status == Status.TEMPORARY]
             pending = ()
         if failed:
-            self._bounce(queue_id, envelope, body, failed, now, delayed=False)
+            self._bounce(queue_id, envelope, message, failed, now, delayed=False)
         if not pending:
             self.spool.remove(ACTIVE, queue_id)
             return
         warned = envelope.warned
         if not warned and schedule.warn_delay(self.policy, envelope.arrival, now, warned):
             delayed = [o for o in outcomes if o.status == Status.TEMPORARY]
-            self._bounce(queue_id, envelope, body, delayed, now, delayed=True)
+            self._bounce(queue_id, envelope, message, delayed, now, delayed=True)
             warned = True
         later = dataclasses.replace(
             envelope, recipients=pending, attempts=envelope.attempts + 1, warned=warned
         )
-        self.spool.put(ACTIVE, queue_id, encode(later, body))
+        self.spool.put(ACTIVE, queue_id, frame(later, message.raw()))
         self.spool.schedule(queue_id, ACTIVE, retry_at)
         self.spool.move(queue_id, ACTIVE, DEFERRED)
         self.next_due = min(self.next_due, retry_at)
 
-    def _deliver(self, queue_id: str, envelope: Envelope, body: bytes) -> list[Outcome]:
+    def _deliver(self, queue_id: str, envelope: Envelope, message: Message) -> list[Outcome]:
         local = tuple(r for r in envelope.recipients if self.local.is_local(r))
         remote = tuple(r for r in envelope.recipients if not self.local.is_local(r))
         outcomes = []
         if local:
             outcomes += self.local.deliver(
-                queue_id, dataclasses.replace(envelope, recipients=local), body
+                queue_id, dataclasses.replace(envelope, recipients=local), message
             )
         if remote:
             outcomes += self.remote.deliver(
-                queue_id, dataclasses.replace(envelope, recipients=remote), body
+                queue_id, dataclasses.replace(envelope, recipients=remote), message
             )
         return outcomes
 
@@ -294,7 +313,7 @@ class QueueManager:
         self,
         queue_id: str,
         envelope: Envelope,
-        body: bytes,
+        message: Message,
         outcomes: list[Outcome],
         now: float,
         *,
@@ -307,16 +326,18 @@ class QueueManager:
             reporting_mta=self.reporting_mta,
             original_sender=envelope.sender,
             failures=[_failure(o, delayed) for o in outcomes],
-            original=body,
+            # One byte over the limit is enough for dsn to return the header only.
+            original=message.prefix(dsn.MAX_ORIGINAL + 1),
             arrival=datetime.fromtimestamp(envelope.arrival or now).astimezone(),
             now=datetime.fromtimestamp(now).astimezone(),
             unique=bounce_id,
             delayed=delayed,
         )
+        notice = Message.of(report)
         if self.signer is not None:
-            report = self.signer.sign(report, now)
-        notice = Envelope(sender="", recipients=(envelope.sender,), arrival=now, cleaned=True)
-        self.spool.put(INCOMING, bounce_id, encode(notice, report))
+            notice = self.signer.sign(notice, now)
+        to_sender = Envelope(sender="", recipients=(envelope.sender,), arrival=now, cleaned=True)
+        self.spool.put(INCOMING, bounce_id, frame(to_sender, notice.raw()))
         log.info(
             "%s: %s notice %s to <%s>",
             queue_id,
@@ -327,21 +348,14 @@ class QueueManager:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _load(self, state: str, queue_id: str) -> Loaded | None:
-        try:
-            envelope, body = decode(self.spool.read(state, queue_id))
-        except FileNotFoundError:
-            return None  # settled meanwhile
-        except (OSError, QueueFileError) as e:
-            self._quarantine(state, queue_id, str(e))
-            return None
+    def _sender_allowed(self, state: str, queue_id: str, envelope: Envelope) -> bool:
         # The tenant owns its spool and can write queue files without sendmail: its
         # sender rule is enforced here, where the tenant cannot skip it.
         domain = envelope.sender.rpartition("@")[2].lower()
         if envelope.sender and domain != self.domain.lower() and not self.foreign_senders:
             self._quarantine(state, queue_id, f"sender <{envelope.sender}> is not in {self.domain}")
-            return None
-        return envelope, body
+            return False
+        return True
 
     def _quarantine(self, state: str, queue_id: str, why: str) -> None:
         log.error("%s: moved to %s/: %s", queue_id, CORRUPT, why)

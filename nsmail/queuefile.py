@@ -1,22 +1,32 @@
 """The queue file format: one message (envelope and body) framed so damage is detectable.
 
-Layout, every header line ASCII and LF-terminated::
+Layout of version 2 (written now), every framing line ASCII and LF-terminated::
 
-    NSMAIL-QUEUE 1
+    NSMAIL-QUEUE 2
     envelope <n>
     <n bytes of JSON object>
-    body <n>
-    <n bytes of message>
-    end <sha256 hex of every byte above this line>
+    body
+    <the message, any length>
+    end <sha256 hex of every byte above this line, the LF before "end" included>
+
+The body's length is not written before it, so a message is written as it streams in
+(sendmail reads it from a pipe) and never has to be held whole in memory; the trailer is
+found from the end of the file. Version 1 (the first release) wrote `body <n>` instead of
+`body`, and is still read: a queue left by it delivers after an upgrade. Both versions
+end with the same trailer.
 
 The envelope is a JSON object so fields can be added without changing the framing (a new
-field has a default, so files written before it still decode); `decode` rejects unknown
-fields, so a file from a newer writer fails loudly instead of losing data. The version
+field has a default, so files written before it still decode); unknown fields are
+rejected, so a file from a newer writer fails loudly instead of losing data. The version
 line is for a change of the framing itself.
 
-Security: `decode` reads tenant-written bytes (the tenant's sendmail writes the spool) and
-must only ever raise QueueFileError, whatever the input; sizes are checked against the
-data actually present before anything is sliced or parsed.
+Pure: `frame` encodes from chunks, `parse` reads the framing from the first and last bytes
+and the size of a file, and the caller streams the checked range through a hash
+(`Layout.checked`); `decode` does it all for bytes in memory.
+
+Security: the parsers read tenant-written bytes (the tenant's sendmail writes the spool)
+and must only ever raise QueueFileError, whatever the input; sizes are checked against
+the data actually present before anything is sliced or parsed.
 """
 
 from __future__ import annotations
@@ -26,14 +36,21 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-MAGIC = b"NSMAIL-QUEUE 1\n"
+MAGIC = b"NSMAIL-QUEUE 2\n"
+MAGIC_V1 = b"NSMAIL-QUEUE 1\n"
 MAX_ENVELOPE = 1 << 20
+# Enough of a file's start to hold its framing head: magic, envelope line, envelope, body line.
+HEAD_BYTES = MAX_ENVELOPE + 64
+TRAILER_BYTES = len(b"\nend \n") + 64
 
-_LENGTH_LINE = re.compile(rb"(envelope|body) (0|[1-9][0-9]{0,15})\n")
-_END_LINE = re.compile(rb"end ([0-9a-f]{64})\n")
+_ENVELOPE_LINE = re.compile(rb"envelope (0|[1-9][0-9]{0,15})\n")
+_BODY_LINE = re.compile(rb"body\n")
+_BODY_LINE_V1 = re.compile(rb"body (0|[1-9][0-9]{0,15})\n")
+_TRAILER = re.compile(rb"\nend ([0-9a-f]{64})\n")
 _QUEUE_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 
@@ -57,6 +74,22 @@ class Envelope:
     cleaned: bool = False  # headers completed (nsmail.headers), ready for delivery
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where things are in a queue file of `size` bytes, once its framing has parsed."""
+
+    envelope: Envelope
+    body_start: int
+    body_length: int
+    checked: int  # the checksum covers bytes [0, checked)
+    digest: bytes  # the sha256 the trailer states, raw
+
+    def verify(self, hashed: bytes) -> None:
+        """Raise QueueFileError unless `hashed` (sha256 of the checked range) matches."""
+        if hashed != self.digest:
+            raise QueueFileError("checksum mismatch")
+
+
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "sender": (str,),
     "recipients": (list,),
@@ -70,51 +103,75 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def encode(envelope: Envelope, body: bytes) -> bytes:
-    """Frame `envelope` and `body` as a queue file."""
+def frame(envelope: Envelope, body: Iterable[bytes]) -> Iterator[bytes]:
+    """The queue file for `envelope` and the message streamed as `body`, in pieces."""
     fields = dataclasses.asdict(envelope)
     fields["recipients"] = list(envelope.recipients)
     record = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    framed = b"".join(
-        (
-            MAGIC,
-            b"envelope %d\n" % len(record),
-            record,
-            b"\n",
-            b"body %d\n" % len(body),
-            body,
-            b"\n",
-        )
+    digest = hashlib.sha256()
+    for piece in _pieces(b"%senvelope %d\n%s\nbody\n" % (MAGIC, len(record), record), body):
+        digest.update(piece)
+        yield piece
+    yield b"\n"  # before the hash: hashed by a reader like every byte above "end"
+    digest.update(b"\n")
+    yield b"end %s\n" % digest.hexdigest().encode("ascii")
+
+
+def encode(envelope: Envelope, body: bytes) -> bytes:
+    """Frame `envelope` and `body` as a queue file, in memory."""
+    return b"".join(frame(envelope, (body,)))
+
+
+def _pieces(head: bytes, body: Iterable[bytes]) -> Iterator[bytes]:
+    yield head
+    for chunk in body:
+        if chunk:
+            yield chunk
+
+
+def parse(head: bytes, tail: bytes, size: int) -> Layout:
+    """The framing of a file of `size` bytes from its first bytes (`head`, at least
+    min(size, HEAD_BYTES) of them) and its last TRAILER_BYTES (`tail`)."""
+    if head.startswith(MAGIC):
+        version, body_line = 2, _BODY_LINE
+    elif head.startswith(MAGIC_V1):
+        version, body_line = 1, _BODY_LINE_V1
+    else:
+        raise QueueFileError("bad magic or unsupported version")
+    trailer = _TRAILER.fullmatch(tail) if size >= TRAILER_BYTES else None
+    if trailer is None:
+        raise QueueFileError("missing or malformed end marker")
+    found = _ENVELOPE_LINE.match(head, len(MAGIC))
+    if found is None:
+        raise QueueFileError("malformed envelope header")
+    start, length = found.end(), int(found.group(1))
+    if length > MAX_ENVELOPE:
+        raise QueueFileError("envelope too large")
+    stop = start + length
+    if head[stop : stop + 1] != b"\n":
+        raise QueueFileError("truncated envelope section")
+    body = body_line.match(head, stop + 1)
+    if body is None:
+        raise QueueFileError("malformed body header")
+    body_start = body.end()
+    body_length = size - TRAILER_BYTES - body_start
+    if body_length < 0 or (version == 1 and int(body.group(1)) != body_length):
+        raise QueueFileError("truncated body section")
+    return Layout(
+        envelope=_envelope(head[start:stop]),
+        body_start=body_start,
+        body_length=body_length,
+        checked=size - TRAILER_BYTES + 1,
+        digest=bytes.fromhex(trailer.group(1).decode("ascii")),
     )
-    return framed + b"end %s\n" % hashlib.sha256(framed).hexdigest().encode("ascii")
 
 
 def decode(data: bytes) -> tuple[Envelope, bytes]:
-    """Parse a queue file; raises QueueFileError if it is torn, tampered or malformed."""
-    if not data.startswith(MAGIC):
-        raise QueueFileError("bad magic or unsupported version")
-    record, pos = _section(data, len(MAGIC), b"envelope")
-    if len(record) > MAX_ENVELOPE:
-        raise QueueFileError("envelope too large")
-    body, pos = _section(data, pos, b"body")
-    end = _END_LINE.fullmatch(data, pos)
-    if end is None:
-        raise QueueFileError("missing or malformed end marker")
-    if hashlib.sha256(data[:pos]).hexdigest().encode("ascii") != end.group(1):
-        raise QueueFileError("checksum mismatch")
-    return _envelope(record), body
-
-
-def _section(data: bytes, pos: int, name: bytes) -> tuple[bytes, int]:
-    """One `<name> <n>\\n<n bytes>\\n` section at `pos`: its payload and the next position."""
-    header = _LENGTH_LINE.match(data, pos)
-    if header is None or header.group(1) != name:
-        raise QueueFileError(f"malformed {name.decode()} header")
-    start = header.end()
-    stop = start + int(header.group(2))
-    if stop + 1 > len(data) or data[stop : stop + 1] != b"\n":
-        raise QueueFileError(f"truncated {name.decode()} section")
-    return data[start:stop], stop + 1
+    """Parse a queue file held in memory; raises QueueFileError if it is torn, tampered
+    or malformed."""
+    layout = parse(data[:HEAD_BYTES], data[-TRAILER_BYTES:], len(data))
+    layout.verify(hashlib.sha256(memoryview(data)[: layout.checked]).digest())
+    return layout.envelope, data[layout.body_start : layout.body_start + layout.body_length]
 
 
 def _envelope(record: bytes) -> Envelope:

@@ -52,8 +52,9 @@ from typing import Any, NoReturn
 
 from nsmail import config as configuration
 from nsmail.config import Config, Tenant, host_identity
+from nsmail.headers import MAX_HEADER_BYTES
 from nsmail.jail import run_as
-from nsmail.queuefile import Envelope, QueueFileError, decode, valid_queue_id
+from nsmail.queuefile import Envelope, QueueFileError, valid_queue_id
 from nsmail.spool import (
     ACTIVE,
     CORRUPT,
@@ -61,6 +62,7 @@ from nsmail.spool import (
     HOLD,
     INCOMING,
     MAILDROP,
+    MAX_FILE,
     STATES,
     Spool,
 )
@@ -382,20 +384,30 @@ def scan(spool: Spool, tenant: str) -> list[Entry]:
     return entries
 
 
-def load(spool: Spool, tenant: str, state: str, queue_id: str) -> tuple[Entry, bytes] | None:
-    """One queue file's entry and message (empty if unreadable); None if it is not there."""
+def load(
+    spool: Spool, tenant: str, state: str, queue_id: str, keep: int = 0
+) -> tuple[Entry, bytes] | None:
+    """One queue file's entry and the first `keep` bytes of its message (none if it is
+    unreadable); None if it is not there."""
     try:
-        data, mtime = spool.read_with_time(state, queue_id)
+        with spool.open_message(state, queue_id) as (envelope, body, mtime):
+            next_attempt = mtime if state == DEFERRED else None
+            entry = Entry(tenant, queue_id, state, body.length, envelope, next_attempt)
+            return entry, body.read(0, keep)
     except FileNotFoundError:
         return None
     except OSError as e:
         return Entry(tenant, queue_id, state, 0, None, error=_os_error(e)), b""
-    next_attempt = mtime if state == DEFERRED else None
-    try:
-        envelope, message = decode(data)
     except QueueFileError as e:
-        return Entry(tenant, queue_id, state, len(data), None, next_attempt, str(e)), b""
-    return Entry(tenant, queue_id, state, len(message), envelope, next_attempt), message
+        size = _size(spool, state, queue_id)
+        return Entry(tenant, queue_id, state, size, None, None, str(e)), b""
+
+
+def _size(spool: Spool, state: str, queue_id: str) -> int:
+    try:
+        return spool.path(state, queue_id).lstat().st_size
+    except OSError:
+        return 0
 
 
 def index(spool: Spool, wanted: Collection[str] | None) -> dict[str, list[str]]:
@@ -550,7 +562,8 @@ def _show(queues: Sequence[Tenant], uid: int, queue_id: str, body: bool, as_json
         # A message the worker moves on can slip past one pass over the states.
         for _ in range(3):
             for state in STATES:
-                loaded = load(spool, tenant, state, queue_id)
+                keep = MAX_FILE if body else MAX_HEADER_BYTES
+                loaded = load(spool, tenant, state, queue_id, keep)
                 if loaded is not None:
                     entry, message = loaded
                     return _entry_to_wire(entry), message if body else split_message(message)[0]

@@ -2,9 +2,11 @@
 
 It runs once per message (PHP `mail()`, cron, MUAs), so it imports only the configuration,
 queue-file and spool modules. The tenant is chosen by the caller's real uid; the message is
-written to the tenant's `maildrop` and exit status 0 means it is on disk (fsynced). Exit
-codes are sysexits(3): 64 usage, 65 message too large, 69 caller is no tenant, 75 cannot
-queue now (full disk, quota, I/O error), 77 not permitted, 78 broken configuration.
+streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
+status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
+over the tenant's `message_size_limit`, 75 cannot queue now (the queue over its
+`queue_size_limit`, full disk, quota, I/O error), 77 not permitted, 78 broken
+configuration.
 
 Security: not setuid; it runs as the submitting user, or as root with `--tenant`, in which
 case it becomes the tenant (groups, gid, uid) right after reading the configuration, so
@@ -21,16 +23,16 @@ import os
 import pwd
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from nsmail import config as configuration
-from nsmail.queuefile import Envelope, encode
+from nsmail.queuefile import Envelope, frame
 from nsmail.spool import Spool, new_queue_id
 
 PROG = "nsmail-sendmail"
-MAX_MESSAGE = 50 << 20
+_CHUNK = 1 << 16
 
 DELIVER = "deliver"
 LIST = "list"
@@ -185,25 +187,29 @@ def envelope_sender(given: str | None, login: str, tenant: configuration.Tenant)
     return sender
 
 
-def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> bytes:
-    """The message from `stream`, up to EOF or, if `dot_ends`, a line holding only "."."""
-    if not dot_ends:
-        data = stream.read(limit + 1)
-    else:
-        lines: list[bytes] = []
-        size = 0
-        while size <= limit:
-            # At least 3 bytes, so a short read can never pass for the ".\n" line.
-            line = stream.readline(max(limit + 1 - size, 3))
-            # b"." alone: the dot line at end of input, with no newline after it.
-            if line in (b"", b".\n", b".\r\n", b"."):
-                break
-            lines.append(line)
-            size += len(line)
-        data = b"".join(lines)
-    if len(data) > limit:
-        raise SendmailError(os.EX_DATAERR, f"message too large (the limit is {limit} bytes)")
-    return data
+def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> Iterator[bytes]:
+    """The message from `stream` in pieces, up to EOF or, if `dot_ends`, a line holding
+    only "."; raises SendmailError(EX_DATAERR) once it is over `limit` bytes (0: none)."""
+    size = 0
+    for piece in _lines_to_dot(stream) if dot_ends else iter(lambda: stream.read(_CHUNK), b""):
+        size += len(piece)
+        if limit and size > limit:
+            raise SendmailError(
+                os.EX_DATAERR, f"message too large: the limit is {limit} bytes for this domain"
+            )
+        yield piece
+
+
+def _lines_to_dot(stream: BinaryIO) -> Iterator[bytes]:
+    at_line_start = True
+    while True:
+        # At most a chunk at a time, so a line without end cannot fill the memory.
+        line = stream.readline(_CHUNK)
+        # b"." alone: the dot line at end of input, with no newline after it.
+        if not line or (at_line_start and line in (b".\n", b".\r\n", b".")):
+            return
+        at_line_start = line.endswith(b"\n")
+        yield line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,13 +249,13 @@ def _run(argv: Sequence[str]) -> int:
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e
     else:
-        queue_id = _submit(options, tenant, spool)
+        queue_id = _submit(options, tenant, spool, _limits(tenant, config.delivery))
         if options.verbose:
             _complain(f"queued as {queue_id}")
     return os.EX_OK
 
 
-def _submit(options: Options, tenant: configuration.Tenant, spool: Spool) -> str:
+def _submit(options: Options, tenant: configuration.Tenant, spool: Spool, limits: _Limits) -> str:
     """Check the envelope, read the message, and store it durably; its queue id."""
     login = _login(os.getuid())
     sender = envelope_sender(options.sender, login, tenant)
@@ -257,7 +263,15 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool) -> str
     if not recipients and not options.extract:
         raise _usage("no recipients given (name them, or use -t to take them from the headers)")
     try:
-        body = read_message(sys.stdin.buffer, dot_ends=options.dot_ends, limit=MAX_MESSAGE)
+        if not tenant.is_host:
+            spool.create()  # the tenant's own; the host's queue is made by its worker
+        queued = spool.size() if limits.queue_size else 0
+        if queued > limits.queue_size:
+            raise SendmailError(
+                os.EX_TEMPFAIL,
+                f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
+                f"{limits.queue_size}; try again later",
+            )
         now = time.time()
         envelope = Envelope(
             sender,
@@ -268,14 +282,31 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool) -> str
             extract=options.extract,
         )
         queue_id = new_queue_id(now)
-        if not tenant.is_host:
-            spool.create()  # the tenant's own; the host's queue is made by its worker
-        # Spool.drop fsyncs the file and its directory and leaves no partial file on failure.
-        # The host's worker (another user) must read what the machine's users drop off.
-        spool.drop(queue_id, encode(envelope, body), 0o644 if tenant.is_host else 0o600)
+        message = read_message(
+            sys.stdin.buffer, dot_ends=options.dot_ends, limit=limits.message_size
+        )
+        # Spool.drop fsyncs the file and its directory and leaves no partial file on failure
+        # (a message over the limit included). The host's worker (another user) must read
+        # what the machine's users drop off.
+        spool.drop(queue_id, frame(envelope, message), 0o644 if tenant.is_host else 0o600)
     except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
         raise _tempfail("cannot queue the message", e) from e
     return queue_id
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    message_size: int  # 0: none
+    queue_size: int  # 0: none
+
+
+def _limits(tenant: configuration.Tenant, delivery: configuration.DeliveryConfig) -> _Limits:
+    size, queue = tenant.message_size_limit, tenant.queue_size_limit
+    return _Limits(
+        message_size=delivery.message_size_limit if size is None else size,
+        # The host's queue is the host worker's, unreadable to the users who submit to it.
+        queue_size=0 if tenant.is_host else delivery.queue_size_limit if queue is None else queue,
+    )
 
 
 def _select_tenant(config: configuration.Config, domain: str | None) -> configuration.Tenant:

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import stat
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nsmail.queuefile import valid_queue_id
+from nsmail.message import CHUNK, Body, FileBody, MemoryBody, chunks
+from nsmail.queuefile import HEAD_BYTES, TRAILER_BYTES, Envelope, parse, valid_queue_id
 
 MAILDROP = "maildrop"
 INCOMING = "incoming"
@@ -38,7 +41,8 @@ TMP = "tmp"
 STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
 SPOOL_IN_HOME = "var/spool/nsmail"  # the spool's place in a tenant home (and jail)
 FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
-MAX_FILE = 256 << 20  # larger files are not read into memory: quarantined
+MAX_FILE = 256 << 20  # for tools that read a whole file into memory
+_SMALL = 1 << 20  # files up to this size are read in one go; larger ones are streamed
 
 
 def new_queue_id(now: float) -> str:
@@ -64,8 +68,8 @@ class Spool:
         if public_maildrop:
             os.chmod(self.root / MAILDROP, 0o1733)
 
-    def drop(self, queue_id: str, data: bytes, mode: int) -> None:
-        """Submit: durably store `data` as maildrop/`queue_id` (sendmail's one write).
+    def drop(self, queue_id: str, pieces: Iterable[bytes], mode: int) -> None:
+        """Submit: durably store `pieces` as maildrop/`queue_id` (sendmail's one write).
 
         Written under a dot name in maildrop itself (the submitter may have no other
         writable directory), fsynced, renamed, and the rename made durable: when this
@@ -77,7 +81,7 @@ class Spool:
         fd = os.open(partial, flags, 0o600)
         try:
             os.fchmod(fd, mode)  # the umask of a cron job or web app must not decide
-            write_all(fd, data)
+            write_pieces(fd, pieces)
             os.fsync(fd)
             os.rename(partial, final)
             try:
@@ -101,14 +105,14 @@ class Spool:
             raise ValueError(f"bad queue id {queue_id!r}")
         return self.root / state / queue_id
 
-    def put(self, state: str, queue_id: str, data: bytes) -> None:
-        """Durably store `data` as `state`/`queue_id`, replacing a file of that name."""
+    def put(self, state: str, queue_id: str, pieces: Iterable[bytes]) -> None:
+        """Durably store `pieces` as `state`/`queue_id`, replacing a file of that name."""
         tmp = self.path(TMP, queue_id)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
-            write_all(fd, data)
+            write_pieces(fd, pieces)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -129,6 +133,36 @@ class Spool:
     def remove(self, state: str, queue_id: str) -> None:
         self.path(state, queue_id).unlink()
 
+    @contextlib.contextmanager
+    def open_message(self, state: str, queue_id: str) -> Iterator[tuple[Envelope, Body, float]]:
+        """The envelope, the body and the mtime (a deferred message's next attempt) of a
+        queue file whose framing and checksum hold; raises OSError or QueueFileError.
+
+        A small file is read whole; a larger one is checked as it streams through the
+        hash and its body is left in the file (`FileBody`), open until the block ends.
+        The same O_NOFOLLOW, O_NONBLOCK and regular-file rules as `read_with_time` apply.
+        """
+        fd, info = self._open_regular(state, queue_id)
+        try:
+            size = info.st_size
+            if size <= _SMALL:
+                data = _read_exactly(fd, 0, size)
+                layout = parse(data[:HEAD_BYTES], data[-TRAILER_BYTES:], size)
+                layout.verify(hashlib.sha256(memoryview(data)[: layout.checked]).digest())
+                end = layout.body_start + layout.body_length
+                body: Body = MemoryBody(data[layout.body_start : end])
+            else:
+                head = _read_exactly(fd, 0, min(size, HEAD_BYTES))
+                layout = parse(head, _read_exactly(fd, size - TRAILER_BYTES, TRAILER_BYTES), size)
+                digest = hashlib.sha256()
+                for piece in chunks(FileBody(fd, 0, layout.checked)):
+                    digest.update(piece)
+                layout.verify(digest.digest())
+                body = FileBody(fd, layout.body_start, layout.body_length)
+            yield layout.envelope, body, info.st_mtime
+        finally:
+            os.close(fd)
+
     def read(self, state: str, queue_id: str) -> bytes:
         """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a
         symlink, EINVAL for anything but a regular file)."""
@@ -140,12 +174,8 @@ class Spool:
         O_NONBLOCK and the fstat check: a FIFO or device planted by the tenant is refused
         without blocking, never read.
         """
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(self.path(state, queue_id), flags)
+        fd, info = self._open_regular(state, queue_id)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
             if info.st_size > MAX_FILE:
                 raise OSError(errno.EFBIG, "queue file too large")
         except BaseException:
@@ -153,6 +183,28 @@ class Spool:
             raise
         with os.fdopen(fd, "rb") as f:
             return f.read(MAX_FILE + 1), info.st_mtime
+
+    def _open_regular(self, state: str, queue_id: str) -> tuple[int, os.stat_result]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(self.path(state, queue_id), flags)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return fd, info
+
+    def size(self) -> int:
+        """Bytes held by the queue's files, in every state (quarantined ones too)."""
+        total = 0
+        for state in (TMP, *STATES):
+            try:
+                with os.scandir(self.root / state) as entries:
+                    for entry in entries:
+                        with contextlib.suppress(FileNotFoundError):
+                            total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+        return total
 
     def ids(self, state: str) -> list[str]:
         """Queue ids in `state`, oldest first; names that are no queue id are skipped."""
@@ -215,6 +267,26 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_pieces(fd: int, pieces: Iterable[bytes]) -> None:
+    """Write `pieces` through a buffer: a message streamed in small pieces costs few writes."""
+    buffered: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        buffered.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            write_all(fd, b"".join(buffered))
+            buffered, size = [], 0
+    write_all(fd, b"".join(buffered))
+
+
+def _read_exactly(fd: int, offset: int, size: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"queue file changed while read ({len(data)} of {size} bytes)")
+    return data
 
 
 def _syncfs(fd: int) -> None:

@@ -252,7 +252,7 @@ class Hosting:
                 os.setuid(uid)
                 spool.create()
                 for queue_id, body in zip(queue_ids, bodies, strict=True):
-                    spool.drop(queue_id, encode(envelope, body), 0o600)
+                    spool.drop(queue_id, [encode(envelope, body)], 0o600)
                 code = 0
             finally:
                 os._exit(code)

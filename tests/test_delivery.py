@@ -19,6 +19,7 @@ from test_dnsrelay import DNSStack, dns_stack
 
 from nsmail.config import DeliveryConfig, Tenant
 from nsmail.delivery import Agent, Outcome, Status
+from nsmail.message import Message
 from nsmail.queuefile import Envelope
 
 ZONE = {
@@ -34,7 +35,7 @@ ZONE = {
 TENANT_IPV4 = IPv4Address("127.0.0.5")  # not the server's address: the bind is visible
 SELF_SIGNED = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1"
 SELF_SIGNED_NAME = ("-subj", "/CN=mx.rcpt.test", "-addext", "subjectAltName=DNS:mx.rcpt.test")
-BODY = b"Subject: test\n\nhello\n.leading dot\n"
+BODY = Message.of(b"Subject: test\n\nhello\n.leading dot\n")
 
 
 @dataclass
@@ -337,7 +338,7 @@ def test_too_large_for_the_server_bounces_without_data(
     dns: DNSStack, recorder: Recorder, tmp_path: Path
 ) -> None:
     with smtp_server(recorder, data_size_limit=100) as port:
-        big = b"Subject: big\n\n" + b"x" * 500 + b"\n"
+        big = Message.of(b"Subject: big\n\n" + b"x" * 500 + b"\n")
         (outcome,) = agent(dns, port, make_tenant(tmp_path)).deliver(
             "q", Envelope("alice@tenant.test", ("a@rcpt.test",)), big
         )

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.queuefile import Envelope, QueueFileError, decode, encode, valid_queue_id
+from nsmail.queuefile import (
+    TRAILER_BYTES,
+    Envelope,
+    QueueFileError,
+    decode,
+    encode,
+    frame,
+    parse,
+    valid_queue_id,
+)
 
 addresses = st.text(min_size=1, max_size=40)
 envelopes = st.builds(
@@ -112,3 +122,41 @@ def test_envelopes_that_lie_are_refused(record: bytes) -> None:
 def test_recipients_may_wait_for_extraction_before_clean_up() -> None:
     waiting = Envelope("a@tenant.test", (), extract=True)
     assert decode(encode(waiting, b"To: b@rcpt.test\r\n\r\n"))[0] == waiting
+
+
+# --- version 2 framing, and files left by version 1 ------------------------------------
+
+V1_FILES = Path(__file__).parent / "data" / "queue-v1"
+
+
+def test_version_1_files_written_by_the_first_release_still_decode() -> None:
+    envelope, body = decode((V1_FILES / "fresh").read_bytes())
+    assert envelope.recipients == ("bob@rcpt.test", "carol@rcpt.test") and not envelope.cleaned
+    assert body.startswith(b"Subject: written by release 1\n")
+    envelope, body = decode((V1_FILES / "deferred").read_bytes())
+    assert (envelope.attempts, envelope.warned, envelope.cleaned) == (3, True, True)
+    assert body.endswith(b"\r\n\r\ndeferred body\r\n")
+
+
+def test_version_1_body_length_must_match_the_file() -> None:
+    data = (V1_FILES / "fresh").read_bytes()
+    lying = data.replace(b"\nbody 60\n", b"\nbody 61\n")
+    with pytest.raises(QueueFileError, match="truncated body"):
+        decode(lying)
+
+
+def test_the_written_version_is_2_and_streams_in_pieces() -> None:
+    envelope = Envelope("a@tenant.test", ("b@rcpt.test",))
+    pieces = [b"Subject: x\n", b"\n", b"", b"body\nend " + b"0" * 64 + b"\n", b"more"]
+    framed = b"".join(frame(envelope, pieces))
+    assert framed.startswith(b"NSMAIL-QUEUE 2\n") and framed == encode(envelope, b"".join(pieces))
+    assert decode(framed) == (envelope, b"".join(pieces))
+
+
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=400))
+def test_parse_from_head_and_tail_alone(body: bytes, head_size: int) -> None:
+    framed = encode(Envelope("a@tenant.test", ("b@rcpt.test",)), body)
+    head = framed[: max(head_size, len(framed) - len(body) - TRAILER_BYTES)]
+    layout = parse(head, framed[-TRAILER_BYTES:], len(framed))
+    assert framed[layout.body_start : layout.body_start + layout.body_length] == body
+    layout.verify(hashlib.sha256(framed[: layout.checked]).digest())

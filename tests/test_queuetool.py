@@ -255,7 +255,7 @@ def put(
 
     def write() -> None:
         spool.create()
-        spool.put(state, queue_id, data)
+        spool.put(state, queue_id, [data])
         if retry_at is not None:
             spool.schedule(queue_id, state, retry_at)
 
@@ -453,7 +453,7 @@ def test_the_same_id_in_two_queues_needs_a_tenant(site: Site) -> None:
 
 def _put_as(spool: Spool, queue_id: str, data: bytes) -> None:
     spool.create()
-    spool.put(DEFERRED, queue_id, data)
+    spool.put(DEFERRED, queue_id, [data])
 
 
 @pytestmark_root

@@ -27,7 +27,6 @@ from nsmail.sendmail import (
     DELIVER,
     FLUSH,
     LIST,
-    MAX_MESSAGE,
     Options,
     SendmailError,
     envelope_sender,
@@ -230,18 +229,32 @@ def test_envelope_sender_refuses_foreign_domains(foreign: str) -> None:
     ],
 )
 def test_read_message(data: bytes, dot_ends: bool, expected: bytes) -> None:
-    assert read_message(io.BytesIO(data), dot_ends=dot_ends, limit=100) == expected
+    assert read(data, dot_ends=dot_ends, limit=100) == expected
+
+
+def read(data: bytes, *, dot_ends: bool, limit: int) -> bytes:
+    return b"".join(read_message(io.BytesIO(data), dot_ends=dot_ends, limit=limit))
+
+
+def test_a_dot_inside_a_line_longer_than_a_read_does_not_end_the_message() -> None:
+    data = b"x" * (1 << 16) + b".\nmore\n.\n"
+    assert read(data, dot_ends=True, limit=0) == data[:-2]
+
+
+def test_a_message_is_read_in_pieces() -> None:
+    pieces = list(read_message(io.BytesIO(b"x" * 300_000), dot_ends=False, limit=0))
+    assert len(pieces) > 1 and max(map(len, pieces)) <= 1 << 16
 
 
 @pytest.mark.parametrize("dot_ends", [True, False])
 def test_read_message_limit(dot_ends: bool) -> None:
     exact = b"123456789\n"
     ended = exact + b".\n" if dot_ends else exact
-    assert read_message(io.BytesIO(ended), dot_ends=dot_ends, limit=10) == exact
+    assert read(ended, dot_ends=dot_ends, limit=10) == exact
     # One more line, even one starting with a dot, is one too many.
     for extra in (b"x", b".abc\n", b".\r"):
         with pytest.raises(SendmailError) as caught:
-            read_message(io.BytesIO(exact + extra), dot_ends=dot_ends, limit=10)
+            read(exact + extra, dot_ends=dot_ends, limit=10)
         assert caught.value.code == EX_DATAERR
 
 
@@ -270,14 +283,14 @@ class Site:
         directory = self.spool / state
         return sorted(directory.iterdir()) if directory.exists() else []
 
-    def write_config(self, *, foreign_senders: bool = False) -> None:
+    def write_config(self, *, foreign_senders: bool = False, tenant_extra: str = "") -> None:
         self.config.write_text(
             '[host]\nname = "host.test"\nresolvers = ["198.51.100.53"]\nuser = "nsmail"\n'
             f'spool = "{self.host_spool}"\n'
             '[network]\nmode = "routed"\n'
             f'[[tenant]]\ndomain = "{self.domain}"\nipv4 = "198.51.100.77"\n'
             f'uid = {self.uid}\ngid = {self.uid}\nhome = "{self.home}"\n'
-            f"foreign_senders = {'true' if foreign_senders else 'false'}\n"
+            f"foreign_senders = {'true' if foreign_senders else 'false'}\n{tenant_extra}"
         )
         self.config.chmod(0o644)
 
@@ -400,10 +413,33 @@ def test_lone_dot_ends_the_message_unless_i(site: Site) -> None:
     assert only_message(site)[1] == message
 
 
-def test_too_large(site: Site) -> None:
-    result = sendmail(site, ["-i", "bob@cde.test"], b"x" * (MAX_MESSAGE + 1))
-    assert result.returncode == EX_DATAERR and "too large" in result.stderr
+@pytest.mark.parametrize("options", [["-i"], []])
+def test_too_large(site: Site, options: list[str]) -> None:
+    site.write_config(tenant_extra="message_size_limit = 100000\n")
+    result = sendmail(site, [*options, "bob@cde.test"], b"x\n" * 50_001)
+    assert result.returncode == EX_DATAERR
+    assert "message too large: the limit is 100000 bytes for this domain" in result.stderr
     assert_nothing_queued(site)
+    assert sendmail(site, [*options, "bob@cde.test"], b"x\n" * 50_000).returncode == 0
+
+
+def test_the_default_size_limit_is_25_mib(site: Site) -> None:
+    result = sendmail(site, ["-i", "bob@cde.test"], b"x" * ((25 << 20) + 1))
+    assert result.returncode == EX_DATAERR and f"limit is {25 << 20} bytes" in result.stderr
+    assert_nothing_queued(site)
+
+
+def test_a_full_queue_refuses_for_now(site: Site) -> None:
+    site.write_config(tenant_extra="queue_size_limit = 3000\n")
+    for _ in range(3):  # each queue file is about 1 kB: the third goes over the limit
+        assert sendmail(site, ["bob@cde.test"], b"x" * 800).returncode == 0
+    result = sendmail(site, ["bob@cde.test"], b"x" * 800)
+    assert result.returncode == EX_TEMPFAIL
+    assert "queue full: " in result.stderr and "over its limit of 3000" in result.stderr
+    assert len(site.queued()) == 3
+    for path in site.queued()[:2]:  # the worker delivered some: room again
+        path.unlink()
+    assert sendmail(site, ["bob@cde.test"], b"x" * 800).returncode == 0
 
 
 def test_list_and_flush(site: Site) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
+from nsmail.message import chunks
+from nsmail.queuefile import TRAILER_BYTES, Envelope, QueueFileError, frame
 from nsmail.spool import (
     ACTIVE,
     DEFERRED,
@@ -27,16 +30,16 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def test_put_lands_in_one_state_only(spool: Spool) -> None:
-    spool.put(MAILDROP, "q1", b"data")
+    spool.put(MAILDROP, "q1", [b"data"])
     assert spool.ids(MAILDROP) == ["q1"]
     assert all(spool.ids(state) == [] for state in STATES if state != MAILDROP)
     assert os.listdir(spool.root / TMP) == []
-    spool.put(MAILDROP, "q1", b"newer")  # replaces, atomically
+    spool.put(MAILDROP, "q1", [b"newer"])  # replaces, atomically
     assert spool.read(MAILDROP, "q1") == b"newer"
 
 
 def test_move_and_schedule(spool: Spool) -> None:
-    spool.put(INCOMING, "q1", b"data")
+    spool.put(INCOMING, "q1", [b"data"])
     spool.schedule("q1", INCOMING, 1_000_000.0)
     spool.move("q1", INCOMING, DEFERRED)
     assert spool.next_attempt("q1") == 1_000_000.0  # a rename keeps the time
@@ -44,7 +47,7 @@ def test_move_and_schedule(spool: Spool) -> None:
 
 
 def test_recovery_returns_active_mail_and_drops_unacknowledged_temp_files(spool: Spool) -> None:
-    spool.put(ACTIVE, "crashed", b"data")
+    spool.put(ACTIVE, "crashed", [b"data"])
     (spool.root / TMP / "half").write_bytes(b"never acknowledged")
     assert spool.recover() == ["crashed"]
     assert spool.ids(INCOMING) == ["crashed"] and spool.ids(ACTIVE) == []
@@ -59,7 +62,7 @@ def test_hostile_names_and_symlinks(spool: Spool, tmp_path: Path) -> None:
     with pytest.raises(OSError):
         spool.read(INCOMING, "link")
     with pytest.raises(ValueError):
-        spool.put(INCOMING, "../escape", b"x")
+        spool.put(INCOMING, "../escape", [b"x"])
 
 
 def test_flush_trigger_is_taken_once(spool: Spool) -> None:
@@ -78,3 +81,42 @@ def test_a_fifo_is_refused_without_blocking(spool: Spool) -> None:
     os.mkfifo(spool.root / INCOMING / "fifo")
     with pytest.raises(OSError, match="not a regular file"):
         spool.read(INCOMING, "fifo")
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20])  # read whole, and streamed from the file
+def test_open_message_checks_and_gives_the_body(tmp_path: Path, size: int) -> None:
+    spool = Spool(tmp_path)
+    spool.create()
+    envelope = Envelope("a@tenant.test", ("b@rcpt.test",))
+    body = os.urandom(size)
+    spool.put(INCOMING, "q1", frame(envelope, [body[: size // 2], body[size // 2 :]]))
+    with spool.open_message(INCOMING, "q1") as (found, stored, mtime):
+        assert found == envelope and stored.length == size
+        assert b"".join(chunks(stored)) == body
+        assert mtime == spool.path(INCOMING, "q1").stat().st_mtime
+    path = spool.path(INCOMING, "q1")
+    data = bytearray(path.read_bytes())
+    data[-TRAILER_BYTES - size // 2] ^= 1  # inside the body
+    path.write_bytes(bytes(data))
+    with pytest.raises(QueueFileError, match="checksum"), spool.open_message(INCOMING, "q1"):
+        pass
+
+
+def test_open_message_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.create()
+    os.mkfifo(spool.path(INCOMING, "fifo"))
+    spool.path(INCOMING, "link").symlink_to("/etc/passwd")
+    with pytest.raises(OSError, match="not a regular file"), spool.open_message(INCOMING, "fifo"):
+        pass
+    with pytest.raises(OSError) as caught, spool.open_message(INCOMING, "link"):
+        pass
+    assert caught.value.errno == errno.ELOOP
+
+
+def test_size_counts_every_state(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.create()
+    spool.put(INCOMING, "a", [b"x" * 100])
+    spool.put(DEFERRED, "b", [b"y" * 50])
+    assert spool.size() == 150

@@ -99,7 +99,7 @@ def spool(tmp_path: Path) -> Spool:
 def submit(spool: Spool, recipients: tuple[str, ...], sender: str = "alice@tenant.test") -> str:
     queue_id = new_queue_id(time.time())
     envelope = Envelope(sender, recipients, arrival=time.time(), submitter="alice")
-    spool.put(MAILDROP, queue_id, encode(envelope, BODY))
+    spool.put(MAILDROP, queue_id, [encode(envelope, BODY)])
     return queue_id
 
 
@@ -156,7 +156,7 @@ def test_damaged_files_are_quarantined_and_the_rest_goes_on(
     running: tuple[Recorder, Path], spool: Spool
 ) -> None:
     recorder, _ = running
-    spool.put(MAILDROP, "torn", b"NSMAIL-QUEUE 1\ntorn")
+    spool.put(MAILDROP, "torn", [b"NSMAIL-QUEUE 1\ntorn"])
     submit(spool, ("a@rcpt.test",))
     wait_for(lambda: spool.ids(CORRUPT) == ["torn"] and recorder.received)
 
@@ -228,7 +228,7 @@ def test_local_recipients_go_to_maildirs(running: tuple[Recorder, Path], spool: 
 def test_mail_left_active_by_a_crash_is_retried(dns: DNSStack, spool: Spool) -> None:
     recorder = Recorder()
     envelope = Envelope("alice@tenant.test", ("a@rcpt.test",), arrival=time.time(), cleaned=True)
-    spool.put(ACTIVE, "crashed", encode(envelope, b"Subject: x\r\n\r\nhi\r\n"))
+    spool.put(ACTIVE, "crashed", [encode(envelope, b"Subject: x\r\n\r\nhi\r\n")])
     with smtp_server(recorder) as port:
         pid = start_worker(dns, spool.root.parents[2], port)
         try:

@@ -245,6 +245,9 @@ class Postfix:
             "alias_database": "",
             "biff": "no",
             "smtpd_banner": "$myhostname ESMTP",
+            # Room for the tests' 50 MB messages (the defaults are about 10 MB).
+            "message_size_limit": str(100 << 20),
+            "virtual_mailbox_limit": "0",
             "virtual_mailbox_domains": ", ".join(DOMAINS),
             "virtual_mailbox_base": f"{d}/mail",
             "virtual_mailbox_maps": "static:Maildir/",
