@@ -16,7 +16,7 @@ import bisect
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 MAX_REPORT = 2048
@@ -50,10 +50,26 @@ class Report:
 
 
 def encode(report: Report) -> bytes:
-    data = json.dumps(asdict(report), separators=(",", ":"), ensure_ascii=True).encode()
+    """The report as one datagram; `last_error` is cut short if that is what it takes.
+
+    Escaped as JSON, a character of `last_error` costs up to 12 bytes (a surrogate pair), so
+    MAX_TEXT characters of remote reply text may not fit; everything else always does.
+    """
+    data = _json(report)
+    excess = len(data) - MAX_REPORT
+    if excess > 0 and report.last_error:
+        text = report.last_error
+        while excess > 0 and text:
+            excess -= len(json.dumps(text[-1], ensure_ascii=True)) - 2  # less its quotes
+            text = text[:-1]
+        data = _json(replace(report, last_error=text))
     if len(data) > MAX_REPORT:
-        raise ReportError("report too large")  # only an oversized last_error can do this
+        raise ReportError("report too large")
     return data
+
+
+def _json(report: Report) -> bytes:
+    return json.dumps(asdict(report), separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def decode(data: bytes, domain: str) -> Report:
