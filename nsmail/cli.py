@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo.main(argv[1:])
     args = _parser().parse_args(argv)
+    if _root_only(args) and os.geteuid() != 0:
+        # Refused up front: later, a missing privilege shows as a misleading error.
+        print(f"nsmail {args.command}: only root may do this", file=sys.stderr)
+        return EX_NOPERM
     path = configuration.locate(args.config, os.environ)
     if args.command == "queue":
         from nsmail import queuetool  # run by tenants' users too: it loads the config itself
@@ -145,6 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nsmail.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def _root_only(args: argparse.Namespace) -> bool:
+    if args.command == "tenant":
+        return bool(args.verb != "list")  # list shows the configuration, readable by all
+    return args.command in ("supervise", "flush", "dkim")  # exec checks for itself
 
 
 def _check(path: Path, config: configuration.Config, args: argparse.Namespace) -> int:

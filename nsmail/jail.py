@@ -45,7 +45,7 @@ def enter(identity: Identity, parent_pid: int) -> None:
 
     `parent_pid` is the supervisor: the process dies with it (parent-death signal).
     """
-    last_cap = int(_read_at(None, "/proc/sys/kernel/cap_last_cap"))
+    last_cap = last_capability()
     # /proc is not inside the chroot: keep the process's own /proc entry open to verify
     # the drop afterwards, and close it before any untrusted code runs.
     proc_fd = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -70,11 +70,20 @@ def enter(identity: Identity, parent_pid: int) -> None:
         raise JailError("; ".join(problems))
 
 
+def last_capability() -> int:
+    """The highest capability number the kernel knows (read before any chroot)."""
+    return int(_read_at(None, "/proc/sys/kernel/cap_last_cap"))
+
+
 def drop(uid: int, gid: int, last_cap: int | None = None) -> None:
     """Become uid:gid for good: no capabilities (bounding set included, so nothing
-    executed later gets any back), no_new_privs, no groups, real/effective/saved ids."""
+    executed later gets any back), no_new_privs, no groups, real/effective/saved ids.
+
+    A caller that chroots first passes `last_cap` (`last_capability()` read before):
+    after a chroot into a tenant home, the tenant decides what /proc/sys there holds.
+    """
     if last_cap is None:
-        last_cap = int(_read_at(None, "/proc/sys/kernel/cap_last_cap"))
+        last_cap = last_capability()
     for cap in range(last_cap + 1):  # only possible before the uid change (CAP_SETPCAP)
         prctl.capbset_drop(cap)
     prctl.cap_inheritable.limit()
