@@ -21,34 +21,41 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nsmail import rtnetlink
 from nsmail.config import NetworkConfig, Tenant
 
 NETNS_DIR = Path("/run/netns")
 TENANT_IFNAME = "eth0"
 LOOPBACK_INDEX = 1  # the kernel gives every namespace's lo index 1
 TENANT_IFINDEX = 2  # asked for when the veth is made, so it need not be looked up
-IFA_F_NODAD = 0x02  # RFC 4862 DAD would make the address unusable for 1-2 s
-RT_SCOPE_LINK = 253
 # IPv6 link-local addresses bring DAD, router solicitation and multicast listener
 # chatter that a bridge floods to every tenant: that made bringing up N tenants cost
-# O(N^2). Neither end of a tenant's veth needs one (the host end in routed mode gets
-# fe80::1 explicitly).
-IN6_ADDR_GEN_MODE_NONE = 1
+# O(N^2). Neither end of a tenant's veth has one (the host end in routed mode gets
+# fe80::1 explicitly). The same for pyroute2's `link("set", ...)` (the demo's links):
 NO_LINK_LOCAL: dict[str, Any] = {
     "IFLA_AF_SPEC": {
-        "attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE]]}]]
+        "attrs": [
+            [
+                "AF_INET6",
+                {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", rtnetlink.IN6_ADDR_GEN_MODE_NONE]]},
+            ]
+        ]
     }
 }
+IFA_F_NODAD = rtnetlink.IFA_F_NODAD
 # Routed mode: the host end of every veth answers as this next hop, like a router's
 # link-local gateway, so tenants need no address from the host's own subnets.
-ROUTED_NEXT_HOP4 = "169.254.0.1"
-ROUTED_NEXT_HOP6 = "fe80::1"
+ROUTED_NEXT_HOP4 = IPv4Address("169.254.0.1")
+ROUTED_NEXT_HOP6 = IPv6Address("fe80::1")
+ANY4 = IPv4Address("0.0.0.0")
+ANY6 = IPv6Address("::")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,22 +131,36 @@ def share_netns_dir() -> None:
         _check(_libc.mount(b"none", where, None, MS_SHARED | MS_REC, None), "share /run/netns")
 
 
-def create_namespace(path: Path) -> IPRoute:
-    """Create a named namespace like `ip netns add`; return a netlink socket inside it."""
+@contextmanager
+def _new_namespace(path: Path) -> Iterator[None]:
+    """Create a named namespace like `ip netns add`; run the block inside it."""
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
     with _coming_back():
         _check(_libc.unshare(CLONE_NEWNET), "unshare")
-        _ignore_router_advertisements()
+        _set_link_defaults()
         _check(
             _libc.mount(OWN_NAMESPACE.encode(), bytes(path), None, MS_BIND, None), f"mount {path}"
         )
+        yield
+
+
+def create_namespace(path: Path) -> IPRoute:
+    """Create a named namespace like `ip netns add`; return a netlink socket inside it."""
+    with _new_namespace(path):
         return IPRoute()
 
 
-def _ignore_router_advertisements() -> None:
-    # In the caller's new namespace: a stray RA on the bridge must not give a tenant a
-    # second address or a route nsmail did not make.
-    Path("/proc/sys/net/ipv6/conf/default/accept_ra").write_text("0")
+def _set_link_defaults() -> None:
+    # In the caller's new namespace, for the veth end about to be made in it. A stray RA
+    # on the bridge must not give a tenant a second address or a route nsmail did not
+    # make. No link-local address: IFLA_AF_SPEC cannot set that at creation, and
+    # `link set up` applies it only after the link came up with one (and its DAD).
+    for knob, value in (("accept_ra", b"0"), ("addr_gen_mode", b"1")):
+        fd = os.open(f"/proc/sys/net/ipv6/conf/default/{knob}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
 
 
 def remove_namespace(path: Path) -> None:
@@ -164,13 +185,15 @@ class HostNetwork:
     def __init__(self, network: NetworkConfig) -> None:
         self.network = network
         share_netns_dir()
-        self.ipr = IPRoute()
+        self.ipr = IPRoute()  # for the rare lookups: listing and removing links
+        self.rtnl = rtnetlink.open_socket()  # for building tenants, in batches
         self._bridge_index: int | None = None
         if network.mode == "routed":
             _enable_forwarding()
 
     def close(self) -> None:
         self.ipr.close()
+        self.rtnl.close()
 
     def names(self, tenant: Tenant) -> TenantNames:
         return names_for(self.network.prefix, tenant.domain)
@@ -179,11 +202,12 @@ class HostNetwork:
         """Build the tenant's namespace and wire it; on any failure nothing is left."""
         names = self.names(tenant)
         try:
-            inner = create_namespace(names.path)
+            with _new_namespace(names.path):
+                inner = rtnetlink.open_socket()
             with inner:
                 self._add_veth(names)
-                self._configure_host_end(names, tenant)
-                _configure_inside(inner, tenant, self.network)
+                rtnetlink.execute(self.rtnl, self._host_end(names, tenant))
+                rtnetlink.execute(inner, _inside(tenant, self.network))
         except BaseException:
             self.remove(names)
             raise
@@ -227,74 +251,76 @@ class HostNetwork:
     def _bridge(self) -> int:
         if self._bridge_index is None:
             bridge = self.network.bridge
-            found = self.ipr.link_lookup(ifname=bridge)
-            if not found:
-                raise OSError(errno.ENODEV, f"bridge {bridge!r} does not exist")
-            self._bridge_index = int(found[0])
+            assert bridge is not None  # the configuration requires it in bridge mode
+            try:
+                self._bridge_index = _index(self.ipr, bridge)
+            except NetlinkError:
+                raise OSError(errno.ENODEV, f"bridge {bridge!r} does not exist") from None
         return self._bridge_index
 
     def _add_veth(self, names: TenantNames) -> None:
         fd = os.open(names.path, os.O_RDONLY)
         try:
+            veth = rtnetlink.veth(names.host_ifname, TENANT_IFNAME, TENANT_IFINDEX, fd)
             try:
-                self._link_veth(names, fd)
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
+                rtnetlink.execute(self.rtnl, [veth])
+            except FileExistsError:
                 # The same tenant's previous namespace is still being destroyed.
                 with suppress(NetlinkError):
                     self.ipr.link("del", ifname=names.host_ifname)
-                self._link_veth(names, fd)
+                rtnetlink.execute(self.rtnl, [veth])
         finally:
             os.close(fd)
 
-    def _link_veth(self, names: TenantNames, ns_fd: int) -> None:
-        peer = {"ifname": TENANT_IFNAME, "index": TENANT_IFINDEX, "net_ns_fd": ns_fd}
-        self.ipr.link("add", ifname=names.host_ifname, kind="veth", peer=peer)
-
-    def _configure_host_end(self, names: TenantNames, tenant: Tenant) -> None:
+    def _host_end(self, names: TenantNames, tenant: Tenant) -> list[rtnetlink.Request]:
+        ifname = names.host_ifname
         if self.network.mode == "bridge":
-            self.ipr.link(
-                "set", ifname=names.host_ifname, master=self._bridge(), state="up", **NO_LINK_LOCAL
-            )
-            return
-        index = _index(self.ipr, names.host_ifname)
-        self.ipr.link("set", index=index, state="up", **NO_LINK_LOCAL)
-        self.ipr.addr(
-            "add", index=index, address=ROUTED_NEXT_HOP4, prefixlen=32, scope=RT_SCOPE_LINK
-        )
-        self.ipr.addr("add", index=index, address=ROUTED_NEXT_HOP6, prefixlen=64, flags=IFA_F_NODAD)
+            # Isolated: tenants reach only the bridge and its uplinks, never each other,
+            # and the multicast one tenant sends (MLD reports) is not flooded to every
+            # other one, which made bringing up N tenants cost O(N^2).
+            return [
+                rtnetlink.link_up(ifname=ifname, master=self._bridge()),
+                rtnetlink.isolated_bridge_port(ifname),
+            ]
+        index = _index(self.ipr, ifname)
+        requests = [
+            rtnetlink.link_up(index),  # before the tenant's end: no carrier, no link-local
+            rtnetlink.address(index, ROUTED_NEXT_HOP4, 32, scope=rtnetlink.RT_SCOPE_LINK),
+            rtnetlink.address(index, ROUTED_NEXT_HOP6, 64),
+        ]
         if tenant.ipv4 is not None:
-            self.ipr.route("add", dst=f"{tenant.ipv4}/32", oif=index, scope=RT_SCOPE_LINK)
+            requests.append(rtnetlink.route(tenant.ipv4, 32, index))
         if tenant.ipv6 is not None:
-            self.ipr.route("add", dst=f"{tenant.ipv6}/128", oif=index)
+            requests.append(rtnetlink.route(tenant.ipv6, 128, index))
+        return requests
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
-    # One RTM_GETLINK by name; link_lookup() would dump every link of the namespace,
-    # which makes bringing up N tenants cost O(N^2).
+    # One RTM_GETLINK by name, on the socket of the supervisor's namespace (not the
+    # calling thread's); link_lookup() would dump every link, O(N) per tenant.
     return int(ipr.link("get", ifname=ifname)[0]["index"])
 
 
-def _configure_inside(inner: IPRoute, tenant: Tenant, network: NetworkConfig) -> None:
+def _inside(tenant: Tenant, network: NetworkConfig) -> list[rtnetlink.Request]:
     eth = TENANT_IFINDEX
-    inner.link("set", index=LOOPBACK_INDEX, state="up")
-    inner.link("set", index=eth, state="up", **NO_LINK_LOCAL)
+    requests = [rtnetlink.link_up(LOOPBACK_INDEX), rtnetlink.link_up(eth)]
+    hop4: IPv4Address | None = ROUTED_NEXT_HOP4
+    hop6: IPv6Address | None = ROUTED_NEXT_HOP6
     if network.mode == "bridge":
-        hop4 = str(network.gateway4) if network.gateway4 else None
-        hop6 = str(network.gateway6) if network.gateway6 else None
-    else:
-        hop4, hop6 = ROUTED_NEXT_HOP4, ROUTED_NEXT_HOP6
+        hop4, hop6 = network.gateway4, network.gateway6
     if tenant.ipv4 is not None and hop4 is not None:
-        inner.addr("add", index=eth, address=str(tenant.ipv4), prefixlen=32)
-        # The gateway is outside the tenant's /32: reach it on-link first.
-        inner.route("add", dst=f"{hop4}/32", oif=eth, scope=RT_SCOPE_LINK)
-        inner.route("add", dst="0.0.0.0/0", gateway=hop4, oif=eth)
+        requests += [
+            rtnetlink.address(eth, tenant.ipv4, 32),
+            # The gateway is outside the tenant's /32: reach it on-link first.
+            rtnetlink.route(hop4, 32, eth),
+            rtnetlink.route(ANY4, 0, eth, gateway=hop4),
+        ]
     if tenant.ipv6 is not None and hop6 is not None:
-        inner.addr("add", index=eth, address=str(tenant.ipv6), prefixlen=128, flags=IFA_F_NODAD)
-        if not hop6.startswith("fe80:"):
-            inner.route("add", dst=f"{hop6}/128", oif=eth)
-        inner.route("add", dst="::/0", gateway=hop6, oif=eth)
+        requests.append(rtnetlink.address(eth, tenant.ipv6, 128))
+        if not hop6.is_link_local:
+            requests.append(rtnetlink.route(hop6, 128, eth))
+        requests.append(rtnetlink.route(ANY6, 0, eth, gateway=hop6))
+    return requests
 
 
 def _listdir(path: Path) -> list[str]:
