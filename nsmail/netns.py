@@ -17,11 +17,12 @@ import errno
 import hashlib
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nsmail import rtnetlink
-from nsmail.config import NetworkConfig, Tenant
+from nsmail.config import IPAddress, NetworkConfig, Tenant
 
 NETNS_DIR = Path("/run/netns")
 TENANT_IFNAME = "eth0"
@@ -54,6 +55,9 @@ IFA_F_NODAD = rtnetlink.IFA_F_NODAD
 # link-local gateway, so tenants need no address from the host's own subnets.
 ROUTED_NEXT_HOP4 = IPv4Address("169.254.0.1")
 ROUTED_NEXT_HOP6 = IPv6Address("fe80::1")
+# Policy rules that keep the host's own processes from sending as a tenant
+# (rtnetlink.local_source_rule): before the main table (32766), after local (0).
+SOURCE_RULE_PRIORITY = 1000
 ANY4 = IPv4Address("0.0.0.0")
 ANY6 = IPv6Address("::")
 
@@ -188,6 +192,7 @@ class HostNetwork:
         self.ipr = IPRoute()  # for the rare lookups: listing and removing links
         self.rtnl = rtnetlink.open_socket()  # for building tenants, in batches
         self._bridge_index: int | None = None
+        self._guarded: dict[Path, tuple[IPAddress, ...]] = {}  # namespace -> its addresses
         if network.mode == "routed":
             _enable_forwarding()
 
@@ -206,7 +211,11 @@ class HostNetwork:
                 inner = rtnetlink.open_socket()
             with inner:
                 self._add_veth(names)
-                rtnetlink.execute(self.rtnl, self._host_end(names, tenant))
+                self._guarded[names.path] = tenant.addresses
+                guards = [
+                    rtnetlink.local_source_rule(a, SOURCE_RULE_PRIORITY) for a in tenant.addresses
+                ]
+                rtnetlink.execute(self.rtnl, self._host_end(names, tenant) + guards)
                 rtnetlink.execute(inner, _inside(tenant, self.network))
         except BaseException:
             self.remove(names)
@@ -221,6 +230,10 @@ class HostNetwork:
         pair with them, in batches in the background.
         """
         remove_namespace(names.path)
+        for address in self._guarded.pop(names.path, ()):
+            unguard = rtnetlink.local_source_rule(address, SOURCE_RULE_PRIORITY, add=False)
+            with suppress(FileNotFoundError):
+                rtnetlink.execute(self.rtnl, [unguard])
 
     def ours(self) -> list[str]:
         """Host-side links and namespaces that carry this configuration's prefix."""
@@ -231,7 +244,11 @@ class HostNetwork:
         ]
 
     def remove_stale(self) -> list[str]:
-        """Remove every namespace and link with our prefix, e.g. left by a crashed run."""
+        """Remove every namespace, link and source rule of ours, e.g. left by a crashed run."""
+        for address in self._source_rules():
+            unguard = rtnetlink.local_source_rule(address, SOURCE_RULE_PRIORITY, add=False)
+            with suppress(FileNotFoundError):
+                rtnetlink.execute(self.rtnl, [unguard])
         stale = self.ours()
         for name in stale:
             if "-" in name:
@@ -240,6 +257,15 @@ class HostNetwork:
                 with suppress(NetlinkError):
                     self.ipr.link("del", ifname=name)
         return stale
+
+    def _source_rules(self) -> list[IPAddress]:
+        found: list[IPAddress] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in self.ipr.get_rules(family=family):
+                source = rule.get_attr("FRA_SRC")
+                if rule.get_attr("FRA_PRIORITY") == SOURCE_RULE_PRIORITY and source:
+                    found.append(ip_address(source))
+        return found
 
     def wait_all_gone(self, timeout: float) -> list[str]:
         """Wait for the kernel to finish destroying removed namespaces; return leftovers."""

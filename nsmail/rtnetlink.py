@@ -27,6 +27,8 @@ NLM_F_CREATE = 0x400
 RTM_NEWLINK = 16
 RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
+RTM_NEWRULE = 32
+RTM_DELRULE = 33
 IFLA_IFNAME = 3
 IFLA_MASTER = 10
 IFLA_LINKINFO = 18
@@ -51,11 +53,16 @@ RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
+FRA_SRC = 2
+FRA_IIFNAME = 3
+FRA_PRIORITY = 6
+FR_ACT_PROHIBIT = 8
 IFF_UP = 0x1
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBi")  # ifaddrmsg: family, prefix length, flags, scope, index
 _RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst/src len, tos, table, ..., flags
+_FIB_RULE = struct.Struct("=BBBBBBBBI")  # fib_rule_hdr: family, dst/src len, ..., action, flags
 
 
 def _attr(kind: int, data: bytes) -> bytes:
@@ -133,6 +140,20 @@ def route(dst: IPAddress, prefixlen: int, oif: int, gateway: IPAddress | None = 
     return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
 
 
+def local_source_rule(source: IPAddress, priority: int, *, add: bool = True) -> Request:
+    """A policy rule (or its removal) that refuses, with EACCES, packets this host itself
+    makes with `source` as their source address. Any local user can bind an address the
+    host does not have (IP_FREEBIND needs no privilege) and so speak as a tenant from the
+    host namespace; a tenant's own packets come in from its link, never from "lo"."""
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    body = _FIB_RULE.pack(family, 0, source.max_prefixlen, 0, 0, 0, 0, FR_ACT_PROHIBIT, 0)
+    body += _attr(FRA_SRC, source.packed) + _name(FRA_IIFNAME, "lo")
+    body += _u32(FRA_PRIORITY, priority)
+    if add:
+        return RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, body
+    return RTM_DELRULE, 0, body
+
+
 def encode(requests: list[Request]) -> bytes:
     """One datagram of `requests`, each asking for an acknowledgement; sequence = position."""
     return b"".join(
@@ -180,6 +201,12 @@ def execute(sock: socket.socket, requests: list[Request]) -> None:
                 failure = (seq, code)
     if failure is not None:
         seq, code = failure
-        kind = {RTM_NEWLINK: "link", RTM_NEWADDR: "address", RTM_NEWROUTE: "route"}
+        kind = {
+            RTM_NEWLINK: "link",
+            RTM_NEWADDR: "address",
+            RTM_NEWROUTE: "route",
+            RTM_NEWRULE: "rule",
+            RTM_DELRULE: "rule",
+        }
         what = kind.get(requests[seq][0], "request")
         raise OSError(code, f"netlink {what} request: {os.strerror(code)}")

@@ -16,6 +16,8 @@ import pytest
 from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec
 from lab import Lab
 
+from nsmail.netns import SOURCE_RULE_PRIORITY
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 # A live worker: started but not yet reporting, or as it reports itself.
@@ -43,6 +45,18 @@ def global_addresses(lab: Lab, namespace: str) -> dict[str, set[str]]:
 def host_links(lab: Lab) -> set[str]:
     out = lab.run(lab.host, ["ip", "-j", "link"], capture_output=True, text=True)
     return {link["ifname"] for link in json.loads(out.stdout)}
+
+
+def source_rules(lab: Lab) -> list[str]:
+    """The host's rules that refuse locally made packets with a tenant's source address."""
+    rules = []
+    for family in ("-4", "-6"):
+        out = lab.run(lab.host, ["ip", "-j", family, "rule"], capture_output=True, text=True)
+        for rule in json.loads(out.stdout):
+            if rule["priority"] == SOURCE_RULE_PRIORITY:
+                assert (rule["iif"], rule["action"]) == ("lo", "prohibit"), rule
+                rules.append(rule["src"])
+    return sorted(rules)
 
 
 def lab_namespaces(lab: Lab) -> set[str]:
@@ -124,12 +138,15 @@ def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
     assert after["bcd.test"]["pid"] == before["bcd.test"]["pid"]
     assert after["cde.test"]["pid"] != before["cde.test"]["pid"]
     assert global_addresses(lab, hosting.namespace("cde.test"))["eth0"] == {"198.51.100.81"}
+    rules = ["198.51.100.70", "198.51.100.81", "2001:db8:51::70", "2001:db8:51::72"]
+    assert source_rules(lab) == rules
 
     hosting.write_config((DUAL,))
     hosting.signal(signal.SIGHUP)
     after = hosting.wait_status(lambda s: set(s) == {"bcd.test"})
     assert after["bcd.test"]["pid"] == before["bcd.test"]["pid"]
     _wait(lambda: tenant_namespaces(lab) == {hosting.namespace("bcd.test")})
+    assert source_rules(lab) == ["198.51.100.70", "2001:db8:51::70"]
     assert hosting.stop() == 0
 
 
@@ -156,6 +173,7 @@ def test_sigterm_leaves_no_namespace_link_or_process(lab: Lab) -> None:
     assert hosting.stop() == 0
     assert tenant_namespaces(lab) == set()
     assert not [n for n in host_links(lab) if n.startswith(lab.prefix)]
+    assert source_rules(lab) == []
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
     assert not (hosting.run_dir / "control").exists()
@@ -185,6 +203,8 @@ def test_a_supervisor_killed_hard_is_cleaned_up_by_the_next(lab: Lab) -> None:
     new = hosting.status()
     assert all(w["state"] in UP for w in new.values())
     assert tenant_namespaces(lab) == {hosting.namespace(d) for d in new}
+    # The dead supervisor's rules were removed and made again, not doubled.
+    assert source_rules(lab) == ["198.51.100.70", "2001:db8:51::70", "2001:db8:51::72"]
     assert hosting.stop() == 0
 
 
