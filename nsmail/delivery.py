@@ -315,28 +315,27 @@ class _Session:
             return [
                 self._outcome(r, 553, b"5.6.7 server does not support SMTPUTF8") for r in recipients
             ]
-        code, text = client.mail(sender, options)
-        if 500 <= code <= 599:
-            return [self._outcome(r, code, text) for r in recipients]
+        sendable = [r for r in recipients if not _BAD_PATH_CHARS.search(r)]
+        rejected = {
+            r: self._outcome(r, 553, b"5.1.3 bad address") for r in recipients if r not in sendable
+        }
+        (code, text), answers, data = _envelope(client, sender, sendable, options)
         if code != 250:
+            _decline_data(client, data)
+            if 500 <= code <= 599:
+                return [self._outcome(r, code, text) for r in recipients]
             raise _NextHost("MAIL", code, text)
-        rejected: dict[str, Outcome] = {}
-        for recipient in recipients:
-            if _BAD_PATH_CHARS.search(recipient):
-                rejected[recipient] = self._outcome(recipient, 553, b"5.1.3 bad address")
-                continue
-            code, text = client.rcpt(recipient)
+        for recipient, (code, text) in zip(sendable, answers, strict=True):
             if not 200 <= code <= 299:  # RFC 5321 4.2.1: any 2yz takes the recipient
                 rejected[recipient] = self._outcome(recipient, code, text)
-        accepted = [r for r in recipients if r not in rejected]
-        if not accepted:
+        if len(rejected) == len(recipients):
+            _decline_data(client, data)
             return [rejected[r] for r in recipients]
         try:
-            code, text = _data(client, payload.message)
-        except smtplib.SMTPDataError as e:
-            code = e.smtp_code
-            text = e.smtp_error if isinstance(e.smtp_error, bytes) else e.smtp_error.encode()
-            if not 400 <= code <= 599:
+            code, text = client.docmd("data") if data is None else data
+            if code == 354:
+                code, text = _send_message(client, payload.message)
+            elif not 400 <= code <= 599:
                 # RFC 5321 4.3.2: DATA is answered 354, 4yz or 5yz. The message did not go,
                 # so no other reply (a 2yz above all) may pass for the one after the dot.
                 return self._lost(recipients, rejected, f"{code} {_text(text)} in reply to DATA")
@@ -463,13 +462,42 @@ def _mail_options(
     return options
 
 
-def _data(client: smtplib.SMTP, message: Message) -> tuple[int, bytes]:
-    """RFC 5321 4.1.1.4 DATA with the message streamed from the queue file (smtplib's
-    `data` wants it whole in memory); raises SMTPDataError if DATA is refused."""
-    client.putcmd("data")
-    code, text = client.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, text)
+Reply = tuple[int, bytes]
+
+
+def _envelope(
+    client: smtplib.SMTP, sender: str, recipients: list[str], options: list[str]
+) -> tuple[Reply, list[Reply], Reply | None]:
+    """The replies to MAIL, to RCPT for each recipient and, when pipelined, to DATA.
+
+    With PIPELINING (RFC 2920) the commands go in one write and the replies are read
+    after it, in order, all of them; otherwise one command at a time, stopping at a
+    refused MAIL (and DATA is left to the caller: None).
+    """
+    if client.has_extn("pipelining") and recipients:
+        commands = [f"MAIL FROM:{smtplib.quoteaddr(sender)}" + "".join(f" {o}" for o in options)]
+        commands += [f"RCPT TO:{smtplib.quoteaddr(r)}" for r in recipients]
+        commands.append("DATA")
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"  # RFC 6531 3.2
+        client.send("".join(f"{c}\r\n" for c in commands).encode(encoding))
+        mail = client.getreply()
+        return mail, [client.getreply() for _ in recipients], client.getreply()
+    mail = client.mail(sender, options)
+    if mail[0] != 250:
+        return mail, [], None
+    return mail, [client.rcpt(r) for r in recipients], None
+
+
+def _decline_data(client: smtplib.SMTP, data: Reply | None) -> None:
+    """RFC 2920 3.1: a pipelined DATA accepted although nothing else was, ends at once."""
+    if data is not None and data[0] == 354:
+        client.send(b".\r\n")
+        client.getreply()
+
+
+def _send_message(client: smtplib.SMTP, message: Message) -> Reply:
+    """The message after a 354, streamed from the queue file (smtplib's `data` wants it
+    whole in memory), and the reply to its final dot."""
     # Whole pieces in as few writes as possible, the final dot with the last one: a small
     # write after another waits for its ACK (Nagle), which the server may delay 40 ms.
     pending: list[bytes] = []
