@@ -81,6 +81,13 @@ _TENANT_KEYS = frozenset(
         "dkim_key",
     }
 )
+# The keys each table may hold: the schema, for the parsers below and for tools.
+TABLE_KEYS = {
+    "host": _HOST_KEYS,
+    "network": _NETWORK_KEYS,
+    "delivery": _DELIVERY_KEYS,
+    "tenant": _TENANT_KEYS,
+}
 
 # RFC 1035 2.3.1 as relaxed by RFC 1123 2.1 (a label may start with a digit).
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -456,7 +463,7 @@ class _Table:
 
 
 def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
-    table.reject_unknown(_HOST_KEYS)
+    table.reject_unknown(TABLE_KEYS["host"])
     name = _domain(table, "name", table.required_string("name"))
 
     resolver_texts = table.strings("resolvers")
@@ -511,7 +518,7 @@ def _absolute_path(table: _Table, key: str, default: Path) -> Path:
 
 
 def _network(table: _Table) -> NetworkConfig:
-    table.reject_unknown(_NETWORK_KEYS)
+    table.reject_unknown(TABLE_KEYS["network"])
     mode = table.string_or("mode", "bridge")
     if mode not in ("bridge", "routed"):
         raise table.error("mode", f"{mode!r} is neither 'bridge' nor 'routed'")
@@ -539,7 +546,7 @@ def _network(table: _Table) -> NetworkConfig:
 
 
 def _delivery(table: _Table) -> DeliveryConfig:
-    table.reject_unknown(_DELIVERY_KEYS)
+    table.reject_unknown(TABLE_KEYS["delivery"])
     defaults = DeliveryConfig()
     port = table.integer("port")
     if port is None:
@@ -607,7 +614,7 @@ def _seconds(table: _Table, key: str, default: float) -> float:
 
 
 def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
-    table.reject_unknown(_TENANT_KEYS)
+    table.reject_unknown(TABLE_KEYS["tenant"])
     domain = _domain(table, "domain", table.required_string("domain"))
 
     ipv4 = ipv6 = None

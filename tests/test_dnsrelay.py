@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeVar
 
 import dns.flags
 import dns.message
@@ -78,6 +79,23 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+UDP = TypeVar("UDP", bound=socketserver.UDPServer)
+TCP = TypeVar("TCP", bound=socketserver.TCPServer)
+
+
+def udp_and_tcp(
+    udp_class: type[UDP], tcp_class: type[TCP], handler: type[socketserver.BaseRequestHandler]
+) -> tuple[UDP, TCP]:
+    """A UDP and a TCP server on 127.0.0.1 and one port (free for both), as DNS wants."""
+    for _ in range(20):
+        udp = udp_class(("127.0.0.1", 0), handler)
+        try:
+            return udp, tcp_class(("127.0.0.1", udp.server_address[1]), handler)
+        except OSError:
+            udp.server_close()
+    raise RuntimeError("no free port for UDP and TCP")
+
+
 @dataclass
 class AuthServer:
     """A tiny authoritative server for `zone` on 127.0.0.1, UDP and TCP on one port."""
@@ -86,16 +104,7 @@ class AuthServer:
     queries: list[tuple[str, str, bool]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for _ in range(20):
-            udp = _UDPServer(("127.0.0.1", 0), _AuthHandler, bind_and_activate=True)
-            try:
-                tcp = _TCPServer(("127.0.0.1", udp.server_address[1]), _AuthHandler)
-            except OSError:
-                udp.server_close()
-                continue
-            break
-        else:
-            raise RuntimeError("no free port for UDP and TCP")
+        udp, tcp = udp_and_tcp(_UDPServer, _TCPServer, _AuthHandler)
         self.udp, self.tcp = udp, tcp
         udp.stack = tcp.stack = self
         self.port: int = udp.server_address[1]

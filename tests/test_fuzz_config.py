@@ -22,49 +22,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_config import toml_value
 
-from nsmail.config import ConfigError, load, run_dir_of
+from nsmail.config import TABLE_KEYS, ConfigError, load, run_dir_of
 
 HOST = {"name": "abc.test", "resolvers": ["198.51.100.53"], "user": "root"}
 NETWORK = {"mode": "routed"}
 
-SCHEMA = {
-    "host": ["name", "resolvers", "user", "run_dir", "spool", "admin_group", "metrics"],
-    "network": ["mode", "bridge", "gateway4", "gateway6", "prefix"],
-    "delivery": [
-        "scan_interval",
-        "timeout",
-        "port",
-        "retry_first",
-        "retry_max",
-        "lifetime",
-        "delay_warning",
-        "tls",
-        "tls_verify",
-        "hourly_limit",
-        "recipient_limit",
-        "message_size_limit",
-        "queue_size_limit",
-    ],
-    "tenant": [
-        "domain",
-        "ipv4",
-        "ipv6",
-        "ehlo",
-        "user",
-        "uid",
-        "gid",
-        "home",
-        "users",
-        "foreign_senders",
-        "tls",
-        "hourly_limit",
-        "recipient_limit",
-        "message_size_limit",
-        "queue_size_limit",
-        "dkim_selector",
-        "dkim_key",
-    ],
-}
+SCHEMA = {table: sorted(keys) for table, keys in TABLE_KEYS.items()}
 HOSTILE_STRINGS = st.sampled_from(
     [
         "",

@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_delivery import make_tenant
+from test_dnsrelay import udp_and_tcp
 from test_fuzz_smtp import ScriptedServer, tls_contexts
 
 from nsmail import dnsrelay
@@ -181,16 +182,7 @@ class HostileUpstream:
     tcp_skew: int = 0
 
     def __post_init__(self) -> None:
-        for _ in range(20):
-            udp = _UDP(("127.0.0.1", 0), _Handler)
-            try:
-                tcp = _TCP(("127.0.0.1", udp.server_address[1]), _Handler)
-            except OSError:
-                udp.server_close()
-                continue
-            break
-        else:
-            raise RuntimeError("no free port for UDP and TCP")
+        udp, tcp = udp_and_tcp(_UDP, _TCP, _Handler)
         self.servers = (udp, tcp)
         udp.upstream = tcp.upstream = self
         self.port: int = udp.server_address[1]

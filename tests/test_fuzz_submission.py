@@ -10,18 +10,14 @@ header completion (what the worker does at pick-up) completes it or raises Heade
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_sendmail import SENDMAIL, Site, assert_nothing_queued, sendmail, unused_ids
+from test_sendmail import SENDMAIL, Site, assert_nothing_queued, sendmail
 
 from nsmail.headers import Completion, HeaderError, complete
 from nsmail.queuefile import decode
@@ -29,22 +25,6 @@ from nsmail.queuefile import decode
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as a tenant uid")
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 0, 64, 65, 75
-
-
-@pytest.fixture
-def site() -> Iterator[Site]:
-    root = Path(tempfile.mkdtemp(prefix="nsmail-fuzzsub-"))
-    try:
-        root.chmod(0o755)  # the tenant uid must reach the configuration and its home
-        (uid,) = unused_ids(1)
-        home = root / "home"
-        home.mkdir(mode=0o700)
-        os.chown(home, uid, uid)
-        made = Site(root, root / "nsmail.toml", f"t{secrets.token_hex(4)}.test", uid, home)
-        made.write_config()
-        yield made
-    finally:
-        shutil.rmtree(root)
 
 
 FIELDS = st.sampled_from(
