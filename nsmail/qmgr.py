@@ -202,7 +202,13 @@ class QueueManager:
         try:
             self.attempt(state, queue_id)
         except OSError as e:
-            log.error("%s: left in %s/ after a file system error: %s", queue_id, state, e)
+            log.error("%s: file system error, will retry: %s", queue_id, e)
+            # Failed mid-attempt (a bounce or the rewrite found the disk full): the file
+            # is as it was before the attempt, and its mtime already says when to retry.
+            # Nothing scans active/ but recovery at start, so it waits in deferred/.
+            with contextlib.suppress(OSError):
+                self.spool.move(queue_id, ACTIVE, DEFERRED)
+                self.next_due = min(self.next_due, self.spool.next_attempt(queue_id) or 0.0)
 
     def attempt(self, state: str, queue_id: str) -> None:
         with contextlib.ExitStack() as opened:

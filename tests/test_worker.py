@@ -11,6 +11,7 @@ import email
 import email.policy
 import os
 import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -236,3 +237,45 @@ def test_mail_left_active_by_a_crash_is_retried(dns: DNSStack, spool: Spool) -> 
         finally:
             stop(pid)
     assert not spool.ids(ACTIVE) and not spool.ids(INCOMING)
+
+
+def test_a_full_disk_mid_attempt_loses_nothing(dns: DNSStack, spool: Spool) -> None:
+    """The disk fills between taking a message and settling it: neither the bounce nor
+    the rewrite for the deferred recipient can be written. The message must wait in
+    deferred/ as it was (not stuck in active/), and settle once there is room again."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small file system")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", spool.root], check=True)
+    try:
+        spool.create()
+        queue_id = submit(spool, ("b@rcpt.test", "later@rcpt.test", "nobody@rcpt.test"))
+        filler = spool.root / "filler"
+        with pytest.raises(OSError, match="No space left"), filler.open("wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+        recorder = Recorder(
+            rcpt_replies={"later": "451 4.3.0 try later", "nobody": "550 5.1.1 no such user"}
+        )
+        home = spool.root.parents[2]
+        with smtp_server(recorder) as port:
+            pid = start_worker(dns, home, port)
+            try:
+                wait_for(lambda: spool.ids(DEFERRED) == [queue_id])
+                assert not spool.ids(ACTIVE) and not spool.ids(INCOMING)
+                envelope, _ = decode(spool.read(DEFERRED, queue_id))
+                assert len(envelope.recipients) == 3 and envelope.attempts == 0  # as it was
+                filler.unlink()
+                spool.request_flush()
+                wait_for(lambda: mailbox(home, "alice"))  # the bounce, written at last
+                (report,) = mailbox(home, "alice")
+                assert [f["Final-Recipient"] for f in delivery_status(report)] == [
+                    "rfc822; nobody@rcpt.test"
+                ]
+                wait_for(lambda: decode(spool.read(DEFERRED, queue_id))[0].attempts == 1)
+                assert decode(spool.read(DEFERRED, queue_id))[0].recipients == ("later@rcpt.test",)
+                # b@ was sent in both attempts: a duplicate is allowed, a loss never.
+                assert [m.recipients for m in recorder.received] == [["b@rcpt.test"]] * 2
+            finally:
+                assert os.waitstatus_to_exitcode(stop(pid)) == 0
+    finally:
+        subprocess.run(["umount", spool.root], check=True)
