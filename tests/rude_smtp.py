@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from lab import MX_V4, MX_V6, Lab
 
@@ -59,7 +59,11 @@ TRANSACTION = {
     "drop-after-dot": 6,  # stored, then the connection dies before the reply
     "stall": 3,  # no reply to MAIL for longer than the client waits
     "garbage-rcpt": 4,  # "2x0 ok" to RCPT
+    "endless-rcpt": 2,  # "250-" continuation lines to RCPT, never the last one
+    "long-line-mail": 2,  # a reply to MAIL longer than any client reads
 }
+# RFC 5321 4.5.3.1.5 allows reply lines of 512 octets; smtplib reads at most 8192.
+LONG_LINE = 10_000
 
 
 def greeting(seed: int, connection: int, mode: str) -> str:
@@ -202,6 +206,9 @@ class Session:
         if rude == "421-mail":
             await self.reply("421 4.3.2 mx.test shutting down")
             raise Hangup
+        if rude == "long-line-mail":
+            await self.reply("250 2.1.0 " + "o" * LONG_LINE)
+            raise Hangup
         self.txn = Transaction(number, rude, mail_from=_path(argument))
         await self.reply("250 2.1.0 ok")
 
@@ -213,12 +220,20 @@ class Session:
             "550-rcpt": "550 5.1.1 no such user",
             "garbage-rcpt": "2x0 ok",
         }
+        if self.txn.behaviour == "endless-rcpt":
+            await self.endless_reply()
         refusal = replies.get(self.txn.behaviour)
         if refusal is not None:
             await self.reply(refusal)
             return
         self.txn.rcpt_to.append(_path(argument))
         await self.reply("250 2.1.5 ok")
+
+    async def endless_reply(self) -> NoReturn:
+        """Continuation lines, each well within the client's timeout, until it hangs up."""
+        while True:
+            await self.reply("250-2.1.5 still thinking")
+            await asyncio.sleep(self.server.stall / 6)
 
     async def data(self, argument: str) -> None:
         rude = self.txn.behaviour
