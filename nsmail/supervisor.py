@@ -57,6 +57,10 @@ STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a worker
 STABLE_AFTER = 60.0  # a worker that ran this long before dying starts back-off afresh
 MAX_BACKOFF = 60.0
 STATUS_EVERY = 1.0  # seconds between updates of systemd's STATUS= line
+# A running worker reports at least every 10 s (worker.REPORT_EVERY) between deliveries;
+# one that said nothing for this long is stopped (SIGSTOP), hung, or in a very long
+# transaction, and its last report is no longer the truth.
+SILENT_AFTER = 60.0
 
 
 def restart_delay(crashes: int) -> float:
@@ -89,6 +93,7 @@ class Slot:
     relay_end: socket.socket | None = None
     reports: socket.socket | None = None  # the supervisor's end of the worker's reports
     report: Report | None = None  # the worker's latest valid report
+    reported_mono: float = 0.0  # when it came (monotonic)
     refused_reports: int = 0
     refused_logged: float = 0.0
     after_stop: Literal["remove", "restart"] = "remove"
@@ -372,6 +377,7 @@ class Supervisor:
                 if flags & socket.MSG_TRUNC:
                     raise ReportError(f"more than {MAX_REPORT} bytes")
                 slot.report = decode_report(data, slot.tenant.domain)
+                slot.reported_mono = time.monotonic()
                 self._status_due = min(self._status_due, time.monotonic() + STATUS_EVERY)
             except ReportError as e:
                 self._refuse_report(slot, str(e))
@@ -553,7 +559,8 @@ class Supervisor:
 
     def statuses(self) -> list[WorkerStatus]:
         order = sorted(self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain))
-        return [_status_of(slot) for slot in order]
+        now = time.monotonic()
+        return [_status_of(slot, now) for slot in order]
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request["cmd"] == "status":
@@ -589,12 +596,12 @@ class Supervisor:
             os.kill(pid, sig)
 
 
-def _status_of(slot: Slot) -> WorkerStatus:
+def _status_of(slot: Slot, now: float) -> WorkerStatus:
     report = slot.report
     tenant = slot.tenant
     state = {State.BACKOFF: "crashed", State.STOPPING: "stopping"}.get(slot.state, str(slot.state))
     if slot.state == State.RUNNING and report is not None:
-        state = report.state
+        state = "silent" if now - slot.reported_mono > SILENT_AFTER else report.state
     # The latest of the worker's last delivery error and the supervisor's last crash.
     error, error_at = slot.last_error, slot.last_error_at
     if report and report.last_error_at and (error_at is None or report.last_error_at > error_at):

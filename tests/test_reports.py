@@ -26,7 +26,7 @@ from nsmail.report import (
     decode,
     encode,
 )
-from nsmail.supervisor import Slot, Supervisor
+from nsmail.supervisor import SILENT_AFTER, Slot, State, Supervisor
 
 GOOD = Report(
     domain="bcd.test",
@@ -139,3 +139,19 @@ def test_a_flood_is_read_in_bounded_bites(
         pass
     supervisor._on_report(slot)  # returns after a bounded number of datagrams
     assert slot.refused_reports == 32
+
+
+def test_a_worker_silent_for_long_shows_as_silent(
+    supervised: tuple[Supervisor, Slot, socket.socket],
+) -> None:
+    # A worker stopped with SIGSTOP (its own user can do that) is alive to waitpid and
+    # would show its last state, "idle", for ever.
+    supervisor, slot, worker = supervised
+    slot.state = State.RUNNING
+    worker.send(encode(GOOD))
+    supervisor._on_report(slot)
+    (fresh,) = supervisor.statuses()
+    assert fresh.state == "backing off"
+    slot.reported_mono -= SILENT_AFTER + 1
+    (stale,) = supervisor.statuses()
+    assert stale.state == "silent" and stale.queue == GOOD.queue
