@@ -72,9 +72,9 @@ class FileBody:
         return FileBody(self.fd, self.start + offset, self.length - offset)
 
 
-def chunks(body: Body, start: int = 0, size: int = CHUNK) -> Iterator[bytes]:
-    for offset in range(start, body.length, size):
-        yield body.read(offset, size)
+def chunks(body: Body) -> Iterator[bytes]:
+    for offset in range(0, body.length, CHUNK):
+        yield body.read(offset, CHUNK)
 
 
 @dataclass(frozen=True, slots=True)

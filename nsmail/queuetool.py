@@ -62,12 +62,12 @@ from nsmail.spool import (
     HOLD,
     INCOMING,
     MAILDROP,
-    MAX_FILE,
     STATES,
     Spool,
 )
 
 PROG = "nsmail queue"
+MAX_SHOWN = 256 << 20  # `show --body` reads the message into memory up to this size
 EX_OK = os.EX_OK
 EX_USAGE = os.EX_USAGE
 EX_NOINPUT = os.EX_NOINPUT  # no such message, or none in a state the command applies to
@@ -562,7 +562,7 @@ def _show(queues: Sequence[Tenant], uid: int, queue_id: str, body: bool, as_json
         # A message the worker moves on can slip past one pass over the states.
         for _ in range(3):
             for state in STATES:
-                keep = MAX_FILE if body else MAX_HEADER_BYTES
+                keep = MAX_SHOWN if body else MAX_HEADER_BYTES
                 loaded = load(spool, tenant, state, queue_id, keep)
                 if loaded is not None:
                     entry, message = loaded

@@ -41,7 +41,6 @@ TMP = "tmp"
 STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
 SPOOL_IN_HOME = "var/spool/nsmail"  # the spool's place in a tenant home (and jail)
 FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
-MAX_FILE = 256 << 20  # for tools that read a whole file into memory
 _SMALL = 1 << 20  # files up to this size are read in one go; larger ones are streamed
 
 
@@ -140,7 +139,8 @@ class Spool:
 
         A small file is read whole; a larger one is checked as it streams through the
         hash and its body is left in the file (`FileBody`), open until the block ends.
-        The same O_NOFOLLOW, O_NONBLOCK and regular-file rules as `read_with_time` apply.
+        O_NOFOLLOW, O_NONBLOCK and the fstat check: a symlink, FIFO or device planted by
+        the tenant is refused without blocking, never read.
         """
         fd, info = self._open_regular(state, queue_id)
         try:
@@ -162,27 +162,6 @@ class Spool:
             yield layout.envelope, body, info.st_mtime
         finally:
             os.close(fd)
-
-    def read(self, state: str, queue_id: str) -> bytes:
-        """The file's bytes; raises OSError (EFBIG when over MAX_FILE, ELOOP for a
-        symlink, EINVAL for anything but a regular file)."""
-        return self.read_with_time(state, queue_id)[0]
-
-    def read_with_time(self, state: str, queue_id: str) -> tuple[bytes, float]:
-        """The file's bytes and its mtime (a deferred message's next attempt).
-
-        O_NONBLOCK and the fstat check: a FIFO or device planted by the tenant is refused
-        without blocking, never read.
-        """
-        fd, info = self._open_regular(state, queue_id)
-        try:
-            if info.st_size > MAX_FILE:
-                raise OSError(errno.EFBIG, "queue file too large")
-        except BaseException:
-            os.close(fd)
-            raise
-        with os.fdopen(fd, "rb") as f:
-            return f.read(MAX_FILE + 1), info.st_mtime
 
     def _open_regular(self, state: str, queue_id: str) -> tuple[int, os.stat_result]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -104,6 +104,10 @@ def submit(spool: Spool, recipients: tuple[str, ...], sender: str = "alice@tenan
     return queue_id
 
 
+def deferred(spool: Spool, queue_id: str) -> Envelope:
+    return decode(spool.path(DEFERRED, queue_id).read_bytes())[0]
+
+
 def mailbox(home: Path, user: str) -> list[email.message.EmailMessage]:
     new = home / "mail" / user / "new"
     if not new.is_dir():
@@ -169,7 +173,7 @@ def test_mixed_outcomes_defer_bounce_and_deliver(
     queue_id = submit(spool, ("b@rcpt.test", "later@rcpt.test", "nobody@rcpt.test"))
     wait_for(lambda: spool.ids(DEFERRED) == [queue_id])
     assert recorder.received[0].recipients == ["b@rcpt.test"]
-    envelope, _ = decode(spool.read(DEFERRED, queue_id))
+    envelope = deferred(spool, queue_id)
     assert envelope.recipients == ("later@rcpt.test",) and envelope.attempts == 1
     next_attempt = spool.next_attempt(queue_id)
     assert next_attempt is not None and next_attempt > time.time() + 60
@@ -262,7 +266,7 @@ def test_a_full_disk_mid_attempt_loses_nothing(dns: DNSStack, spool: Spool) -> N
             try:
                 wait_for(lambda: spool.ids(DEFERRED) == [queue_id])
                 assert not spool.ids(ACTIVE) and not spool.ids(INCOMING)
-                envelope, _ = decode(spool.read(DEFERRED, queue_id))
+                envelope = deferred(spool, queue_id)
                 assert len(envelope.recipients) == 3 and envelope.attempts == 0  # as it was
                 filler.unlink()
                 spool.request_flush()
@@ -271,8 +275,8 @@ def test_a_full_disk_mid_attempt_loses_nothing(dns: DNSStack, spool: Spool) -> N
                 assert [f["Final-Recipient"] for f in delivery_status(report)] == [
                     "rfc822; nobody@rcpt.test"
                 ]
-                wait_for(lambda: decode(spool.read(DEFERRED, queue_id))[0].attempts == 1)
-                assert decode(spool.read(DEFERRED, queue_id))[0].recipients == ("later@rcpt.test",)
+                wait_for(lambda: deferred(spool, queue_id).attempts == 1)
+                assert deferred(spool, queue_id).recipients == ("later@rcpt.test",)
                 # b@ was sent in both attempts: a duplicate is allowed, a loss never.
                 assert [m.recipients for m in recorder.received] == [["b@rcpt.test"]] * 2
             finally:
