@@ -349,7 +349,7 @@ def _passwd_user(name: str) -> Account | None:
 def _group_id(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: an embedded NUL
         return None
 
 

@@ -132,6 +132,9 @@ def write(directory: Path, main: bytes, dropins: list[bytes]) -> tuple[Path, lis
 DEEP = b'[host]\nrun_dir = "/run/x"\nnested = ' + b"[" * 5000 + b"\n"
 METRICS = b'[host]\nname = "abc.test"\nresolvers = ["198.51.100.53"]\nuser = "root"\n'
 METRICS += 'metrics = "203.0.113.1:\u00b2"\n[network]\nmode = "routed"\n'.encode()
+# Found by this test: a NUL in a group name made grp.getgrnam raise ValueError.
+NUL_GROUP = b'[host]\nname = "abc.test"\nresolvers = ["198.51.100.53"]\nuser = "root"\n'
+NUL_GROUP += b'admin_group = "\\u0000"\n[network]\nmode = "routed"\n'
 
 
 @settings(
@@ -142,6 +145,7 @@ METRICS += 'metrics = "203.0.113.1:\u00b2"\n[network]\nmode = "routed"\n'.encode
 @given(documents())
 @example((DEEP, []))
 @example((METRICS, []))
+@example((NUL_GROUP, []))
 def test_load_gives_a_config_or_one_line_naming_the_file(
     directory: Path, drawn: tuple[bytes, list[bytes]]
 ) -> None:
