@@ -14,6 +14,7 @@ from pathlib import Path
 from nsmail import config as configuration
 from nsmail import control, tenant_exec, tenantadmin
 from nsmail.jail import run_as
+from nsmail.paths import locate
 from nsmail.spool import Spool
 from nsmail.status import WorkerStatus, render_table
 from nsmail.systemd import log_formatter
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Refused up front: later, a missing privilege shows as a misleading error.
         print(f"nsmail {args.command}: only root may do this", file=sys.stderr)
         return EX_NOPERM
-    path = configuration.locate(args.config, os.environ)
+    path = locate(args.config, os.environ)
     if args.command == "queue":
         from nsmail import queuetool  # run by tenants' users too: it loads the config itself
 

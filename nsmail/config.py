@@ -19,13 +19,14 @@ import os
 import pwd
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
+from nsmail.paths import DROPIN_DIR
 from nsmail.spool import SPOOL_IN_HOME
 
 IPAddress = IPv4Address | IPv6Address
@@ -34,8 +35,6 @@ _Family = TypeVar("_Family", IPv4Address, IPv6Address)
 DEFAULT_RUN_DIR = Path("/run/nsmail")
 DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
 HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
-DEFAULT_PATH = Path("/etc/nsmail/nsmail.toml")
-DROPIN_DIR = "tenants.d"
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
@@ -239,14 +238,6 @@ def host_identity(config: Config) -> Tenant:
         source=HOST_SOURCE,
         spool_in_home=".",
     )
-
-
-def locate(cli_path: str | None, environ: Mapping[str, str]) -> Path:
-    """--config beats $NSMAIL_CONFIG beats the default; an empty value counts as unset."""
-    if cli_path:
-        return Path(cli_path)
-    from_env = environ.get("NSMAIL_CONFIG")
-    return Path(from_env) if from_env else DEFAULT_PATH
 
 
 def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:

@@ -1,7 +1,9 @@
 """`nsmail-sendmail`: the sendmail(1)-compatible command that queues one message for a tenant.
 
-It runs once per message (PHP `mail()`, cron, MUAs), so it imports only the configuration,
-queue-file and spool modules. The tenant is chosen by the caller's real uid; the message is
+It runs once per message (PHP `mail()`, cron, MUAs), so it stays lean: it finds its
+caller's tenant in the cache root keeps beside the configuration (`nsmail.submission`),
+and imports the configuration parser only when that cache is missing or out of date.
+The tenant is chosen by the caller's real uid; the message is
 streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
 status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
 over the tenant's `message_size_limit`, 75 cannot queue now (the queue over its
@@ -9,7 +11,7 @@ over the tenant's `message_size_limit`, 75 cannot queue now (the queue over its
 configuration.
 
 Security: not setuid; it runs as the submitting user, or as root with `--tenant`, in which
-case it becomes the tenant (groups, gid, uid) right after reading the configuration, so
+case it becomes the tenant (groups, gid, uid) right after finding it, so
 root never writes into or reads from the tenant-writable spool tree, and what it creates
 belongs to the tenant. Arguments are the caller's own and are checked only to catch
 mistakes: the spool is the tenant's, so the sender-domain rule here is a courtesy that the
@@ -25,11 +27,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import BinaryIO
 
-from nsmail import config as configuration
+from nsmail.paths import locate
 from nsmail.queuefile import Envelope, frame
 from nsmail.spool import Spool, new_queue_id
+from nsmail.submission import Profile, lookup, profile_of
 
 PROG = "nsmail-sendmail"
 _CHUNK = 1 << 16
@@ -168,7 +172,7 @@ def qualify(address: str, domain: str) -> str:
     return address
 
 
-def envelope_sender(given: str | None, login: str, tenant: configuration.Tenant) -> str:
+def envelope_sender(given: str | None, login: str, tenant: Profile) -> str:
     """The envelope sender: the caller's own address unless -f/-r named one it may use."""
     if given is None:
         return f"{login}@{tenant.domain}"
@@ -218,9 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SendmailError as e:
         _complain(e.message)
         return e.code
-    except configuration.ConfigError as e:
-        _complain(str(e))
-        return os.EX_CONFIG
     except Exception as e:  # a bug: still one line, as PHP and cron log whatever we print
         _complain(f"internal error: {type(e).__name__}: {_show(str(e))}")
         return os.EX_SOFTWARE
@@ -230,11 +231,10 @@ def _run(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     if options.tenant is not None and os.getuid() != 0:
         raise SendmailError(os.EX_NOPERM, "only root may use --tenant")
-    config = configuration.load(configuration.locate(None, os.environ))
-    tenant = _select_tenant(config, options.tenant)
+    tenant = _profile(locate(None, os.environ), options.tenant)
     if options.tenant is not None:
         _become(tenant)
-    spool = Spool(tenant.spool)
+    spool = Spool(Path(tenant.spool))
     if options.mode == LIST:
         try:
             from nsmail import queuetool  # only here: submission stays lean
@@ -249,13 +249,13 @@ def _run(argv: Sequence[str]) -> int:
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e
     else:
-        queue_id = _submit(options, tenant, spool, _limits(tenant, config.delivery))
+        queue_id = _submit(options, tenant, spool)
         if options.verbose:
             _complain(f"queued as {queue_id}")
     return os.EX_OK
 
 
-def _submit(options: Options, tenant: configuration.Tenant, spool: Spool, limits: _Limits) -> str:
+def _submit(options: Options, tenant: Profile, spool: Spool) -> str:
     """Check the envelope, read the message, and store it durably; its queue id."""
     login = _login(os.getuid())
     sender = envelope_sender(options.sender, login, tenant)
@@ -265,12 +265,13 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool, limits
     try:
         if not tenant.is_host:
             spool.create()  # the tenant's own; the host's queue is made by its worker
-        queued = spool.size() if limits.queue_size else 0
-        if queued > limits.queue_size:
+        limit = tenant.queue_size_limit
+        queued = spool.size() if limit else 0
+        if queued > limit:
             raise SendmailError(
                 os.EX_TEMPFAIL,
                 f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
-                f"{limits.queue_size}; try again later",
+                f"{limit}; try again later",
             )
         now = time.time()
         envelope = Envelope(
@@ -283,7 +284,7 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool, limits
         )
         queue_id = new_queue_id(now)
         message = read_message(
-            sys.stdin.buffer, dot_ends=options.dot_ends, limit=limits.message_size
+            sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
         )
         # Spool.drop fsyncs the file and its directory and leaves no partial file on failure
         # (a message over the limit included). The host's worker (another user) must read
@@ -294,34 +295,29 @@ def _submit(options: Options, tenant: configuration.Tenant, spool: Spool, limits
     return queue_id
 
 
-@dataclass(frozen=True, slots=True)
-class _Limits:
-    message_size: int  # 0: none
-    queue_size: int  # 0: none
+def _profile(config_path: Path, domain: str | None) -> Profile:
+    """The caller's tenant (or, for root, the one named by --tenant): from the cache root
+    keeps beside the configuration while it is current, else from the configuration."""
+    if domain is None and (cached := lookup(config_path, os.getuid())) is not None:
+        return cached
+    from nsmail import config as configuration  # only without a current cache
 
-
-def _limits(tenant: configuration.Tenant, delivery: configuration.DeliveryConfig) -> _Limits:
-    size, queue = tenant.message_size_limit, tenant.queue_size_limit
-    return _Limits(
-        message_size=delivery.message_size_limit if size is None else size,
-        # The host's queue is the host worker's, unreadable to the users who submit to it.
-        queue_size=0 if tenant.is_host else delivery.queue_size_limit if queue is None else queue,
-    )
-
-
-def _select_tenant(config: configuration.Config, domain: str | None) -> configuration.Tenant:
+    try:
+        config = configuration.load(config_path)
+    except configuration.ConfigError as e:
+        raise SendmailError(os.EX_CONFIG, str(e)) from e
     if domain is not None:
         named = config.tenant(domain)
         if named is None:
             raise _usage(f"--tenant {_show(domain)}: no such tenant in {config.path}")
-        return named
+        return profile_of(named, config.delivery)
     uid = os.getuid()
     mine = next((t for t in config.tenants if t.uid == uid), None)
     # Users outside every tenant send as the hosting machine itself.
-    return mine or configuration.host_identity(config)
+    return profile_of(mine or configuration.host_identity(config), config.delivery)
 
 
-def _become(tenant: configuration.Tenant) -> None:
+def _become(tenant: Profile) -> None:
     """Root acting for a tenant: all of its ids, no supplementary groups, then verified."""
     os.setgroups([])
     os.setresgid(tenant.gid, tenant.gid, tenant.gid)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsmail import control, dnsrelay, metrics, worker
+from nsmail import control, dnsrelay, metrics, submission, worker
 from nsmail.config import (
     Config,
     ConfigError,
@@ -136,6 +136,7 @@ class Supervisor:
         self._install_signals()
         self._control = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
         self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
+        self._refresh_submission_cache()
         if self.config.host.metrics:
             self._metrics = metrics.listen(self.config.host.metrics)
             self.selector.register(self._metrics, selectors.EVENT_READ, self._on_metrics)
@@ -492,8 +493,17 @@ class Supervisor:
                 refused = None
         if refused:
             log.error("reload refused, keeping the running configuration: %s", refused)
+        self._refresh_submission_cache()
         notify(READY="1", STATUS=self._summary())
         return refused
+
+    def _refresh_submission_cache(self) -> None:
+        """What nsmail-sendmail reads instead of the configuration (nsmail.submission)."""
+        try:
+            if not submission.refresh(self.config.path):
+                log.info("submission cache not written: the configuration is not valid")
+        except OSError as e:
+            log.warning("cannot write the submission cache beside %s: %s", self.config.path, e)
 
     def _apply(self, new: Config) -> None:
         everything_changed = (new.host, new.delivery) != (self.config.host, self.config.delivery)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nsmail import config as configuration
 from nsmail import control
+from nsmail.paths import DROPIN_DIR
 
 EX_OK = 0
 EX_DATAERR = 65
@@ -78,7 +79,7 @@ def remove(path: Path, domain: str) -> str:
     if tenant is None:
         raise AdminError(EX_DATAERR, f"no tenant {domain!r} in {path}")
     source = Path(tenant.source)
-    if source.parent.name != configuration.DROPIN_DIR:
+    if source.parent.name != DROPIN_DIR:
         raise AdminError(EX_DATAERR, f"{domain} is defined in {source}: edit that file")
     others = [t.domain for t in config.tenants if t.source == tenant.source and t is not tenant]
     if others:
@@ -105,7 +106,7 @@ def listing(path: Path) -> list[dict[str, object]]:
 def _dropin(path: Path, domain: str) -> Path:
     if "/" in domain or domain.startswith("."):
         raise AdminError(EX_DATAERR, f"{domain!r} is not a domain")
-    return path.parent / configuration.DROPIN_DIR / f"{domain.lower()}.toml"
+    return path.parent / DROPIN_DIR / f"{domain.lower()}.toml"
 
 
 def _write(target: Path, text: str) -> None:

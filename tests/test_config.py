@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nsmail.config import (
-    DEFAULT_PATH,
     Account,
     Config,
     ConfigError,
@@ -22,10 +21,10 @@ from nsmail.config import (
     SystemLookup,
     Tenant,
     load,
-    locate,
     parse,
     parse_resolv_conf,
 )
+from nsmail.paths import DEFAULT_PATH, locate
 
 MAIN = "/etc/nsmail/nsmail.toml"
 DROPIN = "/etc/nsmail/tenants.d/cde.toml"

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.config import Tenant
+from nsmail.config import load
 from nsmail.queuefile import Envelope, decode
 from nsmail.sendmail import (
     DELIVER,
@@ -35,6 +35,7 @@ from nsmail.sendmail import (
     read_message,
 )
 from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
+from nsmail.submission import SUFFIX, Profile, lookup, profile_of, refresh
 
 SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
@@ -132,18 +133,16 @@ def test_qualify_on_anything_returns_a_plain_address_or_refuses(text: str) -> No
 # --- addresses -------------------------------------------------------------------------
 
 
-def tenant(*, foreign_senders: bool = False) -> Tenant:
-    return Tenant(
+def tenant(*, foreign_senders: bool = False) -> Profile:
+    return Profile(
         domain="bcd.test",
-        ipv4=None,
-        ipv6=None,
-        ehlo="bcd.test",
+        spool="/nonexistent",
         uid=45001,
         gid=45001,
-        home=Path("/nonexistent"),
-        users=(),
-        source="test",
+        is_host=False,
         foreign_senders=foreign_senders,
+        message_size_limit=0,
+        queue_size_limit=0,
     )
 
 
@@ -524,4 +523,37 @@ def test_unwritable_state_directory_leaves_nothing_behind(site: Site) -> None:
     maildrop.chmod(0o755)
     result = sendmail(site, ["bob@cde.test"])
     assert result.returncode == EX_TEMPFAIL and "Permission denied" in result.stderr
+    assert_nothing_queued(site)
+
+
+# --- the submission cache beside the configuration ---------------------------------------
+
+
+def test_the_cache_gives_what_the_configuration_gives(site: Site) -> None:
+    assert refresh(site.config)
+    config = load(site.config)
+    (mine,) = config.tenants
+    assert lookup(site.config, site.uid) == profile_of(mine, config.delivery)
+    host = lookup(site.config, 12345)  # a uid outside every tenant: the host's own mail
+    assert host is not None and host.is_host and host.queue_size_limit == 0
+
+
+def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
+    assert refresh(site.config)
+    site.config.chmod(0o600)  # the tenant can no longer read it, only the cache
+    assert sendmail(site, ["bob@cde.test"]).returncode == 0
+    (path,) = site.queued()
+    assert decode(path.read_bytes())[0].sender.endswith(f"@{site.domain}")
+
+
+@pytest.mark.parametrize("spoil", ["edit the configuration", "cache writable by others"])
+def test_a_stale_or_unsafe_cache_is_not_used(site: Site, spoil: str) -> None:
+    assert refresh(site.config)
+    if spoil == "edit the configuration":
+        site.write_config(tenant_extra="message_size_limit = 10\n")
+    else:
+        Path(f"{site.config}{SUFFIX}").chmod(0o666)
+    site.config.chmod(0o600)
+    result = sendmail(site, ["bob@cde.test"])  # back to the configuration, unreadable
+    assert result.returncode == EX_CONFIG and "Permission denied" in result.stderr
     assert_nothing_queued(site)
