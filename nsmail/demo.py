@@ -53,7 +53,7 @@ from typing import Any, TextIO
 
 from pyroute2 import IPRoute
 
-from nsmail import netns
+from nsmail import netns, rtnetlink
 from nsmail.lab.receiver import VERDICTS, address_literal
 
 HOST_NAME = "abc.test"
@@ -642,7 +642,7 @@ def _addresses(ipr: IPRoute, ifname: str, *addresses: tuple[str, int]) -> None:
     index = int(ipr.link("get", ifname=ifname)[0]["index"])
     for address, prefixlen in addresses:
         # No duplicate address detection: nobody else is on these links.
-        flags = netns.IFA_F_NODAD if ":" in address else 0
+        flags = rtnetlink.IFA_F_NODAD if ":" in address else 0
         ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=flags)
     ipr.link("set", index=index, state="up", **netns.NO_LINK_LOCAL)
 

@@ -50,7 +50,6 @@ NO_LINK_LOCAL: dict[str, Any] = {
         ]
     }
 }
-IFA_F_NODAD = rtnetlink.IFA_F_NODAD
 # Routed mode: the host end of every veth answers as this next hop, like a router's
 # link-local gateway, so tenants need no address from the host's own subnets.
 ROUTED_NEXT_HOP4 = IPv4Address("169.254.0.1")
