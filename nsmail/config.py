@@ -156,6 +156,16 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """The limits in force for a tenant (0: none): its own, else those of [delivery]."""
+
+    hourly: int
+    recipients: int
+    message_size: int
+    queue_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     domain: str
     ipv4: IPv4Address | None
@@ -178,6 +188,17 @@ class Tenant:
     dkim_selector: str | None = None
     dkim_key: Path | None = None
     spool_in_home: str = SPOOL_IN_HOME  # where its queue is, inside its home (jail)
+
+    def limits(self, delivery: DeliveryConfig) -> Limits:
+        def own(mine: int | None, default: int) -> int:
+            return default if mine is None else mine
+
+        return Limits(
+            hourly=own(self.hourly_limit, delivery.hourly_limit),
+            recipients=own(self.recipient_limit, delivery.recipient_limit),
+            message_size=own(self.message_size_limit, delivery.message_size_limit),
+            queue_size=own(self.queue_size_limit, delivery.queue_size_limit),
+        )
 
     @property
     def spool(self) -> Path:

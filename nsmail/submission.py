@@ -50,7 +50,7 @@ class Profile:
 
 
 def profile_of(tenant: Tenant, delivery: DeliveryConfig) -> Profile:
-    size, queue = tenant.message_size_limit, tenant.queue_size_limit
+    limits = tenant.limits(delivery)
     return Profile(
         domain=tenant.domain,
         spool=str(tenant.spool),
@@ -58,11 +58,9 @@ def profile_of(tenant: Tenant, delivery: DeliveryConfig) -> Profile:
         gid=tenant.gid,
         is_host=tenant.is_host,
         foreign_senders=tenant.foreign_senders,
-        message_size_limit=delivery.message_size_limit if size is None else size,
+        message_size_limit=limits.message_size,
         # The host's queue is the host worker's, unreadable to the users who submit to it.
-        queue_size_limit=(
-            0 if tenant.is_host else delivery.queue_size_limit if queue is None else queue
-        ),
+        queue_size_limit=0 if tenant.is_host else limits.queue_size,
     )
 
 

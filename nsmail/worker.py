@@ -114,6 +114,7 @@ def prepare(
         tls_verified=shared.tls_verified,
         rng=shared.rng,
     )
+    limits = tenant.limits(delivery)
     queue = QueueManager(
         spool=Spool(home / tenant.spool_in_home),
         domain=tenant.domain,
@@ -129,10 +130,8 @@ def prepare(
         ),
         rng=shared.rng,
         clock=time.time,
-        hourly_limit=delivery.hourly_limit if tenant.hourly_limit is None else tenant.hourly_limit,
-        recipient_limit=(
-            delivery.recipient_limit if tenant.recipient_limit is None else tenant.recipient_limit
-        ),
+        hourly_limit=limits.hourly,
+        recipient_limit=limits.recipients,
         signer=signer,
     )
     if host_queue is not None:

@@ -83,10 +83,14 @@ def test_torn_or_extended_file_is_detected(
     ],
 )
 def test_bad_envelopes_with_valid_framing_are_rejected(record: bytes) -> None:
-    framed = b"NSMAIL-QUEUE 1\nenvelope %d\n%s\nbody 0\n\n" % (len(record), record)
-    framed += b"end %s\n" % hashlib.sha256(framed).hexdigest().encode()
     with pytest.raises(QueueFileError):
-        decode(framed)
+        decode(version_1_with(record))
+
+
+def version_1_with(record: bytes) -> bytes:
+    """A well-framed version 1 file around `record` (and an empty body)."""
+    framed = b"NSMAIL-QUEUE 1\nenvelope %d\n%s\nbody 0\n\n" % (len(record), record)
+    return framed + b"end %s\n" % hashlib.sha256(framed).hexdigest().encode()
 
 
 def test_queue_ids() -> None:
@@ -113,10 +117,8 @@ def test_a_file_from_before_new_fields_still_decodes() -> None:
     ],
 )
 def test_envelopes_that_lie_are_refused(record: bytes) -> None:
-    framed = b"NSMAIL-QUEUE 1\nenvelope %d\n%s\nbody 0\n\n" % (len(record), record)
-    framed += b"end %s\n" % hashlib.sha256(framed).hexdigest().encode()
     with pytest.raises(QueueFileError):
-        decode(framed)
+        decode(version_1_with(record))
 
 
 def test_recipients_may_wait_for_extraction_before_clean_up() -> None:
