@@ -69,6 +69,7 @@ DELIVERY: dict[str, Any] = {"scan_interval": 0.5, "timeout": 2, "retry_first": 1
 # States of a worker process that is up: "running" until its first report, then its own.
 LIVE = ("running", "idle", "delivering", "backing off")
 PROGRESS_EVERY = 10.0
+FAULTS_WAIT = 75.0  # for a fault still due once all is submitted (a worker backing off)
 IDLE_WAIT = 60.0  # after settling, for every worker to be up (a back-off is at most 60 s)
 
 Pair = tuple[str, str]  # (Message-ID, recipient)
@@ -410,7 +411,16 @@ def soak(options: Options, say: Callable[[str], None]) -> Figures:
         thread = submitter.start(submissions(hosting, tenants, options.messages))
         for _ in _every(PROGRESS_EVERY, lambda: not thread.is_alive(), say, ledger, submitter):
             injector.tick(submitter.finished)
-        injector.tick(options.messages)  # whatever is still due: all has been submitted
+        # Whatever is still due, such as a second kill of a worker that is not back yet.
+        waited = time.monotonic() + FAULTS_WAIT
+        for _ in _every(
+            PROGRESS_EVERY,
+            lambda: not injector.pending or time.monotonic() > waited,
+            say,
+            ledger,
+            submitter,
+        ):
+            injector.tick(options.messages)
         say(f"soak: all submitted; faults {dict(injector.done)}; settling")
         settle = Settle(hosting, tenants, ledger, _pairs(submitter.accepted), options.settle)
         for _ in _every(PROGRESS_EVERY, settle.over, say, ledger, submitter):
