@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Refused up front: later, a missing privilege shows as a misleading error.
         print(f"nsmail {args.command}: only root may do this", file=sys.stderr)
         return EX_NOPERM
-    path = locate(args.config, os.environ)
+    path = Path(locate(args.config, os.environ))
     if args.command == "queue":
         from nsmail import queuetool  # run by tenants' users too: it loads the config itself
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from nsmail.spool import write_pieces
+from nsmail.maildrop import write_pieces
 
 MAIL_DIR = "mail"
 

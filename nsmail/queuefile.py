@@ -22,7 +22,8 @@ line is for a change of the framing itself.
 
 Pure: `frame` encodes from chunks, `parse` reads the framing from the first and last bytes
 and the size of a file, and the caller streams the checked range through a hash
-(`Layout.checked`); `decode` does it all for bytes in memory.
+(`Layout.checked`); `decode` does it all for bytes in memory. The writing itself is
+`nsmail.queueframe`'s, which the submission command imports without this module.
 
 Security: the parsers read tenant-written bytes (the tenant's sendmail writes the spool)
 and must only ever raise QueueFileError, whatever the input; sizes are checked against
@@ -40,7 +41,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-MAGIC = b"NSMAIL-QUEUE 2\n"
+from nsmail import queueframe
+from nsmail.queueframe import MAGIC
+
 MAGIC_V1 = b"NSMAIL-QUEUE 1\n"
 MAX_ENVELOPE = 1 << 20
 # Enough of a file's start to hold its framing head: magic, envelope line, envelope, body line.
@@ -107,26 +110,12 @@ def frame(envelope: Envelope, body: Iterable[bytes]) -> Iterator[bytes]:
     """The queue file for `envelope` and the message streamed as `body`, in pieces."""
     fields = dataclasses.asdict(envelope)
     fields["recipients"] = list(envelope.recipients)
-    record = json.dumps(fields, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    digest = hashlib.sha256()
-    for piece in _pieces(b"%senvelope %d\n%s\nbody\n" % (MAGIC, len(record), record), body):
-        digest.update(piece)
-        yield piece
-    yield b"\n"  # before the hash: hashed by a reader like every byte above "end"
-    digest.update(b"\n")
-    yield b"end %s\n" % digest.hexdigest().encode("ascii")
+    return queueframe.frame(fields, body)
 
 
 def encode(envelope: Envelope, body: bytes) -> bytes:
     """Frame `envelope` and `body` as a queue file, in memory."""
     return b"".join(frame(envelope, (body,)))
-
-
-def _pieces(head: bytes, body: Iterable[bytes]) -> Iterator[bytes]:
-    yield head
-    for chunk in body:
-        if chunk:
-            yield chunk
 
 
 def parse(head: bytes, tail: bytes, size: int) -> Layout:

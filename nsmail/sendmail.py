@@ -1,8 +1,11 @@
 """`nsmail-sendmail`: the sendmail(1)-compatible command that queues one message for a tenant.
 
-It runs once per message (PHP `mail()`, cron, MUAs), so it stays lean: it finds its
-caller's tenant in the cache root keeps beside the configuration (`nsmail.submission`),
-and imports the configuration parser only when that cache is missing or out of date.
+It runs once per message (PHP `mail()`, cron, MUAs), and a Python start is mostly
+imports, so submitting imports only this module, `nsmail.paths`, `nsmail.submission`,
+`nsmail.maildrop` and `nsmail.queueframe`, and through them only modules built into the
+interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
+in the cache root keeps beside the configuration, and imports the configuration parser
+only when that cache is missing or out of date; listing the queue (-bp) imports more.
 The tenant is chosen by the caller's real uid; the message is
 streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
 status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
@@ -25,15 +28,17 @@ import os
 import pwd
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import BinaryIO
 
+from nsmail import maildrop, queueframe
 from nsmail.paths import locate
-from nsmail.queuefile import Envelope, frame
-from nsmail.spool import Spool, new_queue_id
 from nsmail.submission import Profile, lookup, profile_of
+
+TYPE_CHECKING = False  # typing and collections.abc cost a start more than a submission
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import BinaryIO
+
+    from nsmail.queueframe import Field
 
 PROG = "nsmail-sendmail"
 _CHUNK = 1 << 16
@@ -59,18 +64,49 @@ class SendmailError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
 class Options:
-    """What the command line asks for."""
+    """What the command line asks for (a plain class: see the module's first paragraph)."""
 
-    mode: str = DELIVER  # DELIVER (-bm), LIST (-bp) or FLUSH (-q); the last one given wins
-    recipients: tuple[str, ...] = ()
-    extract: bool = False  # -t
-    dot_ends: bool = True  # a lone "." line ends the message; -i and -oi turn it off
-    sender: str | None = None  # -f/-r as given; None is the caller's own address
-    full_name: str = ""  # -F
-    verbose: bool = False  # -v
-    tenant: str | None = None  # --tenant, root only
+    __slots__ = (
+        "dot_ends",
+        "extract",
+        "full_name",
+        "mode",
+        "recipients",
+        "sender",
+        "tenant",
+        "verbose",
+    )
+
+    def __init__(
+        self,
+        mode: str = DELIVER,  # DELIVER (-bm), LIST (-bp) or FLUSH (-q); the last one wins
+        recipients: tuple[str, ...] = (),
+        extract: bool = False,  # -t
+        dot_ends: bool = True,  # a lone "." line ends the message; -i and -oi turn it off
+        sender: str | None = None,  # -f/-r as given; None is the caller's own address
+        full_name: str = "",  # -F
+        verbose: bool = False,  # -v
+        tenant: str | None = None,  # --tenant, root only
+    ) -> None:
+        self.mode = mode
+        self.recipients = recipients
+        self.extract = extract
+        self.dot_ends = dot_ends
+        self.sender = sender
+        self.full_name = full_name
+        self.verbose = verbose
+        self.tenant = tenant
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Options) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        pairs = (f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Options({', '.join(pairs)})"
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -88,12 +124,13 @@ def parse_args(argv: Sequence[str]) -> Options:
             recipients += rest
             break
         if arg.startswith("--"):
-            options = replace(options, tenant=_long_option(arg, rest))
+            options.tenant = _long_option(arg, rest)
         elif arg.startswith("-") and arg != "-":
-            options = _short_options(options, arg, rest)
+            _short_options(options, arg, rest)
         else:
             recipients.append(arg)
-    return replace(options, recipients=tuple(recipients))
+    options.recipients = tuple(recipients)
+    return options
 
 
 def _long_option(arg: str, rest: list[str]) -> str:
@@ -107,51 +144,48 @@ def _long_option(arg: str, rest: list[str]) -> str:
     return rest.pop(0)
 
 
-def _short_options(options: Options, arg: str, rest: list[str]) -> Options:
+def _short_options(options: Options, arg: str, rest: list[str]) -> None:
     """One argument of clustered single-letter options, taking a value from `rest` if due."""
     for pos in range(1, len(arg)):
         letter = arg[pos]
         if letter in _WITH_VALUE:
-            if pos + 1 < len(arg):
-                return _with_value(options, letter, arg[pos + 1 :])
-            if not rest:
+            if pos + 1 == len(arg) and not rest:
                 raise _usage(f"option -{letter} needs a value")
-            return _with_value(options, letter, rest.pop(0))
-        options = _flag(options, letter, glued=arg[pos + 1 :])
-    return options
+            _with_value(options, letter, arg[pos + 1 :] if pos + 1 < len(arg) else rest.pop(0))
+            return
+        _flag(options, letter, glued=arg[pos + 1 :])
 
 
-def _flag(options: Options, letter: str, glued: str) -> Options:
+def _flag(options: Options, letter: str, glued: str) -> None:
     if letter == "t":
-        return replace(options, extract=True)
-    if letter == "i":
-        return replace(options, dot_ends=False)
-    if letter == "v":
-        return replace(options, verbose=True)
-    if letter == "q":
+        options.extract = True
+    elif letter == "i":
+        options.dot_ends = False
+    elif letter == "v":
+        options.verbose = True
+    elif letter == "q":
         if glued:  # -q30m: a queue-run interval, for a daemon this is not
             raise _usage(f"-q{_show(glued)}: only a plain -q (flush the queue) is supported")
-        return replace(options, mode=FLUSH)
-    if letter == "U":  # "initial user submission", which every use of this command is
-        return options
-    raise _usage(f"unknown option -{_show(letter)}")
+        options.mode = FLUSH
+    elif letter != "U":  # -U, "initial user submission", is what every use of this is
+        raise _usage(f"unknown option -{_show(letter)}")
 
 
-def _with_value(options: Options, letter: str, value: str) -> Options:
+def _with_value(options: Options, letter: str, value: str) -> None:
     if letter == "b":
         modes = {"m": DELIVER, "p": LIST}
         if value not in modes:
             raise _usage(f"-b{_show(value)} is not supported (only -bm and -bp)")
-        return replace(options, mode=modes[value])
-    if letter in "fr":
-        return replace(options, sender=value)
-    if letter == "F":
+        options.mode = modes[value]
+    elif letter in "fr":
+        options.sender = value
+    elif letter == "F":
         if not value.isprintable():  # it may end up in a From: header line
             raise _usage(f"full name {_show(value)} contains control characters")
-        return replace(options, full_name=value)
-    if letter == "o" and value == "i":  # -oi, the old spelling of -i
-        return replace(options, dot_ends=False)
-    return options  # any other -o (-odi, -oem, -oQ...) and _IGNORED_WITH_VALUE
+        options.full_name = value
+    elif letter == "o" and value == "i":  # -oi, the old spelling of -i
+        options.dot_ends = False
+    # any other -o (-odi, -oem, -oQ...) and _IGNORED_WITH_VALUE are accepted and ignored
 
 
 def qualify(address: str, domain: str) -> str:
@@ -234,39 +268,46 @@ def _run(argv: Sequence[str]) -> int:
     tenant = _profile(locate(None, os.environ), options.tenant)
     if options.tenant is not None:
         _become(tenant)
-    spool = Spool(Path(tenant.spool))
     if options.mode == LIST:
-        try:
-            from nsmail import queuetool  # only here: submission stays lean
-
-            sys.stdout.write(queuetool.format_listing(queuetool.scan(spool, tenant.domain)))
-            sys.stdout.flush()
-        except OSError as e:
-            raise _tempfail("cannot list the queue", e) from e
+        _list(tenant)
     elif options.mode == FLUSH:
         try:
-            spool.request_flush()
+            maildrop.request_flush(tenant.spool)
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e
     else:
-        queue_id = _submit(options, tenant, spool)
+        queue_id = _submit(options, tenant)
         if options.verbose:
             _complain(f"queued as {queue_id}")
     return os.EX_OK
 
 
-def _submit(options: Options, tenant: Profile, spool: Spool) -> str:
+def _list(tenant: Profile) -> None:
+    from pathlib import Path
+
+    from nsmail import queuetool
+    from nsmail.spool import Spool
+
+    try:
+        listing = queuetool.scan(Spool(Path(tenant.spool)), tenant.domain)
+        sys.stdout.write(queuetool.format_listing(listing))
+        sys.stdout.flush()
+    except OSError as e:
+        raise _tempfail("cannot list the queue", e) from e
+
+
+def _submit(options: Options, tenant: Profile) -> str:
     """Check the envelope, read the message, and store it durably; its queue id."""
     login = _login(os.getuid())
     sender = envelope_sender(options.sender, login, tenant)
-    recipients = tuple(qualify(r, tenant.domain) for r in options.recipients)
+    recipients = [qualify(r, tenant.domain) for r in options.recipients]
     if not recipients and not options.extract:
         raise _usage("no recipients given (name them, or use -t to take them from the headers)")
     try:
         if not tenant.is_host:
-            spool.create()  # the tenant's own; the host's queue is made by its worker
+            maildrop.create(tenant.spool)  # the host's queue is made by its worker
         limit = tenant.queue_size_limit
-        queued = spool.size() if limit else 0
+        queued = maildrop.size(tenant.spool) if limit else 0
         if queued > limit:
             raise SendmailError(
                 os.EX_TEMPFAIL,
@@ -274,36 +315,40 @@ def _submit(options: Options, tenant: Profile, spool: Spool) -> str:
                 f"{limit}; try again later",
             )
         now = time.time()
-        envelope = Envelope(
-            sender,
-            recipients,
-            arrival=now,
-            submitter=login,
-            full_name=options.full_name,
-            extract=options.extract,
-        )
-        queue_id = new_queue_id(now)
+        # The fields of queuefile.Envelope a submission sets; the others keep their defaults.
+        envelope: dict[str, Field] = {
+            "sender": sender,
+            "recipients": recipients,
+            "arrival": now,
+            "submitter": login,
+            "full_name": options.full_name,
+            "extract": options.extract,
+        }
+        queue_id = maildrop.new_queue_id(now)
         message = read_message(
             sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
         )
-        # Spool.drop fsyncs the file and its directory and leaves no partial file on failure
-        # (a message over the limit included). The host's worker (another user) must read
+        # drop fsyncs the file and its directory and leaves no partial file on failure (a
+        # message over the limit included). The host's worker (another user) must read
         # what the machine's users drop off.
-        spool.drop(queue_id, frame(envelope, message), 0o644 if tenant.is_host else 0o600)
+        mode = 0o644 if tenant.is_host else 0o600
+        maildrop.drop(tenant.spool, queue_id, queueframe.frame(envelope, message), mode)
     except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
         raise _tempfail("cannot queue the message", e) from e
     return queue_id
 
 
-def _profile(config_path: Path, domain: str | None) -> Profile:
+def _profile(config_path: str, domain: str | None) -> Profile:
     """The caller's tenant (or, for root, the one named by --tenant): from the cache root
     keeps beside the configuration while it is current, else from the configuration."""
     if domain is None and (cached := lookup(config_path, os.getuid())) is not None:
         return cached
+    from pathlib import Path
+
     from nsmail import config as configuration  # only without a current cache
 
     try:
-        config = configuration.load(config_path)
+        config = configuration.load(Path(config_path))
     except configuration.ConfigError as e:
         raise SendmailError(os.EX_CONFIG, str(e)) from e
     if domain is not None:

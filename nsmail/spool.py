@@ -22,31 +22,46 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nsmail.message import CHUNK, Body, FileBody, MemoryBody, chunks
+from nsmail import maildrop
+from nsmail.maildrop import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    FLUSH_TRIGGER,
+    HOLD,
+    INCOMING,
+    MAILDROP,
+    STATES,
+    TMP,
+    new_queue_id,
+    unlink_quietly,
+    write_pieces,
+)
+from nsmail.message import Body, FileBody, MemoryBody, chunks
 from nsmail.queuefile import HEAD_BYTES, TRAILER_BYTES, Envelope, parse, valid_queue_id
 
-MAILDROP = "maildrop"
-INCOMING = "incoming"
-ACTIVE = "active"
-DEFERRED = "deferred"
-HOLD = "hold"
-CORRUPT = "corrupt"
-TMP = "tmp"
-STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
+# The state names are maildrop's, and are part of this module's interface too.
+__all__ = [
+    "ACTIVE",
+    "CORRUPT",
+    "DEFERRED",
+    "HOLD",
+    "INCOMING",
+    "MAILDROP",
+    "SPOOL_IN_HOME",
+    "STATES",
+    "TMP",
+    "Spool",
+    "new_queue_id",
+]
+
 SPOOL_IN_HOME = "var/spool/nsmail"  # the spool's place in a tenant home (and jail)
-FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
 _SMALL = 1 << 20  # files up to this size are read in one go; larger ones are streamed
-
-
-def new_queue_id(now: float) -> str:
-    """Sortable by arrival, unique without coordination: microseconds, then randomness."""
-    return f"{int(now * 1_000_000):014x}{secrets.token_hex(4)}"
 
 
 class Spool:
@@ -56,44 +71,10 @@ class Spool:
         self.root = root
 
     def create(self, *, public_maildrop: bool = False) -> None:
-        """Make the state directories (0700) if they are missing.
-
-        A public maildrop (the host's queue) takes files from every local user, like
-        /tmp but unlistable: mode 1733. The sticky bit keeps users from removing each
-        other's files; the owner of the directory (the host worker) takes them all.
-        """
-        for name in (TMP, *STATES):
-            (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
-        if public_maildrop:
-            os.chmod(self.root / MAILDROP, 0o1733)
+        maildrop.create(str(self.root), public_maildrop=public_maildrop)
 
     def drop(self, queue_id: str, pieces: Iterable[bytes], mode: int) -> None:
-        """Submit: durably store `pieces` as maildrop/`queue_id` (sendmail's one write).
-
-        Written under a dot name in maildrop itself (the submitter may have no other
-        writable directory), fsynced, renamed, and the rename made durable: when this
-        returns the message survives a crash; a failure leaves no file behind.
-        """
-        final = self.path(MAILDROP, queue_id)
-        partial = final.with_name("." + queue_id)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(partial, flags, 0o600)
-        try:
-            os.fchmod(fd, mode)  # the umask of a cron job or web app must not decide
-            write_pieces(fd, pieces)
-            os.fsync(fd)
-            os.rename(partial, final)
-            try:
-                self._sync(MAILDROP)
-            except PermissionError:
-                # The host's public maildrop cannot be opened (it is not listable), so
-                # flush the whole file system, which holds the rename too.
-                _syncfs(fd)
-        except BaseException:
-            _unlink_quietly(partial)
-            raise
-        finally:
-            os.close(fd)
+        maildrop.drop(str(self.root), self.path(MAILDROP, queue_id).name, pieces, mode)
 
     def owner(self, state: str, queue_id: str) -> int:
         """The uid that owns a file: who submitted it (the kernel's word, not the file's)."""
@@ -115,13 +96,13 @@ class Spool:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)  # a full disk must leave no partial file behind
+            unlink_quietly(tmp)  # a full disk must leave no partial file behind
             raise
         os.close(fd)
         try:
             os.rename(tmp, self.path(state, queue_id))
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         self._sync(state)
 
@@ -173,17 +154,7 @@ class Spool:
         return fd, info
 
     def size(self) -> int:
-        """Bytes held by the queue's files, in every state (quarantined ones too)."""
-        total = 0
-        for state in (TMP, *STATES):
-            try:
-                with os.scandir(self.root / state) as entries:
-                    for entry in entries:
-                        with contextlib.suppress(FileNotFoundError):
-                            total += entry.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                continue
-        return total
+        return maildrop.size(str(self.root))
 
     def ids(self, state: str) -> list[str]:
         """Queue ids in `state`, oldest first; names that are no queue id are skipped."""
@@ -211,13 +182,13 @@ class Spool:
         for queue_id in stale:
             self.move(queue_id, ACTIVE, INCOMING)
         for name in self.ids(TMP):
-            _unlink_quietly(self.root / TMP / name)  # never acknowledged, never counted
+            unlink_quietly(self.root / TMP / name)  # never acknowledged, never counted
         for name in os.listdir(self.root / MAILDROP):
             partial = self.root / MAILDROP / name
             # A submission that died half-way (its sendmail got no success).
             with contextlib.suppress(FileNotFoundError):
                 if name.startswith(".") and partial.lstat().st_mtime < time.time() - 3600:
-                    _unlink_quietly(partial)
+                    unlink_quietly(partial)
         return stale
 
     def take_flush_request(self) -> bool:
@@ -229,36 +200,10 @@ class Spool:
         return True
 
     def request_flush(self) -> None:
-        self.create()
-        fd = os.open(self.root / FLUSH_TRIGGER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
+        maildrop.request_flush(str(self.root))
 
     def _sync(self, state: str) -> None:
-        fd = os.open(self.root / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until everything is written (a write may take only part)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def write_pieces(fd: int, pieces: Iterable[bytes]) -> None:
-    """Write `pieces` through a buffer: a message streamed in small pieces costs few writes."""
-    buffered: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        buffered.append(piece)
-        size += len(piece)
-        if size >= CHUNK:
-            write_all(fd, b"".join(buffered))
-            buffered, size = [], 0
-    write_all(fd, b"".join(buffered))
+        maildrop.sync_directory(str(self.root / state))
 
 
 def _read_exactly(fd: int, offset: int, size: int) -> bytes:
@@ -266,17 +211,3 @@ def _read_exactly(fd: int, offset: int, size: int) -> bytes:
     if len(data) != size:
         raise OSError(errno.EIO, f"queue file changed while read ({len(data)} of {size} bytes)")
     return data
-
-
-def _syncfs(fd: int) -> None:
-    import ctypes  # only here: sendmail for the machine's own users, kept lean otherwise
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()

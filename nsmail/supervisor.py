@@ -500,7 +500,7 @@ class Supervisor:
     def _refresh_submission_cache(self) -> None:
         """What nsmail-sendmail reads instead of the configuration (nsmail.submission)."""
         try:
-            if not submission.refresh(self.config.path):
+            if not submission.refresh(str(self.config.path)):
                 log.info("submission cache not written: the configuration is not valid")
         except OSError as e:
             log.warning("cannot write the submission cache beside %s: %s", self.config.path, e)

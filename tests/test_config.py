@@ -526,9 +526,9 @@ def test_parse_resolv_conf() -> None:
 
 def test_locate() -> None:
     env = {"NSMAIL_CONFIG": "/srv/env.toml"}
-    assert locate("/srv/cli.toml", env) == Path("/srv/cli.toml")
-    assert locate(None, env) == Path("/srv/env.toml")
-    assert locate(None, {}) == DEFAULT_PATH == Path("/etc/nsmail/nsmail.toml")
+    assert locate("/srv/cli.toml", env) == "/srv/cli.toml"
+    assert locate(None, env) == "/srv/env.toml"
+    assert locate(None, {}) == DEFAULT_PATH == "/etc/nsmail/nsmail.toml"
     assert locate(None, {"NSMAIL_CONFIG": ""}) == DEFAULT_PATH
 
 

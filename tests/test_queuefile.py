@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nsmail import queueframe
 from nsmail.queuefile import (
     TRAILER_BYTES,
     Envelope,
@@ -162,3 +164,28 @@ def test_parse_from_head_and_tail_alone(body: bytes, head_size: int) -> None:
     layout = parse(head, framed[-TRAILER_BYTES:], len(framed))
     assert framed[layout.body_start : layout.body_start + layout.body_length] == body
     layout.verify(hashlib.sha256(framed[: layout.checked]).digest())
+
+
+_FIELDS = st.dictionaries(
+    st.text(max_size=12),
+    st.one_of(
+        st.text(),  # every code point: controls, surrogates, astral
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.lists(st.text(), max_size=4),
+    ),
+    max_size=6,
+)
+
+
+@given(_FIELDS, st.lists(st.binary(max_size=40), max_size=4))
+def test_the_envelope_is_written_as_json_dumps_writes_it(
+    record: dict[str, queueframe.Field], body: list[bytes]
+) -> None:
+    data = b"".join(queueframe.frame(record, body))
+    expected = json.dumps(record, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    head = b"%senvelope %d\n%s\nbody\n" % (queueframe.MAGIC, len(expected), expected)
+    assert data.startswith(head)
+    assert data[len(head) :].startswith(b"".join(body) + b"\nend ")
+    assert hashlib.sha256(data[: data.rindex(b"end ")]).hexdigest().encode() in data[-66:]

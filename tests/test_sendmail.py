@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nsmail import launcher
 from nsmail.config import load
 from nsmail.queuefile import Envelope, decode
 from nsmail.sendmail import (
@@ -530,29 +531,90 @@ def test_unwritable_state_directory_leaves_nothing_behind(site: Site) -> None:
 
 
 def test_the_cache_gives_what_the_configuration_gives(site: Site) -> None:
-    assert refresh(site.config)
+    assert refresh(str(site.config))
     config = load(site.config)
     (mine,) = config.tenants
-    assert lookup(site.config, site.uid) == profile_of(mine, config.delivery)
-    host = lookup(site.config, 12345)  # a uid outside every tenant: the host's own mail
+    assert lookup(str(site.config), site.uid) == profile_of(mine, config.delivery)
+    host = lookup(str(site.config), 12345)  # a uid outside every tenant: the host's own mail
     assert host is not None and host.is_host and host.queue_size_limit == 0
 
 
 def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
-    assert refresh(site.config)
+    assert refresh(str(site.config))
     site.config.chmod(0o600)  # the tenant can no longer read it, only the cache
     assert sendmail(site, ["bob@cde.test"]).returncode == 0
     (path,) = site.queued()
     assert decode(path.read_bytes())[0].sender.endswith(f"@{site.domain}")
 
 
-@pytest.mark.parametrize("spoil", ["edit the configuration", "cache writable by others"])
+# What a submission may import beyond the interpreter's own start: nsmail's lean modules
+# and modules built into the interpreter or frozen in it. A start is mostly imports; one
+# more module such as dataclasses, pathlib or contextlib costs as much as the rest of
+# the submission.
+LEAN_IMPORTS = {
+    "nsmail",
+    "nsmail.sendmail",
+    "nsmail.paths",
+    "nsmail.submission",
+    "nsmail.maildrop",
+    "nsmail.queueframe",
+    *("__future__", "_collections_abc", "_sha256", "_stat", "genericpath", "marshal"),
+    *("os", "os.path", "posixpath", "pwd", "stat"),
+}
+
+
+def _imported(argv: list[str], uid: int, **run: object) -> set[str]:
+    """The modules Python imports to run `argv` (its `-X importtime` report) as `uid`."""
+    result = subprocess.run(
+        [sys.executable, "-IS", "-X", "importtime", *argv],
+        capture_output=True,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        check=False,
+        timeout=60,
+        **run,  # type: ignore[call-overload]
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.decode().splitlines()
+    return {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
+
+
+def test_the_launcher_starts_python_isolated_without_site(tmp_path: Path) -> None:
+    path = tmp_path / "sendmail"
+    assert launcher.main([str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert path.read_text().startswith(f"#!{sys.executable} -IS\n")
+    # -I: the caller's environment cannot put its own modules in the way.
+    env = {"PYTHONPATH": str(tmp_path), "NSMAIL_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "nsmail").mkdir()
+    (tmp_path / "nsmail" / "__init__.py").write_text("raise SystemExit('hijacked')")
+    result = subprocess.run([path, "-bp"], capture_output=True, env=env, check=False)
+    assert result.returncode == EX_CONFIG and b"none.toml" in result.stderr, result.stderr
+    assert launcher.main([str(tmp_path / "missing" / "dir")]) == os.EX_CANTCREAT
+
+
+def test_a_submission_imports_only_lean_modules(site: Site) -> None:
+    assert refresh(str(site.config))
+    started = _imported(["-c", "pass"], site.uid)
+    env = {"NSMAIL_CONFIG": str(site.config), "PATH": "/usr/bin:/bin"}
+    submission = [str(SENDMAIL), "-i", "-f", f"a@{site.domain}", "bob@cde.test"]
+    imported = _imported(submission, site.uid, input=b"Subject: hi\n\nhello\n", env=env)
+    assert len(site.queued()) == 1
+    assert imported - started - {"imported package"} <= LEAN_IMPORTS
+
+
+@pytest.mark.parametrize(
+    "spoil", ["edit the configuration", "cache writable by others", "garbage in the cache"]
+)
 def test_a_stale_or_unsafe_cache_is_not_used(site: Site, spoil: str) -> None:
-    assert refresh(site.config)
+    assert refresh(str(site.config))
     if spoil == "edit the configuration":
         site.write_config(tenant_extra="message_size_limit = 10\n")
-    else:
+    elif spoil == "cache writable by others":
         Path(f"{site.config}{SUFFIX}").chmod(0o666)
+    else:
+        Path(f"{site.config}{SUFFIX}").write_bytes(b"\xfb\x00 not marshal data")
     site.config.chmod(0o600)
     result = sendmail(site, ["bob@cde.test"])  # back to the configuration, unreadable
     assert result.returncode == EX_CONFIG and "Permission denied" in result.stderr

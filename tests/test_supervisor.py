@@ -142,7 +142,7 @@ def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
     rules = ["198.51.100.70", "198.51.100.81", "2001:db8:51::70", "2001:db8:51::72"]
     assert source_rules(lab) == rules
     # What nsmail-sendmail reads instead of the configuration follows the reload.
-    cached = lookup(hosting.config_path, hosting.uid("def.test"))
+    cached = lookup(str(hosting.config_path), hosting.uid("def.test"))
     assert cached is not None and cached.domain == "def.test"
 
     hosting.write_config((DUAL,))
