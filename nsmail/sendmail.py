@@ -30,6 +30,7 @@ import sys
 import time
 
 from nsmail import maildrop, queueframe
+from nsmail.maildrop import MAILDROP
 from nsmail.paths import locate
 from nsmail.submission import Profile, lookup, profile_of
 
@@ -304,8 +305,10 @@ def _submit(options: Options, tenant: Profile) -> str:
     if not recipients and not options.extract:
         raise _usage("no recipients given (name them, or use -t to take them from the headers)")
     try:
-        if not tenant.is_host:
-            maildrop.create(tenant.spool)  # the host's queue is made by its worker
+        # The tenant's queue, made here if its worker has not made it yet; the host's
+        # queue is made by its worker alone.
+        if not tenant.is_host and not os.path.isdir(os.path.join(tenant.spool, MAILDROP)):
+            maildrop.create(tenant.spool)
         limit = tenant.queue_size_limit
         queued = maildrop.size(tenant.spool) if limit else 0
         if queued > limit:
