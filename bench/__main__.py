@@ -45,11 +45,14 @@ def tenants_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'tenants':>8} {'up (s)':>8} {'down (s)':>9} {'USS/idle worker (MiB)':>22}")
+    print(
+        f"{'tenants':>8} {'up (s)':>8} {'down (s)':>9} {'MiB/running idle worker':>24}"
+        f" {'MiB/asleep tenant':>18}"
+    )
     for r in rows:
         print(
             f"{r['tenants']:>8} {r['up_seconds']:>8.2f} {r['down_seconds']:>9.2f} "
-            f"{r['uss_mib_per_idle_worker']:>22.2f}"
+            f"{r['uss_mib_per_idle_worker']:>24.2f} {r['mib_per_asleep_tenant']:>18.3f}"
         )
     return 0
 

@@ -1,9 +1,16 @@
-"""Bring-up and tear-down time of K tenants, and private memory per idle worker.
+"""Bring-up and tear-down time of K tenants, and the memory an idle tenant costs.
 
 The real supervisor runs in a lab host namespace (bridge mode) with K tenants, each with
 its own uid, home and IPv6 address (the first 200 also get IPv4). Up is the time from
 starting `nsmail supervise` to its READY=1 (all namespaces built, all workers forked);
 down is SIGTERM to exit, with every namespace and link gone.
+
+Memory is measured twice. First the private memory (USS) of an idle worker that is still
+running, one second after READY. Then, in a second run with `idle_exit = 1`, once every
+worker has exited for want of work: what each tenant then costs is its share of the
+supervisor's processes (supervisor, zygote, DNS relay; USS) plus the kernel memory its
+namespace and links hold (unreclaimable slab, per-CPU, kernel stacks and page tables,
+from /proc/meminfo, against the same figure before the supervisor started).
 """
 
 from __future__ import annotations
@@ -34,6 +41,53 @@ def uss_kib(pid: int) -> int:
     return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
 
 
+_KERNEL = ("SUnreclaim", "Percpu", "KernelStack", "PageTables")
+
+
+def kernel_kib() -> int:
+    """Kernel memory that namespaces, links and processes hold (not caches)."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) for k in _KERNEL)
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and every process descending from it."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def measure_asleep(count: int) -> tuple[float, float]:
+    """KiB per tenant once every worker is asleep: the supervisor's processes' share, and
+    the kernel's."""
+    with Lab() as lab:
+        hosting = Hosting(lab)
+        hosting.write_config(bench_tenants(count), idle_exit=1)
+        before = kernel_kib()
+        hosting.start(timeout=300)
+        hosting.wait_status(
+            lambda s: all(w["state"] == "asleep" for w in s.values()), timeout=60 + count / 10
+        )
+        assert hosting.proc is not None
+        supervisor = sum(uss_kib(pid) for pid in tree_pids(hosting.proc.pid))
+        kernel = kernel_kib() - before
+        assert hosting.stop(timeout=300) == 0
+    return supervisor / count, kernel / count
+
+
 def measure_tenants(count: int) -> dict[str, Any]:
     with Lab() as lab:
         hosting = Hosting(lab)
@@ -51,9 +105,12 @@ def measure_tenants(count: int) -> dict[str, Any]:
         down = time.monotonic() - started
         left = [n for n in os.listdir("/run/netns") if n.startswith(lab.prefix + "-")]
         assert not left, f"{len(left)} namespaces left behind"
+    supervisor, kernel = measure_asleep(count)
     return {
         "tenants": count,
         "up_seconds": round(up, 3),
         "down_seconds": round(down, 3),
         "uss_mib_per_idle_worker": round(uss, 3),
+        "mib_per_asleep_tenant": round((supervisor + kernel) / 1024, 3),
+        "kernel_mib_per_asleep_tenant": round(kernel / 1024, 3),
     }

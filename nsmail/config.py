@@ -44,6 +44,7 @@ _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
 _DELIVERY_KEYS = frozenset(
     {
         "scan_interval",
+        "idle_exit",
         "timeout",
         "port",
         "retry_first",
@@ -134,6 +135,9 @@ class NetworkConfig:
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     scan_interval: float = 60.0
+    # A worker with nothing to do for this long exits, and the supervisor starts it again
+    # when mail arrives or a deferred message falls due (like Postfix's max_idle); 0: never.
+    idle_exit: float = 300.0
     timeout: float = 30.0
     port: int = 25
     # Retries (like Postfix's minimal/maximal_backoff_time and maximal_queue_lifetime).
@@ -571,6 +575,7 @@ def _delivery(table: _Table) -> DeliveryConfig:
         raise table.error("retry_first", f"{first} is more than retry_max ({maximum})")
     return DeliveryConfig(
         scan_interval=_seconds(table, "scan_interval", defaults.scan_interval),
+        idle_exit=_idle_exit(table, defaults.idle_exit),
         timeout=_seconds(table, "timeout", defaults.timeout),
         port=port,
         retry_first=first,
@@ -587,6 +592,13 @@ def _delivery(table: _Table) -> DeliveryConfig:
             for i, name in enumerate(table.strings("tls_verify") or ())
         ),
     )
+
+
+def _idle_exit(table: _Table, default: float) -> float:
+    value = table.number("idle_exit")
+    if value == 0:
+        return 0.0
+    return _seconds(table, "idle_exit", default)
 
 
 def _limit(table: _Table, key: str) -> int | None:

@@ -86,9 +86,15 @@ class QueueManager:
             last_error=self.last_error,
             last_error_at=self.last_error_at,
             last_delivery_at=self.last_delivery_at,
+            next_due=self.next_due if self.next_due < float("inf") else None,
             latency_counts=tuple(self.tally.latency_counts),
             latency_sum=self.tally.latency_sum,
         )
+
+    def counting_toward_a_limit(self, now: float) -> bool:
+        """Whether mail taken in within the last hour still counts toward `hourly_limit`
+        (a worker that exits would forget it, so it does not exit before the hour is up)."""
+        return bool(self.hourly_limit and self._taken_in and self._taken_in[-1] > now - 3600)
 
     def recover(self) -> None:
         for queue_id in self.spool.recover():

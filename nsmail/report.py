@@ -22,7 +22,8 @@ from typing import Any
 MAX_REPORT = 2048
 MAX_TEXT = 300
 QUEUE_STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
-WORKER_STATES = ("idle", "delivering", "backing off")
+# "asleep": the worker's last report before it exits for want of work (worker.idle_exit).
+WORKER_STATES = ("idle", "delivering", "backing off", "asleep")
 OUTCOMES = ("sent", "deferred", "bounced")
 # Upper bounds (seconds) of the delivery latency histogram: arrival to delivery.
 LATENCY_BOUNDS = (1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
@@ -43,6 +44,7 @@ class Report:
     last_error: str | None
     last_error_at: float | None
     last_delivery_at: float | None
+    next_due: float | None  # the earliest next attempt of a deferred message, if any
     # Delivered recipients by latency: counts per LATENCY_BOUNDS bucket (+ one for more),
     # not cumulative, and the sum of all latencies.
     latency_counts: tuple[int, ...]
@@ -95,6 +97,7 @@ def decode(data: bytes, domain: str) -> Report:
         last_error=_text(fields["last_error"]),
         last_error_at=_time(fields["last_error_at"]),
         last_delivery_at=_time(fields["last_delivery_at"]),
+        next_due=_time(fields["next_due"]),
         latency_counts=_buckets(fields["latency_counts"]),
         latency_sum=_time(fields["latency_sum"]) or 0.0,
     )

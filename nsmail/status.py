@@ -16,7 +16,7 @@ class WorkerStatus:
     namespace: str | None
     pid: int | None
     uid: int
-    state: str  # starting, idle, delivering, backing off, silent, crashed, stopping
+    state: str  # starting, idle, delivering, backing off, asleep, silent, crashed, stopping
     ipv4: str | None
     ipv6: str | None
     restarts: int

@@ -1,7 +1,8 @@
-"""The root supervisor: one namespace and one jailed worker per tenant, kept running.
+"""The root supervisor: one namespace per tenant, and a jailed worker whenever it has work.
 
 It builds every tenant's namespace, has the zygote (`nsmail.spawn`) fork the tenant's
-worker into it, restarts workers that die (with growing back-off), applies configuration
+worker into it, restarts workers that die (with growing back-off), starts a worker again
+when mail comes for a tenant whose worker exited for want of work, applies configuration
 changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
 configuration did not change, and on SIGTERM stops every worker and removes everything
 it made. A worker for the machine's own users' mail runs beside the tenants', and one
@@ -10,12 +11,15 @@ unprivileged DNS relay process serves them all (`nsmail.dnsrelay`).
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
 homes, and it hears from workers only through the descriptors it handed them: status
-reports are bounded and validated (`nsmail.report`). The control socket serves root and
-the admin group (`nsmail.control`); metrics are off unless configured.
+reports are bounded and validated (`nsmail.report`), and the one descriptor a worker may
+hand over, with its last report, is kept only if it is an inotify instance, and is only
+polled, never read. The control socket serves root and the admin group
+(`nsmail.control`); metrics are off unless configured.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
@@ -73,6 +77,7 @@ class State(StrEnum):
     RUNNING = "running"
     BACKOFF = "backoff"
     STOPPING = "stopping"
+    ASLEEP = "asleep"  # the worker exited for want of work: its watch or its time wakes it
 
 
 @dataclass
@@ -92,6 +97,7 @@ class Slot:
     last_error_at: float | None = None
     relay_end: socket.socket | None = None
     reports: socket.socket | None = None  # the supervisor's end of the worker's reports
+    watch: int | None = None  # the inotify descriptor the worker handed over as it retired
     report: Report | None = None  # the worker's latest valid report
     reported_mono: float = 0.0  # when it came (monotonic)
     refused_reports: int = 0
@@ -188,7 +194,8 @@ class Supervisor:
         control.serve_one(self._control, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
-        dues = [s.due for s in self.slots.values() if s.state in (State.BACKOFF, State.STOPPING)]
+        waiting = (State.BACKOFF, State.STOPPING, State.ASLEEP)
+        dues = [s.due for s in self.slots.values() if s.state in waiting]
         dues.append(self._status_due)
         if self._relay_due():
             dues.append(self.relay.due)
@@ -206,6 +213,8 @@ class Supervisor:
                 continue
             if slot.state == State.BACKOFF:
                 self._start(slot)
+            elif slot.state == State.ASLEEP:
+                self._wake(slot)
             elif slot.state == State.STOPPING and slot.pid is not None:
                 log.warning(
                     "%s: worker %d ignored SIGTERM, killing it", slot.tenant.domain, slot.pid
@@ -306,6 +315,7 @@ class Supervisor:
 
     def _finish_stop(self, slot: Slot) -> None:
         self._close_channels(slot)
+        self._drop_watch(slot)
         if slot.names is not None:
             self.host.remove(slot.names)
         del self.slots[slot.tenant.domain]
@@ -343,12 +353,39 @@ class Supervisor:
             log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
             self._finish_stop(slot)
             return
+        self._on_report(slot)  # what it said last, "asleep" perhaps, may not be read yet
         self._close_channels(slot)
+        if slot.watch is not None and how == _describe(0):
+            self._sleep(slot)
+            return
+        self._drop_watch(slot)
         ran = time.monotonic() - slot.started_mono
         slot.crashes = slot.crashes + 1 if ran < STABLE_AFTER else 1
         slot.restarts += 1
         slot.started = None
         self._back_off(slot, f"worker {pid} {how}")
+
+    def _sleep(self, slot: Slot) -> None:
+        """The worker retired: start the next one when its watch fires or mail falls due."""
+        assert slot.report is not None and slot.watch is not None  # they come together
+        slot.state = State.ASLEEP
+        slot.started = None
+        slot.crashes = 0
+        self.selector.register(slot.watch, selectors.EVENT_READ, partial(self._wake, slot))
+        due = slot.report.next_due
+        slot.due = float("inf") if due is None else time.monotonic() + max(0.0, due - time.time())
+        log.info("%s: worker asleep until mail arrives or falls due", slot.tenant.domain)
+
+    def _wake(self, slot: Slot) -> None:
+        self._drop_watch(slot)
+        self._start(slot)
+
+    def _drop_watch(self, slot: Slot) -> None:
+        if slot.watch is not None:
+            if slot.state == State.ASLEEP:
+                self.selector.unregister(slot.watch)
+            os.close(slot.watch)
+            slot.watch = None
 
     def _close_channels(self, slot: Slot) -> None:
         if slot.relay_end is not None:
@@ -366,22 +403,33 @@ class Supervisor:
             if slot.reports is None:
                 return
             try:
-                data, _, flags, _ = slot.reports.recvmsg(MAX_REPORT + 1)
+                data, ancillary, flags, _ = slot.reports.recvmsg(MAX_REPORT + 1, _ONE_FD)
             except BlockingIOError:
                 return
             except OSError:
-                data, flags = b"", 0
-            if not data and not flags:
+                data, ancillary, flags = b"", [], 0
+            fds = _received_fds(ancillary)
+            if not data and not flags and not fds:
                 self._close_channels(slot)  # the worker is gone; reaping tells the rest
                 return
             try:
-                if flags & socket.MSG_TRUNC:
-                    raise ReportError(f"more than {MAX_REPORT} bytes")
-                slot.report = decode_report(data, slot.tenant.domain)
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ReportError(f"more than {MAX_REPORT} bytes or one descriptor")
+                report = decode_report(data, slot.tenant.domain)
+                if (report.state == "asleep") != bool(fds) or not all(map(_is_inotify, fds)):
+                    raise ReportError("a descriptor comes with an asleep report, and is inotify")
+                slot.report = report
                 slot.reported_mono = time.monotonic()
                 self._status_due = min(self._status_due, time.monotonic() + STATUS_EVERY)
+                if fds:
+                    if slot.watch is not None:
+                        os.close(slot.watch)
+                    slot.watch = fds.pop()
             except ReportError as e:
                 self._refuse_report(slot, str(e))
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _refuse_report(self, slot: Slot, why: str) -> None:
         slot.refused_reports += 1
@@ -588,8 +636,12 @@ class Supervisor:
     def _summary(self) -> str:
         tenants = [s for s in self.slots.values() if not s.tenant.is_host]
         running = sum(1 for s in tenants if s.state == State.RUNNING)
+        asleep = sum(1 for s in tenants if s.state == State.ASLEEP)
         deferred = sum(s.report.queue["deferred"] for s in self.slots.values() if s.report)
-        return f"{running} of {len(tenants)} tenants running, {deferred} messages deferred"
+        return (
+            f"{running} of {len(tenants)} tenants running, {asleep} asleep,"
+            f" {deferred} messages deferred"
+        )
 
     def _update_status(self) -> None:
         """Keep systemd's STATUS= line current (`systemctl status nsmail`), at most once per
@@ -604,6 +656,24 @@ class Supervisor:
     def _signal(pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+_ONE_FD = socket.CMSG_SPACE(array.array("i").itemsize)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+def _is_inotify(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify"
+    except OSError:
+        return False
 
 
 def _status_of(slot: Slot, now: float) -> WorkerStatus:

@@ -6,6 +6,15 @@ while the process still sees the host file system, and loads everything that nee
 the tenant home, and `Worker.run` serves the queue (`nsmail.qmgr`) until SIGTERM. inotify
 on the spool is a hint to look now; the periodic scan is the truth.
 
+A worker with nothing to do for `idle_exit` seconds exits, so an idle tenant costs no
+process (a thousand idle tenants would otherwise hold a thousand workers). Before it
+goes, it hands the supervisor its inotify descriptor with its last report ("asleep",
+and when the next deferred message falls due): the supervisor starts a new worker when
+that descriptor becomes readable (mail dropped off, released, a flush asked for) or at
+that time. It does not go while mail waits for it or lingers in an SMTP session, nor
+while mail taken in within the hour still counts toward a sending limit, which a new
+worker would not know.
+
 Security: after `prepare`, runs as the tenant uid with no capabilities, chrooted into the
 tenant home; everything it reads there is tenant-written (see qmgr, spool).
 """
@@ -137,7 +146,7 @@ def prepare(
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
         queue.tenant_uids = host_queue.tenant_uids
-    return Worker(queue, delivery.scan_interval, report_channel)
+    return Worker(queue, delivery.scan_interval, report_channel, delivery.idle_exit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +157,18 @@ class HostQueue:
 
 
 class Worker:
-    """Serves one tenant's queue until SIGTERM."""
+    """Serves one tenant's queue until SIGTERM, or until it has nothing to do."""
 
     def __init__(
-        self, queue: QueueManager, scan_interval: float, reports: socket.socket | None = None
+        self,
+        queue: QueueManager,
+        scan_interval: float,
+        reports: socket.socket | None = None,
+        idle_exit: float = 0.0,
     ) -> None:
         self.queue = queue
         self.scan_interval = scan_interval
+        self.idle_exit = idle_exit
         self._stopping = False
         self._reports = reports
         self._reported: tuple[float, bytes] = (0.0, b"")
@@ -162,7 +176,8 @@ class Worker:
         queue.progress = lambda: self._report("delivering")
 
     def run(self) -> None:
-        """Deliver until SIGTERM; a message being delivered is finished first."""
+        """Deliver until SIGTERM (a message being delivered is finished first), or until
+        `idle_exit` seconds without work, once the supervisor has taken over the watch."""
         spool = self.queue.spool
         spool.create(public_maildrop=self.queue.owners is not None)
         self.queue.recover()
@@ -209,22 +224,60 @@ class Worker:
         poller.register(watch.fd, select.POLLIN)
         poller.register(wake, select.POLLIN)
         next_scan = 0.0
+        busy_at = time.time()
         while not self._stopping:
             now = time.time()
             flush = self.queue.spool.take_flush_request()
             if flush or now >= next_scan:
                 self.queue.next_due = now  # the periodic scan looks at everything
                 next_scan = now + self.scan_interval
-            self.queue.pick_up()
-            self.queue.attempt_due(flush=flush)
+            if self.queue.pick_up() + self.queue.attempt_due(flush=flush):
+                busy_at = time.time()
             self._report("backing off" if self.queue.next_due < float("inf") else "idle")
             wait = min(next_scan, self.queue.next_due) - time.time()
             linger = self.queue.remote.connections.close_idle()
             if linger is not None:
                 wait = min(wait, linger)
+            elif self.idle_exit:
+                if self._idle_since(busy_at) and self._retire(watch):
+                    return
+                # Past it (mail due soon, or counting toward a limit), the scans recheck.
+                retire_in = busy_at + self.idle_exit - time.time()
+                if retire_in > 0:
+                    wait = min(wait, retire_in)
             if self._unreported is not None:  # a report held back by the rate limit
                 wait = min(wait, self._reported[0] + REPORT_AT_MOST - time.time())
             poller.poll(max(0.0, wait) * 1000)
             watch.drain()
             with contextlib.suppress(BlockingIOError):
                 os.read(wake, 512)
+
+    def _idle_since(self, busy_at: float) -> bool:
+        """Whether there has been nothing to do since `busy_at` for `idle_exit` seconds,
+        and nothing is due within as long."""
+        now = time.time()
+        spool = self.queue.spool
+        return (
+            now - busy_at >= self.idle_exit
+            and self.queue.next_due - now >= self.idle_exit
+            and not self.queue.counting_toward_a_limit(now)
+            and not spool.ids(MAILDROP)
+            and not spool.ids(INCOMING)
+        )
+
+    def _retire(self, watch: inotify.Watch) -> bool:
+        """Hand the supervisor the watch with the last report; False if it could not be
+        told (a busy supervisor), and then the worker stays."""
+        if self._reports is None:
+            return False
+        data = encode_report(self.queue.report("asleep", time.time()))
+        try:
+            socket.send_fds(self._reports, [data], [watch.fd], socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        log.info(
+            "%s: nothing to do for %.0f s; exiting until there is",
+            self.queue.domain,
+            self.idle_exit,
+        )
+        return True

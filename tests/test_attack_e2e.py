@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hosting import DUAL, V4_ONLY, Hosting, dns_records
 from lab import MX_V4, MX_V6, Lab, Nsd, Postfix
 
+from nsmail import inotify
 from nsmail.queuefile import Envelope, encode
 from nsmail.report import QUEUE_STATES, Report
 from nsmail.report import encode as encode_report
@@ -564,17 +565,18 @@ def grab_report_channel(worker: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-def forged_report(domain: str, error: str) -> bytes:
+def forged_report(domain: str, error: str, state: str = "idle") -> bytes:
     return encode_report(
         Report(
             domain=domain,
-            state="idle",
+            state=state,
             queue=dict.fromkeys(QUEUE_STATES, 0),
             total={"sent": 0, "deferred": 0, "bounced": 0},
             hour={"sent": 0, "deferred": 0, "bounced": 0},
             last_error=error,
             last_error_at=time.time() + 3600,  # newer than anything the worker says
             last_delivery_at=None,
+            next_due=None,
             latency_counts=(0,) * 10,
             latency_sum=0.0,
         )
@@ -687,6 +689,33 @@ def test_a_report_flood_leaves_the_supervisor_responsive(site: Site) -> None:
     assert after[site.domain]["refused_reports"] >= flood.sent // 2
     refusals = re.findall(r"cde\.test: refused a status report", site.hosting.log())
     assert len(refusals) == 1  # at most one a minute
+
+
+def test_a_worker_hands_over_nothing_but_its_own_watch_as_it_retires(site: Site) -> None:
+    """A retiring worker hands the supervisor its inotify descriptor with an "asleep"
+    report. A compromised worker sends a pipe with such a report, a pipe and an inotify
+    descriptor with ordinary reports: each is refused, none stays open in the supervisor,
+    and the worker is still the one running."""
+    worker = site.worker(site.domain)
+    supervisor = site.hosting.proc
+    assert supervisor is not None
+    before = site.hosting.status()[site.domain]["refused_reports"]
+    open_before = sorted(os.listdir(f"/proc/{supervisor.pid}/fd"))
+    read_end, write_end = os.pipe()
+    watch = inotify.Watch([site.spool(site.domain)])
+    try:
+        with grab_report_channel(worker) as channel, stopped(worker):
+            for state, fd in (("asleep", read_end), ("idle", read_end), ("idle", watch.fd)):
+                socket.send_fds(channel, [forged_report(site.domain, "fd", state)], [fd])
+            status = site.hosting.wait_status(
+                lambda s: s[site.domain]["refused_reports"] == before + 3
+            )
+            assert sorted(os.listdir(f"/proc/{supervisor.pid}/fd")) == open_before
+    finally:
+        watch.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert status[site.domain]["pid"] == worker and status[site.domain]["state"] != "asleep"
 
 
 # -- 7. the host's public maildrop ---------------------------------------------------------

@@ -252,6 +252,12 @@ BAD = [
         MAIN,
         "delivery.scan_interval",
     ),
+    (
+        "idle_exit negative",
+        [(MAIN, GOOD_MAIN + "[delivery]\nidle_exit = -1\n")],
+        MAIN,
+        "delivery.idle_exit",
+    ),
     ("timeout inf", [(MAIN, GOOD_MAIN + "[delivery]\ntimeout = inf\n")], MAIN, "delivery.timeout"),
     (
         "timeout string",
@@ -685,3 +691,11 @@ def test_mutated_good_config_raises_only_config_error(
         assert "\n" not in str(error)
     else:
         assert all(t.uid != 0 and t.gid != 0 and t.home != Path("/") for t in config.tenants)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", 300.0), ("idle_exit = 0", 0.0), ("idle_exit = 2.5", 2.5)]
+)
+def test_idle_exit(text: str, expected: float) -> None:
+    config = parse([(MAIN, GOOD_MAIN + f"[delivery]\n{text}\n")], LOOKUP)
+    assert config.delivery.idle_exit == expected

@@ -37,6 +37,7 @@ GOOD = Report(
     last_error="<x@rcpt.test>: 451 4.3.0 try later",
     last_error_at=1.5e9,
     last_delivery_at=None,
+    next_due=None,
     latency_counts=(3, 2, 0, 0, 0, 0, 0, 0, 0, 0),
     latency_sum=4.5,
 )
