@@ -87,14 +87,26 @@ class QueueManager:
             last_error_at=self.last_error_at,
             last_delivery_at=self.last_delivery_at,
             next_due=self.next_due if self.next_due < float("inf") else None,
+            taken=self.taken_in_last_hour(now),
             latency_counts=tuple(self.tally.latency_counts),
             latency_sum=self.tally.latency_sum,
         )
 
     def counting_toward_a_limit(self, now: float) -> bool:
         """Whether mail taken in within the last hour still counts toward `hourly_limit`
-        (a worker that exits would forget it, so it does not exit before the hour is up)."""
-        return bool(self.hourly_limit and self._taken_in and self._taken_in[-1] > now - 3600)
+        (a worker that retires keeps it exact by staying until the hour is up)."""
+        return bool(self.hourly_limit and self.taken_in_last_hour(now))
+
+    def taken_in_last_hour(self, now: float) -> int:
+        while self._taken_in and self._taken_in[0] <= now - 3600:
+            self._taken_in.popleft()
+        return len(self._taken_in)
+
+    def carry_over(self, taken: int, at: float) -> None:
+        """Count `taken` messages of an earlier worker (its last report, at `at`) toward
+        `hourly_limit`, as if all were taken at `at`: a worker that was killed must not
+        start the hour afresh, and counting them late errs on the side of the limit."""
+        self._taken_in.extend([at] * min(taken, self.hourly_limit))
 
     def recover(self) -> None:
         for queue_id in self.spool.recover():
@@ -172,9 +184,7 @@ class QueueManager:
     def _over_limit(self, recipients: int, now: float) -> str | None:
         if self.recipient_limit and recipients > self.recipient_limit:
             return f"{recipients} recipients, over the limit of {self.recipient_limit}"
-        while self._taken_in and self._taken_in[0] <= now - 3600:
-            self._taken_in.popleft()
-        if self.hourly_limit and len(self._taken_in) >= self.hourly_limit:
+        if self.hourly_limit and self.taken_in_last_hour(now) >= self.hourly_limit:
             return f"the limit of {self.hourly_limit} messages per hour is reached"
         return None
 

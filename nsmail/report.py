@@ -45,6 +45,7 @@ class Report:
     last_error_at: float | None
     last_delivery_at: float | None
     next_due: float | None  # the earliest next attempt of a deferred message, if any
+    taken: int  # messages taken in within the last hour (toward hourly_limit)
     # Delivered recipients by latency: counts per LATENCY_BOUNDS bucket (+ one for more),
     # not cumulative, and the sum of all latencies.
     latency_counts: tuple[int, ...]
@@ -98,6 +99,7 @@ def decode(data: bytes, domain: str) -> Report:
         last_error_at=_time(fields["last_error_at"]),
         last_delivery_at=_time(fields["last_delivery_at"]),
         next_due=_time(fields["next_due"]),
+        taken=_count(fields["taken"]),
         latency_counts=_buckets(fields["latency_counts"]),
         latency_sum=_time(fields["latency_sum"]) or 0.0,
     )
@@ -114,10 +116,13 @@ def _buckets(value: Any) -> tuple[int, ...]:
 def _counts(value: Any, keys: tuple[str, ...]) -> dict[str, int]:
     if not isinstance(value, dict) or set(value) != set(keys):
         raise ReportError("counts of the wrong shape")
-    for count in value.values():
-        if type(count) is not int or not 0 <= count < _MAX_COUNT:
-            raise ReportError("count out of range")
-    return {key: value[key] for key in keys}
+    return {key: _count(value[key]) for key in keys}
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < _MAX_COUNT:
+        raise ReportError("count out of range")
+    return value
 
 
 def _text(value: Any) -> str | None:

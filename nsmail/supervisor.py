@@ -255,6 +255,7 @@ class Supervisor:
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot.reports.setblocking(False)
+        taken = _taken(slot)  # the new worker goes on counting toward hourly_limit
         slot.report = None
         self.selector.register(slot.reports, selectors.EVENT_READ, partial(self._on_report, slot))
         with worker_end, reporting_end:
@@ -267,7 +268,7 @@ class Supervisor:
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
                 [worker_end.fileno(), reporting_end.fileno()],
-                partial(_worker_main, tenant, self.config.delivery, host_queue),
+                partial(_worker_main, tenant, self.config.delivery, host_queue, taken),
                 partial(self._spawned, slot),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
@@ -720,11 +721,22 @@ def _prepare_host_spool(host: Tenant) -> None:
     os.chown(host.spool, host.uid, host.gid)
 
 
+def _taken(slot: Slot) -> tuple[int, float]:
+    """What the last worker said it had taken in within the hour, and when (wall clock)."""
+    if slot.report is None:
+        return 0, 0.0
+    return slot.report.taken, time.time() - (time.monotonic() - slot.reported_mono)
+
+
 def _worker_main(
-    tenant: Tenant, delivery: DeliveryConfig, host_queue: HostQueue | None, fds: list[int]
+    tenant: Tenant,
+    delivery: DeliveryConfig,
+    host_queue: HostQueue | None,
+    taken: tuple[int, float],
+    fds: list[int],
 ) -> Callable[[], None]:
     dns, reports = (socket.socket(fileno=fd) for fd in fds)
-    return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue).run
+    return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue, taken=taken).run
 
 
 def _relay_main(

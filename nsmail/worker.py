@@ -99,12 +99,14 @@ def prepare(
     report_channel: socket.socket | None = None,
     home: Path = Path("/"),
     host_queue: HostQueue | None = None,
+    taken: tuple[int, float] = (0, 0.0),
 ) -> Worker:
     """Load everything the worker needs from files, before the chroot takes them away.
 
     `home` is the tenant home as seen after the chroot. Called once per worker
     process: the shared resolver and random generator become this worker's own here.
-    `host_queue` makes this the worker of the machine's own users' mail.
+    `host_queue` makes this the worker of the machine's own users' mail. `taken`: how
+    many messages the previous worker had taken in within the hour, and when it said so.
     """
     shared = preload()
     time.tzset()
@@ -143,6 +145,7 @@ def prepare(
         recipient_limit=limits.recipients,
         signer=signer,
     )
+    queue.carry_over(*taken)
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
         queue.tenant_uids = host_queue.tenant_uids

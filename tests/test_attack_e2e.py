@@ -577,6 +577,7 @@ def forged_report(domain: str, error: str, state: str = "idle") -> bytes:
             last_error_at=time.time() + 3600,  # newer than anything the worker says
             last_delivery_at=None,
             next_due=None,
+            taken=0,
             latency_counts=(0,) * 10,
             latency_sum=0.0,
         )

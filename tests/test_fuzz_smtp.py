@@ -481,6 +481,7 @@ def report(last_error: str) -> Report:
         last_error_at=1.7e9,
         last_delivery_at=1.7e9,
         next_due=None,
+        taken=0,
         latency_counts=(2**53 - 1,) * (len(LATENCY_BOUNDS) + 1),
         latency_sum=1e300,
     )

@@ -8,6 +8,7 @@ import email
 import email.policy
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import time
@@ -315,4 +316,27 @@ def test_mail_over_the_hourly_limit_is_held_not_lost(lab: Lab) -> None:
     released = hosting.nsmail("queue", "release", "--all", "--tenant", DUAL.domain)
     assert released.returncode == 0, released.stderr
     assert len(postfix.wait_for(10)) == 10
+    assert hosting.stop() == 0
+
+
+def test_a_killed_worker_does_not_start_the_hour_afresh(lab: Lab) -> None:
+    """The tenant's user may kill its own worker: the next one still counts what the
+    killed one had taken in toward the hourly limit (from its last report)."""
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((dataclasses.replace(DUAL, extra="hourly_limit = 3"),))
+    hosting.start()
+    for n in range(3):
+        sendmail(hosting, DUAL.domain, ["-i", "-f", "alice@bcd.test", f"k{n}@rcpt.test"], b"\n")
+    postfix.wait_for(3)
+    status = hosting.wait_status(lambda s: s[DUAL.domain]["total"]["sent"] == 3)
+    killed = status[DUAL.domain]["pid"]
+    os.kill(killed, signal.SIGKILL)
+    hosting.wait_status(lambda s: s[DUAL.domain]["pid"] not in (None, killed))
+    for n in range(2):
+        sendmail(hosting, DUAL.domain, ["-i", "-f", "alice@bcd.test", f"a{n}@rcpt.test"], b"\n")
+    status = hosting.wait_status(lambda s: (s[DUAL.domain]["queue"] or {}).get("hold") == 2)
+    assert "per hour" in status[DUAL.domain]["last_error"]
+    assert len(postfix.messages()) == 3
     assert hosting.stop() == 0

@@ -38,6 +38,7 @@ GOOD = Report(
     last_error_at=1.5e9,
     last_delivery_at=None,
     next_due=None,
+    taken=0,
     latency_counts=(3, 2, 0, 0, 0, 0, 0, 0, 0, 0),
     latency_sum=4.5,
 )
