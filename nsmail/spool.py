@@ -73,9 +73,6 @@ class Spool:
     def create(self, *, public_maildrop: bool = False) -> None:
         maildrop.create(str(self.root), public_maildrop=public_maildrop)
 
-    def drop(self, queue_id: str, pieces: Iterable[bytes], mode: int) -> None:
-        maildrop.drop(str(self.root), self.path(MAILDROP, queue_id).name, pieces, mode)
-
     def owner(self, state: str, queue_id: str) -> int:
         """The uid that owns a file: who submitted it (the kernel's word, not the file's)."""
         return self.path(state, queue_id).lstat().st_uid
@@ -152,9 +149,6 @@ class Spool:
             os.close(fd)
             raise OSError(errno.EINVAL, "not a regular file")
         return fd, info
-
-    def size(self) -> int:
-        return maildrop.size(str(self.root))
 
     def ids(self, state: str) -> list[str]:
         """Queue ids in `state`, oldest first; names that are no queue id are skipped."""

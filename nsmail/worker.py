@@ -12,8 +12,8 @@ goes, it hands the supervisor its inotify descriptor with its last report ("asle
 and when the next deferred message falls due): the supervisor starts a new worker when
 that descriptor becomes readable (mail dropped off, released, a flush asked for) or at
 that time. It does not go while mail waits for it or lingers in an SMTP session, nor
-while mail taken in within the hour still counts toward a sending limit, which a new
-worker would not know.
+while mail taken in within the hour still counts toward a sending limit: a new worker
+would count it only from the last report, as if all were taken at that time.
 
 Security: after `prepare`, runs as the tenant uid with no capabilities, chrooted into the
 tenant home; everything it reads there is tenant-written (see qmgr, spool).

@@ -24,6 +24,7 @@ from typing import Any
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from lab import forward_and_reverse as fr
 
+from nsmail import maildrop
 from nsmail.queuefile import Envelope, encode
 from nsmail.spool import SPOOL_IN_HOME, Spool, new_queue_id
 
@@ -252,7 +253,7 @@ class Hosting:
                 os.setuid(uid)
                 spool.create()
                 for queue_id, body in zip(queue_ids, bodies, strict=True):
-                    spool.drop(queue_id, [encode(envelope, body)], 0o600)
+                    maildrop.drop(str(spool.root), queue_id, [encode(envelope, body)], 0o600)
                 code = 0
             finally:
                 os._exit(code)

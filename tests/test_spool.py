@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nsmail import maildrop
 from nsmail.message import chunks
 from nsmail.queuefile import TRAILER_BYTES, Envelope, QueueFileError, frame
 from nsmail.spool import (
@@ -113,4 +114,4 @@ def test_size_counts_every_state(tmp_path: Path) -> None:
     spool.create()
     spool.put(INCOMING, "a", [b"x" * 100])
     spool.put(DEFERRED, "b", [b"y" * 50])
-    assert spool.size() == 150
+    assert maildrop.size(str(tmp_path)) == 150
