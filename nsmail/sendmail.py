@@ -284,6 +284,7 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def _list(tenant: Profile) -> None:
+    # Imported here only: a submission imports none of them (the module's first paragraph).
     from pathlib import Path
 
     from nsmail import queuetool

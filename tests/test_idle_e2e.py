@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hosting import DUAL, V6_ONLY, Hosting, dns_records
 from lab import Lab, Nsd, Postfix
+from test_attack_e2e import cpu_seconds
 from test_mailpath_e2e import maildir, sendmail, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -95,12 +96,6 @@ def test_a_deferred_message_wakes_its_worker_when_it_falls_due(lab: Lab) -> None
     postfix.wait_for(1, timeout=30)
     asleep(hosting, DUAL.domain)
     assert hosting.stop() == 0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_worker_that_may_not_retire_yet_waits_without_spinning(lab: Lab) -> None:
