@@ -23,6 +23,7 @@ from .topology import (
     UPLINK,
     Lab,
     LabError,
+    sweep_dead_labs,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "Record",
     "forward_and_reverse",
     "reverse_name",
+    "sweep_dead_labs",
 ]

@@ -22,6 +22,7 @@ from lab import (
     Nsd,
     Postfix,
     forward_and_reverse,
+    sweep_dead_labs,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
@@ -167,3 +168,38 @@ def test_teardown_sweeps_everything_even_on_error() -> None:
     assert not list(Path("/etc/netns").glob(f"{lab.prefix}*"))
     assert not lab.tmp.exists()
     lab.close()  # idempotent
+
+
+def test_a_lab_left_by_a_killed_run_is_swept_by_the_next() -> None:
+    """pytest killed with SIGKILL closes no lab: the next lab made removes its namespaces,
+    what runs in them and its directory, and leaves the labs of live runs alone."""
+    tests = str(Path(__file__).resolve().parent.parent)
+    code = (
+        f"import subprocess, sys, time; sys.path.insert(0, {tests!r}); from lab import Lab\n"
+        "lab = Lab().__enter__()\n"
+        "sleeper = subprocess.Popen(lab.nsenter(lab.net, ['sleep', '60']))\n"
+        "print(lab.prefix, lab.tmp, sleeper.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as run:
+        assert run.stdout is not None
+        prefix, tmp, sleeper = run.stdout.readline().split()
+        try:
+            assert {f"{prefix}host", f"{prefix}net"} <= set(os.listdir("/run/netns"))
+        finally:
+            run.kill()
+    with Lab() as live:
+        assert sweep_dead_labs() == []  # making `live` swept it already
+        assert not [n for n in os.listdir("/run/netns") if n.startswith(prefix)]
+        assert not Path(tmp).exists()
+        assert _ended(int(sleeper))
+        assert live.namespaces() == [live.host, live.net]
+
+
+def _ended(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (its parent was the killed run: init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -62,6 +62,7 @@ BRIDGE_V6 = "2001:db8:51::1"
 UPLINK = "up0"
 
 _KILL_GRACE = 2.0
+_OWNER = "owner"  # in a lab's directory: the process that made it (see sweep_dead_labs)
 
 # Run by sh in a fresh mount namespace that shares the parent's mount propagation:
 # making / (only /, not its submounts) private keeps the resolv.conf bind mount local,
@@ -91,6 +92,10 @@ def _new_prefix() -> str:
             return prefix
 
 
+def _namespaces(prefix: str) -> list[str]:
+    return [p.name for p in _list_netns() if p.name.startswith(prefix)]
+
+
 def _list_netns() -> list[Path]:
     try:
         return sorted(NETNS_DIR.iterdir())
@@ -106,7 +111,9 @@ class Lab:
         self.prefix = _new_prefix()
         self.host = f"{self.prefix}host"
         self.net = f"{self.prefix}net"
+        sweep_dead_labs()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"lab-{self.prefix}-"))
+        (self.tmp / _OWNER).write_text(_process_identity(os.getpid()) or "")
         # Postfix and NSD drop privileges and must be able to traverse into here.
         self.tmp.chmod(0o755)
         self.resolv_conf = self.tmp / "resolv.conf"
@@ -218,7 +225,7 @@ class Lab:
 
     def namespaces(self) -> list[str]:
         """Every namespace named with this lab's prefix, including ones the code under test made."""
-        return [p.name for p in _list_netns() if p.name.startswith(self.prefix)]
+        return _namespaces(self.prefix)
 
     # -- teardown ----------------------------------------------------------------------
 
@@ -236,18 +243,64 @@ class Lab:
                 errors.append(f"{cleanup!r}: {exc!r}")
         for proc in self._procs:
             _kill_group(proc)
-        for ns in self.namespaces() if self._owns_prefix else []:
-            _kill_netns_pids(ns)
-            result = subprocess.run(
-                ["ip", "netns", "del", ns], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                errors.append(f"ip netns del {ns}: {result.stderr.strip()}")
-        for path in ETC_NETNS_DIR.glob(f"{self.prefix}*") if self._owns_prefix else []:
-            shutil.rmtree(path, ignore_errors=True)
+        if self._owns_prefix:
+            errors += _remove_namespaces(self.prefix)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if errors:
             raise LabError("lab teardown: " + "; ".join(errors))
+
+
+def sweep_dead_labs() -> list[str]:
+    """Tear down the labs of processes that died without closing them (a SIGKILLed
+    pytest): their namespaces, the processes in them and their files. The prefixes swept.
+
+    A lab's directory names the process that made it (pid and start time, so a reused
+    pid does not pass for it); labs of live processes, and a prefix one of them uses, are
+    left alone.
+    """
+    dead: dict[str, Path] = {}
+    alive: set[str] = set()
+    for owner in Path(tempfile.gettempdir()).glob("lab-t*-*/" + _OWNER):
+        prefix = owner.parent.name.split("-")[1]
+        try:
+            recorded = owner.read_text()
+            running = _process_identity(int(recorded.split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue  # being written, or not a lab's
+        if running == recorded:
+            alive.add(prefix)
+        else:
+            dead[prefix] = owner.parent
+    for prefix, directory in dead.items():
+        if prefix not in alive:
+            _remove_namespaces(prefix)
+        shutil.rmtree(directory, ignore_errors=True)
+    return sorted(dead)
+
+
+def _process_identity(pid: int) -> str | None:
+    """`pid` and its start time, or None when no such process runs."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started = f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{pid} {started}"
+
+
+def _remove_namespaces(prefix: str) -> list[str]:
+    """Kill what runs in every namespace named with `prefix`, delete them; the errors."""
+    errors = []
+    for ns in _namespaces(prefix):
+        _kill_netns_pids(ns)
+        result = subprocess.run(
+            ["ip", "netns", "del", ns], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            errors.append(f"ip netns del {ns}: {result.stderr.strip()}")
+    for path in ETC_NETNS_DIR.glob(f"{prefix}*"):
+        shutil.rmtree(path, ignore_errors=True)
+    return errors
 
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
