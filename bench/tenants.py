@@ -22,6 +22,8 @@ from typing import Any
 from hosting import Hosting, TenantSpec
 from lab import Lab
 
+from bench.processes import tree_pids
+
 
 def bench_tenants(count: int) -> tuple[TenantSpec, ...]:
     return tuple(
@@ -49,25 +51,6 @@ def kernel_kib() -> int:
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return sum(int(fields[k].split()[0]) for k in _KERNEL)
-
-
-def tree_pids(root: int) -> list[int]:
-    """`root` and every process descending from it."""
-    parents: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            parents.setdefault(ppid, []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += parents.get(pid, [])
-    return found
 
 
 def measure_asleep(count: int) -> tuple[float, float]:

@@ -57,12 +57,12 @@ from lab import Lab, LabError, Nsd
 
 from bench.postfix_baseline import SENDMAIL as POSTFIX_SENDMAIL
 from bench.postfix_baseline import SendingPostfix
+from bench.processes import tree_cpu
 
 NSMAIL_SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
 RECIPIENT = "sink@rcpt.test"
 MAX_TENANTS = 180  # 198.51.100.70 + i stays below .250
 _POLL = 0.005
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,30 +268,6 @@ def collect(sink: Sink, tag: str, tenants: Sequence[TenantSpec], counts: Sequenc
 
 
 # -- process trees and their CPU time ------------------------------------------------------
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of `root` and its descendants, counting children they have reaped."""
-    parents: dict[int, int] = {}
-    times: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        rest = stat.rpartition(")")[2].split()
-        pid = int(entry.name)
-        parents[pid] = int(rest[1])
-        times[pid] = sum(int(x) for x in rest[11:15])  # utime stime cutime cstime
-    members = {root}
-    grew = True
-    while grew:
-        before = len(members)
-        members |= {pid for pid, ppid in parents.items() if ppid in members}
-        grew = len(members) > before
-    return sum(times.get(pid, 0) for pid in members) / _CLK_TCK
 
 
 # -- submitting through sendmail -----------------------------------------------------------

@@ -3,16 +3,18 @@
 States (Postfix's, by name): `maildrop` (as submitted by sendmail), `incoming` (taken in
 and waiting for an attempt: released or requeued mail, recovered mail), `active` (being
 delivered), `deferred` (waiting for its next attempt, which is the file's modification
-time; its headers are completed), `hold` (kept back by an
-operator), `corrupt` (quarantined: damaged or hostile, never deleted). A message moves
-between states only by rename(2). Every write is durable before it counts: the data is
-written under `tmp/`, fsynced, renamed into place, and the directory fsynced. Moves and
-removals are not synced: if a crash undoes one, the message is found in its previous
-state and tried again; that can repeat a delivery, never lose one.
+time; its headers are completed), `hold` (kept back by an operator), `corrupt`
+(quarantined: damaged or hostile, never deleted). A message moves between states only by
+rename(2). Every write is durable before it counts: the data is written under `tmp/` (a
+submission: under a dot name in `maildrop/`, see `nsmail.maildrop`, which also makes the
+directories), fsynced, renamed into place, and the directory fsynced. Moves and removals
+are not synced: if a crash undoes one, the message is found in its previous state and
+tried again; that can repeat a delivery, never lose one.
 
-Security: used by the tenant's own sendmail (as the tenant user, no chroot) and by the
-tenant's jailed worker; both run as the tenant uid, so the files are the tenant's own and
-are treated as hostile by whoever decodes them. Names come from `valid_queue_id` only.
+Security: used by the tenant's jailed worker and its queue tools, and through
+`nsmail.maildrop` by the tenant's own sendmail (as the tenant user, no chroot); all run
+as the tenant uid, so the files are the tenant's own and are treated as hostile by
+whoever decodes them. Names come from `valid_queue_id` only.
 Files are opened with O_NOFOLLOW so a planted symlink is never followed.
 """
 

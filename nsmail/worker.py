@@ -242,7 +242,7 @@ class Worker:
             if linger is not None:
                 wait = min(wait, linger)
             elif self.idle_exit:
-                if self._idle_since(busy_at) and self._retire(watch):
+                if self._may_retire(busy_at) and self._retire(watch):
                     return
                 # Past it (mail due soon, or counting toward a limit), the scans recheck.
                 retire_in = busy_at + self.idle_exit - time.time()
@@ -255,7 +255,7 @@ class Worker:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake, 512)
 
-    def _idle_since(self, busy_at: float) -> bool:
+    def _may_retire(self, busy_at: float) -> bool:
         """Whether there has been nothing to do since `busy_at` for `idle_exit` seconds,
         and nothing is due within as long."""
         now = time.time()
