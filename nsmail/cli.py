@@ -126,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return queuetool.main(path, args.args)
     if args.command == "status":
-        run_dir = configuration.run_dir_of(path)
+        try:
+            run_dir = configuration.run_dir_of(path)
+        except configuration.ConfigError as e:
+            print(f"nsmail: {e}", file=sys.stderr)
+            return EX_CONFIG
         if not args.watch:
             return _status(run_dir, args.tenant, args.json)
         return _watch(run_dir, args.tenant, args.json)
@@ -272,7 +276,10 @@ def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
     if not reply.get("ok"):
         print(f"nsmail: {reply.get('error', 'status refused')}", file=sys.stderr)
         return EX_NOPERM if reply.get("denied") else EX_UNAVAILABLE
-    workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant]
+    workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant.lower()]
+    if not workers and tenant is not None:
+        print(f"nsmail: no such tenant: {tenant}", file=sys.stderr)
+        return EX_USAGE
     if as_json:
         print(json.dumps({"host": reply["host"], "workers": workers}))
     else:

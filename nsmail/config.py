@@ -307,11 +307,13 @@ def run_dir_of(path: Path) -> Path:
     """Where the supervisor's control socket is, even when the configuration is broken.
 
     `nsmail status` must still reach a running supervisor after someone broke the file
-    it was started with; only `[host] run_dir` is read, and only if it is usable.
+    it was started with; only `[host] run_dir` is read, and only if it is usable. A file
+    that cannot be read at all (a mistyped --config) is a ConfigError naming it.
     """
+    data = _read_bytes(path)
     try:
-        host = tomllib.loads(path.read_text()).get("host", {})
-    except (OSError, ValueError, RecursionError):  # see _decode for RecursionError
+        host = tomllib.loads(data.decode("utf-8")).get("host", {})
+    except (ValueError, RecursionError):  # see _decode for RecursionError
         return DEFAULT_RUN_DIR
     run_dir = host.get("run_dir") if isinstance(host, dict) else None
     if isinstance(run_dir, str) and run_dir.startswith("/"):
@@ -346,12 +348,18 @@ def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
 
 
 def _read(path: Path) -> str:
+    data = _read_bytes(path)
     try:
-        return path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), "file", f"not UTF-8 at byte {exc.start}") from exc
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
 
 
 def _passwd_user(name: str) -> Account | None:

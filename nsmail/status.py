@@ -55,7 +55,8 @@ def _uptime(started: float | None, now: float) -> str:
 
 
 def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
-    """Two lines per worker that fit 80 columns; long names are cut, not wrapped."""
+    """Two lines per worker (more for kept mail and errors) that fit 80 columns; long names
+    are cut, not wrapped."""
     now = time.time() if now is None else now
     head = (
         f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'STATE':<11} {'UP':>6} {'RST':>3} "
@@ -78,13 +79,17 @@ def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
             f"  uid {r.uid}  ns {r.namespace or '-'}  last hour: {hour.get('sent', 0)} sent "
             f"{hour.get('deferred', 0)} deferred {hour.get('bounced', 0)} bounced"
         )
-        held = queue.get("hold", 0) + queue.get("corrupt", 0)
-        if held:
-            details += f"  {held} held"
         lines.append(_cut(details, 79))
+        # Held mail waits for an operator; quarantined files (corrupt/) will never go.
+        kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
+        if kept:
+            lines.append("  " + ", ".join(kept))
         if r.last_error:
             lines.append(f"  last error: {_cut(r.last_error, 66)}")
     return "\n".join(lines)
+
+
+_KEPT = (("hold", "held"), ("corrupt", "quarantined (corrupt/)"))
 
 
 def _cut(text: str, width: int) -> str:

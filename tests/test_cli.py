@@ -67,3 +67,18 @@ def test_flush_does_not_follow_a_planted_symlink(config: Path) -> None:
 def test_check_accepts_a_good_configuration(config: Path) -> None:
     result = nsmail(config, "check")
     assert result.returncode == 0 and "1 tenants" in result.stdout
+
+
+def test_status_names_a_missing_configuration_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nsmail.toml"
+    result = nsmail(missing, "status")
+    assert (result.returncode, result.stdout) == (78, "")
+    assert result.stderr == f"nsmail: {missing}: file: No such file or directory\n"
+
+
+def test_status_still_reaches_the_supervisor_of_a_broken_file(tmp_path: Path) -> None:
+    # Broken, not missing: the supervisor started from it may still run (default run_dir).
+    broken = tmp_path / "nsmail.toml"
+    broken.write_bytes(b"[host\n\xff")
+    result = nsmail(broken, "status")
+    assert result.returncode != 78 and str(broken) not in result.stderr, result.stderr
