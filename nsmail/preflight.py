@@ -7,15 +7,18 @@ address; for the domain, that it has an MX and that each DKIM selector's key in 
 the configured one. Every problem comes with the record to publish to fix it.
 
 `evaluate` and `check_dkim` are the pure core: DNS answers in, `Finding`s out. The IO
-shell forks one child per tenant that enters the tenant's namespace (when a supervisor
-made it), drops root, asks the configured resolvers with dnspython (and pyspf for SPF)
-and sends the findings back as JSON over a pipe.
+shell forks one child per tenant that asks DNS the way the tenant's worker does: a worker
+resolves through the DNS relay, which asks the `[host] resolvers` from the host's network
+namespace as `[host] user`, so the child asks the same resolvers from where the command
+runs (the host's namespace), as the same user, with dnspython (and pyspf for SPF). It
+never asks from the tenant's namespace: that has no route to a resolver of a family the
+tenant lacks, nor to a loopback one, which the relay reaches all the same. The findings
+come back as JSON over a pipe.
 
-Security: run by root. Each child is root only until it has entered the namespace; it
-then drops to `[host] user` with no capabilities before sending a query, so DNS answers
-(written by whoever controls the tenant's zones) are parsed unprivileged. The parent only
-decodes the child's JSON into fixed-shape findings. DNS text reaches the terminal with
-unprintable characters escaped.
+Security: run by root. Each child drops to `[host] user` with no capabilities before
+sending a query, so DNS answers (written by whoever controls the tenant's zones) are
+parsed unprivileged. The parent only decodes the child's JSON into fixed-shape findings.
+DNS text reaches the terminal with unprintable characters escaped.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
 from typing import Any, NoReturn
 
 import dns.exception
@@ -49,7 +51,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from nsmail import jail, netns
+from nsmail import jail
 from nsmail.config import Config, IPAddress, Tenant
 
 EXIT_CLEAR = 0
@@ -390,18 +392,9 @@ def _txt(value: str) -> str:
     return " ".join(quoted)
 
 
-def reachable_resolvers(resolvers: Sequence[IPAddress], tenant: Tenant) -> tuple[IPAddress, ...]:
-    """The resolvers a tenant's namespace can reach: of a family it has an address in, and
-    not loopback (the namespace's own lo has no resolver behind it)."""
-    families = {a.version for a in tenant.addresses}
-    return tuple(r for r in resolvers if r.version in families and not r.is_loopback)
-
-
-def render(findings: Sequence[Finding], notes: Sequence[str]) -> str:
-    """The text report: notes, one line per problem, or "all clear"."""
-    lines = [f"note: {note}" for note in notes]
-    problems = [f.line() for f in findings if not f.ok]
-    return "\n".join(lines + (problems or ["all clear"]))
+def render(findings: Sequence[Finding]) -> str:
+    """The text report: one line per problem, or "all clear"."""
+    return "\n".join([f.line() for f in findings if not f.ok] or ["all clear"])
 
 
 def exit_code(findings: Iterable[Finding]) -> int:
@@ -413,22 +406,13 @@ def exit_code(findings: Iterable[Finding]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One tenant's check: where to query from and with what."""
+    """One tenant's check: whom to ask, as whom."""
 
     tenant: Tenant
-    namespace: Path  # the tenant's namespace
-    inside: bool  # query from `namespace`; False: it does not exist, query from this one
-    resolvers: tuple[IPAddress, ...]
-    uid: int  # whom the child becomes after entering the namespace
+    resolvers: tuple[IPAddress, ...]  # `[host] resolvers`, as the DNS relay asks them
+    uid: int  # whom the child becomes before it asks: `[host] user`, as the relay runs
     gid: int
     dkim: tuple[DkimKey, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TenantReport:
-    tenant: str
-    findings: tuple[Finding, ...]
-    note: str | None  # why the tenant was not checked from its own namespace
 
 
 def main(
@@ -442,21 +426,14 @@ def main(
     if unknown:
         print(f"nsmail: no such tenant: {', '.join(unknown)}", file=sys.stderr)
         return EX_USAGE
-    reports = run(config, domains, dkim or {})
-    findings = [f for r in reports for f in r.findings]
-    notes = [f"{r.tenant}: {r.note}" for r in reports if r.note]
-    if as_json:
-        for note in notes:
-            print(f"nsmail: {note}", file=sys.stderr)
-        print(json.dumps([asdict(f) for f in findings]))
-    else:
-        print(render(findings, notes))
+    findings = run(config, domains, dkim or {})
+    print(json.dumps([asdict(f) for f in findings]) if as_json else render(findings))
     return exit_code(findings)
 
 
 def run(
     config: Config, domains: Sequence[str], dkim: Mapping[str, Sequence[DkimKey]]
-) -> list[TenantReport]:
+) -> list[Finding]:
     """Check the named tenants (all if none), up to MAX_CHILDREN at a time, in config order."""
     tenants = [t for t in config.tenants if not domains or t.domain in domains]
     jobs = [_job(config, t, tuple(dkim.get(t.domain, ()))) for t in tenants]
@@ -471,22 +448,12 @@ def run(
         pid = next(iter(running))
         index, fd, deadline = running.pop(pid)
         results[index] = _collect(jobs[index].tenant.domain, pid, fd, deadline)
-    return [TenantReport(job.tenant.domain, results[i], _note(job)) for i, job in enumerate(jobs)]
+    return [finding for i in range(len(jobs)) for finding in results[i]]
 
 
 def _job(config: Config, tenant: Tenant, dkim: tuple[DkimKey, ...]) -> Job:
-    path = netns.names_for(config.network.prefix, tenant.domain).path
     host = config.host
-    return Job(tenant, path, path.exists(), host.resolvers, host.uid, host.gid, dkim)
-
-
-def _note(job: Job) -> str | None:
-    if job.inside:
-        return None
-    return (
-        f"no namespace {job.namespace} (is the supervisor running?): checked from this "
-        "network namespace instead, whose view of DNS may differ from the tenant's"
-    )
+    return Job(tenant, host.resolvers, host.uid, host.gid, dkim)
 
 
 def _start(job: Job) -> tuple[int, int]:
@@ -517,32 +484,12 @@ def _child(job: Job, write_fd: int) -> NoReturn:
 
 
 def _check_here(job: Job) -> list[Finding]:
-    resolvers = job.resolvers
-    if job.inside:
-        netns.enter(job.namespace)
-        resolvers = reachable_resolvers(resolvers, job.tenant)
     if os.geteuid() == 0:
         jail.drop(job.uid, job.gid)
-    if not resolvers:
-        return [_no_resolver(job)]
-    resolver = _make_resolver(resolvers)
+    resolver = _make_resolver(job.resolvers)
     # pyspf asks DNS through this module-level hook; the child is a process of its own.
     spf.DNSLookup = _spf_lookup(resolver)
     return evaluate(gather(job.tenant, resolver, job.dkim))
-
-
-def _no_resolver(job: Job) -> Finding:
-    families = " and ".join(f"IPv{a.version}" for a in job.tenant.addresses)
-    listed = ", ".join(str(r) for r in job.resolvers)
-    return Finding(
-        job.tenant.domain,
-        None,
-        "lookup",
-        ok=False,
-        problem=f"none of the [host] resolvers ({listed}) is reachable from its namespace, "
-        f"which has only {families} and its own loopback",
-        fix=f"add a non-loopback {families} resolver to [host] resolvers",
-    )
 
 
 def _collect(domain: str, pid: int, fd: int, deadline: float) -> tuple[Finding, ...]:
