@@ -31,6 +31,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from nsmail import neterror
 from nsmail.config import DeliveryConfig, Tenant
 from nsmail.message import CHUNK, Message, dot_stuffed
 from nsmail.queuefile import Envelope
@@ -59,8 +60,8 @@ class Outcome:
 
     recipient: str
     status: Status
-    code: int | None  # the SMTP reply code, None when there was no reply
-    text: str
+    code: int | None  # the server's SMTP reply code; None: no reply (nsmail decided)
+    text: str  # the reply's text, or nsmail's words; starts with an RFC 3463 status code
     relay: str  # host[ip]:port, or "" when no connection was made
 
 
@@ -72,13 +73,13 @@ class Connections:
     MAX_USES = 100
 
     def __init__(self) -> None:
-        self._open: dict[tuple[str, str], tuple[smtplib.SMTP, float, int]] = {}
+        self._open: dict[tuple[str, str], tuple[_BoundSMTP, float, int]] = {}
 
-    def take(self, key: tuple[str, str]) -> tuple[smtplib.SMTP, int] | None:
+    def take(self, key: tuple[str, str]) -> tuple[_BoundSMTP, int] | None:
         found = self._open.pop(key, None)
         return None if found is None else (found[0], found[2])
 
-    def keep(self, key: tuple[str, str], client: smtplib.SMTP, uses: int) -> None:
+    def keep(self, key: tuple[str, str], client: _BoundSMTP, uses: int) -> None:
         if uses >= self.MAX_USES:
             _quietly_quit(client)
             client.close()
@@ -212,13 +213,11 @@ class _Payload:
 
 
 class _NextHost(Exception):
-    """This host cannot take the message now; another one may."""
+    """This host cannot take the message now; another one may. The message says why."""
 
-    def __init__(self, stage: str, code: int, text: bytes) -> None:
-        super().__init__(stage, code, text)
-        self.stage = stage
-        self.code = code
-        self.text = text
+    @classmethod
+    def replied(cls, command: str, code: int, text: bytes) -> _NextHost:
+        return cls(f"{code} {_text(text)} (in reply to {command})")
 
 
 class _Session:
@@ -246,51 +245,62 @@ class _Session:
                     client, uses, self._transaction(client, sender, recipients, payload)
                 )
             except (_NextHost, smtplib.SMTPException, OSError, ValueError) as e:
-                log.info("%s: kept session unusable (%s); reconnecting", self.relay, e)
+                why = self._words(e, client)
+                log.info("%s: kept session unusable (%s); reconnecting", self.relay, printable(why))
                 client.close()  # it went stale while idle: start afresh, once
         client = self._open_client()
         try:
             self._greet(client)
             outcomes = self._transaction(client, sender, recipients, payload)
             return self._finish(client, 0, outcomes)
-        except _NextHost as e:
-            self.error = f"4.4.2 {self.relay} {e.stage}: {e.code} {_text(e.text)}"
-        except (smtplib.SMTPException, OSError, ValueError) as e:
+        except (_NextHost, smtplib.SMTPException, OSError, ValueError) as e:
             # OSError covers refused connections, timeouts and TLS failures.
-            self.error = f"4.4.2 {self.relay}: {type(e).__name__}: {e}"
+            self.error = f"4.4.2 {self.relay}: {self._words(e, client)}"
         log.info("%s", printable(self.error))
         _quietly_quit(client)
         client.close()
         return None
 
-    def _open_client(self) -> smtplib.SMTP:
+    def _words(self, error: Exception, client: _BoundSMTP) -> str:
+        """Why this host could not take the message, for people."""
+        if isinstance(error, _NextHost):
+            return str(error)
+        return neterror.describe(error, client.doing, self.agent.config.timeout)
+
+    def _open_client(self) -> _BoundSMTP:
         tenant = self.agent.tenant
         source = tenant.ipv6 if self.address.version == 6 else tenant.ipv4
         return _BoundSMTP(
             source, self.host, local_hostname=tenant.ehlo, timeout=self.agent.config.timeout
         )
 
-    def _greet(self, client: smtplib.SMTP) -> None:
+    def _greet(self, client: _BoundSMTP) -> None:
         code, text = client.connect(str(self.address), self.agent.config.port)
         if code != 220:
-            raise _NextHost("greeting", code, text)
+            raise _NextHost.replied("the greeting", code, text)
         code, text = _ehlo_or_helo(client)
         if code != 250:
-            raise _NextHost("EHLO", code, text)
+            raise _NextHost.replied("EHLO", code, text)
         if not client.has_extn("starttls"):
             if self.verify:  # RFC 3207; policy demands TLS, so no plain text
-                raise _NextHost("EHLO", 530, b"4.7.4 STARTTLS not offered, TLS required")
+                raise _NextHost("STARTTLS is not offered, and TLS is required")
             return
         tls = self.agent.tls_verified if self.verify else self.agent.tls
         if tls is None:
             return
         # RFC 3207 with RFC 7435 opportunistic semantics unless verification is required.
-        client.starttls(context=tls)
+        try:
+            client.starttls(context=tls)
+        except smtplib.SMTPResponseException as e:
+            if e.smtp_code < 0:  # not a reply: what was wrong with the one read
+                raise
+            reply = e.smtp_error if isinstance(e.smtp_error, bytes) else e.smtp_error.encode()
+            raise _NextHost.replied("STARTTLS", e.smtp_code, reply) from None
         code, text = _ehlo_or_helo(client)
         if code != 250:
-            raise _NextHost("EHLO after STARTTLS", code, text)
+            raise _NextHost.replied("EHLO after STARTTLS", code, text)
 
-    def _finish(self, client: smtplib.SMTP, uses: int, outcomes: list[Outcome]) -> list[Outcome]:
+    def _finish(self, client: _BoundSMTP, uses: int, outcomes: list[Outcome]) -> list[Outcome]:
         """Keep the session for the next message when it is in a clean state."""
         try:
             if any(o.status != Status.DELIVERED for o in outcomes):
@@ -303,28 +313,29 @@ class _Session:
         return outcomes
 
     def _transaction(
-        self, client: smtplib.SMTP, sender: str, recipients: list[str], payload: _Payload
+        self, client: _BoundSMTP, sender: str, recipients: list[str], payload: _Payload
     ) -> list[Outcome]:
         limit = _size_limit(client)
         size = payload.message.size
-        if limit and size > limit:
-            text = f"5.3.4 message size {size} exceeds the server's limit {limit}".encode()
-            return [self._outcome(r, 552, text) for r in recipients]  # RFC 1870 6.1
+        if limit and size > limit:  # RFC 1870 6.1: the client does not send it
+            why = f"5.3.4 message size {size} exceeds the limit {limit} of {self.relay}"
+            return self._refused(recipients, why)
         options = _mail_options(client, sender, recipients, payload)
-        if options is None:
-            return [
-                self._outcome(r, 553, b"5.6.7 server does not support SMTPUTF8") for r in recipients
-            ]
+        if options is None:  # RFC 6531 3.4: an address needs SMTPUTF8, which is not offered
+            why = f"5.6.7 SMTPUTF8 is required, but {self.relay} does not offer it"
+            return self._refused(recipients, why)
         sendable = [r for r in recipients if not _BAD_PATH_CHARS.search(r)]
         rejected = {
-            r: self._outcome(r, 553, b"5.1.3 bad address") for r in recipients if r not in sendable
+            r: Outcome(r, Status.PERMANENT, None, "5.1.3 bad recipient address", self.relay)
+            for r in recipients
+            if r not in sendable
         }
         (code, text), answers, data = _envelope(client, sender, sendable, options)
         if code != 250:
             _decline_data(client, data)
             if 500 <= code <= 599:
                 return [self._outcome(r, code, text) for r in recipients]
-            raise _NextHost("MAIL", code, text)
+            raise _NextHost.replied("MAIL", code, text)
         for recipient, (code, text) in zip(sendable, answers, strict=True):
             if not 200 <= code <= 299:  # RFC 5321 4.2.1: any 2yz takes the recipient
                 rejected[recipient] = self._outcome(recipient, code, text)
@@ -341,8 +352,9 @@ class _Session:
                 return self._lost(recipients, rejected, f"{code} {_text(text)} in reply to DATA")
         except (smtplib.SMTPException, OSError) as e:
             # After RCPT the attempt counts: no other host for these recipients now.
+            why = neterror.describe(e, client.doing, self.agent.config.timeout)
             client.close()
-            return self._lost(recipients, rejected, f"lost during DATA: {type(e).__name__}: {e}")
+            return self._lost(recipients, rejected, why)
         return [rejected.get(r) or self._outcome(r, code, text) for r in recipients]
 
     def _lost(self, recipients: list[str], rejected: dict[str, Outcome], why: str) -> list[Outcome]:
@@ -354,6 +366,10 @@ class _Session:
 
     def _outcome(self, recipient: str, code: int, text: bytes) -> Outcome:
         return Outcome(recipient, classify(code), code, _text(text), self.relay)
+
+    def _refused(self, recipients: list[str], text: str) -> list[Outcome]:
+        """nsmail's own refusal, from what the server offers: no reply, so no code."""
+        return [Outcome(r, Status.PERMANENT, None, text, self.relay) for r in recipients]
 
 
 def classify(code: int) -> Status:
@@ -380,9 +396,16 @@ class _BoundSMTP(smtplib.SMTP):
         timeout: float,
     ) -> None:
         self._source = source
+        # What the session is doing, to say where it failed (a `neterror` phrase).
+        self.doing = neterror.CONNECTING
         super().__init__(local_hostname=local_hostname, timeout=timeout)
         # smtplib's name for the TLS server name (SNI): the MX host, not the IP literal.
         self._host = server_name
+
+    def putcmd(self, cmd: str, args: str = "") -> None:
+        """smtplib's every command goes through here: the next thing awaited is its reply."""
+        self.doing = neterror.reply_to(cmd.upper())
+        super().putcmd(cmd, args)
 
     def getreply(self) -> tuple[int, bytes]:
         """smtplib's reply reader, made strict. A reply must be complete within the timeout
@@ -410,6 +433,8 @@ class _BoundSMTP(smtplib.SMTP):
                 texts.append(line[4:].strip(b" \t\r\n"))
                 if line[3:4] != b"-":
                     self.sock.settimeout(self.timeout)
+                    if match[1] == b"220" and self.doing == neterror.reply_to("STARTTLS"):
+                        self.doing = neterror.TLS_HANDSHAKE  # smtplib starts it right after
                     return int(match[1]), b"\n".join(texts)
             raise smtplib.SMTPResponseException(-1, b"reply of too many lines")
         except (smtplib.SMTPException, OSError):
@@ -428,10 +453,11 @@ class _BoundSMTP(smtplib.SMTP):
         except OSError:
             sock.close()
             raise
+        self.doing = neterror.GREETING
         return sock
 
 
-def _ehlo_or_helo(client: smtplib.SMTP) -> tuple[int, bytes]:
+def _ehlo_or_helo(client: _BoundSMTP) -> tuple[int, bytes]:
     code, text = client.ehlo()
     if 500 <= code <= 599:
         # RFC 5321 4.1.4: a server that does not know EHLO may still know HELO.
@@ -439,7 +465,7 @@ def _ehlo_or_helo(client: smtplib.SMTP) -> tuple[int, bytes]:
     return code, text
 
 
-def _size_limit(client: smtplib.SMTP) -> int:
+def _size_limit(client: _BoundSMTP) -> int:
     """The server's RFC 1870 SIZE limit, 0 when it states none, or none that makes sense."""
     value = client.esmtp_features.get("size", "")
     # RFC 1870 4: 1*20DIGIT. str.isdigit alone takes "²", and int() refuses 5000 digits.
@@ -447,7 +473,7 @@ def _size_limit(client: smtplib.SMTP) -> int:
 
 
 def _mail_options(
-    client: smtplib.SMTP, sender: str, recipients: list[str], payload: _Payload
+    client: _BoundSMTP, sender: str, recipients: list[str], payload: _Payload
 ) -> list[str] | None:
     """MAIL FROM parameters for this message; None if the server cannot take it."""
     options: list[str] = []
@@ -466,7 +492,7 @@ Reply = tuple[int, bytes]
 
 
 def _envelope(
-    client: smtplib.SMTP, sender: str, recipients: list[str], options: list[str]
+    client: _BoundSMTP, sender: str, recipients: list[str], options: list[str]
 ) -> tuple[Reply, list[Reply], Reply | None]:
     """The replies to MAIL, to RCPT for each recipient and, when pipelined, to DATA.
 
@@ -480,37 +506,43 @@ def _envelope(
         commands.append("DATA")
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"  # RFC 6531 3.2
         client.send("".join(f"{c}\r\n" for c in commands).encode(encoding))
+        client.doing = neterror.reply_to("MAIL")
         mail = client.getreply()
-        return mail, [client.getreply() for _ in recipients], client.getreply()
+        client.doing = neterror.reply_to("RCPT")
+        replies = [client.getreply() for _ in recipients]
+        client.doing = neterror.reply_to("DATA")
+        return mail, replies, client.getreply()
     mail = client.mail(sender, options)
     if mail[0] != 250:
         return mail, [], None
     return mail, [client.rcpt(r) for r in recipients], None
 
 
-def _decline_data(client: smtplib.SMTP, data: Reply | None) -> None:
+def _decline_data(client: _BoundSMTP, data: Reply | None) -> None:
     """RFC 2920 3.1: a pipelined DATA accepted although nothing else was, ends at once."""
     if data is not None and data[0] == 354:
         client.send(b".\r\n")
         client.getreply()
 
 
-def _send_message(client: smtplib.SMTP, message: Message) -> Reply:
+def _send_message(client: _BoundSMTP, message: Message) -> Reply:
     """The message after a 354, streamed from the queue file (smtplib's `data` wants it
     whole in memory), and the reply to its final dot."""
     # Whole pieces in as few writes as possible, the final dot with the last one: a small
     # write after another waits for its ACK (Nagle), which the server may delay 40 ms.
     pending: list[bytes] = []
+    client.doing = neterror.SENDING
     for piece in dot_stuffed(message.wire()):
         pending.append(piece)
         if sum(map(len, pending)) >= CHUNK:
             client.send(b"".join(pending))
             pending = []
     client.send(b"".join([*pending, b".\r\n"]))
+    client.doing = neterror.reply_to("the message")
     return client.getreply()
 
 
-def _quietly_quit(client: smtplib.SMTP) -> None:
+def _quietly_quit(client: _BoundSMTP) -> None:
     with contextlib.suppress(smtplib.SMTPException, OSError):
         client.quit()
 

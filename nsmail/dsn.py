@@ -48,14 +48,19 @@ class Failure:
     recipient: str
     status: str  # RFC 3463 enhanced code, e.g. "5.1.1"
     action: Literal["failed", "delayed"]
-    diagnostic: str | None = None  # RFC 3464 2.3.6, e.g. "smtp; 550 5.1.1 no such user"
-    remote_mta: str | None = None  # host name of the server that answered
+    # RFC 3464 2.3.6: a remote server's reply, e.g. "smtp; 550 5.1.1 no such user"; only
+    # for a real reply, never for a failure nsmail decided itself (see `detail`).
+    diagnostic: str | None = None
+    remote_mta: str | None = None  # host name of the server that gave that reply
+    detail: str | None = None  # nsmail's own words when no server replied, for people only
 
     def __post_init__(self) -> None:
         if not _STATUS.fullmatch(self.status):
             raise ValueError(f"not an enhanced status code: {self.status!r}")
         if self.action not in ("failed", "delayed"):
             raise ValueError(f"not a DSN action we send: {self.action!r}")
+        if self.remote_mta and not self.diagnostic:
+            raise ValueError("a Remote-MTA without its reply")
 
 
 def bounce(
@@ -128,7 +133,7 @@ def _text_part(reporting_mta: str, failures: Sequence[Failure], delayed: bool) -
         lines.append(f"<{_clean(failure.recipient)}>:")
         if failure.remote_mta:
             lines.append(f"    host {_clean(failure.remote_mta)} said:")
-        lines.append(f"    {_clean(failure.diagnostic or 'no further detail')}")
+        lines.append(f"    {_clean(failure.diagnostic or failure.detail or 'no further detail')}")
         lines.append("")
     # Diagnostics and addresses can be long: wrapped, with the indent marking continuations.
     wrapped = [

@@ -35,7 +35,7 @@ class LocalAgent:
         for recipient in envelope.recipients:
             user = mailboxes.get(recipient.rpartition("@")[0].casefold())
             if user is None:
-                outcome = Outcome(recipient, Status.PERMANENT, 550, "5.1.1 no such user here", "")
+                outcome = Outcome(recipient, Status.PERMANENT, None, "5.1.1 no such user here", "")
             else:
                 outcome = self._store(queue_id, envelope.sender, recipient, user, message)
             outcomes.append(outcome)

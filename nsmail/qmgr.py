@@ -28,7 +28,7 @@ from nsmail import dkim, dsn, headers, schedule
 from nsmail.delivery import Agent, Outcome, Status, printable
 from nsmail.local import LocalAgent
 from nsmail.message import MAX_LINE, Body, Message
-from nsmail.queuefile import Envelope, QueueFileError, frame
+from nsmail.queuefile import Deferral, Envelope, QueueFileError, frame
 from nsmail.report import MAX_TEXT, QUEUE_STATES, Report, Tally
 from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, Spool, new_queue_id
 
@@ -268,10 +268,18 @@ class QueueManager:
         outcomes = self._deliver(queue_id, envelope, message)
         self._log(queue_id, envelope, outcomes, now)
         self.progress()
-        pending = tuple(o.recipient for o in outcomes if o.status == Status.TEMPORARY)
+        temporary = [o for o in outcomes if o.status == Status.TEMPORARY]
+        # Why each recipient waits, for the queue tools (one outcome per recipient).
+        waiting = {
+            o.recipient: Deferral.bounded(
+                o.recipient, _enhanced_status(o), o.text, o.code, o.relay, now
+            )
+            for o in temporary
+        }
+        pending = tuple(waiting)
         failed = [o for o in outcomes if o.status == Status.PERMANENT]
         if pending and schedule.expired(self.policy, envelope.arrival, now):
-            failed += [_expired(o) for o in outcomes if o.status == Status.TEMPORARY]
+            failed += [_expired(o, waiting[o.recipient]) for o in temporary]
             pending = ()
         if failed:
             self._bounce(queue_id, envelope, message, failed, now, delayed=False)
@@ -280,11 +288,14 @@ class QueueManager:
             return
         warned = envelope.warned
         if not warned and schedule.warn_delay(self.policy, envelope.arrival, now, warned):
-            delayed = [o for o in outcomes if o.status == Status.TEMPORARY]
-            self._bounce(queue_id, envelope, message, delayed, now, delayed=True)
+            self._bounce(queue_id, envelope, message, temporary, now, delayed=True)
             warned = True
         later = dataclasses.replace(
-            envelope, recipients=pending, attempts=envelope.attempts + 1, warned=warned
+            envelope,
+            recipients=pending,
+            attempts=envelope.attempts + 1,
+            warned=warned,
+            deferrals=tuple(waiting.values()),
         )
         self.spool.put(ACTIVE, queue_id, frame(later, message.raw()))
         self.spool.schedule(queue_id, ACTIVE, retry_at)
@@ -387,9 +398,10 @@ class QueueManager:
             log.error("%s: cannot quarantine: %s", queue_id, e)
 
 
-def _expired(outcome: Outcome) -> Outcome:
-    text = f"4.4.7 message expired in the queue; last error: {outcome.text}"
-    return dataclasses.replace(outcome, status=Status.PERMANENT, text=text)
+def _expired(outcome: Outcome, last: Deferral) -> Outcome:
+    # nsmail's decision, not a reply: whatever the server said last is only quoted.
+    text = f"4.4.7 message expired in the queue; last error: {last.reason}"
+    return dataclasses.replace(outcome, status=Status.PERMANENT, code=None, text=text)
 
 
 def _enhanced_status(outcome: Outcome) -> str:
@@ -405,10 +417,12 @@ def _failure(outcome: Outcome, delayed: bool) -> dsn.Failure:
     status = _enhanced_status(outcome)
     if delayed and status.startswith("5"):
         status = "4" + status[1:]
+    replied = outcome.code is not None  # else nsmail decided: no server said anything
     return dsn.Failure(
         recipient=outcome.recipient,
         status=status,
         action="delayed" if delayed else "failed",
-        diagnostic=f"smtp; {outcome.code} {outcome.text}" if outcome.code else None,
-        remote_mta=outcome.relay.partition("[")[0] or None,
+        diagnostic=f"smtp; {outcome.code} {outcome.text}" if replied else None,
+        remote_mta=(outcome.relay.partition("[")[0] or None) if replied else None,
+        detail=None if replied else outcome.text,
     )

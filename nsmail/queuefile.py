@@ -18,7 +18,9 @@ end with the same trailer.
 The envelope is a JSON object so fields can be added without changing the framing (a new
 field has a default, so files written before it still decode); unknown fields are
 rejected, so a file from a newer writer fails loudly instead of losing data. The version
-line is for a change of the framing itself.
+line is for a change of the framing itself. A deferred message's envelope carries, per
+recipient still waiting, the outcome of its last attempt (`Deferral`), for the queue tools
+to say why it waits.
 
 Pure: `frame` encodes from chunks, `parse` reads the framing from the first and last bytes
 and the size of a file, and the caller streams the checked range through a hash
@@ -27,7 +29,9 @@ and the size of a file, and the caller streams the checked range through a hash
 
 Security: the parsers read tenant-written bytes (the tenant's sendmail writes the spool)
 and must only ever raise QueueFileError, whatever the input; sizes are checked against
-the data actually present before anything is sliced or parsed.
+the data actually present before anything is sliced or parsed. Deferrals are bounded
+(one per recipient at most, each text and relay cut short) because the queue tools print
+them; their text, like every tenant-written string, is still escaped where it is shown.
 """
 
 from __future__ import annotations
@@ -55,10 +59,39 @@ _BODY_LINE = re.compile(rb"body\n")
 _BODY_LINE_V1 = re.compile(rb"body (0|[1-9][0-9]{0,15})\n")
 _TRAILER = re.compile(rb"\nend ([0-9a-f]{64})\n")
 _QUEUE_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")  # RFC 3463 2: class.subject.detail
+# A deferral's text: a reply line's worth (RFC 5321 4.5.3.1.5: 512 octets with its code).
+MAX_DEFERRAL_TEXT = 500
+MAX_RELAY = 320  # host[address]:port, a host name being at most 255 octets (RFC 1035)
 
 
 class QueueFileError(Exception):
     """The bytes are not a complete, intact queue file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deferral:
+    """Why a recipient still waits: the outcome of its last attempt (postqueue's
+    delay_reason)."""
+
+    recipient: str
+    status: str  # RFC 3463 enhanced status code, e.g. "4.7.1"
+    text: str  # the reply's text, or nsmail's own words when no server replied
+    code: int | None = None  # the server's reply code; None: no reply (nsmail decided)
+    relay: str = ""  # host[address]:port of the server, "" when none was reached
+    at: float = 0.0  # when, seconds since the epoch
+
+    @classmethod
+    def bounded(
+        cls, recipient: str, status: str, text: str, code: int | None, relay: str, at: float
+    ) -> Deferral:
+        """A deferral cut to what `decode` accepts (reply text can be 100 lines long)."""
+        return cls(recipient, status, text[:MAX_DEFERRAL_TEXT], code, relay[:MAX_RELAY], at)
+
+    @property
+    def reason(self) -> str:
+        """In words: what the server said, or nsmail's own words when it said nothing."""
+        return self.text if self.code is None else f"{self.relay} said: {self.code} {self.text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +108,7 @@ class Envelope:
     full_name: str = ""  # sendmail -F, for a missing From
     extract: bool = False  # sendmail -t: recipients come from the headers at clean-up
     cleaned: bool = False  # headers completed (nsmail.headers), ready for delivery
+    deferrals: tuple[Deferral, ...] = ()  # of recipients still to be delivered, if deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +137,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "full_name": (str,),
     "extract": (bool,),
     "cleaned": (bool,),
+    "deferrals": (list,),
 }
 
 
 def frame(envelope: Envelope, body: Iterable[bytes]) -> Iterator[bytes]:
-    """The queue file for `envelope` and the message streamed as `body`, in pieces."""
+    """The queue file for `envelope` and the message streamed as `body`, in pieces.
+
+    The deferrals are left out if they would make the envelope larger than `parse` takes:
+    they only say why mail waits, and a message with thousands of recipients must still
+    be readable.
+    """
     fields = dataclasses.asdict(envelope)
-    fields["recipients"] = list(envelope.recipients)
+    if envelope.deferrals and len(json.dumps(fields, separators=(",", ":"))) > MAX_ENVELOPE:
+        fields["deferrals"] = []
     return queueframe.frame(fields, body)
 
 
@@ -168,6 +209,12 @@ def _envelope(record: bytes) -> Envelope:
         fields = json.loads(record.decode("ascii"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise QueueFileError(f"envelope is not JSON: {e}") from None
+    return envelope_of(fields)
+
+
+def envelope_of(fields: Any) -> Envelope:
+    """The envelope of a decoded JSON record (as `frame` writes it), checked as `parse`
+    checks it; raises QueueFileError."""
     if not isinstance(fields, dict) or not {"sender", "recipients"} <= set(fields):
         raise QueueFileError("envelope fields missing")
     for name, value in fields.items():
@@ -175,7 +222,8 @@ def _envelope(record: bytes) -> Envelope:
     recipients = fields["recipients"]
     if not all(isinstance(r, str) and r for r in recipients):
         raise QueueFileError("envelope recipients must be non-empty strings")
-    envelope = Envelope(**{**fields, "recipients": tuple(recipients)})
+    deferrals = _deferrals(fields.get("deferrals", []), recipients)
+    envelope = Envelope(**{**fields, "recipients": tuple(recipients), "deferrals": deferrals})
     if not recipients and not (envelope.extract and not envelope.cleaned):
         raise QueueFileError("envelope has no recipients")
     if not math.isfinite(envelope.arrival) or envelope.attempts < 0:
@@ -190,6 +238,34 @@ def _check_field(name: str, value: Any) -> None:
     # bool is an int to Python; only "warned"-like fields may hold one.
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise QueueFileError(f"envelope field {name!r} has the wrong type")
+
+
+def _deferrals(records: list[Any], recipients: list[str]) -> tuple[Deferral, ...]:
+    if len(records) > len(recipients):
+        raise QueueFileError("more deferrals than recipients")
+    return tuple(_deferral(record, recipients) for record in records)
+
+
+def _deferral(record: Any, recipients: list[str]) -> Deferral:
+    if not isinstance(record, dict) or not {"recipient", "status", "text"} <= set(record):
+        raise QueueFileError("deferral fields missing")
+    if not set(record) <= set(Deferral.__dataclass_fields__):
+        raise QueueFileError("unknown deferral field")
+    deferral = Deferral(**record)
+    code, at = deferral.code, deferral.at
+    if (
+        deferral.recipient not in recipients
+        or not isinstance(deferral.status, str)
+        or not _STATUS.fullmatch(deferral.status)
+        or not isinstance(deferral.text, str)
+        or len(deferral.text) > MAX_DEFERRAL_TEXT
+        or not isinstance(deferral.relay, str)
+        or len(deferral.relay) > MAX_RELAY
+        or not (code is None or (type(code) is int and 200 <= code <= 599))
+        or not (type(at) in (int, float) and math.isfinite(at))
+    ):
+        raise QueueFileError("malformed deferral")
+    return deferral
 
 
 def valid_queue_id(name: str) -> bool:

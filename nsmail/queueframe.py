@@ -19,17 +19,17 @@ except ImportError:  # 3.12 renamed it: hashlib then, a little slower
 
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than this module
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
-    Field = str | int | float | bool | Sequence[str]
+    # A JSON value: the envelope record is an object of scalars, lists and objects.
+    Field = str | int | float | bool | None | Sequence["Field"] | dict[str, "Field"]
 
 MAGIC = b"NSMAIL-QUEUE 2\n"
 
 
-def frame(record: Mapping[str, Field], body: Iterable[bytes]) -> Iterator[bytes]:
+def frame(record: dict[str, Field], body: Iterable[bytes]) -> Iterator[bytes]:
     """The queue file for the envelope `record` and the message streamed as `body`."""
-    fields = ",".join(f"{_string(name)}:{_value(value)}" for name, value in record.items())
-    encoded = ("{" + fields + "}").encode("ascii")
+    encoded = _value(record).encode("ascii")
     digest = sha256()
     head = b"%senvelope %d\n%s\nbody\n" % (MAGIC, len(encoded), encoded)
     digest.update(head)
@@ -46,11 +46,15 @@ def frame(record: Mapping[str, Field], body: Iterable[bytes]) -> Iterator[bytes]
 def _value(value: Field) -> str:
     if isinstance(value, str):
         return _string(value)
+    if value is None:
+        return "null"
     if isinstance(value, bool):  # before int: a bool is an int
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)  # what json.dumps writes; inf and nan never occur here
-    return "[" + ",".join(_string(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_string(k)}:{_value(v)}" for k, v in value.items()) + "}"
+    return "[" + ",".join(_value(item) for item in value) + "]"
 
 
 def _string(text: str) -> str:

@@ -5,6 +5,8 @@ Like Postfix's postqueue and postsuper, for every tenant's queue (and the host's
 
 - `list [--json]` and `show ID [--body] [--json]`: read only. `--json` prints JSON Lines like
   `postqueue -j`: one object per message (or per outcome), so output streams and greps.
+  Deferred mail says why it waits: the last reply or error, per recipient (`delay_reason`);
+  `list` shows one such reason per message, `show` each recipient's.
 - `hold` (incoming, deferred -> hold), `release` (hold -> incoming), `requeue` (deferred,
   hold -> incoming: retry now) and `delete` (incoming, deferred, hold, corrupt: removed, never
   sent), each on the named IDs or `--all` of the selected queues. Mail in maildrop/ or active/
@@ -54,7 +56,7 @@ from nsmail import config as configuration
 from nsmail.config import Config, Tenant, host_identity
 from nsmail.headers import MAX_HEADER_BYTES
 from nsmail.jail import run_as
-from nsmail.queuefile import Envelope, QueueFileError, valid_queue_id
+from nsmail.queuefile import Deferral, Envelope, QueueFileError, envelope_of, valid_queue_id
 from nsmail.spool import (
     ACTIVE,
     CORRUPT,
@@ -68,6 +70,7 @@ from nsmail.spool import (
 
 PROG = "nsmail queue"
 MAX_SHOWN = 256 << 20  # `show --body` reads the message into memory up to this size
+WIDTH = 79  # of `list`'s reason lines
 EX_OK = os.EX_OK
 EX_USAGE = os.EX_USAGE
 EX_NOINPUT = os.EX_NOINPUT  # no such message, or none in a state the command applies to
@@ -120,7 +123,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "arrival_time": None if env is None else int(env.arrival),
         "message_size": entry.size,
         "sender": None if env is None else env.sender,
-        "recipients": [] if env is None else [{"address": r} for r in env.recipients],
+        "recipients": [] if env is None else _recipients_json(env),
         "tenant": entry.tenant,
         "attempts": None if env is None else env.attempts,
         "next_attempt": None if entry.next_attempt is None else int(entry.next_attempt),
@@ -129,6 +132,36 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "recipients_from_headers": env is not None and env.extract and not env.cleaned,
         "error": entry.error or None,
     }
+
+
+def _recipients_json(envelope: Envelope) -> list[dict[str, Any]]:
+    """`postqueue -j`'s address and delay_reason per recipient, then nsmail's own fields."""
+    deferrals = _deferrals(envelope)
+    listed: list[dict[str, Any]] = []
+    for address in envelope.recipients:
+        deferral = deferrals.get(address)
+        if deferral is None:
+            listed.append({"address": address})
+            continue
+        listed.append(
+            {
+                "address": address,
+                "delay_reason": deferral.reason,
+                "enhanced_status": deferral.status,
+                "reply_code": deferral.code,
+                "relay": deferral.relay or None,
+                "last_attempt": int(deferral.at),
+            }
+        )
+    return listed
+
+
+def _deferrals(envelope: Envelope) -> dict[str, Deferral]:
+    """Why each recipient waits, by address (the first word, should a file say it twice)."""
+    found: dict[str, Deferral] = {}
+    for deferral in envelope.deferrals:
+        found.setdefault(deferral.recipient, deferral)
+    return found
 
 
 def format_listing(entries: Sequence[Entry]) -> str:
@@ -154,6 +187,8 @@ def format_listing(entries: Sequence[Entry]) -> str:
             when = _short_time(entry.next_attempt)
             tries = f"{env.attempts} attempt{'s' if env.attempts != 1 else ''}"
             lines.append(f"{indent}({tries}, next {when})")
+        if env is not None and env.deferrals:
+            lines.append(_reason_line(env))
         lines += [indent + printable(r) for r in (() if env is None else env.recipients)]
         if env is not None and env.extract and not env.cleaned:
             lines.append(indent + "(recipients from the headers, -t)")
@@ -162,6 +197,17 @@ def format_listing(entries: Sequence[Entry]) -> str:
     count = len(entries)
     blocks.append(f"-- {total_kib} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
     return "".join(blocks)
+
+
+def _reason_line(envelope: Envelope) -> str:
+    """postqueue -p's parenthesised line: why the message waits, one reason, cut short."""
+    reasons = list(dict.fromkeys(d.reason for d in _deferrals(envelope).values()))
+    more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+    reason = printable(reasons[0])
+    room = WIDTH - len(more) - 2
+    if len(reason) > room:
+        reason = reason[: room - 3] + "..."
+    return f"({reason}){more}"
 
 
 def format_entry(entry: Entry) -> str:
@@ -173,10 +219,16 @@ def format_entry(entry: Entry) -> str:
         fields.append(("Error", entry.error))
     else:
         fields += [("Arrival", _long_time(env.arrival)), ("Sender", f"<{env.sender}>")]
-        fields += [("Recipient", r) for r in env.recipients]
+        deferrals = _deferrals(env)
+        for address in env.recipients:
+            fields.append(("Recipient", address))
+            if address in deferrals:
+                fields.append(("Delay reason", deferrals[address].reason))
         if env.extract and not env.cleaned:
             fields.append(("Recipients", "from the headers (-t), not yet read"))
         fields.append(("Attempts", str(env.attempts)))
+        if deferrals:
+            fields.append(("Last attempt", _long_time(max(d.at for d in deferrals.values()))))
         if env.warned:
             fields.append(("Delay notice", "sent"))
         fields += [(k, v) for k, v in (("Submitter", env.submitter), ("Name", env.full_name)) if v]
@@ -510,9 +562,7 @@ def _entry_to_wire(entry: Entry) -> dict[str, Any]:
 
 def _entry_from_wire(wire: dict[str, Any]) -> Entry:
     envelope = wire["envelope"]
-    if envelope is not None:
-        envelope = Envelope(**{**envelope, "recipients": tuple(envelope["recipients"])})
-    return Entry(**{**wire, "envelope": envelope})
+    return Entry(**{**wire, "envelope": None if envelope is None else envelope_of(envelope)})
 
 
 # --- commands --------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def agent(
 ) -> Agent:
     made = Agent(
         tenant=tenant,
-        config=DeliveryConfig(port=port, timeout=5, **config),
+        config=DeliveryConfig(**{"port": port, "timeout": 5, **config}),
         resolver=dns.resolver(),
         tls=opportunistic,
         tls_verified=tls_verified or ssl.create_default_context(),
@@ -247,12 +247,28 @@ def test_unreachable_and_dns_failures_are_temporary(dns: DNSStack, tmp_path: Pat
         "q6", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
     )
     assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, None)}
-    assert "ConnectionRefusedError" in outcomes[0].text
+    # Words, not `ConnectionRefusedError: [Errno 111]`.
+    assert outcomes[0].text == f"4.4.2 mx.rcpt.test[127.0.0.1]:{closed}: connection refused"
     with dns_stack(ZONE, resolvers=(IPv4Address("127.0.0.2"),), timeout=0.2) as broken:
         outcomes = agent(broken, closed, make_tenant(tmp_path)).deliver(
             "q7", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
         )
     assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, None)}
+
+
+def test_a_server_that_never_greets_times_out_in_words(dns: DNSStack, tmp_path: Path) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever says 220
+        port = silent.getsockname()[1]
+        (outcome,) = agent(dns, port, make_tenant(tmp_path), timeout=0.5).deliver(
+            "q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
+        )
+    assert (outcome.status, outcome.code) == (Status.TEMPORARY, None)
+    assert outcome.text == (
+        f"4.4.2 mx.rcpt.test[127.0.0.1]:{port}: timed out after 0.5 s while waiting for the "
+        "greeting"
+    )
 
 
 def test_ipv6_is_preferred_when_the_tenant_has_both(
@@ -320,6 +336,8 @@ def test_tls_policy(
         (outcome,) = delivering.deliver("q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY)
     assert outcome.status == expected, outcome
     assert bool(recorder.received) == (expected == Status.DELIVERED)
+    if (policy, trusted, offered) == ("verify", False, True):
+        assert outcome.text.endswith(": TLS certificate not accepted: self-signed certificate")
     if expected == Status.DELIVERED and policy == "verify":
         assert recorder.received[0].tls
 
@@ -330,7 +348,7 @@ def test_a_destination_listed_for_verification_demands_tls(
     with smtp_server(recorder) as port:
         delivering = agent(dns, port, make_tenant(tmp_path), tls_verify=("rcpt.test",))
         (outcome,) = delivering.deliver("q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY)
-    assert outcome.status == Status.TEMPORARY and "TLS required" in outcome.text
+    assert outcome.status == Status.TEMPORARY and "TLS is required" in outcome.text
     assert recorder.received == []
 
 
@@ -342,8 +360,24 @@ def test_too_large_for_the_server_bounces_without_data(
         (outcome,) = agent(dns, port, make_tenant(tmp_path)).deliver(
             "q", Envelope("alice@tenant.test", ("a@rcpt.test",)), big
         )
-    assert (outcome.status, outcome.code) == (Status.PERMANENT, 552)
-    assert outcome.text.startswith("5.3.4")
+    # nsmail's own decision from the server's SIZE (RFC 1870 6.1): no reply, no code.
+    assert (outcome.status, outcome.code) == (Status.PERMANENT, None)
+    assert outcome.text.startswith("5.3.4 message size ")
+    assert outcome.relay == f"mx.rcpt.test[127.0.0.1]:{port}"
+    assert recorder.rcpt_attempts == []
+
+
+def test_an_address_needing_smtputf8_is_refused_by_nsmail_not_the_server(
+    dns: DNSStack, recorder: Recorder, tmp_path: Path
+) -> None:
+    with smtp_server(recorder, enable_SMTPUTF8=False) as port:
+        (outcome,) = agent(dns, port, make_tenant(tmp_path)).deliver(
+            "q", Envelope("alice@tenant.test", ("jörg@rcpt.test",)), BODY
+        )
+    # The server offers no SMTPUTF8 (RFC 6531 3.4): it was never asked, so it said nothing.
+    assert (outcome.status, outcome.code) == (Status.PERMANENT, None)
+    relay = f"mx.rcpt.test[127.0.0.1]:{port}"
+    assert outcome.text == f"5.6.7 SMTPUTF8 is required, but {relay} does not offer it"
     assert recorder.rcpt_attempts == []
 
 

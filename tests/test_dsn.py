@@ -30,6 +30,13 @@ NO_SUCH_USER = Failure(
     remote_mta="mx.rcpt.test",
 )
 TIMED_OUT = Failure(recipient="carol@rcpt.test", status="4.4.1", action="failed")
+# A refusal nsmail made itself, from what the server offers: words, and no reply.
+NO_SMTPUTF8 = Failure(
+    recipient="jörg@rcpt.test",
+    status="5.6.7",
+    action="failed",
+    detail="5.6.7 SMTPUTF8 is required, but mx.rcpt.test[198.51.100.25]:25 does not offer it",
+)
 
 
 def make(failures: list[Failure], **options: Any) -> bytes:
@@ -116,6 +123,23 @@ def test_human_part_names_each_recipient_and_what_was_said() -> None:
     assert "could not be delivered" in text
     assert "<bob@rcpt.test>:\n    host mx.rcpt.test said:\n    smtp; 550 5.1.1" in text
     assert "<carol@rcpt.test>:\n    no further detail" in text
+
+
+def test_what_nsmail_decided_itself_is_no_remote_reply() -> None:
+    # RFC 3464 2.3.5, 2.3.6: Remote-MTA and Diagnostic-Code report what a server said.
+    notification = make([NO_SMTPUTF8])
+    _, block = status_blocks(notification)
+    assert [name for name, _ in block.raw_items()] == [
+        "Final-Recipient",
+        "Action",
+        "Status",
+        "Last-Attempt-Date",
+    ]
+    text = parts(notification)[0].get_content().replace("\r\n", "\n")
+    assert "said" not in text
+    assert "    5.6.7 SMTPUTF8 is required, but mx.rcpt.test[198.51.100.25]:25 does" in text
+    with pytest.raises(ValueError, match="Remote-MTA"):
+        Failure("bob@rcpt.test", "5.6.7", "failed", remote_mta="mx.rcpt.test", detail="x")
 
 
 def test_original_is_returned_byte_for_byte() -> None:
@@ -242,13 +266,19 @@ def expected_field(text: str) -> str:
 
 
 texts = st.text(max_size=300)
+# (diagnostic, remote MTA): a server's reply, maybe without its name, or none.
+replies = st.one_of(
+    st.just((None, None)), st.tuples(st.text(min_size=1, max_size=300), st.none() | texts)
+)
 failures = st.builds(
-    Failure,
+    lambda recipient, status, action, reply, detail: Failure(
+        recipient, status, action, *reply, detail=detail
+    ),
     recipient=texts,
     status=st.sampled_from(["5.1.1", "4.4.1", "5.7.1", "4.0.0"]),
     action=st.sampled_from(["failed", "delayed"]),
-    diagnostic=st.one_of(st.none(), texts),
-    remote_mta=st.one_of(st.none(), texts),
+    reply=replies,
+    detail=st.none() | texts,
 )
 
 

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 
 from nsmail.jail import run_as
-from nsmail.queuefile import Envelope, encode
+from nsmail.queuefile import Deferral, Envelope, encode
 from nsmail.queuetool import (
     VERBS,
     Change,
     Entry,
+    entry_json,
+    format_entry,
     format_listing,
     plan_all,
     plan_named,
@@ -162,6 +164,65 @@ def test_format_listing() -> None:
     assert "(unreadable: checksum mismatch)" in text
     assert "\x1b" not in text and "\\x1b[2J@x.test" in text and "\\r\\n@y" in text
     assert text.endswith("-- 2 Kbytes in 4 Requests.\n")
+
+
+MX = "mx.x.test[2001:db8::25]:25"
+GREYLISTED = Deferral("bob@x.test", "4.7.1", "4.7.1 greylisted \x1b[2J", 451, MX, 1.7e9 + 60)
+REFUSED = Deferral("carol@x.test", "4.4.2", f"4.4.2 {MX}: connection refused", None, "", 1.7e9 + 60)
+WAITING = Envelope(
+    "alice@a.test",
+    ("bob@x.test", "carol@x.test", "dave@x.test"),
+    arrival=1.7e9,
+    attempts=1,
+    deferrals=(GREYLISTED, REFUSED),
+)
+
+
+def test_the_listing_says_why_each_message_waits() -> None:
+    # Like postqueue -p's parenthesised line: one reason per message, cut to fit.
+    text = format_listing([Entry("a.test", "0001", DEFERRED, 1500, WAITING, 1.7e9 + 600)])
+    lines = text.splitlines()
+    reason = f"({MX} said: 451 4.7.1 greylisted \\x1b[2J) (+1 more)"
+    assert lines[lines.index(next(x for x in lines if "1 attempt," in x)) + 1] == reason
+    wordy = Deferral("bob@x.test", "4.7.1", "4.7.1 " + "blah " * 100, 451, MX)
+    waiting = Envelope("a@a.test", ("bob@x.test",), attempts=1, deferrals=(wordy,))
+    listing = format_listing([Entry("a.test", "0002", DEFERRED, 1, waiting, 1.7e9)])
+    (line,) = [x for x in listing.splitlines() if x.startswith(f"({MX}")]
+    assert len(line) == 79 and line.endswith("...)")
+
+
+def test_show_says_why_for_each_recipient() -> None:
+    entry = Entry("a.test", "0001", DEFERRED, 1500, WAITING, 1.7e9 + 600)
+    shown = format_entry(entry)
+    assert (
+        "Recipient:    bob@x.test\n"
+        f"Delay reason: {MX} said: 451 4.7.1 greylisted \\x1b[2J\n"
+        "Recipient:    carol@x.test\n"
+        f"Delay reason: 4.4.2 {MX}: connection refused\n"
+        "Recipient:    dave@x.test\n"  # no reason recorded (written before it was known)
+        "Attempts:     1\n"
+        "Last attempt: "
+    ) in shown
+    # postqueue -j's delay_reason per recipient, then nsmail's own fields.
+    assert entry_json(entry)["recipients"] == [
+        {
+            "address": "bob@x.test",
+            "delay_reason": f"{MX} said: 451 4.7.1 greylisted \x1b[2J",
+            "enhanced_status": "4.7.1",
+            "reply_code": 451,
+            "relay": MX,
+            "last_attempt": 1_700_000_060,
+        },
+        {
+            "address": "carol@x.test",
+            "delay_reason": f"4.4.2 {MX}: connection refused",
+            "enhanced_status": "4.4.2",
+            "reply_code": None,
+            "relay": None,
+            "last_attempt": 1_700_000_060,
+        },
+        {"address": "dave@x.test"},
+    ]
 
 
 def test_split_message_and_printable_text() -> None:
@@ -488,6 +549,16 @@ def test_show(site: Site) -> None:
     assert shown["headers"] == BODY.split(b"\n\n")[0].decode() + "\n"
     assert shown["body"] == "the body\n"
     assert queue(site, "show", "0000000000000000unknown").returncode == EX_NOINPUT
+    # Why deferred mail waits comes back from the child running as the tenant.
+    waiting = put(site, A, DEFERRED, encode(WAITING, BODY), retry_at=2e9)
+    (shown,) = listed(queue(site, "show", "--json", waiting, uid=site.uids[A]))
+    assert [r.get("delay_reason") for r in shown["recipients"]] == [
+        GREYLISTED.reason,
+        REFUSED.reason,
+        None,
+    ]
+    assert f"Delay reason: {MX} said: 451" in queue(site, "show", waiting).stdout
+    assert f"({MX} said: 451 4.7.1" in queue(site, "list", "--tenant", A).stdout
     # More than a pipe holds comes back from the child running as the tenant.
     large = b"x" * 99 + b"\n"
     big = put(

@@ -175,6 +175,15 @@ def test_mixed_outcomes_defer_bounce_and_deliver(
     assert recorder.received[0].recipients == ["b@rcpt.test"]
     envelope = deferred(spool, queue_id)
     assert envelope.recipients == ("later@rcpt.test",) and envelope.attempts == 1
+    # Why it waits, for `nsmail queue`: the reply, its code and the server that gave it.
+    (why,) = envelope.deferrals
+    assert (why.recipient, why.status, why.code, why.text) == (
+        "later@rcpt.test",
+        "4.3.0",
+        451,
+        "4.3.0 try later",
+    )
+    assert why.relay.startswith("mx.rcpt.test[127.0.0.1]:") and why.at > envelope.arrival
     next_attempt = spool.next_attempt(queue_id)
     assert next_attempt is not None and next_attempt > time.time() + 60
     # The bounce for nobody@ went to the sender, a local user: her Maildir.
@@ -193,6 +202,52 @@ def test_mixed_outcomes_defer_bounce_and_deliver(
     wait_for(lambda: len(recorder.received) == 2)
     assert recorder.received[-1].recipients == ["later@rcpt.test"]
     wait_for(lambda: not spool.ids(DEFERRED) and not spool.ids(ACTIVE))
+
+
+def notice_text(report: email.message.EmailMessage) -> str:
+    part = next(p for p in report.walk() if p.get_content_type() == "text/plain")
+    assert isinstance(part, email.message.EmailMessage)
+    return " ".join(part.get_content().split())
+
+
+def test_expiry_is_nsmails_decision_quoting_the_last_reply(
+    running: tuple[Recorder, Path], spool: Spool
+) -> None:
+    _, home = running
+    old = Envelope("alice@tenant.test", ("later@rcpt.test",), arrival=time.time() - 6 * 86400)
+    spool.put(MAILDROP, new_queue_id(time.time()), [encode(old, BODY)])
+    wait_for(lambda: mailbox(home, "alice"))
+    (report,) = mailbox(home, "alice")
+    # RFC 3464 2.3.5, 2.3.6: no server said "expired"; what one said last is only quoted.
+    (fields,) = delivery_status(report)
+    assert "Remote-MTA" not in fields and "Diagnostic-Code" not in fields
+    assert (fields["Action"], fields["Status"]) == ("failed", "4.4.7")
+    text = notice_text(report)
+    assert "<later@rcpt.test>: 4.4.7 message expired in the queue; last error: " in text
+    assert "mx.rcpt.test[127.0.0.1]" in text and "said: 451 4.3.0 try later" in text
+
+
+def test_a_refusal_nsmail_made_itself_bounces_without_a_remote_reply(
+    dns: DNSStack, spool: Spool
+) -> None:
+    recorder = Recorder()
+    home = spool.root.parents[2]
+    with smtp_server(recorder, enable_SMTPUTF8=False) as port:
+        pid = start_worker(dns, home, port)
+        try:
+            submit(spool, ("jörg@rcpt.test",))
+            wait_for(lambda: mailbox(home, "alice"))
+        finally:
+            assert os.waitstatus_to_exitcode(stop(pid)) == 0
+    (report,) = mailbox(home, "alice")
+    (fields,) = delivery_status(report)
+    assert "Remote-MTA" not in fields and "Diagnostic-Code" not in fields
+    assert fields["Status"] == "5.6.7"
+    text = notice_text(report)
+    assert "said" not in text
+    relay = f"mx.rcpt.test[127.0.0.1]:{port}"
+    assert f"5.6.7 SMTPUTF8 is required, but {relay} does not offer it" in text
+    assert recorder.rcpt_attempts == []
 
 
 def test_null_sender_mail_never_bounces(running: tuple[Recorder, Path], spool: Spool) -> None:
