@@ -2,8 +2,9 @@
 
 A report is one JSON object in one datagram of at most MAX_REPORT bytes, with exactly the
 fields of `Report`. The supervisor decodes it with `decode`, which refuses anything else:
-oversized, malformed, a field missing, added or of the wrong type, a number out of range,
-or a report claiming to be another tenant's. Pure: no IO, time is passed in.
+oversized, malformed, a field missing, added or of the wrong type, a number out of range
+(a time past MAX_TIME too), or a report claiming to be another tenant's. Pure: no IO, time
+is passed in.
 
 Security: the worker runs as the tenant and may be the tenant's (a compromised worker
 can send anything); `decode` runs as root in the supervisor and must stay small, bounded
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -28,6 +28,9 @@ OUTCOMES = ("sent", "deferred", "bounced")
 # Upper bounds (seconds) of the delivery latency histogram: arrival to delivery.
 LATENCY_BOUNDS = (1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 _MAX_COUNT = 2**53
+# 9999-12-31 23:59:59 UTC, the last second `datetime` can show: no report speaks of later.
+# The supervisor still bounds its own waits (a time this far is years past epoll's limit).
+MAX_TIME = 253402300799.0
 
 
 class ReportError(ValueError):
@@ -136,7 +139,7 @@ def _text(value: Any) -> str | None:
 def _time(value: Any) -> float | None:
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+    if type(value) not in (int, float) or not 0 <= value <= MAX_TIME:  # NaN fails it too
         raise ReportError("bad time")
     return float(value)
 

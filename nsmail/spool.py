@@ -160,10 +160,12 @@ class Spool:
             return []
         return sorted(n for n in names if valid_queue_id(n))
 
-    def next_attempt(self, queue_id: str) -> float | None:
-        """A deferred message's next attempt time (its mtime); None if it is gone."""
+    def next_attempt(self, queue_id: str, latest: float) -> float | None:
+        """A deferred message's next attempt time (its mtime), but never after `latest`
+        (the mtime is the tenant's to set: see `schedule.latest_attempt`); None if it is gone.
+        """
         try:
-            return self.path(DEFERRED, queue_id).stat().st_mtime
+            return min(self.path(DEFERRED, queue_id).stat().st_mtime, latest)
         except FileNotFoundError:
             return None
 

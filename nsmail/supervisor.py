@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import logging
 import os
 import selectors
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -65,6 +66,10 @@ STATUS_EVERY = 1.0  # seconds between updates of systemd's STATUS= line
 # one that said nothing for this long is stopped (SIGSTOP), hung, or in a very long
 # transaction, and its last report is no longer the truth.
 SILENT_AFTER = 60.0
+# The longest the loop waits for its next event. epoll takes at most 2^31 ms (24.8 days)
+# and selectors raises OverflowError past it; a wait that was due later merely wakes once
+# an hour to find nothing due, whatever time a report named.
+MAX_WAIT = 3600.0
 
 
 def restart_delay(crashes: int) -> float:
@@ -104,6 +109,23 @@ class Slot:
     refused_logged: float = 0.0
     after_stop: Literal["remove", "restart"] = "remove"
     replacement: Tenant | None = None
+
+
+_P = ParamSpec("_P")
+_TenantWork = Callable[Concatenate["Supervisor", Slot, _P], None]
+
+
+def _for_one_tenant(work: _TenantWork[_P]) -> _TenantWork[_P]:
+    """Whatever goes wrong in work for one tenant stays that tenant's (`_contain`)."""
+
+    @functools.wraps(work)
+    def contained(supervisor: Supervisor, slot: Slot, /, *args: _P.args, **kw: _P.kwargs) -> None:
+        try:
+            work(supervisor, slot, *args, **kw)
+        except Exception:
+            supervisor._contain(slot)
+
+    return contained
 
 
 @dataclass
@@ -156,12 +178,23 @@ class Supervisor:
         try:
             while not (self.stopping and not self.slots and self.relay.pid is None):
                 for key, _ in self.selector.select(self._timeout()):
-                    key.data()
-                self._run_due()
+                    self._dispatch(key.data)
+                self._dispatch(self._run_due)
         finally:
             self._cleanup()
         log.info("stopped")
         return 0
+
+    @staticmethod
+    def _dispatch(handler: Callable[[], None]) -> None:
+        """Run one event's handler: whatever it raises is logged and ends that event only,
+        never the loop (and with it every tenant's worker and namespace). Work for one
+        tenant is contained on its own first (`_for_one_tenant`); this catches the rest."""
+        try:
+            handler()
+        except Exception:
+            name = getattr(handler, "__name__", handler)
+            log.exception("internal error in %s; carrying on", name)
 
     def _install_signals(self) -> None:
         self._signals_w.setblocking(False)
@@ -172,18 +205,18 @@ class Supervisor:
         self.selector.register(self._signals_r, selectors.EVENT_READ, self._on_signals)
 
     def _on_signals(self) -> None:
+        # Read first: whatever fails below, the signals are taken and the socket drained.
+        received: set[int] = set()
+        with contextlib.suppress(BlockingIOError):
+            received = set(self._signals_r.recv(512))
         # A child's pid reaches us before its exit can: the zygote's intermediate sends
         # it, and the child becomes ours only when that intermediate exits.
         self._on_zygote()
-        with contextlib.suppress(BlockingIOError):
-            for signum in self._signals_r.recv(512):
-                if signum == signal.SIGCHLD:
-                    self._reap()
-                elif signum == signal.SIGHUP:
-                    self.reload()
-                elif signum in (signal.SIGTERM, signal.SIGINT):
-                    self.shutdown()
         self._reap()  # SIGCHLDs coalesce; reaping is cheap and idempotent
+        if received & {signal.SIGTERM, signal.SIGINT}:
+            self.shutdown()  # a reload that came with it would be undone at once
+        elif signal.SIGHUP in received:
+            self.reload()
 
     def _on_metrics(self) -> None:
         assert self._metrics is not None
@@ -202,7 +235,7 @@ class Supervisor:
         soonest = min(dues)
         if soonest == float("inf"):
             return None
-        return max(0.0, soonest - time.monotonic())
+        return min(MAX_WAIT, max(0.0, soonest - time.monotonic()))
 
     def _run_due(self) -> None:
         now = time.monotonic()
@@ -240,6 +273,7 @@ class Supervisor:
         self.slots[tenant.domain] = slot
         self._start(slot)
 
+    @_for_one_tenant
     def _start(self, slot: Slot) -> None:
         tenant = slot.tenant
         try:
@@ -269,13 +303,21 @@ class Supervisor:
                 slot.names.path if slot.names else None,
                 [worker_end.fileno(), reporting_end.fileno()],
                 partial(_worker_main, tenant, self.config.delivery, host_queue, taken),
-                partial(self._spawned, slot),
+                partial(self._spawned, slot, slot.reports),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
         # main loop, and a full reply queue would stall the zygote.
         self._collect_spawns()
 
-    def _spawned(self, slot: Slot, result: int | SpawnError) -> None:
+    @_for_one_tenant
+    def _spawned(self, slot: Slot, reports: socket.socket | None, result: int | SpawnError) -> None:
+        """The zygote's answer to the request `_start` made with the channel `reports`."""
+        if reports is not slot.reports:
+            # The slot was contained while its worker was being forked: that worker's
+            # channels are closed, and a newer start may be on its way.
+            if not isinstance(result, SpawnError):
+                self._signal(result, signal.SIGKILL)
+            return
         if isinstance(result, SpawnError):
             self._close_channels(slot)
             if slot.state == State.STOPPING:
@@ -301,6 +343,7 @@ class Supervisor:
         slot.due = time.monotonic() + delay
         log.error("%s: %s; next start in %.0f s", slot.tenant.domain, error, delay)
 
+    @_for_one_tenant
     def _stop(
         self, slot: Slot, then: Literal["remove", "restart"], replacement: Tenant | None
     ) -> None:
@@ -347,8 +390,11 @@ class Supervisor:
             self._relay_exited(how)
             return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
-        if slot is None:
-            return
+        if slot is not None:
+            self._worker_exited(slot, pid, how)
+
+    @_for_one_tenant
+    def _worker_exited(self, slot: Slot, pid: int, how: str) -> None:
         slot.pid = None
         if slot.state == State.STOPPING:
             log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
@@ -377,14 +423,14 @@ class Supervisor:
         slot.due = float("inf") if due is None else time.monotonic() + max(0.0, due - time.time())
         log.info("%s: worker asleep until mail arrives or falls due", slot.tenant.domain)
 
+    @_for_one_tenant
     def _wake(self, slot: Slot) -> None:
         self._drop_watch(slot)
         self._start(slot)
 
     def _drop_watch(self, slot: Slot) -> None:
         if slot.watch is not None:
-            if slot.state == State.ASLEEP:
-                self.selector.unregister(slot.watch)
+            self._unregister(slot.watch)  # registered while asleep
             os.close(slot.watch)
             slot.watch = None
 
@@ -393,10 +439,37 @@ class Supervisor:
             slot.relay_end.close()
             slot.relay_end = None
         if slot.reports is not None:
-            self.selector.unregister(slot.reports)
+            self._unregister(slot.reports)
             slot.reports.close()
             slot.reports = None
 
+    def _unregister(self, fileobj: socket.socket | int) -> None:
+        """Take `fileobj` out of the selector if it is in (`_contain` cannot know)."""
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(fileobj)
+
+    def _contain(self, slot: Slot) -> None:
+        """Work for `slot` raised (a bug, or input nothing foresaw): log it with the
+        tenant and bring the slot back to a state the loop knows, touching no other.
+
+        Its channels and watch are closed, so nothing of its worker calls in again (a
+        readable socket whose handler keeps raising would spin the loop); the worker is
+        killed, and reaping restarts it after back-off or ends its stop. Without a worker
+        the slot backs off now; a worker still being forked is killed when it comes
+        (`_spawned`). What the last report said (toward `hourly_limit`) is kept.
+        """
+        log.exception("%s: internal error; restarting its worker", slot.tenant.domain)
+        self._close_channels(slot)
+        self._drop_watch(slot)
+        if slot.pid is not None:
+            self._signal(slot.pid, signal.SIGKILL)
+        elif slot.state == State.STOPPING:
+            self._finish_stop(slot)
+        else:
+            slot.crashes += 1
+            self._back_off(slot, "internal error in the supervisor (see its log)")
+
+    @_for_one_tenant
     def _on_report(self, slot: Slot) -> None:
         """Take what the worker reported; anything but a valid report is refused, counted
         and logged (at most once a minute per worker), and changes nothing."""
