@@ -37,7 +37,7 @@ from typing import Any, Concatenate, Literal, ParamSpec
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsmail import control, dnsrelay, metrics, submission, worker
+from nsmail import control, dnsrelay, metrics, serving, submission, worker
 from nsmail.config import (
     Config,
     ConfigError,
@@ -149,8 +149,7 @@ class Supervisor:
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self._signals_r, self._signals_w = socket.socketpair()
-        self._control: socket.socket | None = None
-        self._metrics: socket.socket | None = None
+        self._servers: list[serving.Server] = []  # the control socket, metrics if on
         self.zygote = Zygote()
         self._ready = False
         self._last_summary = ""
@@ -162,12 +161,12 @@ class Supervisor:
         worker.preload()
         self._start_zygote()
         self._install_signals()
-        self._control = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
-        self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
+        listener = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
+        self._serve(listener, self._answer_control, control.TERMINATOR, control.MAX_REQUEST)
         self._refresh_submission_cache()
         if self.config.host.metrics:
-            self._metrics = metrics.listen(self.config.host.metrics)
-            self.selector.register(self._metrics, selectors.EVENT_READ, self._on_metrics)
+            listener = metrics.listen(self.config.host.metrics)
+            self._serve(listener, self._answer_metrics, metrics.TERMINATOR, metrics.MAX_REQUEST)
         stale = self.host.remove_stale()
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
@@ -218,18 +217,22 @@ class Supervisor:
         elif signal.SIGHUP in received:
             self.reload()
 
-    def _on_metrics(self) -> None:
-        assert self._metrics is not None
-        metrics.serve_one(self._metrics, metrics.render(self.statuses()))
+    def _serve(
+        self, listener: socket.socket, answer: serving.Answer, terminator: bytes, limit: int
+    ) -> None:
+        self._servers.append(serving.Server(listener, self.selector, answer, terminator, limit))
 
-    def _on_control(self) -> None:
-        assert self._control is not None
-        control.serve_one(self._control, self._handle_request, self.config.host.admin_gid)
+    def _answer_metrics(self, peer: socket.socket, request: bytes) -> bytes:
+        return metrics.respond(request, lambda: metrics.render(self.statuses()))
+
+    def _answer_control(self, peer: socket.socket, request: bytes) -> bytes:
+        return control.respond(peer, request, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
         waiting = (State.BACKOFF, State.STOPPING, State.ASLEEP)
         dues = [s.due for s in self.slots.values() if s.state in waiting]
         dues.append(self._status_due)
+        dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
             dues.append(self.relay.due)
         soonest = min(dues)
@@ -241,6 +244,8 @@ class Supervisor:
         now = time.monotonic()
         if self._status_due <= now:
             self._update_status()
+        for server in self._servers:
+            server.expire(now)
         for slot in list(self.slots.values()):
             if slot.due > now:
                 continue
@@ -677,11 +682,9 @@ class Supervisor:
                 self.host.remove(slot.names)
         if self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGKILL)
-        if self._metrics is not None:
-            self._metrics.close()
-        if self._control is not None:
-            self._control.close()
-            (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
+        for server in self._servers:
+            server.close()
+        (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
         self._stop_zygote()
         if self.host.wait_all_gone(timeout=STOP_GRACE):
             self.host.remove_stale()

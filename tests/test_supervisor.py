@@ -342,6 +342,45 @@ def test_status_watch_refreshes_until_interrupted(lab: Lab) -> None:
     assert hosting.stop() == 0
 
 
+IDLE_SCRAPERS = """
+import json, os, signal, socket, sys, time
+from pathlib import Path
+from nsmail import control
+port, run_dir, worker = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+def still_open(s):  # waiting, with neither a reply nor the end of the connection
+    try:
+        s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    return False
+
+idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]  # silent
+time.sleep(0.2)  # let the supervisor take them in
+answered = control.request(run_dir, "status")["ok"]
+open_after_status = all(map(still_open, idle))
+os.kill(worker, signal.SIGKILL)
+while control.request(run_dir, "status")["workers"][1]["pid"] == worker:
+    time.sleep(0.01)
+print(json.dumps([answered, open_after_status, all(map(still_open, idle))]))
+"""
+
+
+def test_idle_metrics_connections_hold_up_neither_status_nor_reaping(lab: Lab) -> None:
+    """16 connections to the metrics endpoint that never send their request (any local
+    user can open them): `nsmail status` is answered, and a killed worker reaped, while
+    they are all still open."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), host_extra='metrics = "127.0.0.1:9425"\n')
+    hosting.start()
+    worker = hosting.status()[DUAL.domain]["pid"]
+    argv = [sys.executable, "-c", IDLE_SCRAPERS, "9425", str(hosting.run_dir), str(worker)]
+    result = lab.run(lab.host, argv)
+    assert json.loads(result.stdout) == [True, True, True], hosting.log()
+    hosting.wait_status(lambda s: s[DUAL.domain]["pid"] not in (None, worker))
+    assert hosting.stop() == 0
+
+
 PEER_ECHO = """
 import socket, sys
 s = socket.socket(socket.AF_INET6)
