@@ -16,7 +16,7 @@ from nsmail import control, tenant_exec, tenantadmin
 from nsmail.jail import run_as
 from nsmail.paths import locate
 from nsmail.spool import Spool
-from nsmail.status import WorkerStatus, render_table
+from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
 from nsmail.systemd import log_formatter
 
 EX_OK = 0
@@ -273,10 +273,18 @@ def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
         print(f"nsmail: {reply.get('error', 'status refused')}", file=sys.stderr)
         return EX_NOPERM if reply.get("denied") else EX_UNAVAILABLE
     workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant]
+    relay, refusal = reply.get("relay"), reply.get("reload_refused")
     if as_json:
-        print(json.dumps({"host": reply["host"], "workers": workers}))
+        shown = {"host": reply["host"], "relay": relay, "reload_refused": refusal}
+        print(json.dumps({**shown, "workers": workers}))
     else:
-        print(render_table([WorkerStatus.from_json(w) for w in workers]))
+        print(
+            render_table(
+                [WorkerStatus.from_json(w) for w in workers],
+                relay=RelayStatus.from_json(relay) if relay else None,
+                refusal=ReloadRefusal.from_json(refusal) if refusal else None,
+            )
+        )
     return EX_OK
 
 

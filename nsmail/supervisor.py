@@ -52,7 +52,7 @@ from nsmail.netns import HostNetwork, TenantNames
 from nsmail.report import MAX_REPORT, Report, ReportError
 from nsmail.report import decode as decode_report
 from nsmail.spawn import SpawnError, Zygote
-from nsmail.status import WorkerStatus
+from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.systemd import notify
 from nsmail.worker import HostQueue
 
@@ -70,6 +70,10 @@ SILENT_AFTER = 60.0
 # and selectors raises OverflowError past it; a wait that was due later merely wakes once
 # an hour to find nothing due, whatever time a report named.
 MAX_WAIT = 3600.0
+# The DNS relay is pinged this often, and replaced if it has not answered within
+# PING_TIMEOUT (stopped, or hung): every tenant's DNS goes through it.
+PING_EVERY = 10.0
+PING_TIMEOUT = 3.0
 
 
 def restart_delay(crashes: int) -> float:
@@ -135,9 +139,16 @@ class Relay:
     pid: int | None = None
     control: socket.socket | None = None
     crashes: int = 0
+    restarts: int = 0
+    started: float | None = None  # wall clock, for status
     started_mono: float = 0.0
-    due: float = 0.0
+    due: float = 0.0  # monotonic time of the next start, or of SIGKILL while stopping
     starting: bool = False
+    check_at: float = float("inf")  # monotonic: the next ping, or the end of the wait for it
+    pinged: bool = False  # a ping is out, unanswered
+    replaced: str | None = None  # why the supervisor ended it, until it has exited
+    last_error: str | None = None
+    last_error_at: float | None = None
 
 
 class Supervisor:
@@ -154,6 +165,7 @@ class Supervisor:
         self._ready = False
         self._last_summary = ""
         self._status_due = float("inf")  # when STATUS= is next brought up to date
+        self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
 
     # -- main loop -------------------------------------------------------------------
 
@@ -235,6 +247,8 @@ class Supervisor:
         dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
             dues.append(self.relay.due)
+        elif self.relay.pid is not None:
+            dues.append(self.relay.check_at)
         soonest = min(dues)
         if soonest == float("inf"):
             return None
@@ -259,7 +273,14 @@ class Supervisor:
                 )
                 self._signal(slot.pid, signal.SIGKILL)
                 slot.due = now + STOP_GRACE
-        if self._relay_due() and self.relay.due <= now:
+        self._tend_relay(now)
+
+    def _tend_relay(self, now: float) -> None:
+        """Start, kill or ping the relay, whichever is due."""
+        if not self._relay_due():
+            if self.relay.pid is not None and self.relay.check_at <= now:
+                self._check_relay()
+        elif self.relay.due <= now:
             if self.relay.pid is None:
                 self._start_relay()
             else:
@@ -560,13 +581,18 @@ class Supervisor:
             self.relay.starting = True
             self.zygote.request(
                 "nsmail dnsrelay",
-                Identity(uid=host.uid, gid=host.gid, root=empty),
+                Identity(uid=host.dns_uid, gid=host.dns_gid, root=empty),
                 None,
                 [theirs.fileno()],
                 partial(_relay_main, host.resolvers, self.config.delivery.timeout),
                 self._relay_spawned,
             )
+        # Blocking, so that a relay still starting takes every channel handed to it then
+        # (the socket buffer holds a few hundred), but never for longer than a relay may
+        # take to answer: a relay that does not read by then is replaced.
+        mine.settimeout(PING_TIMEOUT)
         self.relay.control = mine
+        self.selector.register(mine, selectors.EVENT_READ, self._on_relay)
         # A restarted relay must serve the workers that are already running.
         for slot in self.slots.values():
             if slot.relay_end is not None:
@@ -578,7 +604,10 @@ class Supervisor:
             self._relay_exited(f"could not start: {result}")
             return
         self.relay.pid = result
+        self.relay.started = time.time()
         self.relay.started_mono = time.monotonic()
+        self.relay.check_at = time.monotonic() + PING_EVERY
+        self.relay.pinged = False
         log.info("dns relay %d started for %s", result, _join(self.config.host.resolvers))
 
     def _hand_to_relay(self, channel: socket.socket) -> None:
@@ -587,20 +616,69 @@ class Supervisor:
         try:
             dnsrelay.hand_over(self.relay.control, channel)
         except OSError as e:
-            log.error("dns relay does not take channels (%s); it will be restarted", e)
+            self._replace_relay(f"does not take channels ({e})")
+
+    def _check_relay(self) -> None:
+        """Ping the relay, or replace it if the last ping went unanswered."""
+        if self.relay.pinged or self.relay.control is None:
+            self._replace_relay(f"did not answer a ping within {PING_TIMEOUT:.0f} s")
+            return
+        try:
+            dnsrelay.ping(self.relay.control)
+        except OSError as e:
+            self._replace_relay(f"does not take a ping ({e})")
+            return
+        self.relay.pinged = True
+        self.relay.check_at = time.monotonic() + PING_TIMEOUT
+
+    def _on_relay(self) -> None:
+        """The relay answered a ping, or is gone (reaping tells the rest)."""
+        if self.relay.control is None:
+            return  # closed by an earlier handler of the same wake-up
+        try:
+            answer = self.relay.control.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            answer = b""
+        if not answer:
+            self._close_relay_control()  # else readable for ever
+        elif answer == dnsrelay.PING and self.relay.pinged:
+            self.relay.pinged = False
+            self.relay.check_at = time.monotonic() + PING_EVERY
+
+    def _replace_relay(self, why: str) -> None:
+        """End a relay that fails the supervisor: reaping starts the next one, which is
+        handed every worker's channel again. Closing its control channel ends one still
+        starting, and stops handing channels to this one."""
+        log.error("dns relay %s %s; ending it", self.relay.pid or "(starting)", why)
+        self.relay.replaced = why
+        self.relay.check_at = float("inf")
+        self._close_relay_control()
+        if self.relay.pid is not None:
+            self._signal(self.relay.pid, signal.SIGKILL)
+
+    def _close_relay_control(self) -> None:
+        if self.relay.control is not None:
+            self._unregister(self.relay.control)
+            self.relay.control.close()
+            self.relay.control = None
 
     def _relay_exited(self, how: str) -> None:
         self.relay.pid = None
+        self.relay.started = None
         self.relay.starting = False
-        if self.relay.control is not None:
-            self.relay.control.close()
-            self.relay.control = None
+        self.relay.check_at = float("inf")
+        self._close_relay_control()
         if self.stopping:
             return
         ran = time.monotonic() - self.relay.started_mono
         self.relay.crashes = self.relay.crashes + 1 if ran < STABLE_AFTER else 1
+        self.relay.restarts += 1
         delay = restart_delay(self.relay.crashes)
         self.relay.due = time.monotonic() + delay
+        self.relay.last_error, self.relay.last_error_at = self.relay.replaced or how, time.time()
+        self.relay.replaced = None
         log.error("dns relay %s; next start in %.0f s", how, delay)
 
     # -- reload and shutdown ---------------------------------------------------------
@@ -618,6 +696,7 @@ class Supervisor:
             if new.network == self.config.network:
                 self._apply(new)
                 refused = None
+        self._refusal = ReloadRefusal(refused, time.time()) if refused else None
         if refused:
             log.error("reload refused, keeping the running configuration: %s", refused)
         self._refresh_submission_cache()
@@ -667,9 +746,7 @@ class Supervisor:
 
     def _end_relay(self) -> None:
         # Closing its control channel is the relay's signal to end; SIGTERM backs it up.
-        if self.relay.control is not None:
-            self.relay.control.close()
-            self.relay.control = None
+        self._close_relay_control()
         if self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
             self.relay.due = time.monotonic() + STOP_GRACE
@@ -702,13 +779,31 @@ class Supervisor:
             return {
                 "ok": True,
                 "host": self.config.host.name,
-                "relay_pid": self.relay.pid,
+                "relay": self._relay_status().to_json(),
+                "reload_refused": self._refusal.to_json() if self._refusal else None,
                 "workers": [s.to_json() for s in self.statuses()],
             }
         if request["cmd"] == "reload":
             refused = self.reload()
             return {"ok": refused is None, "error": refused}
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
+
+    def _relay_status(self) -> RelayStatus:
+        relay = self.relay
+        if self.stopping:
+            state = "stopping"
+        elif relay.pid is not None:
+            state = "running"
+        else:
+            state = "starting" if relay.starting else "restarting"
+        return RelayStatus(
+            pid=relay.pid,
+            state=state,
+            started=relay.started,
+            restarts=relay.restarts,
+            last_error=relay.last_error,
+            last_error_at=relay.last_error_at,
+        )
 
     def _summary(self) -> str:
         tenants = [s for s in self.slots.values() if not s.tenant.is_host]

@@ -6,18 +6,21 @@ import grp
 import ipaddress
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec
-from lab import Lab
+from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec, dns_records
+from lab import Lab, Nsd, Postfix
 
 from nsmail.netns import SOURCE_RULE_PRIORITY
 from nsmail.submission import lookup
+from nsmail.supervisor import PING_TIMEOUT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -154,16 +157,68 @@ def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
     assert hosting.stop() == 0
 
 
-def test_a_bad_reload_keeps_everything_running(lab: Lab) -> None:
+def overall(hosting: Hosting) -> dict[str, Any]:
+    """`nsmail status --json` whole: the workers, the DNS relay, a refused reload."""
+    result = hosting.nsmail("status", "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def test_a_bad_reload_keeps_everything_running_and_status_says_so(lab: Lab) -> None:
     hosting = Hosting(lab)
     hosting.write_config((DUAL,))
     hosting.start()
     before = hosting.status()
-    hosting.config_path.write_text(hosting.config_path.read_text() + "bogus = 1\n")
+    assert overall(hosting)["reload_refused"] is None
+    good = hosting.config_path.read_text()
+    hosting.config_path.write_text(good + "bogus = 1\n")
+    asked = time.time()
     hosting.signal(signal.SIGHUP)
     hosting.wait_notify("READY=1")
     assert hosting.status() == before
     assert "reload refused" in hosting.log()
+    refused = overall(hosting)["reload_refused"]
+    assert refused["error"] == f"{hosting.config_path}: tenant[0].bogus: unknown key"
+    assert asked <= refused["at"] <= time.time()
+    table = hosting.nsmail("status").stdout.splitlines()
+    assert table[1].startswith("! reload refused ")
+    assert " ".join(line.strip() for line in table[2:4]) == refused["error"]
+    # The next reload that succeeds clears it.
+    hosting.config_path.write_text(good)
+    hosting.signal(signal.SIGHUP)
+    hosting.wait_notify("READY=1")
+    assert overall(hosting)["reload_refused"] is None
+    assert "reload refused" not in hosting.nsmail("status").stdout
+    assert hosting.stop() == 0
+
+
+def test_a_stopped_dns_relay_is_replaced_and_dns_works_again(lab: Lab) -> None:
+    """The relay runs as `[host] dns_user`, a uid of its own. Stopped with SIGSTOP, it
+    answers no ping: the supervisor kills it and starts another, which gets every
+    worker's channel, and mail that needs DNS leaves again. Status shows the relay."""
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+    relay = overall(hosting)["relay"]
+    assert relay["state"] == "running" and relay["restarts"] == 0
+    stopped = relay["pid"]
+    assert hosting.proc_uid(stopped) == pwd.getpwnam("nsmail-dns").pw_uid
+    assert "(dns relay)" in hosting.nsmail("status").stdout
+    os.kill(stopped, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while (relay := overall(hosting)["relay"])["pid"] in (None, stopped):
+        assert time.monotonic() < deadline, hosting.log()
+        time.sleep(0.2)
+    assert relay["state"] == "running" and relay["restarts"] == 1
+    assert relay["last_error"] == f"did not answer a ping within {PING_TIMEOUT:.0f} s"
+    assert f"dns relay {stopped} did not answer a ping" in hosting.log()
+    assert _zombie_or_gone(stopped)
+    hosting.enqueue(DUAL.domain, "alice@bcd.test", ["x@rcpt.test"], b"Subject: dns\r\n\r\n")
+    (message,) = postfix.wait_for(1)
+    assert message["Subject"] == "dns"
     assert hosting.stop() == 0
 
 
