@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -166,10 +167,12 @@ class Supervisor:
         self._last_summary = ""
         self._status_due = float("inf")  # when STATUS= is next brought up to date
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
+        self._worker_files = 0  # the open files limit of workers: the one we started with
 
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        self._worker_files = _raise_open_files()
         worker.preload()
         self._start_zygote()
         self._install_signals()
@@ -328,7 +331,14 @@ class Supervisor:
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
                 [worker_end.fileno(), reporting_end.fileno()],
-                partial(_worker_main, tenant, self.config.delivery, host_queue, taken),
+                partial(
+                    _worker_main,
+                    tenant,
+                    self.config.delivery,
+                    host_queue,
+                    taken,
+                    self._worker_files,
+                ),
                 partial(self._spawned, slot, slot.reports),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
@@ -904,10 +914,28 @@ def _worker_main(
     delivery: DeliveryConfig,
     host_queue: HostQueue | None,
     taken: tuple[int, float],
+    open_files: int,
     fds: list[int],
 ) -> Callable[[], None]:
+    # A worker needs a few dozen descriptors: it keeps the limit the supervisor started
+    # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
+    # cannot hold as many as the supervisor may.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     dns, reports = (socket.socket(fileno=fd) for fd in fds)
     return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue, taken=taken).run
+
+
+def _raise_open_files() -> int:
+    """Raise the soft limit on open files to the hard one; returns the soft limit it was.
+
+    The supervisor holds two descriptors per running worker (its ends of the worker's
+    DNS and report channels) and one per tenant asleep (its watch), and the DNS relay,
+    which inherits the limit through the zygote, one per running worker: systemd's
+    default soft limit of 1024 would run out near 500 tenants.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
 
 
 def _relay_main(

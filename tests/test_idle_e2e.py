@@ -17,6 +17,8 @@ from lab import Lab, Nsd, Postfix
 from test_attack_e2e import cpu_seconds
 from test_mailpath_e2e import maildir, sendmail, wait_for
 
+from nsmail.spool import new_queue_id
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 IDLE = {"idle_exit": 1, "scan_interval": 0.5}
@@ -101,4 +103,30 @@ def test_a_worker_that_may_not_retire_yet_waits_without_spinning(lab: Lab) -> No
     time.sleep(6)  # two retries, each with a second past idle_exit before it
     assert hosting.status()[DUAL.domain]["pid"] == pid
     assert cpu_seconds(pid) - before < 0.5
+    assert hosting.stop() == 0
+
+
+def test_a_directory_planted_in_the_host_maildrop_does_not_keep_its_worker_up(lab: Lab) -> None:
+    """Any local user may create a directory in the host's public maildrop (mode 1733),
+    and the host's worker cannot move it to corrupt/ (that takes write access to the
+    directory itself). It is no message: the worker retires all the same."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), **IDLE)
+    hosting.start()
+    stranger = hosting.uid_base + 999
+    planted = hosting.host_spool / "maildrop" / new_queue_id(time.time())
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(stranger)
+            os.setuid(stranger)
+            planted.mkdir(mode=0o755)
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    wait_for(lambda: hosting.host_status()["state"] == "asleep")
+    assert planted.is_dir()
     assert hosting.stop() == 0

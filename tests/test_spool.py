@@ -71,6 +71,13 @@ def test_hostile_names_and_symlinks(spool: Spool, tmp_path: Path) -> None:
     (spool.root / INCOMING / "link").symlink_to(tmp_path / "secret")
     (tmp_path / "secret").write_bytes(b"host file")
     assert spool.ids(INCOMING) == ["link"]
+    # A directory is no submission (see test_idle_e2e for the host's public maildrop);
+    # one elsewhere is listed, to be quarantined.
+    for state in (MAILDROP, INCOMING):
+        (spool.root / state / "folder").mkdir()
+    (spool.root / MAILDROP / "dirlink").symlink_to(tmp_path)  # listed, never followed
+    assert spool.ids(MAILDROP) == ["dirlink"]
+    assert spool.ids(INCOMING) == ["folder", "link"]
     with pytest.raises(OSError), spool.open_message(INCOMING, "link"):
         pass
     with pytest.raises(ValueError):

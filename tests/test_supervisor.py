@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import pwd
+import resource
 import signal
 import subprocess
 import sys
@@ -238,6 +239,35 @@ def test_sigterm_leaves_no_namespace_link_or_process(lab: Lab) -> None:
     assert not (hosting.run_dir / "control").exists()
     status = hosting.nsmail("status")
     assert status.returncode == 69 and "no supervisor" in status.stderr
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """The soft and hard limit on open files of a process."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_supervisor_raises_its_open_files_limit_and_its_workers_do_not(lab: Lab) -> None:
+    """Two descriptors per tenant would meet systemd's soft limit of 1024 near 500
+    tenants: the supervisor (and its DNS relay) raise it to the hard limit; a worker
+    keeps the soft one the supervisor started with, as its hard limit too."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > 1024
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # as systemd starts it
+    try:
+        hosting.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert hosting.proc is not None
+    assert open_files(hosting.proc.pid) == (hard, hard)
+    assert open_files(overall(hosting)["relay"]["pid"]) == (hard, hard)
+    assert open_files(hosting.status()[DUAL.domain]["pid"]) == (1024, 1024)
+    assert open_files(hosting.host_status()["pid"]) == (1024, 1024)
+    assert hosting.stop() == 0
 
 
 def _zombie_or_gone(pid: int) -> bool:
