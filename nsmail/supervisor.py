@@ -6,7 +6,8 @@ when mail comes for a tenant whose worker exited for want of work, applies confi
 changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
 configuration did not change, and on SIGTERM stops every worker and removes everything
 it made. A worker for the machine's own users' mail runs beside the tenants', and one
-unprivileged DNS relay process serves them all (`nsmail.dnsrelay`).
+unprivileged DNS relay process serves them all (`nsmail.dnsrelay`), pinged and replaced
+when it does not answer.
 
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
@@ -14,7 +15,11 @@ homes, and it hears from workers only through the descriptors it handed them: st
 reports are bounded and validated (`nsmail.report`), and the one descriptor a worker may
 hand over, with its last report, is kept only if it is an inotify instance, and is only
 polled, never read. The control socket serves root and the admin group
-(`nsmail.control`); metrics are off unless configured.
+(`nsmail.control`); metrics are off unless configured; both are served without blocking
+the loop (`nsmail.serving`). No wait exceeds MAX_WAIT, whatever time a report names, and
+an event handler that raises ends only that event: work for one tenant is contained to
+it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
+the others' workers and namespaces depend on.
 """
 
 from __future__ import annotations

@@ -440,7 +440,13 @@ def still_open(s):  # waiting, with neither a reply nor the end of the connectio
         return True
     return False
 
+def control_connection():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(run_dir / "control"))
+    return s
+
 idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]  # silent
+idle += [control_connection() for _ in range(8)]
 time.sleep(0.2)  # let the supervisor take them in
 answered = control.request(run_dir, "status")["ok"]
 open_after_status = all(map(still_open, idle))
@@ -453,8 +459,8 @@ print(json.dumps([answered, open_after_status, all(map(still_open, idle))]))
 
 def test_idle_metrics_connections_hold_up_neither_status_nor_reaping(lab: Lab) -> None:
     """16 connections to the metrics endpoint that never send their request (any local
-    user can open them): `nsmail status` is answered, and a killed worker reaped, while
-    they are all still open."""
+    user can open them), and 8 such to the control socket: `nsmail status` is answered,
+    and a killed worker reaped, while they are all still open."""
     hosting = Hosting(lab)
     hosting.write_config((DUAL,), host_extra='metrics = "127.0.0.1:9425"\n')
     hosting.start()
