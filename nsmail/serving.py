@@ -1,4 +1,4 @@
-"""One request, one reply: short connections served from the supervisor's loop, never blocking it.
+"""One request, one reply: connections served from the supervisor's loop without blocking it.
 
 The control socket (`nsmail.control`) and the metrics endpoint (`nsmail.metrics`) each read
 one request, up to a terminator and at most `max_request` bytes, and send one reply. Every

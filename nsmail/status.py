@@ -105,8 +105,8 @@ def render_table(
     relay: RelayStatus | None = None,
     refusal: ReloadRefusal | None = None,
 ) -> str:
-    """Two lines per worker, then the DNS relay's, that fit 80 columns; a refused reload
-    under the header. Long names are cut, not wrapped."""
+    """Two lines per worker, then the DNS relay's, that fit 80 columns, and a refused
+    reload under the header. Long names are cut, not wrapped; the refusal is wrapped."""
     now = time.time() if now is None else now
     head = (
         f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'STATE':<11} {'UP':>6} {'RST':>3} "
