@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -104,7 +105,7 @@ def decode(data: bytes, domain: str) -> Report:
         next_due=_time(fields["next_due"]),
         taken=_count(fields["taken"]),
         latency_counts=_buckets(fields["latency_counts"]),
-        latency_sum=_time(fields["latency_sum"]) or 0.0,
+        latency_sum=_sum(fields["latency_sum"]),
     )
 
 
@@ -137,10 +138,18 @@ def _text(value: Any) -> str | None:
 
 
 def _time(value: Any) -> float | None:
+    """A time stamp, None for none."""
     if value is None:
         return None
     if type(value) not in (int, float) or not 0 <= value <= MAX_TIME:  # NaN fails it too
         raise ReportError("bad time")
+    return float(value)
+
+
+def _sum(value: Any) -> float:
+    """A sum of durations: any finite number of seconds."""
+    if type(value) not in (int, float) or not 0 <= value < math.inf:
+        raise ReportError("bad sum")
     return float(value)
 
 

@@ -102,6 +102,7 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     supervisor.stopping = False
     supervisor.relay = Relay()
     supervisor.zygote = Zygote()
+    supervisor._servers = []
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )
