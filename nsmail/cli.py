@@ -16,7 +16,7 @@ from nsmail import control, tenant_exec, tenantadmin
 from nsmail.jail import run_as
 from nsmail.paths import locate
 from nsmail.spool import Spool
-from nsmail.status import WorkerStatus, render_table
+from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
 from nsmail.systemd import log_formatter
 
 EX_OK = 0
@@ -280,10 +280,18 @@ def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
     if not workers and tenant is not None:
         print(f"nsmail: no such tenant: {tenant}", file=sys.stderr)
         return EX_USAGE
+    relay, refusal = reply.get("relay"), reply.get("reload_refused")
     if as_json:
-        print(json.dumps({"host": reply["host"], "workers": workers}))
+        shown = {"host": reply["host"], "relay": relay, "reload_refused": refusal}
+        print(json.dumps({**shown, "workers": workers}))
     else:
-        print(render_table([WorkerStatus.from_json(w) for w in workers]))
+        print(
+            render_table(
+                [WorkerStatus.from_json(w) for w in workers],
+                relay=RelayStatus.from_json(relay) if relay else None,
+                refusal=ReloadRefusal.from_json(refusal) if refusal else None,
+            )
+        )
     return EX_OK
 
 

@@ -39,7 +39,9 @@ RESOLV_CONF = Path("/etc/resolv.conf")
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
-_HOST_KEYS = frozenset({"name", "resolvers", "user", "run_dir", "spool", "admin_group", "metrics"})
+_HOST_KEYS = frozenset(
+    {"name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group", "metrics"}
+)
 _NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
 _DELIVERY_KEYS = frozenset(
     {
@@ -113,9 +115,12 @@ class ConfigError(Exception):
 class HostConfig:
     name: str
     resolvers: tuple[IPAddress, ...]
-    user: str
+    user: str  # the host's own worker, which parses every local user's mail
     uid: int
     gid: int
+    dns_user: str  # the DNS relay, alone: no other process may signal or trace it
+    dns_uid: int
+    dns_gid: int
     run_dir: Path
     # The queue of mail from the machine's own users (not of any tenant).
     spool: Path = DEFAULT_HOST_SPOOL
@@ -506,6 +511,16 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
     account = lookup.user(user)
     if account is None:
         raise table.error("user", f"unknown user {user!r}")
+    dns_user = table.string_or("dns_user", "nsmail-dns")
+    dns = lookup.user(dns_user)
+    if dns is None:
+        raise table.error("dns_user", f"unknown user {dns_user!r}")
+    if dns.uid == 0:
+        raise table.error("dns_user", f"{dns_user!r} has uid 0; the DNS relay never runs as root")
+    # The host worker parses mail from every local user; code that made it its own could
+    # stop the relay, and with it every tenant's DNS.
+    if dns.uid == account.uid:
+        raise table.error("dns_user", f"uid {dns.uid} is also the uid of host.user")
 
     run_dir = _absolute_path(table, "run_dir", DEFAULT_RUN_DIR)
     spool = _absolute_path(table, "spool", DEFAULT_HOST_SPOOL)
@@ -518,7 +533,18 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
     if metrics is not None:
         _check_endpoint(table, "metrics", metrics)
     return HostConfig(
-        name, resolvers, user, account.uid, account.gid, run_dir, spool, admin_gid, metrics
+        name,
+        resolvers,
+        user,
+        account.uid,
+        account.gid,
+        dns_user,
+        dns.uid,
+        dns.gid,
+        run_dir,
+        spool,
+        admin_gid,
+        metrics,
     )
 
 
@@ -794,6 +820,8 @@ class _Registry:
         id_key = "user" if table.has("user") else "uid"
         if tenant.uid == self._host.uid:
             raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.user")
+        if tenant.uid == self._host.dns_uid:
+            raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.dns_user")
         self._claim(table, id_key, tenant.uid, here, kind="uid")
         self._claim(table, "home", tenant.home, here)
         self.tenants.append(tenant)

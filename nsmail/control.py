@@ -2,8 +2,9 @@
 
 Security: the socket lives in the run directory, owned by root, mode 0600 (0660 with the
 configured admin group), and the server also checks the peer's credentials (SO_PEERCRED):
-only root and members of the admin group are served. Requests are size-bounded and read
-with a timeout, so a stuck client cannot stall the supervisor.
+only root and members of the admin group are served. Connections are served without
+blocking the supervisor (`nsmail.serving`: size-bounded, with a deadline), so a stuck
+client cannot stall it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 SOCKET_NAME = "control"
 MAX_REQUEST = 4096
-CLIENT_TIMEOUT = 2.0
+TERMINATOR = b"\n"
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -46,7 +47,6 @@ def listen(run_dir: Path, admin_gid: int | None) -> socket.socket:
         os.chown(path, 0, admin_gid)
         os.chmod(path, 0o660)
     server.listen(16)
-    server.setblocking(False)
     return server
 
 
@@ -69,22 +69,13 @@ def _supplementary_groups(pid: int) -> set[int]:
     return {int(g) for g in line.split()[1:] if g.isdigit()}
 
 
-def serve_one(server: socket.socket, handle: Handler, admin_gid: int | None) -> None:
-    """Accept one pending client and answer its request; errors end only that client."""
-    try:
-        conn, _ = server.accept()
-    except BlockingIOError:
-        return
-    with conn:
-        conn.settimeout(CLIENT_TIMEOUT)
-        try:
-            if not _allowed(conn, admin_gid):
-                reply: dict[str, Any] = {"ok": False, "denied": True, "error": "permission denied"}
-            else:
-                reply = _dispatch(_read_line(conn), handle)
-            conn.sendall(json.dumps(reply).encode() + b"\n")
-        except OSError:
-            pass
+def respond(peer: socket.socket, raw: bytes, handle: Handler, admin_gid: int | None) -> bytes:
+    """The reply line to the request line `raw` (without its newline) from `peer`."""
+    if not _allowed(peer, admin_gid):
+        reply: dict[str, Any] = {"ok": False, "denied": True, "error": "permission denied"}
+    else:
+        reply = _dispatch(raw, handle)
+    return json.dumps(reply).encode() + b"\n"
 
 
 def _dispatch(raw: bytes, handle: Handler) -> dict[str, Any]:
@@ -95,16 +86,6 @@ def _dispatch(raw: bytes, handle: Handler) -> dict[str, Any]:
     if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
         return {"ok": False, "error": "request needs a 'cmd'"}
     return handle(request)
-
-
-def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\n" not in data and len(data) <= MAX_REQUEST:
-        chunk = conn.recv(MAX_REQUEST)
-        if not chunk:
-            break
-        data += chunk
-    return data.split(b"\n", 1)[0]
 
 
 def request(run_dir: Path, cmd: str, **args: Any) -> dict[str, Any]:

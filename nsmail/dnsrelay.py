@@ -5,10 +5,12 @@ path to host services. Each worker instead holds one end of a SEQPACKET socketpa
 other end the supervisor passes here over the control socket (SCM_RIGHTS). The relay reads
 one DNS query per datagram, rebuilds it from its question alone, asks the configured
 resolvers (UDP, TCP on truncation, each resolver in turn) and answers with the response,
-SERVFAIL on failure and REFUSED for anything that is not a plain IN query.
+SERVFAIL on failure and REFUSED for anything that is not a plain IN query. The supervisor
+pings it over the control socket (`ping`), and replaces a relay that does not answer.
 
-Security: runs in the host network namespace as an unprivileged system user. Every byte on
-a channel is tenant-written: a query is size-bounded, parsed by dnspython and never
+Security: runs in the host network namespace as a system user of its own (`[host]
+dns_user`: no other process, the host's worker included, may signal it). Every byte on a
+channel is tenant-written: a query is size-bounded, parsed by dnspython and never
 forwarded verbatim (no tunnelled flags, options or extra records reach the resolver).
 Each channel has a bounded number of queries in flight and stops being read while it is
 at the bound; a failing or closed channel is dropped on its own, never the relay.
@@ -40,6 +42,7 @@ MAX_IN_FLIGHT = 8
 MAX_FDS_PER_MESSAGE = 16
 # Answers travel over SEQPACKET, not UDP, so ask the resolver for what fits a DNS message.
 UPSTREAM_PAYLOAD = 1232
+PING = b"p"  # on the control socket, without descriptors; answered with the same
 
 log = logging.getLogger("nsmail.dnsrelay")
 
@@ -52,6 +55,11 @@ dns.asyncbackend.get_backend("asyncio")
 def hand_over(control: socket.socket, channel: socket.socket) -> None:
     """Pass `channel` to the relay listening on `control`; the caller then closes its copy."""
     socket.send_fds(control, [b"c"], [channel.fileno()])
+
+
+def ping(control: socket.socket) -> None:
+    """Ask the relay on `control` to show it is alive: it sends PING back from its loop."""
+    control.send(PING)
 
 
 def run(
@@ -78,6 +86,9 @@ async def _serve(
                 continue
             if not message and not fds:
                 return
+            if message == PING and not fds:
+                with contextlib.suppress(OSError):  # a supervisor not reading asks again
+                    control.send(PING)
             for fd in fds:
                 channel = _adopt(fd)
                 if channel is not None:

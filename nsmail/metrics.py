@@ -3,16 +3,17 @@
 Off by default; `[host] metrics = "127.0.0.1:9425"` turns it on. The exposition format
 comes from prometheus-client; the values come from the workers' status reports, which
 the supervisor already validated (nsmail.report). The HTTP side is served from the
-supervisor's own event loop (no thread: the supervisor stays single-threaded).
+supervisor's own event loop without blocking it (`nsmail.serving`; no thread: the
+supervisor stays single-threaded).
 
-Security: runs as root in the supervisor and reads one bounded HTTP request line per
-connection, with a timeout; it answers GET /metrics and nothing else.
+Security: runs as root in the supervisor and reads one bounded HTTP request head per
+connection, with a deadline; it answers GET /metrics and nothing else.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -27,7 +28,7 @@ from nsmail.report import LATENCY_BOUNDS
 from nsmail.status import WorkerStatus
 
 MAX_REQUEST = 4096
-TIMEOUT = 2.0
+TERMINATOR = b"\r\n\r\n"  # the end of the request head (RFC 9112 2.1); GET has no body
 
 
 class _Workers(Collector):
@@ -81,7 +82,7 @@ def render(statuses: Iterable[WorkerStatus]) -> bytes:
 
 
 def listen(address: str) -> socket.socket:
-    """A non-blocking listening socket on "host:port" or "[v6]:port"."""
+    """A listening socket on "host:port" or "[v6]:port"."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -89,24 +90,13 @@ def listen(address: str) -> socket.socket:
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((host, int(port)))
     server.listen(16)
-    server.setblocking(False)
     return server
 
 
-def serve_one(server: socket.socket, page: bytes) -> None:
-    """Answer one pending scrape; errors end only that connection."""
-    try:
-        conn, _ = server.accept()
-    except BlockingIOError:
-        return
-    with conn:
-        conn.settimeout(TIMEOUT)
-        try:
-            request = conn.recv(MAX_REQUEST)
-            if request.startswith((b"GET /metrics ", b"GET / ")):
-                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(page) + page)
-            else:
-                conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-        except OSError:
-            pass
+def respond(request: bytes, page: Callable[[], bytes]) -> bytes:
+    """The HTTP response to a request head: the metrics `page` for GET /metrics (or /)."""
+    if not request.startswith((b"GET /metrics ", b"GET / ")):
+        return b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+    body = page()  # rendered only for a scrape
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body

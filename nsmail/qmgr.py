@@ -201,8 +201,9 @@ class QueueManager:
         now = self.clock()
         if flush or now >= self.next_due:
             self.next_due = float("inf")
+            latest = schedule.latest_attempt(self.policy, now)
             for queue_id in self.spool.ids(DEFERRED):
-                when = self.spool.next_attempt(queue_id)
+                when = self.spool.next_attempt(queue_id, latest)
                 if when is None or self.stopping:
                     continue
                 if flush or when <= now:
@@ -224,7 +225,8 @@ class QueueManager:
             # Nothing scans active/ but recovery at start, so it waits in deferred/.
             with contextlib.suppress(OSError):
                 self.spool.move(queue_id, ACTIVE, DEFERRED)
-                self.next_due = min(self.next_due, self.spool.next_attempt(queue_id) or 0.0)
+                latest = schedule.latest_attempt(self.policy, self.clock())
+                self.next_due = min(self.next_due, self.spool.next_attempt(queue_id, latest) or 0.0)
 
     def attempt(self, state: str, queue_id: str) -> None:
         with contextlib.ExitStack() as opened:

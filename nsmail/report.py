@@ -2,8 +2,9 @@
 
 A report is one JSON object in one datagram of at most MAX_REPORT bytes, with exactly the
 fields of `Report`. The supervisor decodes it with `decode`, which refuses anything else:
-oversized, malformed, a field missing, added or of the wrong type, a number out of range,
-or a report claiming to be another tenant's. Pure: no IO, time is passed in.
+oversized, malformed, a field missing, added or of the wrong type, a number out of range
+(a time past MAX_TIME too), or a report claiming to be another tenant's. Pure: no IO, time
+is passed in.
 
 Security: the worker runs as the tenant and may be the tenant's (a compromised worker
 can send anything); `decode` runs as root in the supervisor and must stay small, bounded
@@ -28,6 +29,9 @@ OUTCOMES = ("sent", "deferred", "bounced")
 # Upper bounds (seconds) of the delivery latency histogram: arrival to delivery.
 LATENCY_BOUNDS = (1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 _MAX_COUNT = 2**53
+# 9999-12-31 23:59:59 UTC, the last second `datetime` can show: no report speaks of later.
+# The supervisor still bounds its own waits (a time this far is years past epoll's limit).
+MAX_TIME = 253402300799.0
 
 
 class ReportError(ValueError):
@@ -101,7 +105,7 @@ def decode(data: bytes, domain: str) -> Report:
         next_due=_time(fields["next_due"]),
         taken=_count(fields["taken"]),
         latency_counts=_buckets(fields["latency_counts"]),
-        latency_sum=_time(fields["latency_sum"]) or 0.0,
+        latency_sum=_sum(fields["latency_sum"]),
     )
 
 
@@ -134,10 +138,18 @@ def _text(value: Any) -> str | None:
 
 
 def _time(value: Any) -> float | None:
+    """A time stamp, None for none."""
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+    if type(value) not in (int, float) or not 0 <= value <= MAX_TIME:  # NaN fails it too
         raise ReportError("bad time")
+    return float(value)
+
+
+def _sum(value: Any) -> float:
+    """A sum of durations: any finite number of seconds."""
+    if type(value) not in (int, float) or not 0 <= value < math.inf:
+        raise ReportError("bad sum")
     return float(value)
 
 

@@ -52,6 +52,16 @@ def next_attempt(
     return max(now, min(planned, arrival + policy.lifetime))
 
 
+def latest_attempt(policy: RetryPolicy, now: float) -> float:
+    """The latest next attempt `next_attempt` can have set at or before `now`.
+
+    A deferred message's next attempt is its file's mtime, which the tenant owns and can
+    set to any time: the caller treats a later one as due at this bound, so a planted date
+    never puts an attempt (or the worker's wake-up) further off than the largest backoff.
+    """
+    return now + policy.maximum * (1 + _JITTER)
+
+
 def expired(policy: RetryPolicy, arrival: float, now: float) -> bool:
     """Whether a message that failed temporarily now has been queued long enough to bounce."""
     return now >= arrival + policy.lifetime

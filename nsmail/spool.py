@@ -153,17 +153,30 @@ class Spool:
         return fd, info
 
     def ids(self, state: str) -> list[str]:
-        """Queue ids in `state`, oldest first; names that are no queue id are skipped."""
+        """Queue ids in `state`, oldest first; names that are no queue id are skipped.
+
+        So are directories in maildrop/: submissions are files, and one planted in the
+        host's public maildrop could not even be quarantined (moving a directory elsewhere
+        takes write access to it, which its owner keeps): it would be mail waiting for
+        ever. Elsewhere the tenant's own worker can quarantine them, and does.
+        """
         try:
-            names = os.listdir(self.root / state)
+            with os.scandir(self.root / state) as entries:
+                return sorted(
+                    entry.name
+                    for entry in entries
+                    if valid_queue_id(entry.name)
+                    and not (state == MAILDROP and entry.is_dir(follow_symlinks=False))
+                )
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if valid_queue_id(n))
 
-    def next_attempt(self, queue_id: str) -> float | None:
-        """A deferred message's next attempt time (its mtime); None if it is gone."""
+    def next_attempt(self, queue_id: str, latest: float) -> float | None:
+        """A deferred message's next attempt time (its mtime), but never after `latest`
+        (the mtime is the tenant's to set: see `schedule.latest_attempt`); None if it is gone.
+        """
         try:
-            return self.path(DEFERRED, queue_id).stat().st_mtime
+            return min(self.path(DEFERRED, queue_id).stat().st_mtime, latest)
         except FileNotFoundError:
             return None
 

@@ -1,10 +1,17 @@
-"""Worker status records and their two renderings: JSON for programs, a table for people."""
+"""Status records (workers, the DNS relay, a refused reload) and their two renderings: JSON
+for programs, a table for people."""
 
 from __future__ import annotations
 
+import textwrap
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Record = TypeVar("_Record", bound="DataclassInstance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +43,46 @@ class WorkerStatus:
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> WorkerStatus:
-        fields: dict[str, Any] = {name: record.get(name) for name in cls.__dataclass_fields__}
-        return cls(**fields)
+        return _from_json(cls, record)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStatus:
+    """The DNS relay as the supervisor sees it."""
+
+    pid: int | None
+    state: str  # starting, running, restarting, stopping
+    started: float | None  # wall-clock time of the current relay's start
+    restarts: int
+    last_error: str | None  # why the last one ended: it died, or did not answer a ping
+    last_error_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RelayStatus:
+        return _from_json(cls, record)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRefusal:
+    """The last reload the supervisor refused (it runs the configuration it had)."""
+
+    error: str
+    at: float  # wall clock
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> ReloadRefusal:
+        return _from_json(cls, record)
+
+
+def _from_json(cls: type[_Record], record: dict[str, Any]) -> _Record:
+    """A record from its JSON object; a field it lacks (an older supervisor's) is None."""
+    return cls(**{field.name: record.get(field.name) for field in fields(cls)})
 
 
 def _uptime(started: float | None, now: float) -> str:
@@ -54,15 +99,25 @@ def _uptime(started: float | None, now: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
-    """Two lines per worker (more for kept mail and errors) that fit 80 columns; long names
-    are cut, not wrapped."""
+def render_table(
+    records: list[WorkerStatus],
+    now: float | None = None,
+    relay: RelayStatus | None = None,
+    refusal: ReloadRefusal | None = None,
+) -> str:
+    """Two lines per worker (more for kept mail and errors), then the DNS relay's, within
+    80 columns, and a refused reload under the header. Long names are cut, not wrapped;
+    the refusal is wrapped."""
     now = time.time() if now is None else now
     head = (
         f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'STATE':<11} {'UP':>6} {'RST':>3} "
         f"{'QUEUED':>6}"
     )
     lines = [head]
+    if refusal is not None:
+        ago = _uptime(refusal.at, now)
+        lines.append(_cut(f"! reload refused {ago} ago, the old configuration runs:", 79))
+        lines += ["  " + line for line in textwrap.wrap(refusal.error, 77, max_lines=3)]
     for r in records:
         address = r.ipv4 or r.ipv6 or ("(host's own)" if r.role == "host" else "-")
         if r.ipv4 and r.ipv6:
@@ -86,6 +141,13 @@ def render_table(records: list[WorkerStatus], now: float | None = None) -> str:
             lines.append("  " + ", ".join(kept))
         if r.last_error:
             lines.append(f"  last error: {_cut(r.last_error, 66)}")
+    if relay is not None:
+        lines.append(
+            f"{'(dns relay)':<20} {'-':<19} {relay.pid or '-':>7} {_cut(relay.state, 11):<11} "
+            f"{_uptime(relay.started, now):>6} {relay.restarts:>3}"
+        )
+        if relay.last_error:
+            lines.append(f"  last error: {_cut(relay.last_error, 66)}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ when mail comes for a tenant whose worker exited for want of work, applies confi
 changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
 configuration did not change, and on SIGTERM stops every worker and removes everything
 it made. A worker for the machine's own users' mail runs beside the tenants', and one
-unprivileged DNS relay process serves them all (`nsmail.dnsrelay`).
+unprivileged DNS relay process serves them all (`nsmail.dnsrelay`), pinged and replaced
+when it does not answer.
 
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
@@ -14,15 +15,21 @@ homes, and it hears from workers only through the descriptors it handed them: st
 reports are bounded and validated (`nsmail.report`), and the one descriptor a worker may
 hand over, with its last report, is kept only if it is an inotify instance, and is only
 polled, never read. The control socket serves root and the admin group
-(`nsmail.control`); metrics are off unless configured.
+(`nsmail.control`); metrics are off unless configured; both are served without blocking
+the loop (`nsmail.serving`). No wait exceeds MAX_WAIT, whatever time a report names, and
+an event handler that raises ends only that event: work for one tenant is contained to
+it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
+the others' workers and namespaces depend on.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import functools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -32,11 +39,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsmail import control, dnsrelay, metrics, submission, worker
+from nsmail import control, dnsrelay, metrics, serving, submission, worker
 from nsmail.config import (
     Config,
     ConfigError,
@@ -51,7 +58,7 @@ from nsmail.netns import HostNetwork, TenantNames
 from nsmail.report import MAX_REPORT, Report, ReportError
 from nsmail.report import decode as decode_report
 from nsmail.spawn import SpawnError, Zygote
-from nsmail.status import WorkerStatus
+from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.systemd import notify
 from nsmail.worker import HostQueue
 
@@ -65,6 +72,14 @@ STATUS_EVERY = 1.0  # seconds between updates of systemd's STATUS= line
 # one that said nothing for this long is stopped (SIGSTOP), hung, or in a very long
 # transaction, and its last report is no longer the truth.
 SILENT_AFTER = 60.0
+# The longest the loop waits for its next event. epoll takes at most 2^31 ms (24.8 days)
+# and selectors raises OverflowError past it; a wait that was due later merely wakes once
+# an hour to find nothing due, whatever time a report named.
+MAX_WAIT = 3600.0
+# The DNS relay is pinged this often, and replaced if it has not answered within
+# PING_TIMEOUT (stopped, or hung): every tenant's DNS goes through it.
+PING_EVERY = 10.0
+PING_TIMEOUT = 3.0
 
 
 def restart_delay(crashes: int) -> float:
@@ -106,6 +121,23 @@ class Slot:
     replacement: Tenant | None = None
 
 
+_P = ParamSpec("_P")
+_TenantWork = Callable[Concatenate["Supervisor", Slot, _P], None]
+
+
+def _for_one_tenant(work: _TenantWork[_P]) -> _TenantWork[_P]:
+    """Whatever goes wrong in work for one tenant stays that tenant's (`_contain`)."""
+
+    @functools.wraps(work)
+    def contained(supervisor: Supervisor, slot: Slot, /, *args: _P.args, **kw: _P.kwargs) -> None:
+        try:
+            work(supervisor, slot, *args, **kw)
+        except Exception:
+            supervisor._contain(slot)
+
+    return contained
+
+
 @dataclass
 class Relay:
     """The DNS relay process and the supervisor's end of its control channel."""
@@ -113,9 +145,16 @@ class Relay:
     pid: int | None = None
     control: socket.socket | None = None
     crashes: int = 0
+    restarts: int = 0
+    started: float | None = None  # wall clock, for status
     started_mono: float = 0.0
-    due: float = 0.0
+    due: float = 0.0  # monotonic time of the next start, or of SIGKILL while stopping
     starting: bool = False
+    check_at: float = float("inf")  # monotonic: the next ping, or the end of the wait for it
+    pinged: bool = False  # a ping is out, unanswered
+    replaced: str | None = None  # why the supervisor ended it, until it has exited
+    last_error: str | None = None
+    last_error_at: float | None = None
 
 
 class Supervisor:
@@ -127,25 +166,27 @@ class Supervisor:
         self.stopping = False
         self.selector = selectors.DefaultSelector()
         self._signals_r, self._signals_w = socket.socketpair()
-        self._control: socket.socket | None = None
-        self._metrics: socket.socket | None = None
+        self._servers: list[serving.Server] = []  # the control socket, metrics if on
         self.zygote = Zygote()
         self._ready = False
         self._last_summary = ""
         self._status_due = float("inf")  # when STATUS= is next brought up to date
+        self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
+        self._worker_files = 0  # the open files limit of workers: the one we started with
 
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        self._worker_files = _raise_open_files()
         worker.preload()
         self._start_zygote()
         self._install_signals()
-        self._control = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
-        self.selector.register(self._control, selectors.EVENT_READ, self._on_control)
+        listener = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
+        self._serve(listener, self._answer_control, control.TERMINATOR, control.MAX_REQUEST)
         self._refresh_submission_cache()
         if self.config.host.metrics:
-            self._metrics = metrics.listen(self.config.host.metrics)
-            self.selector.register(self._metrics, selectors.EVENT_READ, self._on_metrics)
+            listener = metrics.listen(self.config.host.metrics)
+            self._serve(listener, self._answer_metrics, metrics.TERMINATOR, metrics.MAX_REQUEST)
         stale = self.host.remove_stale()
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
@@ -156,12 +197,23 @@ class Supervisor:
         try:
             while not (self.stopping and not self.slots and self.relay.pid is None):
                 for key, _ in self.selector.select(self._timeout()):
-                    key.data()
-                self._run_due()
+                    self._dispatch(key.data)
+                self._dispatch(self._run_due)
         finally:
             self._cleanup()
         log.info("stopped")
         return 0
+
+    @staticmethod
+    def _dispatch(handler: Callable[[], None]) -> None:
+        """Run one event's handler: whatever it raises is logged and ends that event only,
+        never the loop (and with it every tenant's worker and namespace). Work for one
+        tenant is contained on its own first (`_for_one_tenant`); this catches the rest."""
+        try:
+            handler()
+        except Exception:
+            name = getattr(handler, "__name__", handler)
+            log.exception("internal error in %s; carrying on", name)
 
     def _install_signals(self) -> None:
         self._signals_w.setblocking(False)
@@ -172,42 +224,50 @@ class Supervisor:
         self.selector.register(self._signals_r, selectors.EVENT_READ, self._on_signals)
 
     def _on_signals(self) -> None:
+        # Read first: whatever fails below, the signals are taken and the socket drained.
+        received: set[int] = set()
+        with contextlib.suppress(BlockingIOError):
+            received = set(self._signals_r.recv(512))
         # A child's pid reaches us before its exit can: the zygote's intermediate sends
         # it, and the child becomes ours only when that intermediate exits.
         self._on_zygote()
-        with contextlib.suppress(BlockingIOError):
-            for signum in self._signals_r.recv(512):
-                if signum == signal.SIGCHLD:
-                    self._reap()
-                elif signum == signal.SIGHUP:
-                    self.reload()
-                elif signum in (signal.SIGTERM, signal.SIGINT):
-                    self.shutdown()
         self._reap()  # SIGCHLDs coalesce; reaping is cheap and idempotent
+        if received & {signal.SIGTERM, signal.SIGINT}:
+            self.shutdown()  # a reload that came with it would be undone at once
+        elif signal.SIGHUP in received:
+            self.reload()
 
-    def _on_metrics(self) -> None:
-        assert self._metrics is not None
-        metrics.serve_one(self._metrics, metrics.render(self.statuses()))
+    def _serve(
+        self, listener: socket.socket, answer: serving.Answer, terminator: bytes, limit: int
+    ) -> None:
+        self._servers.append(serving.Server(listener, self.selector, answer, terminator, limit))
 
-    def _on_control(self) -> None:
-        assert self._control is not None
-        control.serve_one(self._control, self._handle_request, self.config.host.admin_gid)
+    def _answer_metrics(self, peer: socket.socket, request: bytes) -> bytes:
+        return metrics.respond(request, lambda: metrics.render(self.statuses()))
+
+    def _answer_control(self, peer: socket.socket, request: bytes) -> bytes:
+        return control.respond(peer, request, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
         waiting = (State.BACKOFF, State.STOPPING, State.ASLEEP)
         dues = [s.due for s in self.slots.values() if s.state in waiting]
         dues.append(self._status_due)
+        dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
             dues.append(self.relay.due)
+        elif self.relay.pid is not None:
+            dues.append(self.relay.check_at)
         soonest = min(dues)
         if soonest == float("inf"):
             return None
-        return max(0.0, soonest - time.monotonic())
+        return min(MAX_WAIT, max(0.0, soonest - time.monotonic()))
 
     def _run_due(self) -> None:
         now = time.monotonic()
         if self._status_due <= now:
             self._update_status()
+        for server in self._servers:
+            server.expire(now)
         for slot in list(self.slots.values()):
             if slot.due > now:
                 continue
@@ -221,7 +281,14 @@ class Supervisor:
                 )
                 self._signal(slot.pid, signal.SIGKILL)
                 slot.due = now + STOP_GRACE
-        if self._relay_due() and self.relay.due <= now:
+        self._tend_relay(now)
+
+    def _tend_relay(self, now: float) -> None:
+        """Start, kill or ping the relay, whichever is due."""
+        if not self._relay_due():
+            if self.relay.pid is not None and self.relay.check_at <= now:
+                self._check_relay()
+        elif self.relay.due <= now:
             if self.relay.pid is None:
                 self._start_relay()
             else:
@@ -240,6 +307,7 @@ class Supervisor:
         self.slots[tenant.domain] = slot
         self._start(slot)
 
+    @_for_one_tenant
     def _start(self, slot: Slot) -> None:
         tenant = slot.tenant
         try:
@@ -268,14 +336,29 @@ class Supervisor:
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
                 [worker_end.fileno(), reporting_end.fileno()],
-                partial(_worker_main, tenant, self.config.delivery, host_queue, taken),
-                partial(self._spawned, slot),
+                partial(
+                    _worker_main,
+                    tenant,
+                    self.config.delivery,
+                    host_queue,
+                    taken,
+                    self._worker_files,
+                ),
+                partial(self._spawned, slot, slot.reports),
             )
         # Take the replies that have come in: bringing up many tenants runs without the
         # main loop, and a full reply queue would stall the zygote.
         self._collect_spawns()
 
-    def _spawned(self, slot: Slot, result: int | SpawnError) -> None:
+    @_for_one_tenant
+    def _spawned(self, slot: Slot, reports: socket.socket | None, result: int | SpawnError) -> None:
+        """The zygote's answer to the request `_start` made with the channel `reports`."""
+        if reports is not slot.reports:
+            # The slot was contained while its worker was being forked: that worker's
+            # channels are closed, and a newer start may be on its way.
+            if not isinstance(result, SpawnError):
+                self._signal(result, signal.SIGKILL)
+            return
         if isinstance(result, SpawnError):
             self._close_channels(slot)
             if slot.state == State.STOPPING:
@@ -301,6 +384,7 @@ class Supervisor:
         slot.due = time.monotonic() + delay
         log.error("%s: %s; next start in %.0f s", slot.tenant.domain, error, delay)
 
+    @_for_one_tenant
     def _stop(
         self, slot: Slot, then: Literal["remove", "restart"], replacement: Tenant | None
     ) -> None:
@@ -347,8 +431,11 @@ class Supervisor:
             self._relay_exited(how)
             return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
-        if slot is None:
-            return
+        if slot is not None:
+            self._worker_exited(slot, pid, how)
+
+    @_for_one_tenant
+    def _worker_exited(self, slot: Slot, pid: int, how: str) -> None:
         slot.pid = None
         if slot.state == State.STOPPING:
             log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
@@ -377,14 +464,14 @@ class Supervisor:
         slot.due = float("inf") if due is None else time.monotonic() + max(0.0, due - time.time())
         log.info("%s: worker asleep until mail arrives or falls due", slot.tenant.domain)
 
+    @_for_one_tenant
     def _wake(self, slot: Slot) -> None:
         self._drop_watch(slot)
         self._start(slot)
 
     def _drop_watch(self, slot: Slot) -> None:
         if slot.watch is not None:
-            if slot.state == State.ASLEEP:
-                self.selector.unregister(slot.watch)
+            self._unregister(slot.watch)  # registered while asleep
             os.close(slot.watch)
             slot.watch = None
 
@@ -393,10 +480,37 @@ class Supervisor:
             slot.relay_end.close()
             slot.relay_end = None
         if slot.reports is not None:
-            self.selector.unregister(slot.reports)
+            self._unregister(slot.reports)
             slot.reports.close()
             slot.reports = None
 
+    def _unregister(self, fileobj: socket.socket | int) -> None:
+        """Take `fileobj` out of the selector if it is in (`_contain` cannot know)."""
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(fileobj)
+
+    def _contain(self, slot: Slot) -> None:
+        """Work for `slot` raised (a bug, or input nothing foresaw): log it with the
+        tenant and bring the slot back to a state the loop knows, touching no other.
+
+        Its channels and watch are closed, so nothing of its worker calls in again (a
+        readable socket whose handler keeps raising would spin the loop); the worker is
+        killed, and reaping restarts it after back-off or ends its stop. Without a worker
+        the slot backs off now; a worker still being forked is killed when it comes
+        (`_spawned`). What the last report said (toward `hourly_limit`) is kept.
+        """
+        log.exception("%s: internal error; restarting its worker", slot.tenant.domain)
+        self._close_channels(slot)
+        self._drop_watch(slot)
+        if slot.pid is not None:
+            self._signal(slot.pid, signal.SIGKILL)
+        elif slot.state == State.STOPPING:
+            self._finish_stop(slot)
+        else:
+            slot.crashes += 1
+            self._back_off(slot, "internal error in the supervisor (see its log)")
+
+    @_for_one_tenant
     def _on_report(self, slot: Slot) -> None:
         """Take what the worker reported; anything but a valid report is refused, counted
         and logged (at most once a minute per worker), and changes nothing."""
@@ -482,13 +596,18 @@ class Supervisor:
             self.relay.starting = True
             self.zygote.request(
                 "nsmail dnsrelay",
-                Identity(uid=host.uid, gid=host.gid, root=empty),
+                Identity(uid=host.dns_uid, gid=host.dns_gid, root=empty),
                 None,
                 [theirs.fileno()],
                 partial(_relay_main, host.resolvers, self.config.delivery.timeout),
                 self._relay_spawned,
             )
+        # Blocking, so that a relay still starting takes every channel handed to it then
+        # (the socket buffer holds a few hundred), but never for longer than a relay may
+        # take to answer: a relay that does not read by then is replaced.
+        mine.settimeout(PING_TIMEOUT)
         self.relay.control = mine
+        self.selector.register(mine, selectors.EVENT_READ, self._on_relay)
         # A restarted relay must serve the workers that are already running.
         for slot in self.slots.values():
             if slot.relay_end is not None:
@@ -500,7 +619,10 @@ class Supervisor:
             self._relay_exited(f"could not start: {result}")
             return
         self.relay.pid = result
+        self.relay.started = time.time()
         self.relay.started_mono = time.monotonic()
+        self.relay.check_at = time.monotonic() + PING_EVERY
+        self.relay.pinged = False
         log.info("dns relay %d started for %s", result, _join(self.config.host.resolvers))
 
     def _hand_to_relay(self, channel: socket.socket) -> None:
@@ -509,20 +631,69 @@ class Supervisor:
         try:
             dnsrelay.hand_over(self.relay.control, channel)
         except OSError as e:
-            log.error("dns relay does not take channels (%s); it will be restarted", e)
+            self._replace_relay(f"does not take channels ({e})")
+
+    def _check_relay(self) -> None:
+        """Ping the relay, or replace it if the last ping went unanswered."""
+        if self.relay.pinged or self.relay.control is None:
+            self._replace_relay(f"did not answer a ping within {PING_TIMEOUT:.0f} s")
+            return
+        try:
+            dnsrelay.ping(self.relay.control)
+        except OSError as e:
+            self._replace_relay(f"does not take a ping ({e})")
+            return
+        self.relay.pinged = True
+        self.relay.check_at = time.monotonic() + PING_TIMEOUT
+
+    def _on_relay(self) -> None:
+        """The relay answered a ping, or is gone (reaping tells the rest)."""
+        if self.relay.control is None:
+            return  # closed by an earlier handler of the same wake-up
+        try:
+            answer = self.relay.control.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            answer = b""
+        if not answer:
+            self._close_relay_control()  # else readable for ever
+        elif answer == dnsrelay.PING and self.relay.pinged:
+            self.relay.pinged = False
+            self.relay.check_at = time.monotonic() + PING_EVERY
+
+    def _replace_relay(self, why: str) -> None:
+        """End a relay that fails the supervisor: reaping starts the next one, which is
+        handed every worker's channel again. Closing its control channel ends one still
+        starting, and stops handing channels to this one."""
+        log.error("dns relay %s %s; ending it", self.relay.pid or "(starting)", why)
+        self.relay.replaced = why
+        self.relay.check_at = float("inf")
+        self._close_relay_control()
+        if self.relay.pid is not None:
+            self._signal(self.relay.pid, signal.SIGKILL)
+
+    def _close_relay_control(self) -> None:
+        if self.relay.control is not None:
+            self._unregister(self.relay.control)
+            self.relay.control.close()
+            self.relay.control = None
 
     def _relay_exited(self, how: str) -> None:
         self.relay.pid = None
+        self.relay.started = None
         self.relay.starting = False
-        if self.relay.control is not None:
-            self.relay.control.close()
-            self.relay.control = None
+        self.relay.check_at = float("inf")
+        self._close_relay_control()
         if self.stopping:
             return
         ran = time.monotonic() - self.relay.started_mono
         self.relay.crashes = self.relay.crashes + 1 if ran < STABLE_AFTER else 1
+        self.relay.restarts += 1
         delay = restart_delay(self.relay.crashes)
         self.relay.due = time.monotonic() + delay
+        self.relay.last_error, self.relay.last_error_at = self.relay.replaced or how, time.time()
+        self.relay.replaced = None
         log.error("dns relay %s; next start in %.0f s", how, delay)
 
     # -- reload and shutdown ---------------------------------------------------------
@@ -540,6 +711,7 @@ class Supervisor:
             if new.network == self.config.network:
                 self._apply(new)
                 refused = None
+        self._refusal = ReloadRefusal(refused, time.time()) if refused else None
         if refused:
             log.error("reload refused, keeping the running configuration: %s", refused)
         self._refresh_submission_cache()
@@ -589,9 +761,7 @@ class Supervisor:
 
     def _end_relay(self) -> None:
         # Closing its control channel is the relay's signal to end; SIGTERM backs it up.
-        if self.relay.control is not None:
-            self.relay.control.close()
-            self.relay.control = None
+        self._close_relay_control()
         if self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
             self.relay.due = time.monotonic() + STOP_GRACE
@@ -604,11 +774,9 @@ class Supervisor:
                 self.host.remove(slot.names)
         if self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGKILL)
-        if self._metrics is not None:
-            self._metrics.close()
-        if self._control is not None:
-            self._control.close()
-            (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
+        for server in self._servers:
+            server.close()
+        (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
         self._stop_zygote()
         if self.host.wait_all_gone(timeout=STOP_GRACE):
             self.host.remove_stale()
@@ -626,13 +794,31 @@ class Supervisor:
             return {
                 "ok": True,
                 "host": self.config.host.name,
-                "relay_pid": self.relay.pid,
+                "relay": self._relay_status().to_json(),
+                "reload_refused": self._refusal.to_json() if self._refusal else None,
                 "workers": [s.to_json() for s in self.statuses()],
             }
         if request["cmd"] == "reload":
             refused = self.reload()
             return {"ok": refused is None, "error": refused}
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
+
+    def _relay_status(self) -> RelayStatus:
+        relay = self.relay
+        if self.stopping:
+            state = "stopping"
+        elif relay.pid is not None:
+            state = "running"
+        else:
+            state = "starting" if relay.starting else "restarting"
+        return RelayStatus(
+            pid=relay.pid,
+            state=state,
+            started=relay.started,
+            restarts=relay.restarts,
+            last_error=relay.last_error,
+            last_error_at=relay.last_error_at,
+        )
 
     def _summary(self) -> str:
         tenants = [s for s in self.slots.values() if not s.tenant.is_host]
@@ -733,10 +919,28 @@ def _worker_main(
     delivery: DeliveryConfig,
     host_queue: HostQueue | None,
     taken: tuple[int, float],
+    open_files: int,
     fds: list[int],
 ) -> Callable[[], None]:
+    # A worker needs a few dozen descriptors: it keeps the limit the supervisor started
+    # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
+    # cannot hold as many as the supervisor may.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
     dns, reports = (socket.socket(fileno=fd) for fd in fds)
     return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue, taken=taken).run
+
+
+def _raise_open_files() -> int:
+    """Raise the soft limit on open files to the hard one; returns the soft limit it was.
+
+    The supervisor holds two descriptors per running worker (its ends of the worker's
+    DNS and report channels) and one per tenant asleep (its watch), and the DNS relay,
+    which inherits the limit through the zygote, one per running worker: systemd's
+    default soft limit of 1024 would run out near 500 tenants.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
 
 
 def _relay_main(

@@ -719,6 +719,53 @@ def test_a_worker_hands_over_nothing_but_its_own_watch_as_it_retires(site: Site)
     assert status[site.domain]["pid"] == worker and status[site.domain]["state"] != "asleep"
 
 
+def test_a_deferred_file_dated_far_ahead_does_not_end_the_supervisor() -> None:
+    """The attacker plants a file in its own deferred/ dated 30 days ahead (more than
+    epoll's 2^31 ms) and sends ordinary mail, which wakes its worker; the worker retires
+    "asleep" with that file still queued. The supervisor lives on (it used to die of an
+    OverflowError, taking every tenant with it), and the other tenant delivers."""
+    with Lab() as lab:
+        Nsd(lab, dns_records())
+        postfix = Postfix(lab)
+        hosting = Hosting(lab)
+        hosting.write_config((VICTIM, V4_ONLY), idle_exit=1, scan_interval=0.5)
+        hosting.start()
+        domain = V4_ONLY.domain
+        uid = hosting.uid(domain)
+        attacker = Attacker(lab, domain, uid, uid, hosting.home(domain), hosting.config_path)
+        deferred = hosting.home(domain) / SPOOL_IN_HOME / "deferred"
+        planted = attacker.python(
+            """
+path = os.path.join(sys.argv[1], sys.argv[2])
+open(path, "xb").close()
+later = float(sys.argv[3])
+os.utime(path, (later, later))
+print(json.dumps("ok"))
+""",
+            deferred,
+            new_queue_id(time.time()),
+            time.time() + 30 * 86400,
+        )
+        assert planted == "ok"
+        sent = attacker.run([SENDMAIL, "-i", "x@rcpt.test"], stdin=b"Subject: wake\n\nhi\n")
+        assert sent.returncode == 0, sent.stderr
+        hosting.wait_status(
+            lambda s: s[domain]["state"] == "asleep" and s[domain]["queue"]["deferred"] == 1,
+            timeout=30,
+        )
+        # Both asleep, and the supervisor's loop past its last pending update: from here on
+        # its next wake-up is the planted file's.
+        hosting.wait_notify("STATUS=0 of 2 tenants running, 2 asleep, 1 messages deferred")
+        hosting.enqueue(VICTIM.domain, "alice@bcd.test", ["x@rcpt.test"], b"Subject: on\r\n\r\n")
+        deadline = time.monotonic() + 30
+        while not any(m["Subject"] == "on" for m in postfix.messages()):
+            assert time.monotonic() < deadline, hosting.log()
+            time.sleep(0.05)
+        assert hosting.proc is not None and hosting.proc.poll() is None
+        assert hosting.status()[domain]["restarts"] == 0
+        assert hosting.stop() == 0
+
+
 # -- 7. the host's public maildrop ---------------------------------------------------------
 
 

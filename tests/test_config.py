@@ -31,6 +31,7 @@ DROPIN = "/etc/nsmail/tenants.d/cde.toml"
 
 USERS = {
     "nsmail": Account(990, 990, "/var/lib/nsmail"),
+    "nsmail-dns": Account(991, 991, "/nonexistent"),
     "bcd": Account(1001, 1001, "/srv/tenants/bcd"),
     "cde": Account(1002, 1002, "/srv/tenants/cde"),
     "bcd-twin": Account(1001, 1001, "/srv/tenants/twin"),
@@ -113,6 +114,9 @@ def test_good_config_with_all_defaults() -> None:
             user="nsmail",
             uid=990,
             gid=990,
+            dns_user="nsmail-dns",
+            dns_uid=991,
+            dns_gid=991,
             run_dir=Path("/run/nsmail"),
         ),
         network=NetworkConfig(
@@ -190,6 +194,14 @@ BAD = [
     ("host not a table", [(MAIN, "host = 1\n")], MAIN, "host"),
     ("bad host name", [(MAIN, '[host]\nname = "abc"\n' + BRIDGE)], MAIN, "host.name"),
     ("unknown host user", [(MAIN, HOST + 'user = "ghost"\n' + BRIDGE)], MAIN, "host.user"),
+    ("unknown dns user", [(MAIN, HOST + 'dns_user = "ghost"\n' + BRIDGE)], MAIN, "host.dns_user"),
+    ("root dns user", [(MAIN, HOST + 'dns_user = "toor"\n' + BRIDGE)], MAIN, "host.dns_user"),
+    (
+        "dns user is the host user",
+        [(MAIN, HOST + 'dns_user = "nsmail"\n' + BRIDGE)],
+        MAIN,
+        "host.dns_user",
+    ),
     ("relative run_dir", [(MAIN, HOST + 'run_dir = "run"\n' + BRIDGE)], MAIN, "host.run_dir"),
     (
         "resolvers not list",
@@ -372,6 +384,12 @@ BAD = [
     (
         "uid of host user",
         [(MAIN, HOST + BRIDGE + tenant(user=None, uid=990, gid=990, home="/srv/other"))],
+        MAIN,
+        "tenant[0].uid",
+    ),
+    (
+        "uid of dns user",
+        [(MAIN, HOST + BRIDGE + tenant(user=None, uid=991, gid=991, home="/srv/other"))],
         MAIN,
         "tenant[0].uid",
     ),

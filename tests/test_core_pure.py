@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nsmail.jail import check_status
 from nsmail.netns import names_for
-from nsmail.status import WorkerStatus, render_table
+from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
 from nsmail.supervisor import restart_delay
 
 JAILED = """Name:\tnsmail bcd.test
@@ -89,3 +89,23 @@ def test_status_table_fits_80_columns() -> None:
     table = render_table([record], now=200000.0)
     assert "a-rather-long-hoste~" in table
     assert all(len(line) <= 80 for line in table.splitlines())
+
+
+def test_status_table_shows_a_refused_reload_and_the_relay() -> None:
+    relay = RelayStatus(
+        pid=4194303,
+        state="restarting",
+        started=None,
+        restarts=2,
+        last_error="did not answer a ping within 3 s " * 4,
+        last_error_at=100.0,
+    )
+    refusal = ReloadRefusal("/etc/nsmail/nsmail.toml: host.colour: unknown key " * 3, 80.0)
+    lines = render_table([], now=200.0, relay=relay, refusal=refusal).splitlines()
+    assert lines[1] == "! reload refused 2m00s ago, the old configuration runs:"
+    assert " ".join(line.strip() for line in lines[2:4]) == refusal.error.strip()
+    assert lines[4].split() == ["(dns", "relay)", "-", "4194303", "restarting", "-", "2"]
+    assert lines[5].startswith("  last error: did not answer a ping within 3 s")
+    assert all(len(line) <= 80 for line in lines)
+    assert RelayStatus.from_json(relay.to_json()) == relay
+    assert ReloadRefusal.from_json(refusal.to_json()) == refusal

@@ -82,7 +82,7 @@ def test_the_config_and_the_records_are_valid() -> None:
     tmp = Path("/tmp/nsmail-demo-x")
     uids = [61000, 61001, 61002]
     lookup = SystemLookup(
-        user=lambda name: Account(999, 999, "/nonexistent"),
+        user=lambda name: Account(998 if name == "nsmail-dns" else 999, 999, "/nonexistent"),
         is_dir=lambda path: True,
         default_resolvers=lambda: (),
     )

@@ -336,3 +336,13 @@ def test_relay_returns_when_control_reaches_eof() -> None:
         assert resolver.resolve("rcpt.test.", "MX")[0].preference == 10
         s.control.shutdown(socket.SHUT_WR)
         assert s.wait_relay() == 0
+
+
+def test_a_ping_is_answered_on_the_control_socket(stack: DNSStack) -> None:
+    """What the supervisor's health check asks: the relay's loop answers, between queries."""
+    resolver = stack.resolver()
+    stack.control.settimeout(5)
+    for _ in range(3):
+        dnsrelay.ping(stack.control)
+        assert stack.control.recv(16) == dnsrelay.PING
+        assert resolver.resolve("rcpt.test.", "MX")[0].preference == 10

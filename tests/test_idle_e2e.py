@@ -8,6 +8,7 @@ worker, which delivers under the tenant's identity, while the other tenants slee
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -16,6 +17,8 @@ from hosting import DUAL, V6_ONLY, Hosting, dns_records
 from lab import Lab, Nsd, Postfix
 from test_attack_e2e import cpu_seconds
 from test_mailpath_e2e import maildir, sendmail, wait_for
+
+from nsmail.spool import new_queue_id
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -101,4 +104,22 @@ def test_a_worker_that_may_not_retire_yet_waits_without_spinning(lab: Lab) -> No
     time.sleep(6)  # two retries, each with a second past idle_exit before it
     assert hosting.status()[DUAL.domain]["pid"] == pid
     assert cpu_seconds(pid) - before < 0.5
+    assert hosting.stop() == 0
+
+
+def test_a_directory_planted_in_the_host_maildrop_does_not_keep_its_worker_up(lab: Lab) -> None:
+    """Any local user may create a directory in the host's public maildrop (mode 1733),
+    and the host's worker cannot move it to corrupt/ (that takes write access to the
+    directory itself). It is no message: the worker retires all the same."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), **IDLE)
+    hosting.start()
+    stranger = hosting.uid_base + 999
+    planted = hosting.host_spool / "maildrop" / new_queue_id(time.time())
+    made = subprocess.run(
+        ["mkdir", planted], user=stranger, group=stranger, extra_groups=[], check=False
+    )
+    assert made.returncode == 0
+    wait_for(lambda: hosting.host_status()["state"] == "asleep")
+    assert planted.is_dir()
     assert hosting.stop() == 0

@@ -1,12 +1,16 @@
 """Worker status reports: the strict wire format, and a supervisor that a lying worker
-cannot crash, confuse or flood."""
+cannot crash, confuse or flood, nor end with a time it cannot wait for; and one whose own
+handling of a worker fails contains that to the worker's tenant."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -26,7 +30,8 @@ from nsmail.report import (
     decode,
     encode,
 )
-from nsmail.supervisor import SILENT_AFTER, Slot, State, Supervisor
+from nsmail.spawn import Zygote
+from nsmail.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, State, Supervisor
 
 GOOD = Report(
     domain="bcd.test",
@@ -59,6 +64,8 @@ def test_a_report_round_trips() -> None:
         (encode(GOOD).replace(b'"sent":5', b'"sent":5.5', 1), "count"),
         (encode(GOOD).replace(b"backing off", b"on fire"), "state"),
         (encode(GOOD).replace(b"1500000000.0", b"NaN"), "time"),
+        (encode(GOOD).replace(b"1500000000.0", b"1e300"), "time"),
+        (encode(GOOD).replace(b"1500000000.0", b"253402300800.0"), "time"),  # past MAX_TIME
         (encode(GOOD).replace(b"try later", b"try\\u0007later"), "text"),
     ],
 )
@@ -92,6 +99,10 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     supervisor.selector = selectors.DefaultSelector()
     supervisor._last_summary = ""
     supervisor._status_due = float("inf")
+    supervisor.stopping = False
+    supervisor.relay = Relay()
+    supervisor.zygote = Zygote()
+    supervisor._servers = []
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )
@@ -157,3 +168,79 @@ def test_a_worker_silent_for_long_shows_as_silent(
     slot.reported_mono -= SILENT_AFTER + 1
     (stale,) = supervisor.statuses()
     assert stale.state == "silent" and stale.queue == GOOD.queue
+
+
+def test_a_time_far_ahead_is_waited_for_in_bounded_steps(
+    supervised: tuple[Supervisor, Slot, socket.socket],
+) -> None:
+    """A worker asleep until 30 days ahead (a time a valid report may name) is past what
+    epoll can wait for: the loop waits at most MAX_WAIT, then looks again."""
+    supervisor, slot, _ = supervised
+    supervisor.relay.starting = True  # nothing else is due
+    slot.state, slot.due = State.ASLEEP, time.monotonic() + 30 * 86400
+    assert supervisor._timeout() == MAX_WAIT < 2**31 / 1000
+
+
+def sleeper() -> int:
+    """A child that waits to be killed, standing in for a worker."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    return pid
+
+
+def killed(pid: int) -> bool:
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize("with_worker", [True, False], ids=["worker", "no-worker"])
+def test_a_handler_that_raises_is_contained_to_its_tenant(
+    supervised: tuple[Supervisor, Slot, socket.socket],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    with_worker: bool,
+) -> None:
+    """A bug on the report path (decode raising what it never should): logged with the
+    tenant; the worker's channels are closed (no handler keeps firing), and the slot
+    goes the way of a crash: its worker is killed and restarted after back-off."""
+    supervisor, slot, worker = supervised
+    slot.state = State.RUNNING
+    slot.pid = sleeper() if with_worker else None
+
+    def bug(data: bytes, domain: str) -> Report:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("nsmail.supervisor.decode_report", bug)
+    worker.send(encode(GOOD))
+    with caplog.at_level(logging.ERROR):
+        supervisor._on_report(slot)  # does not raise
+    assert "bcd.test: internal error" in caplog.text and "RuntimeError: a bug" in caplog.text
+    assert slot.reports is None and slot.relay_end is None
+    if slot.pid is not None:
+        assert killed(slot.pid)
+        supervisor._exited(slot.pid, "killed by SIGKILL")  # as reaping finds it
+    assert slot.state == State.BACKOFF and slot.pid is None
+    assert time.monotonic() < slot.due < time.monotonic() + 2
+
+
+def test_a_worker_forked_for_a_contained_slot_is_killed_when_it_comes(
+    supervised: tuple[Supervisor, Slot, socket.socket],
+) -> None:
+    supervisor, slot, _ = supervised
+    asked_with = slot.reports
+    supervisor._contain(slot)  # while the zygote forks
+    late = sleeper()
+    supervisor._spawned(slot, asked_with, late)
+    assert killed(late)
+    assert slot.pid is None and slot.state == State.BACKOFF
+
+
+def test_a_handler_that_raises_does_not_end_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with caplog.at_level(logging.ERROR):
+        Supervisor._dispatch(broken)
+    assert "internal error in broken; carrying on" in caplog.text

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.schedule import RetryPolicy, expired, next_attempt, warn_delay
+from nsmail.schedule import RetryPolicy, expired, latest_attempt, next_attempt, warn_delay
 
 POLICY = RetryPolicy()
 MIDDLE = 0.5  # no jitter
@@ -92,6 +92,17 @@ def test_next_attempt_is_bounded(
     assert at <= now + policy.maximum * 1.1 + 1e-6
     if now + policy.first * 2 <= arrival + policy.lifetime:
         assert at >= now + policy.first * 0.9 - 1e-6
+
+
+@given(policies, times, attempt_counts, st.floats(0, 30 * 86400), jitters, st.floats(0, 1e6))
+def test_the_latest_attempt_bounds_every_next_attempt_made_before(
+    policy: RetryPolicy, arrival: float, attempts: int, age: float, jitter: float, later: float
+) -> None:
+    """What the worker set is never cut short by the bound on planted dates."""
+    made = arrival + age
+    assert next_attempt(policy, arrival, attempts, made, jitter) <= latest_attempt(
+        policy, made + later
+    )
 
 
 @given(policies, times, attempt_counts, st.floats(0, 30 * 86400), jitters)

@@ -43,8 +43,19 @@ def test_move_and_schedule(spool: Spool) -> None:
     spool.put(INCOMING, "q1", [b"data"])
     spool.schedule("q1", INCOMING, 1_000_000.0)
     spool.move("q1", INCOMING, DEFERRED)
-    assert spool.next_attempt("q1") == 1_000_000.0  # a rename keeps the time
-    assert spool.next_attempt("gone") is None
+    assert spool.next_attempt("q1", float("inf")) == 1_000_000.0  # a rename keeps the time
+    assert spool.next_attempt("gone", float("inf")) is None
+
+
+def test_a_next_attempt_never_lies_past_the_bound(spool: Spool) -> None:
+    """The tenant owns the file and sets its mtime at will: a date far ahead counts as
+    the bound, never further; one far in the past stands (it is simply due)."""
+    spool.put(DEFERRED, "ahead", [b"data"])
+    spool.schedule("ahead", DEFERRED, 4e9)
+    spool.put(DEFERRED, "past", [b"data"])
+    spool.schedule("past", DEFERRED, -1e9)
+    assert spool.next_attempt("ahead", 2e9) == 2e9
+    assert spool.next_attempt("past", 2e9) == -1e9
 
 
 def test_recovery_returns_active_mail_and_drops_unacknowledged_temp_files(spool: Spool) -> None:
@@ -60,6 +71,13 @@ def test_hostile_names_and_symlinks(spool: Spool, tmp_path: Path) -> None:
     (spool.root / INCOMING / "link").symlink_to(tmp_path / "secret")
     (tmp_path / "secret").write_bytes(b"host file")
     assert spool.ids(INCOMING) == ["link"]
+    # A directory is no submission (see test_idle_e2e for the host's public maildrop);
+    # one elsewhere is listed, to be quarantined.
+    for state in (MAILDROP, INCOMING):
+        (spool.root / state / "folder").mkdir()
+    (spool.root / MAILDROP / "dirlink").symlink_to(tmp_path)  # listed, never followed
+    assert spool.ids(MAILDROP) == ["dirlink"]
+    assert spool.ids(INCOMING) == ["folder", "link"]
     with pytest.raises(OSError), spool.open_message(INCOMING, "link"):
         pass
     with pytest.raises(ValueError):

@@ -6,18 +6,22 @@ import grp
 import ipaddress
 import json
 import os
+import pwd
+import resource
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec
-from lab import Lab
+from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec, dns_records
+from lab import Lab, Nsd, Postfix
 
 from nsmail.netns import SOURCE_RULE_PRIORITY
 from nsmail.submission import lookup
+from nsmail.supervisor import PING_TIMEOUT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -154,16 +158,68 @@ def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
     assert hosting.stop() == 0
 
 
-def test_a_bad_reload_keeps_everything_running(lab: Lab) -> None:
+def overall(hosting: Hosting) -> dict[str, Any]:
+    """`nsmail status --json` whole: the workers, the DNS relay, a refused reload."""
+    result = hosting.nsmail("status", "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def test_a_bad_reload_keeps_everything_running_and_status_says_so(lab: Lab) -> None:
     hosting = Hosting(lab)
     hosting.write_config((DUAL,))
     hosting.start()
     before = hosting.status()
-    hosting.config_path.write_text(hosting.config_path.read_text() + "bogus = 1\n")
+    assert overall(hosting)["reload_refused"] is None
+    good = hosting.config_path.read_text()
+    hosting.config_path.write_text(good + "bogus = 1\n")
+    asked = time.time()
     hosting.signal(signal.SIGHUP)
     hosting.wait_notify("READY=1")
     assert hosting.status() == before
     assert "reload refused" in hosting.log()
+    refused = overall(hosting)["reload_refused"]
+    assert refused["error"] == f"{hosting.config_path}: tenant[0].bogus: unknown key"
+    assert asked <= refused["at"] <= time.time()
+    table = hosting.nsmail("status").stdout.splitlines()
+    assert table[1].startswith("! reload refused ")
+    assert " ".join(line.strip() for line in table[2:4]) == refused["error"]
+    # The next reload that succeeds clears it.
+    hosting.config_path.write_text(good)
+    hosting.signal(signal.SIGHUP)
+    hosting.wait_notify("READY=1")
+    assert overall(hosting)["reload_refused"] is None
+    assert "reload refused" not in hosting.nsmail("status").stdout
+    assert hosting.stop() == 0
+
+
+def test_a_stopped_dns_relay_is_replaced_and_dns_works_again(lab: Lab) -> None:
+    """The relay runs as `[host] dns_user`, a uid of its own. Stopped with SIGSTOP, it
+    answers no ping: the supervisor kills it and starts another, which gets every
+    worker's channel, and mail that needs DNS leaves again. Status shows the relay."""
+    Nsd(lab, dns_records())
+    postfix = Postfix(lab)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    hosting.start()
+    relay = overall(hosting)["relay"]
+    assert relay["state"] == "running" and relay["restarts"] == 0
+    stopped = relay["pid"]
+    assert hosting.proc_uid(stopped) == pwd.getpwnam("nsmail-dns").pw_uid
+    assert "(dns relay)" in hosting.nsmail("status").stdout
+    os.kill(stopped, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while (relay := overall(hosting)["relay"])["pid"] in (None, stopped):
+        assert time.monotonic() < deadline, hosting.log()
+        time.sleep(0.2)
+    assert relay["state"] == "running" and relay["restarts"] == 1
+    assert relay["last_error"] == f"did not answer a ping within {PING_TIMEOUT:.0f} s"
+    assert f"dns relay {stopped} did not answer a ping" in hosting.log()
+    assert _zombie_or_gone(stopped)
+    hosting.enqueue(DUAL.domain, "alice@bcd.test", ["x@rcpt.test"], b"Subject: dns\r\n\r\n")
+    (message,) = postfix.wait_for(1)
+    assert message["Subject"] == "dns"
     assert hosting.stop() == 0
 
 
@@ -183,6 +239,35 @@ def test_sigterm_leaves_no_namespace_link_or_process(lab: Lab) -> None:
     assert not (hosting.run_dir / "control").exists()
     status = hosting.nsmail("status")
     assert status.returncode == 69 and "no supervisor" in status.stderr
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """The soft and hard limit on open files of a process."""
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_the_supervisor_raises_its_open_files_limit_and_its_workers_do_not(lab: Lab) -> None:
+    """Two descriptors per tenant would meet systemd's soft limit of 1024 near 500
+    tenants: the supervisor (and its DNS relay) raise it to the hard limit; a worker
+    keeps the soft one the supervisor started with, as its hard limit too."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard > 1024
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # as systemd starts it
+    try:
+        hosting.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert hosting.proc is not None
+    assert open_files(hosting.proc.pid) == (hard, hard)
+    assert open_files(overall(hosting)["relay"]["pid"]) == (hard, hard)
+    assert open_files(hosting.status()[DUAL.domain]["pid"]) == (1024, 1024)
+    assert open_files(hosting.host_status()["pid"]) == (1024, 1024)
+    assert hosting.stop() == 0
 
 
 def _zombie_or_gone(pid: int) -> bool:
@@ -339,6 +424,51 @@ def test_status_watch_refreshes_until_interrupted(lab: Lab) -> None:
     assert watching.returncode == 0
     snapshots = [json.loads(line) for line in out.splitlines()]
     assert len(snapshots) >= 2 and all(s["host"] == "abc.test" for s in snapshots)
+    assert hosting.stop() == 0
+
+
+IDLE_SCRAPERS = """
+import json, os, signal, socket, sys, time
+from pathlib import Path
+from nsmail import control
+port, run_dir, worker = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+def still_open(s):  # waiting, with neither a reply nor the end of the connection
+    try:
+        s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    return False
+
+def control_connection():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(run_dir / "control"))
+    return s
+
+idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]  # silent
+idle += [control_connection() for _ in range(8)]
+time.sleep(0.2)  # let the supervisor take them in
+answered = control.request(run_dir, "status")["ok"]
+open_after_status = all(map(still_open, idle))
+os.kill(worker, signal.SIGKILL)
+while control.request(run_dir, "status")["workers"][1]["pid"] == worker:
+    time.sleep(0.01)
+print(json.dumps([answered, open_after_status, all(map(still_open, idle))]))
+"""
+
+
+def test_idle_metrics_connections_hold_up_neither_status_nor_reaping(lab: Lab) -> None:
+    """16 connections to the metrics endpoint that never send their request (any local
+    user can open them), and 8 such to the control socket: `nsmail status` is answered,
+    and a killed worker reaped, while they are all still open."""
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), host_extra='metrics = "127.0.0.1:9425"\n')
+    hosting.start()
+    worker = hosting.status()[DUAL.domain]["pid"]
+    argv = [sys.executable, "-c", IDLE_SCRAPERS, "9425", str(hosting.run_dir), str(worker)]
+    result = lab.run(lab.host, argv)
+    assert json.loads(result.stdout) == [True, True, True], hosting.log()
+    hosting.wait_status(lambda s: s[DUAL.domain]["pid"] not in (None, worker))
     assert hosting.stop() == 0
 
 

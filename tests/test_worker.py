@@ -184,7 +184,7 @@ def test_mixed_outcomes_defer_bounce_and_deliver(
         "4.3.0 try later",
     )
     assert why.relay.startswith("mx.rcpt.test[127.0.0.1]:") and why.at > envelope.arrival
-    next_attempt = spool.next_attempt(queue_id)
+    next_attempt = spool.next_attempt(queue_id, float("inf"))
     assert next_attempt is not None and next_attempt > time.time() + 60
     # The bounce for nobody@ went to the sender, a local user: her Maildir.
     wait_for(lambda: mailbox(home, "alice"))
@@ -338,3 +338,23 @@ def test_a_full_disk_mid_attempt_loses_nothing(dns: DNSStack, spool: Spool) -> N
                 assert os.waitstatus_to_exitcode(stop(pid)) == 0
     finally:
         subprocess.run(["umount", spool.root], check=True)
+
+
+def test_a_deferred_file_dated_far_ahead_is_due_within_the_largest_backoff(
+    dns: DNSStack, spool: Spool
+) -> None:
+    """The tenant's user dates a file in its deferred/ 30 days ahead: the worker counts it
+    due within the largest backoff (the next due time it reports and wakes for), and a
+    file dated far in the past is simply due now."""
+    home = spool.root.parents[2]
+    config = DeliveryConfig(retry_max=4000)
+    queue = worker.prepare(make_tenant(home), config, dns.channel(), home=home).queue
+    ahead, past = new_queue_id(time.time()), new_queue_id(time.time())
+    for queue_id, when in ((ahead, time.time() + 30 * 86400), (past, 1.0)):
+        spool.put(DEFERRED, queue_id, [b"planted"])
+        spool.schedule(queue_id, DEFERRED, when)
+    before = time.time()
+    queue.attempt_due()
+    assert before < queue.next_due <= time.time() + 4000 * 1.1
+    assert queue.report("asleep", time.time()).next_due == queue.next_due
+    assert spool.ids(CORRUPT) == [past]  # it was tried (and, being no queue file, kept)

@@ -4,9 +4,11 @@
 . /nsmail/vagrant/lib.sh
 common_setup hosting
 
-# As scripts/bootstrap: the DNS relay and the host's own worker run as this user.
-id -u nsmail >/dev/null 2>&1 ||
-  useradd --system --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin nsmail
+# As scripts/bootstrap: the host's own worker runs as nsmail, the DNS relay as nsmail-dns.
+for user in nsmail nsmail-dns; do
+  id -u "$user" >/dev/null 2>&1 ||
+    useradd --system --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "$user"
+done
 
 install -d -m 755 /etc/nsmail
 config=/etc/nsmail/nsmail.toml
