@@ -1,24 +1,24 @@
 """`nsmail status`: the table's figures, and the command against a real control socket.
 
-The socket is served by `nsmail.control` itself with a fixed reply, so the command's own
-handling (one tenant, no such tenant) is seen without starting a supervisor.
+The socket is served by `nsmail.control` and `nsmail.serving` themselves with a fixed
+reply, so the command's own handling (one tenant, no such tenant) is seen without starting
+a supervisor.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import select
+import selectors
 import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hosting import NSMAIL
 
-from nsmail import control
+from nsmail import control, serving
 from nsmail.status import WorkerStatus, render_table
 
 BCD = WorkerStatus(
@@ -61,17 +61,21 @@ def config() -> Iterator[Path]:
         root = Path(directory)
         path = root / "nsmail.toml"
         path.write_text(f'[host]\nname = "abc.test"\nrun_dir = "{root}/run"\n')
-        server = control.listen(root / "run", None)
+        selector = selectors.DefaultSelector()
         reply = {"ok": True, "host": "abc.test", "workers": [BCD.to_json()]}
+        server = serving.Server(
+            control.listen(root / "run", None),
+            selector,
+            lambda peer, request: control.respond(peer, request, lambda _: reply, None),
+            control.TERMINATOR,
+            control.MAX_REQUEST,
+        )
         stop = threading.Event()
-
-        def answer(request: dict[str, Any]) -> dict[str, Any]:
-            return reply
 
         def serve() -> None:
             while not stop.is_set():
-                if select.select([server], [], [], 0.05)[0]:
-                    control.serve_one(server, answer, None)
+                for key, _ in selector.select(0.05):
+                    key.data()
 
         thread = threading.Thread(target=serve)
         thread.start()
