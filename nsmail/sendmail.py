@@ -5,7 +5,8 @@ imports, so submitting imports only this module, `nsmail.paths`, `nsmail.submiss
 `nsmail.maildrop` and `nsmail.queueframe`, and through them only modules built into the
 interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
 in the cache root keeps beside the configuration, and imports the configuration parser
-only when that cache is missing or out of date; listing the queue (-bp) imports more.
+only when that cache is missing or out of date (a configuration that is not valid leaves
+the last good cache serving: see `nsmail.submission`); listing the queue (-bp) imports more.
 The tenant is chosen by the caller's real uid; the message is
 streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
 status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
@@ -32,7 +33,7 @@ import time
 from nsmail import maildrop, queueframe
 from nsmail.maildrop import MAILDROP
 from nsmail.paths import locate
-from nsmail.submission import Profile, lookup, profile_of
+from nsmail.submission import Profile, Profiles, cached, profiles_of
 
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than a submission
 if TYPE_CHECKING:
@@ -343,27 +344,39 @@ def _submit(options: Options, tenant: Profile) -> str:
 
 
 def _profile(config_path: str, domain: str | None) -> Profile:
-    """The caller's tenant (or, for root, the one named by --tenant): from the cache root
-    keeps beside the configuration while it is current, else from the configuration."""
-    if domain is None and (cached := lookup(config_path, os.getuid())) is not None:
-        return cached
+    """The caller's tenant (or, for root, the one named by --tenant), as the cache root
+    keeps beside the configuration says while it is current, else as the configuration
+    says; the last good cache when the configuration cannot be used (nsmail.submission)."""
+    profiles = cached(config_path)
+    if profiles is None or not profiles.current:
+        profiles = _configured(config_path, profiles)
+    if domain is None:
+        return profiles.of_uid(os.getuid())
+    named = profiles.of_domain(domain)
+    if named is None:
+        raise _usage(f"--tenant {_show(domain)}: no such tenant in {config_path}")
+    return named
+
+
+def _configured(config_path: str, last_good: Profiles | None) -> Profiles:
     from pathlib import Path
 
     from nsmail import config as configuration  # only without a current cache
 
     try:
-        config = configuration.load(Path(config_path))
+        return profiles_of(configuration.load(Path(config_path)))
     except configuration.ConfigError as e:
-        raise SendmailError(os.EX_CONFIG, str(e)) from e
-    if domain is not None:
-        named = config.tenant(domain)
-        if named is None:
-            raise _usage(f"--tenant {_show(domain)}: no such tenant in {config.path}")
-        return profile_of(named, config.delivery)
-    uid = os.getuid()
-    mine = next((t for t in config.tenants if t.uid == uid), None)
-    # Users outside every tenant send as the hosting machine itself.
-    return profile_of(mine or configuration.host_identity(config), config.delivery)
+        if last_good is not None:
+            return last_good
+        # A drop-in, or a [[tenant]] table, is some tenant's: its name and its problem
+        # are for root and `nsmail check`, not for another tenant's web app.
+        main_file_unusable = e.file == str(Path(config_path)) and e.field in ("file", "toml")
+        if main_file_unusable or os.getuid() == 0:
+            raise SendmailError(os.EX_CONFIG, str(e)) from e
+        raise SendmailError(
+            os.EX_CONFIG,
+            f"{config_path} is not a valid configuration (`nsmail check` names the problem)",
+        ) from e
 
 
 def _become(tenant: Profile) -> None:

@@ -36,7 +36,7 @@ from nsmail.sendmail import (
     read_message,
 )
 from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
-from nsmail.submission import SUFFIX, Profile, lookup, profile_of, refresh
+from nsmail.submission import SUFFIX, Profile, cached, profile_of, refresh
 
 SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
@@ -144,6 +144,7 @@ def tenant(*, foreign_senders: bool = False) -> Profile:
         foreign_senders=foreign_senders,
         message_size_limit=0,
         queue_size_limit=0,
+        users=(),
     )
 
 
@@ -531,12 +532,18 @@ def test_unwritable_state_directory_leaves_nothing_behind(site: Site) -> None:
 
 
 def test_the_cache_gives_what_the_configuration_gives(site: Site) -> None:
+    site.write_config(tenant_extra='users = ["b1", "b2"]\n')
     assert refresh(str(site.config))
     config = load(site.config)
     (mine,) = config.tenants
-    assert lookup(str(site.config), site.uid) == profile_of(mine, config.delivery)
-    host = lookup(str(site.config), 12345)  # a uid outside every tenant: the host's own mail
-    assert host is not None and host.is_host and host.queue_size_limit == 0
+    profiles = cached(str(site.config))
+    assert profiles is not None and profiles.current
+    assert profiles.of_uid(site.uid) == profile_of(mine, config.delivery)
+    assert profiles.of_uid(site.uid).users == ("b1", "b2")
+    assert profiles.of_domain(site.domain.upper()) == profiles.of_uid(site.uid)
+    host = profiles.of_uid(12345)  # a uid outside every tenant: the host's own mail
+    assert host.is_host and host.queue_size_limit == 0
+    assert profiles.of_domain("host.test") is None  # --tenant names tenants only
 
 
 def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
@@ -604,14 +611,10 @@ def test_a_submission_imports_only_lean_modules(site: Site) -> None:
     assert imported - started - {"imported package"} <= LEAN_IMPORTS
 
 
-@pytest.mark.parametrize(
-    "spoil", ["edit the configuration", "cache writable by others", "garbage in the cache"]
-)
-def test_a_stale_or_unsafe_cache_is_not_used(site: Site, spoil: str) -> None:
+@pytest.mark.parametrize("spoil", ["cache writable by others", "garbage in the cache"])
+def test_an_unsafe_cache_is_not_used(site: Site, spoil: str) -> None:
     assert refresh(str(site.config))
-    if spoil == "edit the configuration":
-        site.write_config(tenant_extra="message_size_limit = 10\n")
-    elif spoil == "cache writable by others":
+    if spoil == "cache writable by others":
         Path(f"{site.config}{SUFFIX}").chmod(0o666)
     else:
         Path(f"{site.config}{SUFFIX}").write_bytes(b"\xfb\x00 not marshal data")
@@ -619,3 +622,83 @@ def test_a_stale_or_unsafe_cache_is_not_used(site: Site, spoil: str) -> None:
     result = sendmail(site, ["bob@cde.test"])  # back to the configuration, unreadable
     assert result.returncode == EX_CONFIG and "Permission denied" in result.stderr
     assert_nothing_queued(site)
+
+
+def test_a_changed_valid_configuration_wins_over_the_cache(site: Site) -> None:
+    assert refresh(str(site.config))
+    site.write_config(tenant_extra="message_size_limit = 10\n")
+    result = sendmail(site, ["bob@cde.test"])
+    assert result.returncode == EX_DATAERR and "limit is 10 bytes" in result.stderr
+
+
+def write_dropin(site: Site, name: str, text: str) -> Path:
+    dropins = site.root / "tenants.d"
+    dropins.mkdir(mode=0o755, exist_ok=True)
+    path = dropins / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+BROKEN_DROPIN = '[[tenant]]\ndomain = "zzz.test"\nipv4 = "300.1.2.3"\nuid = 45999\n'
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        "another tenant's drop-in",
+        "the caller's own tenant table",
+        "the configuration unreadable",
+    ],
+)
+def test_a_broken_configuration_leaves_the_last_good_cache_serving(
+    site: Site, breakage: str
+) -> None:
+    site.write_config(tenant_extra="message_size_limit = 100000\n")
+    assert refresh(str(site.config))
+    if breakage == "another tenant's drop-in":
+        write_dropin(site, "zzz.toml", BROKEN_DROPIN)
+    elif breakage == "the caller's own tenant table":
+        site.write_config(tenant_extra="message_size_limit = 100\nipv4_typo = 1\n")
+    else:
+        site.write_config(tenant_extra="message_size_limit = 100\n")
+        site.config.chmod(0o600)
+    cache = cached(str(site.config))
+    assert cache is not None and not cache.current
+    # The last good profile, its limit of 100000 included, with nothing on stderr.
+    result = sendmail(site, ["bob@cde.test"], b"x" * 5000)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert only_message(site)[0].sender.endswith(f"@{site.domain}")
+    too_big = sendmail(site, ["bob@cde.test"], b"x" * 100_001)
+    assert too_big.returncode == EX_DATAERR and "limit is 100000 bytes" in too_big.stderr
+    assert sendmail(site, ["-bp"]).returncode == 0
+    assert sendmail(site, ["--tenant", site.domain, "bob@cde.test"], uid=0).returncode == 0
+    if breakage != "the configuration unreadable":  # to the tenant only: root reads it
+        # Root's refreshes keep the last good cache: it is never replaced by a broken one.
+        assert not refresh(str(site.config))
+        assert cached(str(site.config)) is not None
+
+
+def test_without_a_cache_a_broken_dropin_is_shown_to_root_only(site: Site) -> None:
+    write_dropin(site, "zzz.toml", BROKEN_DROPIN)
+    refused = sendmail(site, ["bob@cde.test"])
+    assert refused.returncode == EX_CONFIG
+    assert "zzz" not in refused.stderr and "300.1.2.3" not in refused.stderr
+    assert f"{site.config} is not a valid configuration" in refused.stderr
+    assert "nsmail check" in refused.stderr
+    assert_nothing_queued(site)
+    as_root = sendmail(site, ["--tenant", site.domain, "bob@cde.test"], uid=0)
+    assert as_root.returncode == EX_CONFIG and "zzz.toml: tenant[0].ipv4" in as_root.stderr
+
+
+def test_nsmail_check_refuses_a_broken_dropin(site: Site) -> None:
+    write_dropin(site, "zzz.toml", BROKEN_DROPIN)
+    result = subprocess.run(
+        [str(SENDMAIL.with_name("nsmail")), "--config", str(site.config), "check"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == EX_CONFIG
+    assert "zzz.toml: tenant[0].ipv4" in result.stderr and result.stderr.count("\n") == 1
