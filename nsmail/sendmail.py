@@ -37,13 +37,20 @@ from nsmail.submission import Profile, Profiles, cached, profiles_of
 
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than a submission
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
     from typing import BinaryIO
 
     from nsmail.queueframe import Field
 
 PROG = "nsmail-sendmail"
 _CHUNK = 1 << 16
+# Enough of a message's start for any header section the worker takes
+# (headers.MAX_HEADER_BYTES); -t looks for recipients there.
+_HEADER_SCAN = 1 << 20
+# RFC 5322 3.2.3 atext, and the dot an obs-phrase (4.1) may hold.
+_ATEXT = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
+)
 
 DELIVER = "deliver"
 LIST = "list"
@@ -306,41 +313,142 @@ def _submit(options: Options, tenant: Profile) -> str:
     recipients = [qualify(r, tenant.domain) for r in options.recipients]
     if not recipients and not options.extract:
         raise _usage("no recipients given (name them, or use -t to take them from the headers)")
+    make_room(tenant)
+    message = read_message(
+        sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
+    )
+    if not recipients:
+        message = _requiring_recipients(message)
+    # The fields of queuefile.Envelope a submission sets; the others keep their defaults.
+    envelope: dict[str, Field] = {
+        "sender": sender,
+        "recipients": recipients,
+        "submitter": login,
+        "full_name": options.full_name,
+        "extract": options.extract,
+    }
+    return store(tenant, envelope, message)
+
+
+def make_room(tenant: Profile) -> None:
+    """Make the tenant's queue if its worker has not yet; SendmailError(EX_TEMPFAIL) when
+    it already holds `queue_size_limit` bytes, or cannot be made or measured."""
     try:
-        # The tenant's queue, made here if its worker has not made it yet; the host's
-        # queue is made by its worker alone.
+        # The host's queue is made by its worker alone.
         if not tenant.is_host and not os.path.isdir(os.path.join(tenant.spool, MAILDROP)):
             maildrop.create(tenant.spool)
         limit = tenant.queue_size_limit
         queued = maildrop.size(tenant.spool) if limit else 0
-        if queued > limit:
-            raise SendmailError(
-                os.EX_TEMPFAIL,
-                f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
-                f"{limit}; try again later",
-            )
-        now = time.time()
-        # The fields of queuefile.Envelope a submission sets; the others keep their defaults.
-        envelope: dict[str, Field] = {
-            "sender": sender,
-            "recipients": recipients,
-            "arrival": now,
-            "submitter": login,
-            "full_name": options.full_name,
-            "extract": options.extract,
-        }
-        queue_id = maildrop.new_queue_id(now)
-        message = read_message(
-            sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
+    except OSError as e:
+        raise _tempfail("cannot queue the message", e) from e
+    if queued > limit:
+        raise SendmailError(
+            os.EX_TEMPFAIL,
+            f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
+            f"{limit}; try again later",
         )
-        # drop fsyncs the file and its directory and leaves no partial file on failure (a
-        # message over the limit included). The host's worker (another user) must read
-        # what the machine's users drop off.
-        mode = 0o644 if tenant.is_host else 0o600
-        maildrop.drop(tenant.spool, queue_id, queueframe.frame(envelope, message), mode)
-    except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
+
+
+def store(tenant: Profile, envelope: dict[str, Field], message: Iterable[bytes]) -> str:
+    """Store `message` durably in the tenant's maildrop with `envelope` (its arrival time
+    added here); its queue id. SendmailError(EX_TEMPFAIL) for ENOSPC, EDQUOT, EIO,
+    EACCES...: the caller should retry later."""
+    now = time.time()
+    queue_id = maildrop.new_queue_id(now)
+    # drop fsyncs the file and its directory and leaves no partial file on failure (a
+    # message over the limit included). The host's worker (another user) must read what
+    # the machine's users drop off.
+    mode = 0o644 if tenant.is_host else 0o600
+    try:
+        pieces = queueframe.frame({**envelope, "arrival": now}, message)
+        maildrop.drop(tenant.spool, queue_id, pieces, mode)
+    except OSError as e:
         raise _tempfail("cannot queue the message", e) from e
     return queue_id
+
+
+def _requiring_recipients(message: Iterator[bytes]) -> Iterator[bytes]:
+    """`message` as it is read (-t without recipient arguments); at its end
+    SendmailError(EX_USAGE) if its header names no recipient, as sendmail(8) refuses it,
+    so that the worker never takes in mail it cannot send anywhere."""
+    head = bytearray()
+    size = 0
+    for piece in message:
+        size += len(piece)
+        if len(head) < _HEADER_SCAN:
+            head += piece[: _HEADER_SCAN - len(head)]
+        yield piece
+    if not names_a_recipient(bytes(head), truncated=size > len(head)):
+        raise _usage("no recipient addresses found in header")
+
+
+def names_a_recipient(head: bytes, *, truncated: bool) -> bool:
+    """Whether the header section at the start of `head` (the start of a message, cut
+    if `truncated`) may name a recipient in To, Cc or Bcc.
+
+    False only when it surely names none: no such field holds more than whitespace,
+    comments and empty groups (`undisclosed-recipients:;`). This is the lean look of a
+    command that cannot afford the email package; the worker's parser (nsmail.headers)
+    decides the rest, and bounces what it finds no recipient in after all. Lines end as
+    there: at CRLF, CR or LF; the header section ends at an empty line or a line that is
+    no header field.
+    """
+    lines = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if truncated:
+        lines.pop()  # cut anywhere, even inside a field name
+    values: list[bytes] = []  # of the To, Cc and Bcc fields, unfolded
+    in_recipient_field = in_field = False
+    for line in lines:
+        line = line.replace(b"\0", b"")
+        if line[:1] in (b" ", b"\t") and in_field:
+            if in_recipient_field:
+                values[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not all(0x21 <= c <= 0x7E for c in name):
+            truncated = False  # the header section ends here
+            break
+        in_field, in_recipient_field = True, name.lower() in (b"to", b"cc", b"bcc")
+        if in_recipient_field:
+            values.append(value)
+    # A header section that goes on past `head`: the worker decides alone.
+    return truncated or any(_holds_an_address(value) for value in values)
+
+
+def _holds_an_address(value: bytes) -> bool:
+    """Whether an address-list field value holds anything but whitespace, comments
+    (RFC 5322 3.2.2), empty angle brackets and empty groups of plain words (3.4:
+    `undisclosed-recipients:;`); anything unusual counts as an address."""
+    depth = 0  # of nested comments
+    quoted = escaped = False
+    content = False  # in this comma- or semicolon-separated piece
+    plain = True  # and all of it words (atext, RFC 5322 3.2.3) and whitespace
+    colons = 0  # in this piece
+    after_colon = False  # content after its last colon
+    for c in value:
+        if escaped:  # the second half of a quoted-pair
+            escaped = False
+        elif quoted:
+            quoted, escaped = c != 0x22, c == 0x5C
+        elif depth:
+            depth += (c == 0x28) - (c == 0x29)
+            escaped = c == 0x5C
+        elif c == 0x3A:  # :
+            colons, after_colon = colons + 1, False
+        elif c in b",;":
+            empty_group = c == 0x3B and plain and colons == 1 and not after_colon
+            if content and not empty_group:
+                return True
+            content, plain, colons, after_colon = False, True, 0, False
+        elif c in b" \t":
+            continue
+        else:
+            plain = plain and c in _ATEXT
+            depth = c == 0x28  # (
+            if c not in b"()<>":
+                content = after_colon = True
+                quoted, escaped = c == 0x22, c == 0x5C  # a quoted-string or a quoted-pair
+    return content
 
 
 def _profile(config_path: str, domain: str | None) -> Profile:

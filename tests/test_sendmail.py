@@ -3,6 +3,7 @@ script run as a tenant uid against a temporary configuration and spool."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import io
 import os
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 
 from nsmail import launcher
 from nsmail.config import load
+from nsmail.headers import Completion, HeaderError, complete
 from nsmail.queuefile import Envelope, decode
 from nsmail.sendmail import (
     DELIVER,
@@ -31,6 +34,7 @@ from nsmail.sendmail import (
     Options,
     SendmailError,
     envelope_sender,
+    names_a_recipient,
     parse_args,
     qualify,
     read_message,
@@ -40,6 +44,7 @@ from nsmail.submission import SUFFIX, Profile, cached, profile_of, refresh
 
 SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 # --- option parser ---------------------------------------------------------------------
 
@@ -379,6 +384,66 @@ def test_extract_recipients(site: Site) -> None:
     assert sendmail(site, ["-t", "-i"], b"To: bob@cde.test\n\nhi\n").returncode == 0
     envelope, _ = only_message(site)
     assert envelope.extract and envelope.recipients == ()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"Subject: no To\n", b"To: undisclosed-recipients:;\nCc: (nobody)\n", b"To:\n"],
+)
+def test_extract_without_recipients_is_refused(site: Site, header: bytes) -> None:
+    refused = sendmail(site, ["-t"], header + b"\nhi\n")
+    assert refused.returncode == EX_USAGE
+    assert "no recipient addresses found in header" in refused.stderr
+    assert_nothing_queued(site)
+    # A recipient argument is enough, as with sendmail and Postfix.
+    assert sendmail(site, ["-t", "bob@cde.test"], header + b"\nhi\n").returncode == 0
+
+
+def test_extract_looks_at_the_header_only(site: Site) -> None:
+    message = b"Subject: x\n\nTo: bob@cde.test\n"
+    assert sendmail(site, ["-t"], message).returncode == EX_USAGE
+    assert sendmail(site, ["-t"], b"Subject: x\n To: folded\nBcc: (c)\n bob\n\n").returncode == 0
+
+
+ADDRESS_LIST_PIECES = st.sampled_from(
+    [
+        "a",
+        "a.b",
+        "b@c.test",
+        "[x]",
+        "@",
+        "<",
+        ">",
+        "<>",
+        ",",
+        ";",
+        ":",
+        '"',
+        "\\",
+        "(",
+        ")",
+        " ",
+        "\t",
+    ]
+)
+
+
+@given(st.lists(ADDRESS_LIST_PIECES, max_size=12).map("".join), st.sampled_from(["To", "Cc"]))
+def test_a_header_said_to_name_no_recipient_gives_the_worker_none(value: str, name: str) -> None:
+    # The lean look at submission refuses only what the worker's parser would find no
+    # recipient in (or cannot read at all): it never refuses mail that could be sent.
+    head = f"Subject: s\r\n{name}: {value}\r\n\r\n".encode()
+    if names_a_recipient(head, truncated=False):
+        return
+    completion = Completion("bcd.test", "alice", None, "a@bcd.test", NOW, "id", True)
+    with contextlib.suppress(HeaderError):  # a header the worker cannot read: no recipient
+        assert complete(head, completion).recipients == ()
+
+
+def test_a_header_longer_than_the_look_is_left_to_the_worker() -> None:
+    head = b"X-Long: " + b"x" * 100 + b"\r\nSubj"
+    assert names_a_recipient(head, truncated=True)
+    assert not names_a_recipient(head, truncated=False)
 
 
 def test_foreign_sender(site: Site) -> None:
