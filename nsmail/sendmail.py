@@ -6,13 +6,14 @@ imports, so submitting imports only this module, `nsmail.paths`, `nsmail.submiss
 interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
 in the cache root keeps beside the configuration, and imports the configuration parser
 only when that cache is missing or out of date (a configuration that is not valid leaves
-the last good cache serving: see `nsmail.submission`); listing the queue (-bp) imports more.
-The tenant is chosen by the caller's real uid; the message is
-streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
-status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
-over the tenant's `message_size_limit`, 75 cannot queue now (the queue over its
-`queue_size_limit`, full disk, quota, I/O error), 77 not permitted, 78 broken
-configuration.
+the last good cache serving: see `nsmail.submission`); listing the queue (-bp) and SMTP on
+stdin (-bs, `nsmail.sendmail_smtp`) import more. The tenant is chosen by the caller's real
+uid; the message is streamed into the tenant's `maildrop` as it is read, never held whole
+in memory, and exit status 0 means it is on disk (fsynced). Exit codes are sysexits(3):
+64 usage (-t finding no recipient in the header included), 65 message over the tenant's
+`message_size_limit`, 75 cannot queue now (the queue over its `queue_size_limit`, full
+disk, quota, I/O error), 77 not permitted, 78 broken configuration; -bv exits 67
+(EX_NOUSER) when an address it checks is not deliverable.
 
 Security: not setuid; it runs as the submitting user, or as root with `--tenant`, in which
 case it becomes the tenant (groups, gid, uid) right after finding it, so
@@ -55,6 +56,8 @@ _ATEXT = frozenset(
 DELIVER = "deliver"
 LIST = "list"
 FLUSH = "flush"
+SMTP = "smtp"
+VERIFY = "verify"
 
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets, including its angle brackets.
 _MAX_ADDRESS = 254
@@ -89,7 +92,8 @@ class Options:
 
     def __init__(
         self,
-        mode: str = DELIVER,  # DELIVER (-bm), LIST (-bp) or FLUSH (-q); the last one wins
+        mode: str = DELIVER,  # DELIVER (-bm), LIST (-bp), SMTP (-bs), VERIFY (-bv) or FLUSH
+        # (-q); the last one wins
         recipients: tuple[str, ...] = (),
         extract: bool = False,  # -t
         dot_ends: bool = True,  # a lone "." line ends the message; -i and -oi turn it off
@@ -182,9 +186,9 @@ def _flag(options: Options, letter: str, glued: str) -> None:
 
 def _with_value(options: Options, letter: str, value: str) -> None:
     if letter == "b":
-        modes = {"m": DELIVER, "p": LIST}
+        modes = {"m": DELIVER, "p": LIST, "s": SMTP, "v": VERIFY}
         if value not in modes:
-            raise _usage(f"-b{_show(value)} is not supported (only -bm and -bp)")
+            raise _usage(f"-b{_show(value)} is not supported (only -bm, -bp, -bs and -bv)")
         options.mode = modes[value]
     elif letter in "fr":
         options.sender = value
@@ -274,7 +278,16 @@ def _run(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     if options.tenant is not None and os.getuid() != 0:
         raise SendmailError(os.EX_NOPERM, "only root may use --tenant")
-    tenant = _profile(locate(None, os.environ), options.tenant)
+    if options.mode == SMTP and (options.recipients or options.extract or options.sender):
+        raise _usage("-bs takes the sender and the recipients from MAIL and RCPT only")
+    try:
+        tenant = _profile(locate(None, os.environ), options.tenant)
+    except SendmailError as e:
+        if options.mode == SMTP:  # an SMTP client shows a reply, not our stderr
+            from nsmail.smtpserver import Reply
+
+            maildrop.write_all(1, Reply(421, f"4.3.0 {e.message}").encode())
+        raise
     if options.tenant is not None:
         _become(tenant)
     if options.mode == LIST:
@@ -284,11 +297,50 @@ def _run(argv: Sequence[str]) -> int:
             maildrop.request_flush(tenant.spool)
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e
+    elif options.mode == VERIFY:
+        return _verify(options, tenant)
+    elif options.mode == SMTP:
+        from nsmail import sendmail_smtp  # only for -bs: a submission imports none of it
+
+        sendmail_smtp.serve(tenant, _login(os.getuid()), options.full_name)
     else:
         queue_id = _submit(options, tenant)
         if options.verbose:
             _complain(f"queued as {queue_id}")
     return os.EX_OK
+
+
+def _verify(options: Options, tenant: Profile) -> int:
+    """-bv: whether each recipient can be delivered to, one line each, as far as the
+    tenant's own configuration tells (syntax, its local users; no DNS, no mail sent).
+    Like sendmail, EX_NOUSER when one cannot (and one line on stderr)."""
+    if options.extract or not options.recipients:
+        raise _usage("-bv checks the recipients named as arguments")
+    envelope_sender(options.sender, _login(os.getuid()), tenant)  # refused as a submission
+    mailboxes = {user.casefold(): user for user in tenant.users}
+    verdicts = [_verdict(given, tenant, mailboxes) for given in options.recipients]
+    for given, (_, verdict) in zip(options.recipients, verdicts, strict=True):
+        print(f"{_show(given)}... {verdict}")
+    failed = sum(not ok for ok, _ in verdicts)
+    if not failed:
+        return os.EX_OK
+    sys.stdout.flush()
+    _complain(f"{failed} of {len(verdicts)} addresses undeliverable")
+    return os.EX_NOUSER
+
+
+def _verdict(given: str, tenant: Profile, mailboxes: dict[str, str]) -> tuple[bool, str]:
+    try:
+        address = qualify(given, tenant.domain)
+    except SendmailError as e:
+        return False, f"undeliverable: {e.message}"
+    local, _, domain = address.rpartition("@")
+    if domain.lower() != tenant.domain:
+        return True, f"deliverable: mailer smtp, host {_show(domain)}"
+    user = mailboxes.get(local.casefold())  # as the worker's local delivery matches it
+    if user is None:
+        return False, "undeliverable: no such user here"
+    return True, f"deliverable: mailer local, user {user}"
 
 
 def _list(tenant: Profile) -> None:

@@ -11,6 +11,8 @@ import pwd
 import random
 import secrets
 import shutil
+import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,8 @@ from nsmail.sendmail import (
     DELIVER,
     FLUSH,
     LIST,
+    SMTP,
+    VERIFY,
     Options,
     SendmailError,
     envelope_sender,
@@ -73,6 +77,8 @@ NOW = datetime(2025, 1, 1, tzinfo=UTC)
         (["-b", "p"], Options(mode=LIST)),
         (["-bp"], Options(mode=LIST)),
         (["-q"], Options(mode=FLUSH)),
+        (["-bs"], Options(mode=SMTP)),
+        (["-bv", "bob"], Options(mode=VERIFY, recipients=("bob",))),
         (["-bp", "-q"], Options(mode=FLUSH)),
         (["-vq"], Options(mode=FLUSH, verbose=True)),
         (["-v", "bob"], Options(verbose=True, recipients=("bob",))),
@@ -102,8 +108,7 @@ def test_parse_args(argv: list[str], expected: Options) -> None:
         (["-f"], "option -f needs a value"),
         (["bob", "-F"], "option -F needs a value"),
         (["-q30m"], "only a plain -q"),
-        (["-bs"], "-bs is not supported"),
-        (["-bd"], "-bd is not supported"),
+        (["-bd"], "-bd is not supported (only -bm, -bp, -bs and -bv)"),
         (["-F", "Eve\nBcc: x@y.test"], "control characters"),
         (["-\x1b[2J"], "unknown option -\\x1b"),
     ],
@@ -590,6 +595,205 @@ def test_unwritable_state_directory_leaves_nothing_behind(site: Site) -> None:
     maildrop.chmod(0o755)
     result = sendmail(site, ["bob@cde.test"])
     assert result.returncode == EX_TEMPFAIL and "Permission denied" in result.stderr
+    assert_nothing_queued(site)
+
+
+# --- -bs: SMTP on stdin and stdout ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def smtp_session(site: Site, *, args: Sequence[str] = ()) -> Iterator[smtplib.SMTP]:
+    """`nsmail-sendmail -bs` as the tenant, stdin and stdout one end of a socket pair,
+    driven by Python's smtplib from the other; the greeting is read. The command must
+    end with status 0 and nothing on stderr."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        process = subprocess.Popen(
+            [str(SENDMAIL), "-bs", *args],
+            stdin=theirs,
+            stdout=theirs,
+            stderr=subprocess.PIPE,
+            cwd=site.root,
+            env={"NSMAIL_CONFIG": str(site.config), "PATH": "/usr/bin:/bin"},
+            user=site.uid,
+            group=site.uid,
+            extra_groups=[],
+        )
+    with process:
+        client = smtplib.SMTP(local_hostname="client.test", timeout=60)
+        client.sock = ours
+        try:
+            assert client.getreply()[0] == 220
+            yield client
+        finally:
+            client.close()
+            _, stderr = process.communicate(timeout=60)
+    assert stderr == b"" and process.returncode == 0
+
+
+def test_bs_takes_several_messages_in_one_session(site: Site) -> None:
+    sender = f"alice@{site.domain}"
+    with smtp_session(site, args=["-F", "Alice"]) as client:
+        client.ehlo()
+        assert client.esmtp_features["size"] == str(25 << 20)
+        assert all(client.has_extn(x) for x in ("pipelining", "8bitmime", "smtputf8"))
+        message = b"Subject: one\r\n\r\n.hidden dot\r\nbody\r\n"
+        assert client.sendmail(sender, ["bob@cde.test", "carol"], message) == {}
+        (first,) = site.queued()  # on disk before the 250
+        client.mail("", ["SMTPUTF8", "BODY=8BITMIME"])
+        client.rcpt("jos\u00e9@cde.test")
+        code, reply = client.data("Subject: two\r\n\r\ncaf\u00e9\r\n".encode())
+        assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as ")
+        queue_id = reply.decode().rpartition(" ")[2]
+        client.quit()
+    assert [p.name for p in site.queued()] == sorted([first.name, queue_id])
+    envelope, body = decode(first.read_bytes())
+    assert (envelope.sender, envelope.recipients) == (
+        sender,
+        ("bob@cde.test", f"carol@{site.domain}"),
+    )
+    assert envelope.submitter == f"uid{site.uid}" and envelope.full_name == "Alice"
+    assert not envelope.extract and body == message  # dot-unstuffed: as the client had it
+    envelope, body = decode((site.spool / MAILDROP / queue_id).read_bytes())
+    assert (envelope.sender, envelope.recipients) == ("", ("jos\u00e9@cde.test",))
+    assert body == "Subject: two\r\n\r\ncaf\u00e9\r\n".encode()
+
+
+def test_bs_refuses_as_a_submission_does(site: Site) -> None:
+    site.write_config(tenant_extra="message_size_limit = 1000\n")
+    with smtp_session(site) as client:
+        client.ehlo()
+        code, text = client.mail("ceo@bank.test")
+        assert (code, text[:5]) == (553, b"5.7.1") and b"foreign_senders" in text
+        code, text = client.docmd("MAIL FROM:<a b>")
+        assert (code, text[:5]) == (501, b"5.1.7")
+        assert client.mail(f"a@{site.domain}", ["SIZE=5000"])[0] == 552
+        assert client.mail(f"a@{site.domain}")[0] == 250
+        code, text = client.docmd("RCPT TO:<bad address>")
+        assert (code, text[:5]) == (501, b"5.1.3") and b"bad address" in text
+        assert client.rcpt("bob@cde.test")[0] == 250
+        code, text = client.data(b"x" * 5000)
+        assert (code, text[:5]) == (552, b"5.3.4")
+        assert site.queued() == []
+        assert client.sendmail(f"a@{site.domain}", ["bob@cde.test"], b"small\r\n") == {}
+    assert len(site.queued()) == 1
+
+
+def test_bs_refuses_for_now_when_the_queue_is_full(site: Site) -> None:
+    site.write_config(tenant_extra="queue_size_limit = 500\n")
+    with smtp_session(site) as client:
+        client.ehlo()
+        assert client.sendmail(f"a@{site.domain}", ["bob@cde.test"], b"x" * 600) == {}
+        code, text = client.mail(f"a@{site.domain}")
+        assert (code, text[:5]) == (452, b"4.3.1") and b"queue full" in text
+    assert len(site.queued()) == 1
+
+
+def test_bs_on_a_full_disk_refuses_for_now_and_leaves_nothing(site: Site) -> None:
+    site.spool.mkdir(parents=True)
+    options = f"size=64k,mode=0700,uid={site.uid},gid={site.uid}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", site.spool], check=True)
+    try:
+        with smtp_session(site) as client:
+            client.ehlo()
+            client.mail(f"a@{site.domain}")
+            client.rcpt("bob@cde.test")
+            code, text = client.data(os.urandom(96 << 10).hex().encode())
+            assert (code, text[:5]) == (452, b"4.3.1") and b"No space left" in text
+            assert client.noop()[0] == 250  # the session goes on
+        assert_nothing_queued(site)
+    finally:
+        subprocess.run(["umount", site.spool], check=True)
+
+
+def test_bs_input_ending_inside_a_message_queues_nothing(site: Site) -> None:
+    with smtp_session(site) as client:
+        assert client.sock is not None
+        client.sock.sendall(
+            b"EHLO c.test\r\nMAIL FROM:<a@" + site.domain.encode() + b">\r\n"
+            b"RCPT TO:<bob@cde.test>\r\nDATA\r\nSubject: cut\r\n\r\nhalf"
+        )
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = b""
+        while chunk := client.sock.recv(65536):
+            replies += chunk
+    assert replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    assert_nothing_queued(site)
+
+
+def test_bs_cannot_start_without_a_configuration(site: Site) -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        result = subprocess.run(
+            [str(SENDMAIL), "-bs"],
+            stdin=theirs,
+            stdout=theirs,
+            capture_output=False,
+            stderr=subprocess.PIPE,
+            env={"NSMAIL_CONFIG": str(site.root / "missing.toml")},
+            user=site.uid,
+            group=site.uid,
+            extra_groups=[],
+            timeout=60,
+            check=False,
+        )
+        theirs.close()
+        greeting = ours.recv(4096)
+    assert result.returncode == EX_CONFIG and b"missing.toml" in result.stderr
+    assert greeting.startswith(b"421 4.3.0 ") and b"missing.toml" in greeting
+    assert greeting.endswith(b"\r\n") and greeting.count(b"\r\n") == 1
+
+
+@pytest.mark.parametrize("args", [["-bs", "bob@cde.test"], ["-bs", "-t"], ["-bs", "-f", "a"]])
+def test_bs_takes_no_envelope_arguments(site: Site, args: list[str]) -> None:
+    assert sendmail(site, args, b"").returncode == EX_USAGE
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks_through_bs(site: Site) -> None:
+    sender = f"alice@{site.domain}"
+    env = {"NSMAIL_CONFIG": str(site.config), "PATH": f"{SENDMAIL.parent}:/usr/bin:/bin"}
+    run = {"capture_output": True, "env": env, "user": site.uid, "group": site.uid}
+    common = ["swaks", "--pipe", "nsmail-sendmail -bs", "--to", "bob@cde.test", "--pipeline"]
+    sent = subprocess.run(
+        [*common, "--from", sender, "--body", ".dot\n"],
+        **run,  # type: ignore[call-overload]
+        extra_groups=[],
+        timeout=60,
+        check=False,
+    )
+    assert sent.returncode == 0, sent.stdout
+    assert b"<-  250 2.0.0 Ok: queued as" in sent.stdout
+    envelope, body = only_message(site)
+    assert envelope.sender == sender and envelope.recipients == ("bob@cde.test",)
+    assert b"\r\n.dot\r\n" in body
+    refused = subprocess.run(
+        [*common, "--from", "ceo@bank.test"],
+        **run,  # type: ignore[call-overload]
+        extra_groups=[],
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0 and b"<** 553 5.7.1 sender ceo@bank.test" in refused.stdout
+
+
+# --- -bv ------------------------------------------------------------------------------------
+
+
+def test_bv_says_what_is_deliverable_without_sending(site: Site) -> None:
+    site.write_config(tenant_extra='users = ["B1"]\n')
+    result = sendmail(site, ["-bv", "bob@cde.test", "b1", f"ZZ@{site.domain}", "x y"], b"")
+    assert result.returncode == os.EX_NOUSER
+    assert result.stderr == "nsmail-sendmail: 2 of 4 addresses undeliverable\n"
+    assert result.stdout.splitlines() == [
+        "bob@cde.test... deliverable: mailer smtp, host cde.test",
+        "b1... deliverable: mailer local, user B1",
+        f"ZZ@{site.domain}... undeliverable: no such user here",
+        "x y... undeliverable: bad address x y",
+    ]
+    assert sendmail(site, ["-bv", "bob@cde.test", "b1"], b"").returncode == 0
+    assert sendmail(site, ["-bv", "-f", "ceo@bank.test", "bob"], b"").returncode == EX_NOPERM
+    assert sendmail(site, ["-bv"], b"").returncode == EX_USAGE
     assert_nothing_queued(site)
 
 
