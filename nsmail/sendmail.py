@@ -92,8 +92,8 @@ class Options:
 
     def __init__(
         self,
-        mode: str = DELIVER,  # DELIVER (-bm), LIST (-bp), SMTP (-bs), VERIFY (-bv) or FLUSH
-        # (-q); the last one wins
+        # DELIVER (-bm), LIST (-bp), SMTP (-bs), VERIFY (-bv) or FLUSH (-q): the last wins
+        mode: str = DELIVER,
         recipients: tuple[str, ...] = (),
         extract: bool = False,  # -t
         dot_ends: bool = True,  # a lone "." line ends the message; -i and -oi turn it off

@@ -167,5 +167,5 @@ def _refusal(error: SendmailError, replies: dict[int, str]) -> smtp.Reply:
         full = not isinstance(cause, OSError) or cause.errno in _FULL  # a full queue, or disk
         code, status = ("452", "4.3.1") if full else ("451", "4.3.0")
     else:
-        code, status = replies.get(error.code, "554 5.3.0").split()
+        code, status = replies[error.code].split()
     return smtp.Reply(int(code), f"{status} {error.message}")

@@ -107,7 +107,6 @@ class Data:
 
     sender: str
     recipients: tuple[str, ...]
-    smtputf8: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +335,7 @@ class Server:
     def _data(self, argument: str) -> Event:
         if argument:
             return self._error(501, "5.5.4 DATA takes no argument")
-        return self._decide(Data(self._sender, tuple(self._recipients), self._smtputf8))
+        return self._decide(Data(self._sender, tuple(self._recipients)))
 
     def _rset(self, argument: str) -> Event:
         if self.state != State.GREETED:

@@ -145,6 +145,7 @@ class Profiles:
 
 
 def profiles_of(config: Config) -> Profiles:
+    """What the cache holds for `config`: a profile for the host and every tenant."""
     from nsmail.config import host_identity  # root's side, or a submission without a cache
 
     identities = (host_identity(config), *config.tenants)

@@ -110,7 +110,7 @@ def test_a_whole_session() -> None:
         "221 2.0.0",
     ]
     assert client.of(Mail) == [Mail("a@bcd.test", 100, True)]
-    assert client.of(Data) == [Data("a@bcd.test", ("b@cde.test", "postmaster"), True)]
+    assert client.of(Data) == [Data("a@bcd.test", ("b@cde.test", "postmaster"))]
     assert client.content == b"Subject: hi\r\n\r\n.leading dot\r\n"
     assert client.closed and client.of(EndOfMessage) == [EndOfMessage()]
 
@@ -169,8 +169,8 @@ def test_several_transactions_and_reset() -> None:
         b"MAIL FROM:<d@bcd.test>\r\nRCPT TO:<e@cde.test>\r\nDATA\r\ntwo\r\n.\r\n",
     )
     assert client.of(Data) == [
-        Data("a@bcd.test", ("b@cde.test",), False),
-        Data("d@bcd.test", ("e@cde.test",), False),
+        Data("a@bcd.test", ("b@cde.test",)),
+        Data("d@bcd.test", ("e@cde.test",)),
     ]
     assert client.content == b"one\r\ntwo\r\n"
     assert client.of(Mail)[1] == Mail("", None, False)  # the null reverse-path
@@ -281,7 +281,7 @@ def test_answers_decide_and_keep_the_state() -> None:
         "250 2.1.0",
         "250 2.1.5",
     ]
-    assert client.of(Data) == [Data("a@bcd.test", ("b@cde.test",), False)]
+    assert client.of(Data) == [Data("a@bcd.test", ("b@cde.test",))]
 
 
 def test_the_end_of_input() -> None:
