@@ -18,6 +18,9 @@ Choices where the RFCs leave room, each as Postfix or sendmail would do:
   body starts there and the blank line that separates them is inserted.
 - An unqualified address in To/Cc/Bcc (`-t`) gets the tenant's domain, as Postfix's
   append_at_myorigin does.
+- Sender is added only where RFC 5322 3.6.2 requires it, when From names more than one
+  mailbox: not merely because From differs from the envelope sender, which receivers
+  would show as "on behalf of" the login or the bounce address (Postfix adds none).
 
 Security: runs as the tenant on tenant-written bytes. `complete` raises nothing but
 HeaderError, whatever `raw` holds; the header section is bounded by MAX_HEADER_BYTES.
@@ -92,9 +95,10 @@ def complete(raw: bytes, c: Completion) -> Completed:
         added.append(("Date", format_datetime(c.now)))
     if b"from" not in names:
         added.append(("From", _mailbox(c.full_name, f"{c.local_user}@{c.domain}")))
-    elif b"sender" not in names and c.envelope_sender and _needs_sender(fields, c):
-        # RFC 5322 3.6.2: Sender names the agent responsible when From does not.
-        added.append(("Sender", c.envelope_sender))
+    elif b"sender" not in names and _authors(fields) > 1:
+        # RFC 5322 3.6.2: several authors, so Sender MUST name the one mailbox responsible
+        # for sending; the bounce address, else the submitter's own.
+        added.append(("Sender", c.envelope_sender or f"{c.local_user}@{c.domain}"))
     if b"message-id" not in names:
         # RFC 5322 3.6.4: msg-id = "<" id-left "@" id-right ">".
         added.append(("Message-ID", f"<{c.unique}@{c.domain}>"))
@@ -220,21 +224,15 @@ def _recipients(fields: list[list[bytes]], domain: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _needs_sender(fields: list[list[bytes]], c: Completion) -> bool:
-    """Whether From is anything but the envelope sender alone."""
-    authors: list[str] = []
-    for field in fields:
-        if _name(field[0]).lower() == b"from":
-            value = _value(field)
-            authors.extend(address for _, address in getaddresses([value]))
-    return len(authors) != 1 or not _same_address(authors[0], c.envelope_sender)
-
-
-def _same_address(a: str, b: str) -> bool:
-    # RFC 5321 2.4: the local part is case-sensitive, the domain is not.
-    local_a, _, domain_a = a.rpartition("@")
-    local_b, _, domain_b = b.rpartition("@")
-    return local_a == local_b and domain_a.lower() == domain_b.lower()
+def _authors(fields: list[list[bytes]]) -> int:
+    """How many mailboxes the From fields name."""
+    return sum(
+        1
+        for field in fields
+        if _name(field[0]).lower() == b"from"
+        for _, address in getaddresses([_value(field)])
+        if address
+    )
 
 
 def _mailbox(full_name: str | None, address: str) -> str:

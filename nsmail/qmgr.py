@@ -156,17 +156,33 @@ class QueueManager:
                 ),
             )
         except headers.HeaderError as e:
-            self._quarantine(state, queue_id, f"headers cannot be completed: {e}")
+            as_stored = Message(b"", body)
+            self._give_back(
+                state, queue_id, envelope, as_stored, f"5.6.0 headers cannot be completed: {e}"
+            )
             return None
+        message = Message(done.message, body.after(head_length))
         recipients = tuple(dict.fromkeys((*envelope.recipients, *done.recipients)))
-        if not recipients:
-            self._quarantine(state, queue_id, "no recipients")
+        if not recipients:  # -t, and none in the header (the decoder wants them otherwise)
+            why = "5.1.0 no recipient addresses found in header"
+            self._give_back(state, queue_id, envelope, message, why)
             return None
         cleaned = dataclasses.replace(
             envelope, recipients=recipients, extract=False, cleaned=True, arrival=arrival
         )
-        message = Message(done.message, body.after(head_length))
         return cleaned, message if self.signer is None else self.signer.sign(message, arrival)
+
+    def _give_back(
+        self, state: str, queue_id: str, envelope: Envelope, message: Message, why: str
+    ) -> None:
+        """Mail taken in that can be sent nowhere: a bounce to its sender (none for the
+        null sender), then quarantined; never only a log line. In that order, so a crash
+        between the two repeats the bounce rather than lose it."""
+        # Like Postfix's cleanup, "unknown" stands for recipients there are none of.
+        unsent = envelope.recipients or ("unknown",)
+        failures = [Outcome(r, Status.PERMANENT, 550, why, "") for r in unsent]
+        self._bounce(queue_id, envelope, message, failures, self.clock(), delayed=False)
+        self._quarantine(state, queue_id, why.partition(" ")[2])
 
     def _hold_if_over_limit(self, queue_id: str, envelope: Envelope, message: Message) -> bool:
         now = self.clock()

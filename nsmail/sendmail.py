@@ -5,13 +5,15 @@ imports, so submitting imports only this module, `nsmail.paths`, `nsmail.submiss
 `nsmail.maildrop` and `nsmail.queueframe`, and through them only modules built into the
 interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
 in the cache root keeps beside the configuration, and imports the configuration parser
-only when that cache is missing or out of date; listing the queue (-bp) imports more.
-The tenant is chosen by the caller's real uid; the message is
-streamed into the tenant's `maildrop` as it is read, never held whole in memory, and exit
-status 0 means it is on disk (fsynced). Exit codes are sysexits(3): 64 usage, 65 message
-over the tenant's `message_size_limit`, 75 cannot queue now (the queue over its
-`queue_size_limit`, full disk, quota, I/O error), 77 not permitted, 78 broken
-configuration.
+only when that cache is missing or out of date (a configuration that is not valid leaves
+the last good cache serving: see `nsmail.submission`); listing the queue (-bp) and SMTP on
+stdin (-bs, `nsmail.sendmail_smtp`) import more. The tenant is chosen by the caller's real
+uid; the message is streamed into the tenant's `maildrop` as it is read, never held whole
+in memory, and exit status 0 means it is on disk (fsynced). Exit codes are sysexits(3):
+64 usage (-t finding no recipient in the header included), 65 message over the tenant's
+`message_size_limit`, 75 cannot queue now (the queue over its `queue_size_limit`, full
+disk, quota, I/O error), 77 not permitted, 78 broken configuration; -bv exits 67
+(EX_NOUSER) when an address it checks is not deliverable.
 
 Security: not setuid; it runs as the submitting user, or as root with `--tenant`, in which
 case it becomes the tenant (groups, gid, uid) right after finding it, so
@@ -32,21 +34,30 @@ import time
 from nsmail import maildrop, queueframe
 from nsmail.maildrop import MAILDROP
 from nsmail.paths import locate
-from nsmail.submission import Profile, lookup, profile_of
+from nsmail.submission import Profile, Profiles, cached, profiles_of
 
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than a submission
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
     from typing import BinaryIO
 
     from nsmail.queueframe import Field
 
 PROG = "nsmail-sendmail"
 _CHUNK = 1 << 16
+# Enough of a message's start for any header section the worker takes
+# (headers.MAX_HEADER_BYTES); -t looks for recipients there.
+_HEADER_SCAN = 1 << 20
+# RFC 5322 3.2.3 atext, and the dot an obs-phrase (4.1) may hold.
+_ATEXT = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~."
+)
 
 DELIVER = "deliver"
 LIST = "list"
 FLUSH = "flush"
+SMTP = "smtp"
+VERIFY = "verify"
 
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets, including its angle brackets.
 _MAX_ADDRESS = 254
@@ -81,7 +92,8 @@ class Options:
 
     def __init__(
         self,
-        mode: str = DELIVER,  # DELIVER (-bm), LIST (-bp) or FLUSH (-q); the last one wins
+        # DELIVER (-bm), LIST (-bp), SMTP (-bs), VERIFY (-bv) or FLUSH (-q): the last wins
+        mode: str = DELIVER,
         recipients: tuple[str, ...] = (),
         extract: bool = False,  # -t
         dot_ends: bool = True,  # a lone "." line ends the message; -i and -oi turn it off
@@ -174,9 +186,9 @@ def _flag(options: Options, letter: str, glued: str) -> None:
 
 def _with_value(options: Options, letter: str, value: str) -> None:
     if letter == "b":
-        modes = {"m": DELIVER, "p": LIST}
+        modes = {"m": DELIVER, "p": LIST, "s": SMTP, "v": VERIFY}
         if value not in modes:
-            raise _usage(f"-b{_show(value)} is not supported (only -bm and -bp)")
+            raise _usage(f"-b{_show(value)} is not supported (only -bm, -bp, -bs and -bv)")
         options.mode = modes[value]
     elif letter in "fr":
         options.sender = value
@@ -266,7 +278,16 @@ def _run(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     if options.tenant is not None and os.getuid() != 0:
         raise SendmailError(os.EX_NOPERM, "only root may use --tenant")
-    tenant = _profile(locate(None, os.environ), options.tenant)
+    if options.mode == SMTP and (options.recipients or options.extract or options.sender):
+        raise _usage("-bs takes the sender and the recipients from MAIL and RCPT only")
+    try:
+        tenant = _profile(locate(None, os.environ), options.tenant)
+    except SendmailError as e:
+        if options.mode == SMTP:  # an SMTP client shows a reply, not our stderr
+            from nsmail.smtpserver import Reply
+
+            maildrop.write_all(1, Reply(421, f"4.3.0 {e.message}").encode())
+        raise
     if options.tenant is not None:
         _become(tenant)
     if options.mode == LIST:
@@ -276,11 +297,50 @@ def _run(argv: Sequence[str]) -> int:
             maildrop.request_flush(tenant.spool)
         except OSError as e:
             raise _tempfail("cannot request a queue run", e) from e
+    elif options.mode == VERIFY:
+        return _verify(options, tenant)
+    elif options.mode == SMTP:
+        from nsmail import sendmail_smtp  # only for -bs: a submission imports none of it
+
+        sendmail_smtp.serve(tenant, _login(os.getuid()), options.full_name)
     else:
         queue_id = _submit(options, tenant)
         if options.verbose:
             _complain(f"queued as {queue_id}")
     return os.EX_OK
+
+
+def _verify(options: Options, tenant: Profile) -> int:
+    """-bv: whether each recipient can be delivered to, one line each, as far as the
+    tenant's own configuration tells (syntax, its local users; no DNS, no mail sent).
+    Like sendmail, EX_NOUSER when one cannot (and one line on stderr)."""
+    if options.extract or not options.recipients:
+        raise _usage("-bv checks the recipients named as arguments")
+    envelope_sender(options.sender, _login(os.getuid()), tenant)  # refused as a submission
+    mailboxes = {user.casefold(): user for user in tenant.users}
+    verdicts = [_verdict(given, tenant, mailboxes) for given in options.recipients]
+    for given, (_, verdict) in zip(options.recipients, verdicts, strict=True):
+        print(f"{_show(given)}... {verdict}")
+    failed = sum(not ok for ok, _ in verdicts)
+    if not failed:
+        return os.EX_OK
+    sys.stdout.flush()
+    _complain(f"{failed} of {len(verdicts)} addresses undeliverable")
+    return os.EX_NOUSER
+
+
+def _verdict(given: str, tenant: Profile, mailboxes: dict[str, str]) -> tuple[bool, str]:
+    try:
+        address = qualify(given, tenant.domain)
+    except SendmailError as e:
+        return False, f"undeliverable: {e.message}"
+    local, _, domain = address.rpartition("@")
+    if domain.lower() != tenant.domain:
+        return True, f"deliverable: mailer smtp, host {_show(domain)}"
+    user = mailboxes.get(local.casefold())  # as the worker's local delivery matches it
+    if user is None:
+        return False, "undeliverable: no such user here"
+    return True, f"deliverable: mailer local, user {user}"
 
 
 def _list(tenant: Profile) -> None:
@@ -305,65 +365,178 @@ def _submit(options: Options, tenant: Profile) -> str:
     recipients = [qualify(r, tenant.domain) for r in options.recipients]
     if not recipients and not options.extract:
         raise _usage("no recipients given (name them, or use -t to take them from the headers)")
+    make_room(tenant)
+    message = read_message(
+        sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
+    )
+    if not recipients:
+        message = _requiring_recipients(message)
+    # The fields of queuefile.Envelope a submission sets; the others keep their defaults.
+    envelope: dict[str, Field] = {
+        "sender": sender,
+        "recipients": recipients,
+        "submitter": login,
+        "full_name": options.full_name,
+        "extract": options.extract,
+    }
+    return store(tenant, envelope, message)
+
+
+def make_room(tenant: Profile) -> None:
+    """Make the tenant's queue if its worker has not yet; SendmailError(EX_TEMPFAIL) when
+    it already holds `queue_size_limit` bytes, or cannot be made or measured."""
     try:
-        # The tenant's queue, made here if its worker has not made it yet; the host's
-        # queue is made by its worker alone.
+        # The host's queue is made by its worker alone.
         if not tenant.is_host and not os.path.isdir(os.path.join(tenant.spool, MAILDROP)):
             maildrop.create(tenant.spool)
         limit = tenant.queue_size_limit
         queued = maildrop.size(tenant.spool) if limit else 0
-        if queued > limit:
-            raise SendmailError(
-                os.EX_TEMPFAIL,
-                f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
-                f"{limit}; try again later",
-            )
-        now = time.time()
-        # The fields of queuefile.Envelope a submission sets; the others keep their defaults.
-        envelope: dict[str, Field] = {
-            "sender": sender,
-            "recipients": recipients,
-            "arrival": now,
-            "submitter": login,
-            "full_name": options.full_name,
-            "extract": options.extract,
-        }
-        queue_id = maildrop.new_queue_id(now)
-        message = read_message(
-            sys.stdin.buffer, dot_ends=options.dot_ends, limit=tenant.message_size_limit
+    except OSError as e:
+        raise _tempfail("cannot queue the message", e) from e
+    if queued > limit:
+        raise SendmailError(
+            os.EX_TEMPFAIL,
+            f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
+            f"{limit}; try again later",
         )
-        # drop fsyncs the file and its directory and leaves no partial file on failure (a
-        # message over the limit included). The host's worker (another user) must read
-        # what the machine's users drop off.
-        mode = 0o644 if tenant.is_host else 0o600
-        maildrop.drop(tenant.spool, queue_id, queueframe.frame(envelope, message), mode)
-    except OSError as e:  # ENOSPC, EDQUOT, EIO, EACCES...: the caller should retry later
+
+
+def store(tenant: Profile, envelope: dict[str, Field], message: Iterable[bytes]) -> str:
+    """Store `message` durably in the tenant's maildrop with `envelope` (its arrival time
+    added here); its queue id. SendmailError(EX_TEMPFAIL) for ENOSPC, EDQUOT, EIO,
+    EACCES...: the caller should retry later."""
+    now = time.time()
+    queue_id = maildrop.new_queue_id(now)
+    # drop fsyncs the file and its directory and leaves no partial file on failure (a
+    # message over the limit included). The host's worker (another user) must read what
+    # the machine's users drop off.
+    mode = 0o644 if tenant.is_host else 0o600
+    try:
+        pieces = queueframe.frame({**envelope, "arrival": now}, message)
+        maildrop.drop(tenant.spool, queue_id, pieces, mode)
+    except OSError as e:
         raise _tempfail("cannot queue the message", e) from e
     return queue_id
 
 
+def _requiring_recipients(message: Iterator[bytes]) -> Iterator[bytes]:
+    """`message` as it is read (-t without recipient arguments); at its end
+    SendmailError(EX_USAGE) if its header names no recipient, as sendmail(8) refuses it,
+    so that the worker never takes in mail it cannot send anywhere."""
+    head = bytearray()
+    size = 0
+    for piece in message:
+        size += len(piece)
+        if len(head) < _HEADER_SCAN:
+            head += piece[: _HEADER_SCAN - len(head)]
+        yield piece
+    if not names_a_recipient(bytes(head), truncated=size > len(head)):
+        raise _usage("no recipient addresses found in header")
+
+
+def names_a_recipient(head: bytes, *, truncated: bool) -> bool:
+    """Whether the header section at the start of `head` (the start of a message, cut
+    if `truncated`) may name a recipient in To, Cc or Bcc.
+
+    False only when it surely names none: no such field holds more than whitespace,
+    comments and empty groups (`undisclosed-recipients:;`). This is the lean look of a
+    command that cannot afford the email package; the worker's parser (nsmail.headers)
+    decides the rest, and bounces what it finds no recipient in after all. Lines end as
+    there: at CRLF, CR or LF; the header section ends at an empty line or a line that is
+    no header field.
+    """
+    lines = head.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if truncated:
+        lines.pop()  # cut anywhere, even inside a field name
+    values: list[bytes] = []  # of the To, Cc and Bcc fields, unfolded
+    in_recipient_field = in_field = False
+    for line in lines:
+        line = line.replace(b"\0", b"")
+        if line[:1] in (b" ", b"\t") and in_field:
+            if in_recipient_field:
+                values[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not all(0x21 <= c <= 0x7E for c in name):
+            truncated = False  # the header section ends here
+            break
+        in_field, in_recipient_field = True, name.lower() in (b"to", b"cc", b"bcc")
+        if in_recipient_field:
+            values.append(value)
+    # A header section that goes on past `head`: the worker decides alone.
+    return truncated or any(_holds_an_address(value) for value in values)
+
+
+def _holds_an_address(value: bytes) -> bool:
+    """Whether an address-list field value holds anything but whitespace, comments
+    (RFC 5322 3.2.2), empty angle brackets and empty groups of plain words (3.4:
+    `undisclosed-recipients:;`); anything unusual counts as an address."""
+    depth = 0  # of nested comments
+    quoted = escaped = False
+    content = False  # in this comma- or semicolon-separated piece
+    plain = True  # and all of it words (atext, RFC 5322 3.2.3) and whitespace
+    colons = 0  # in this piece
+    after_colon = False  # content after its last colon
+    for c in value:
+        if escaped:  # the second half of a quoted-pair
+            escaped = False
+        elif quoted:
+            quoted, escaped = c != 0x22, c == 0x5C
+        elif depth:
+            depth += (c == 0x28) - (c == 0x29)
+            escaped = c == 0x5C
+        elif c == 0x3A:  # :
+            colons, after_colon = colons + 1, False
+        elif c in b",;":
+            empty_group = c == 0x3B and plain and colons == 1 and not after_colon
+            if content and not empty_group:
+                return True
+            content, plain, colons, after_colon = False, True, 0, False
+        elif c in b" \t":
+            continue
+        else:
+            plain = plain and c in _ATEXT
+            depth = c == 0x28  # (
+            if c not in b"()<>":
+                content = after_colon = True
+                quoted, escaped = c == 0x22, c == 0x5C  # a quoted-string or a quoted-pair
+    return content
+
+
 def _profile(config_path: str, domain: str | None) -> Profile:
-    """The caller's tenant (or, for root, the one named by --tenant): from the cache root
-    keeps beside the configuration while it is current, else from the configuration."""
-    if domain is None and (cached := lookup(config_path, os.getuid())) is not None:
-        return cached
+    """The caller's tenant (or, for root, the one named by --tenant), as the cache root
+    keeps beside the configuration says while it is current, else as the configuration
+    says; the last good cache when the configuration cannot be used (nsmail.submission)."""
+    profiles = cached(config_path)
+    if profiles is None or not profiles.current:
+        profiles = _configured(config_path, profiles)
+    if domain is None:
+        return profiles.of_uid(os.getuid())
+    named = profiles.of_domain(domain)
+    if named is None:
+        raise _usage(f"--tenant {_show(domain)}: no such tenant in {config_path}")
+    return named
+
+
+def _configured(config_path: str, last_good: Profiles | None) -> Profiles:
     from pathlib import Path
 
     from nsmail import config as configuration  # only without a current cache
 
     try:
-        config = configuration.load(Path(config_path))
+        return profiles_of(configuration.load(Path(config_path)))
     except configuration.ConfigError as e:
-        raise SendmailError(os.EX_CONFIG, str(e)) from e
-    if domain is not None:
-        named = config.tenant(domain)
-        if named is None:
-            raise _usage(f"--tenant {_show(domain)}: no such tenant in {config.path}")
-        return profile_of(named, config.delivery)
-    uid = os.getuid()
-    mine = next((t for t in config.tenants if t.uid == uid), None)
-    # Users outside every tenant send as the hosting machine itself.
-    return profile_of(mine or configuration.host_identity(config), config.delivery)
+        if last_good is not None:
+            return last_good
+        # A drop-in, or a [[tenant]] table, is some tenant's: its name and its problem
+        # are for root and `nsmail check`, not for another tenant's web app.
+        main_file_unusable = e.file == str(Path(config_path)) and e.field in ("file", "toml")
+        if main_file_unusable or os.getuid() == 0:
+            raise SendmailError(os.EX_CONFIG, str(e)) from e
+        raise SendmailError(
+            os.EX_CONFIG,
+            f"{config_path} is not a valid configuration (`nsmail check` names the problem)",
+        ) from e
 
 
 def _become(tenant: Profile) -> None:

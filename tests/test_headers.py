@@ -108,23 +108,32 @@ def test_undecodable_full_name_is_replaced_not_raised() -> None:
 @pytest.mark.parametrize(
     ("header", "sender", "expected"),
     [
-        (b"From: alice@bcd.test", "alice@bcd.test", False),
-        (b"From: Alice <alice@BCD.Test>", "alice@bcd.test", False),
-        (b"From: Alice <Alice@bcd.test>", "alice@bcd.test", True),  # local parts are exact
-        (b"From: boss@bcd.test", "alice@bcd.test", True),
-        (b"From: a@bcd.test, b@bcd.test", "a@bcd.test", True),  # RFC 5322 3.6.2
-        (b"From: boss@bcd.test\r\nSender: alice@bcd.test", "alice@bcd.test", False),
-        (b"From: boss@bcd.test", "", False),  # null sender: nobody to name
-        (b"From: <<<", "alice@bcd.test", True),
+        (b"From: alice@bcd.test", "alice@bcd.test", None),
+        (b"From: Alice <Alice@bcd.test>", "alice@bcd.test", None),
+        # From is not the envelope sender (a web app's noreply, a bounce address, the
+        # login): receivers would show "on behalf of" it, and RFC 5322 wants no Sender.
+        (b"From: boss@bcd.test", "alice@bcd.test", None),
+        (b"From: Shop <noreply@bcd.test>", "uid61000@bcd.test", None),
+        (b"From: <<<", "alice@bcd.test", None),
+        (b"From: undisclosed:;", "alice@bcd.test", None),
+        # RFC 5322 3.6.2: more than one author, so Sender MUST name one mailbox.
+        (b"From: a@bcd.test, b@bcd.test", "a@bcd.test", "a@bcd.test"),
+        (b"From: a@bcd.test, b@bcd.test", "", "alice@bcd.test"),  # null sender: the submitter
+        (b"From: a@bcd.test\r\nFrom: b@bcd.test", "bounces@bcd.test", "bounces@bcd.test"),
+        (b"From: a@bcd.test, b@bcd.test\r\nSender: a@bcd.test", "x@bcd.test", None),
     ],
 )
-def test_sender_when_from_is_not_the_envelope_sender(
-    header: bytes, sender: str, expected: bool
+def test_sender_only_when_from_has_several_mailboxes(
+    header: bytes, sender: str, expected: str | None
 ) -> None:
     result = run(header + b"\r\n" + KEPT + b"\r\nbody\r\n", envelope_sender=sender)
-    assert ("Sender" in result.added) == expected
-    if expected:
-        assert f"\r\nSender: {sender}\r\n".encode() in result.message
+    assert ("Sender" in result.added) == (expected is not None)
+    if expected is not None:
+        assert f"\r\nSender: {expected}\r\n".encode() in result.message
+    else:
+        assert header_block(result.message).lower().count(b"\nsender:") == header.lower().count(
+            b"\nsender:"
+        )
 
 
 def test_extract_recipients_collects_to_cc_bcc_and_drops_bcc() -> None:

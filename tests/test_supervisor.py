@@ -20,7 +20,7 @@ from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec, 
 from lab import Lab, Nsd, Postfix
 
 from nsmail.netns import SOURCE_RULE_PRIORITY
-from nsmail.submission import lookup
+from nsmail.submission import cached
 from nsmail.supervisor import PING_TIMEOUT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -146,8 +146,9 @@ def test_reload_adds_removes_and_leaves_the_unchanged_alone(lab: Lab) -> None:
     rules = ["198.51.100.70", "198.51.100.81", "2001:db8:51::70", "2001:db8:51::72"]
     assert source_rules(lab) == rules
     # What nsmail-sendmail reads instead of the configuration follows the reload.
-    cached = lookup(str(hosting.config_path), hosting.uid("def.test"))
-    assert cached is not None and cached.domain == "def.test"
+    profiles = cached(str(hosting.config_path))
+    assert profiles is not None and profiles.current
+    assert profiles.of_uid(hosting.uid("def.test")).domain == "def.test"
 
     hosting.write_config((DUAL,))
     hosting.signal(signal.SIGHUP)
