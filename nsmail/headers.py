@@ -119,9 +119,19 @@ def header_length(raw: bytes) -> int:
     """How many bytes at the start of `raw` are its header section as `complete` sees it,
     the blank line that ends it included: `complete(raw[:n])` is the completed header
     section and `raw[n:]` the body, unchanged, so the body can stay on disk."""
+    if b"\0" not in raw:
+        return _header_length(raw)
+    # `complete` drops NULs before it finds line ends, so CR NUL LF is one line end: find
+    # them the same way, then count the NULs back in.
+    kept = [i for i, byte in enumerate(raw) if byte]
+    length = _header_length(raw.replace(b"\0", b""))
+    return kept[length] if length < len(kept) else len(raw)
+
+
+def _header_length(raw: bytes) -> int:
     start = 0
     for end in _LINE_END.finditer(raw):
-        line = raw[start : end.start()].replace(b"\0", b"")
+        line = raw[start : end.start()]
         if line == b"":
             return end.end()
         if not (line[:1] in (b" ", b"\t") and start) and not _FIELD.match(line):
