@@ -337,28 +337,29 @@ class Client:
             self._fail(violation(self._stage(), f"unsolicited reply {_short(reply)}"))
 
     def _greeting(self, reply: Reply) -> None:
-        if self._judge(Stage.GREETING, reply, {220}):
+        if self._judge(Stage.GREETING, reply, {220}, survivable=False) and self._send(
+            b"EHLO " + self._name
+        ):
             self._go(Event.ACCEPTED)
-            self._send(b"EHLO " + self._name)
 
     def _ehlo(self, reply: Reply) -> None:
         if 500 <= reply.code <= 599:
-            self._go(Event.HELO)
-            self._send(b"HELO " + self._name)
-        elif self._judge(Stage.EHLO, reply, {250}):
+            if self._send(b"HELO " + self._name):
+                self._go(Event.HELO)
+        elif self._judge(Stage.EHLO, reply, {250}, survivable=False):
             self.extensions = parse_extensions(reply)
             self._greeted(Stage.EHLO)
 
     def _helo(self, reply: Reply) -> None:
-        if self._judge(Stage.HELO, reply, {250}):
+        if self._judge(Stage.HELO, reply, {250}, survivable=False):
             self._greeted(Stage.HELO)
 
     def _greeted(self, stage: Stage) -> None:
         if self.encrypted or self.mode is TlsMode.NONE:
             self._go(Event.ACCEPTED)
         elif self.extensions.starttls:
-            self._go(Event.TLS_OFFERED)
-            self._send(b"STARTTLS")
+            if self._send(b"STARTTLS"):
+                self._go(Event.TLS_OFFERED)
         elif self.mode is TlsMode.VERIFY:
             self._fail(tls_failed(stage, "TLS is required, but the server does not offer STARTTLS"))
         else:
@@ -371,7 +372,7 @@ class Client:
             else:
                 words = f"TLS is required, but STARTTLS was refused: {reply.words}"
                 self._fail(tls_failed(Stage.STARTTLS, words, reply))
-        elif self._judge(Stage.STARTTLS, reply, {220}):
+        elif self._judge(Stage.STARTTLS, reply, {220}, survivable=False):
             if self._reader.pending:
                 # RFC 3207 5: bytes that came in clear before the handshake, maybe injected
                 # by a man in the middle, would be read as replies over TLS.
@@ -382,9 +383,8 @@ class Client:
     def _envelope(self, reply: Reply) -> None:
         transaction = self._ongoing()
         command = transaction.awaited.popleft()
-        if not self._judge(
-            command.stage, reply, {354} if command.stage is Stage.DATA else _POSITIVE
-        ):
+        wanted = {354} if command.stage is Stage.DATA else _POSITIVE
+        if not self._judge(command.stage, reply, wanted, survivable=True):
             return
         accepted = reply.code < 400
         if command.stage is Stage.MAIL:
@@ -415,16 +415,16 @@ class Client:
         if transaction.go_ahead and transaction.mail_accepted and transaction.accepted:
             self._go(Event.GO_AHEAD)
         elif transaction.go_ahead:
-            self._go(Event.DECLINE)  # RFC 2920 3.1: a 354 with nothing to send: a lone dot
-            self._send(b".")
+            if self._send(b"."):  # RFC 2920 3.1: a 354 with nothing to send: a lone dot
+                self._go(Event.DECLINE)
         elif transaction.mail_accepted:
-            self._go(Event.ABORTED)  # RFC 5321 4.1.1.5: clear the half-done transaction
-            self._send(b"RSET")
+            if self._send(b"RSET"):  # RFC 5321 4.1.1.5: clear the half-done transaction
+                self._go(Event.ABORTED)
         else:
             self._go(Event.ENDED)
 
     def _dot(self, reply: Reply) -> None:
-        if self._judge(Stage.DOT, reply, _POSITIVE):
+        if self._judge(Stage.DOT, reply, _POSITIVE, survivable=True):
             accepted = reply.code in _POSITIVE
             result: Delivered | Failure = (
                 Delivered(reply) if accepted else refusal(Stage.DOT, reply)
@@ -433,11 +433,11 @@ class Client:
             self._go(Event.ACCEPTED if accepted else Event.REFUSED)
 
     def _decline(self, reply: Reply) -> None:
-        if self._judge(Stage.DOT, reply, _POSITIVE):
+        if self._judge(Stage.DOT, reply, _POSITIVE, survivable=True):
             self._go(Event.ACCEPTED if reply.code in _POSITIVE else Event.REFUSED)
 
     def _rset(self, reply: Reply) -> None:
-        if self._judge(Stage.RSET, reply, _POSITIVE):
+        if self._judge(Stage.RSET, reply, _POSITIVE, survivable=True):
             if reply.code in _POSITIVE:
                 self._go(Event.ACCEPTED)
             else:
@@ -448,12 +448,15 @@ class Client:
 
     # --- helpers --------------------------------------------------------------------
 
-    def _judge(self, stage: Stage, reply: Reply, wanted: Container[int]) -> bool:
-        """Whether the session goes on after `reply`: a wanted code, or a 4yz or 5yz
-        other than 421 (the caller tells those apart). Otherwise it fails here."""
-        if reply.code in wanted or (400 <= reply.code <= 599 and reply.code != 421):
+    def _judge(
+        self, stage: Stage, reply: Reply, wanted: Container[int], *, survivable: bool
+    ) -> bool:
+        """Whether the session goes on after `reply`: a wanted code, or, if `survivable`,
+        a 4yz or 5yz other than 421 (the caller tells those apart). Else it fails here."""
+        refused = 400 <= reply.code <= 599
+        if reply.code in wanted or (survivable and refused and reply.code != 421):
             return True
-        if reply.code == 421:  # RFC 5321 3.8: the server closes the channel
+        if refused:  # 421: RFC 5321 3.8, the server closes the channel
             self._fail(refusal(stage, reply))
         else:  # e.g. 250 to DATA (RFC 5321 4.3.2: 354, 4yz or 5yz only)
             self._fail(violation(stage, f"{_short(reply)} in reply to {stage.value}"))
@@ -485,19 +488,20 @@ class Client:
         line = f"MAIL FROM:<{sender}>" + "".join(parameters)
         return line.encode("utf-8" if utf8 else "ascii")
 
-    def _send(self, line: bytes) -> None:
-        self._send_group([_Command(self._stage(), line)], awaited=False)
+    def _send(self, line: bytes) -> bool:
+        return self._send_group([_Command(self._stage(), line)], awaited=False)
 
-    def _send_group(self, commands: list[_Command], awaited: bool = True) -> None:
+    def _send_group(self, commands: list[_Command], awaited: bool = True) -> bool:
         """Queue `commands` for one write, unless the server has spoken out of turn."""
         if self._reader.pending:
-            # Bytes before the command was sent cannot be its reply (RFC 5321 4.1.1.1 has
-            # the server speak only when spoken to).
+            # Bytes that came before the command cannot be its reply: a server speaks only
+            # when spoken to (RFC 5321 2.3.7, 4.2).
             self._fail(violation(self._stage(), "reply before the command"))
-            return
+            return False
         self._out.extend(command.line + b"\r\n" for command in commands)
         if awaited:
             self._ongoing().awaited.extend(commands)
+        return True
 
     def _settle(self, result: Delivered | Failure) -> None:
         """`result` for every recipient of the transaction that has none yet."""
