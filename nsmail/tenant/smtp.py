@@ -145,7 +145,11 @@ async def open_session(
     sock = await _connect(address, port, source, timeouts.connect)
     client = Client(ehlo, tls)
     wire = _Wire(client)
-    transport, _ = await asyncio.get_running_loop().create_connection(lambda: wire, sock=sock)
+    try:
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: wire, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     session = Session(client, wire, transport, sock, server_name, contexts, timeouts)
     try:
         await session._open()
@@ -158,7 +162,11 @@ async def open_session(
 
 
 class Session:
-    """One open SMTP session; its methods must not run concurrently."""
+    """One open SMTP session; its methods must not run concurrently.
+
+    `reset` and `quit` want a usable session; `deliver` also takes one the server closed
+    while idle (each recipient then gets the reason), but not one the caller closed.
+    """
 
     def __init__(
         self,
@@ -208,9 +216,9 @@ class Session:
     async def deliver(self, sender: str, recipients: Sequence[str], message: Message) -> Results:
         """One transaction: each recipient's `Delivered` or `Failure`, in the given order.
 
-        Never raises for anything the server does; an OSError reading `message` (its
-        queue file) aborts the session, so that no torn message can be taken, and
-        propagates.
+        Never raises for anything the server does. An OSError reading `message` (its
+        queue file) propagates; if it came while the message was being sent, the session
+        is aborted first, so that no torn message can be taken.
         """
         client = self._client
         client.begin(sender, recipients, message.size, not message.is_ascii())

@@ -269,26 +269,29 @@ class Client:
         left, nothing is sent and `results` is ready. On a session the server closed
         while idle, every recipient gets the reason.
         """
+        why_closed = self.failure if self.closed else None
+        if why_closed is None:
+            self._go(Event.BEGIN)  # a caller's mistake raises here, before anything changes
         order = list(dict.fromkeys(recipients))
-        results: Results = {}
+        transaction = _Transaction(order, deque())
+        self._transaction = transaction
+        if why_closed is not None:
+            self._settle(why_closed)
+            return
         for recipient in order:
             if _BAD_PATH.search(recipient):
-                results[recipient] = unsendable(Stage.RCPT, _BAD_RECIPIENT, "bad recipient address")
-        sendable = [r for r in order if r not in results]
-        transaction = _Transaction(order, deque(), results=results)
-        self._transaction = transaction
-        if self.state is State.CLOSED and self.failure is not None:
-            self._settle(self.failure)
-            return
-        self._go(Event.BEGIN)  # a caller's mistake raises here
+                failure = unsendable(Stage.RCPT, _BAD_RECIPIENT, "bad recipient address")
+                transaction.results[recipient] = failure
+        sendable = [r for r in order if r not in transaction.results]
         problem = self._unsendable(sender, sendable, size)
         if problem is not None:
             self._settle(problem)
         if problem is not None or not sendable:
             self._go(Event.ENDED)
             return
-        commands = [_Command(Stage.MAIL, self._mail(sender, sendable, size, eight_bit))]
-        encoding = "utf-8" if self.extensions.smtputf8 else "ascii"  # RFC 6531 3.2
+        utf8 = _needs_utf8(sender, sendable)
+        encoding = "utf-8" if utf8 else "ascii"  # RFC 6531 3.2
+        commands = [_Command(Stage.MAIL, self._mail(sender, size, eight_bit, utf8))]
         commands += [_Command(Stage.RCPT, f"RCPT TO:<{r}>".encode(encoding), r) for r in sendable]
         commands.append(_Command(Stage.DATA, b"DATA"))
         self.transactions += 1
@@ -337,9 +340,9 @@ class Client:
             self._fail(violation(self._stage(), f"unsolicited reply {_short(reply)}"))
 
     def _greeting(self, reply: Reply) -> None:
-        if self._judge(Stage.GREETING, reply, {220}, survivable=False) and self._send(
-            b"EHLO " + self._name
-        ):
+        if not self._judge(Stage.GREETING, reply, {220}, survivable=False):
+            return
+        if self._send(b"EHLO " + self._name):
             self._go(Event.ACCEPTED)
 
     def _ehlo(self, reply: Reply) -> None:
@@ -475,14 +478,13 @@ class Client:
             return unsendable(Stage.MAIL, _NEEDS_UTF8, words)
         return None
 
-    def _mail(self, sender: str, recipients: list[str], size: int, eight_bit: bool) -> bytes:
+    def _mail(self, sender: str, size: int, eight_bit: bool, utf8: bool) -> bytes:
         offered = self.extensions
         parameters = []
         if offered.size is not None:
             parameters.append(f" SIZE={size}")  # RFC 1870 3: an estimate is fine
         if eight_bit and offered.eight_bit_mime:
             parameters.append(" BODY=8BITMIME")  # RFC 6152 2
-        utf8 = _needs_utf8(sender, recipients)
         if utf8:
             parameters.append(" SMTPUTF8")  # RFC 6531 3.4
         line = f"MAIL FROM:<{sender}>" + "".join(parameters)
@@ -494,8 +496,8 @@ class Client:
     def _send_group(self, commands: list[_Command], awaited: bool = True) -> bool:
         """Queue `commands` for one write, unless the server has spoken out of turn."""
         if self._reader.pending:
-            # Bytes that came before the command cannot be its reply: a server speaks only
-            # when spoken to (RFC 5321 2.3.7, 4.2).
+            # Bytes that came before the command cannot be its reply: the client speaks,
+            # the server answers (RFC 5321 4.3.1: "an alternating dialogue").
             self._fail(violation(self._stage(), "reply before the command"))
             return False
         self._out.extend(command.line + b"\r\n" for command in commands)
