@@ -10,21 +10,21 @@ import datetime
 import errno
 import functools
 import shutil
-import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from test_delivery import Recorder, free_port
+from test_delivery import smtp_server as aiosmtpd
 
 from nsmail.core.smtp import Delivered, Failure, Kind, Results, Stage, TlsMode
 from nsmail.message import CHUNK, Message
@@ -122,65 +122,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(server, directory / "ca.pem")
 
 
-# --- aiosmtpd, a real receiver --------------------------------------------------------
-
-
-@dataclass
-class Received:
-    sender: str
-    recipients: list[str]
-    content: bytes
-    peer: str
-    ehlo: str
-    tls: bool
-    session: int
-
-
-@dataclass
-class Recorder:
-    refuse: dict[str, str] = field(default_factory=dict)  # local part -> RCPT reply
-    received: list[Received] = field(default_factory=list)
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: Any
-    ) -> str:
-        reply = self.refuse.get(address.split("@")[0])
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.received.append(
-            Received(
-                envelope.mail_from,
-                list(envelope.rcpt_tos),
-                envelope.original_content,
-                session.peer[0],
-                session.host_name,
-                session.ssl is not None,
-                id(session),
-            )
-        )
-        return "250 2.0.0 accepted"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def aiosmtpd(recorder: Recorder, host: str = "127.0.0.1", **kwargs: Any) -> Iterator[int]:
-    controller = Controller(recorder, hostname=host, port=free_port(host), **kwargs)
-    controller.start()
-    try:
-        yield controller.port
-    finally:
-        controller.stop()
+# --- aiosmtpd, a real receiver (test_delivery's) -------------------------------------
 
 
 async def connect(
@@ -244,7 +186,7 @@ def test_delivers_from_the_source_address_with_the_ehlo_name() -> None:
 
 
 def test_one_session_carries_several_transactions() -> None:
-    recorder = Recorder(refuse={"nobody": "550 5.1.1 no such user"})
+    recorder = Recorder(rcpt_replies={"nobody": "550 5.1.1 no such user"})
 
     async def run(port: int) -> None:
         session = await connect(port)
