@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-# smtplib's limit, which the first release kept; RFC 5321 4.5.3.1.5 says 512 octets, but
-# real servers send longer lines (Gmail's run to about 80, some banners to 1000 and more).
+# smtplib's limit, which the first release kept: RFC 5321 4.5.3.1.5 says 512 octets, but
+# servers send longer lines, and a client must accept what it can (4.5.3.1).
 MAX_LINE = 8192  # octets, line end included
 MAX_LINES = 100  # far more than the longest EHLO reply
 MAX_REPLY = 65536  # octets: 100 lines of 8 KiB would be 800 KiB per session
