@@ -1,4 +1,5 @@
-"""Pure code, run by every nsmail process: no os, socket, time or asyncio imports.
+"""nsmail's pure core: formats, protocols and decisions, with no IO, no clock and no OS.
 
-It trusts nothing it is handed: bytes from servers and tenants are parsed with bounds here.
+Runs in every process (root, tenant, submitter) and trusts nothing it is given: its inputs
+are bytes, numbers and the time, passed in by the thin IO shells around it.
 """
