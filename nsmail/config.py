@@ -1,14 +1,18 @@
 """Configuration: TOML documents in, one validated frozen `Config` out, or one `ConfigError`.
 
-`parse` is pure: the files' text and a `SystemLookup` (passwd, directories, resolv.conf)
+`parse` is pure: the files' text and a `SystemLookup` (passwd, `lstat`, resolv.conf)
 are passed in. `load` and `system_lookup` are the thin IO shell around it.
 
 Security: read by the root supervisor. The files are trusted as the administrator's
 word, but they decide which uid, home and address each tenant gets, so everything is
 checked before a namespace or process exists: no tenant may run as uid or gid 0, have
 "/" as its home, share a uid, home, domain or address with another tenant, or use an
-address that is not a plain unicast one. Any value may be echoed in an error, so errors
-escape unprintable characters and stay on one line.
+address that is not a plain unicast one (in bridge mode: one in the bridge's subnet). A
+home is a chroot that root enters: it must be a directory of the tenant's own, neither
+inside nor above another tenant's home or the host's spool, on a path of directories that
+only root can change (no symlinks, no group- or world-writable directory, sticky or not);
+nor may a symlink lead to the host's own jails (run_dir, spool). Any value may be echoed
+in an error, so errors escape unprintable characters and stay on one line.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import ipaddress
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
@@ -30,7 +35,9 @@ from nsmail.paths import DROPIN_DIR
 from nsmail.spool import SPOOL_IN_HOME
 
 IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
 _Family = TypeVar("_Family", IPv4Address, IPv6Address)
+_Subnet = TypeVar("_Subnet", IPv4Network, IPv6Network)
 
 DEFAULT_RUN_DIR = Path("/run/nsmail")
 DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
@@ -42,7 +49,9 @@ _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset(
     {"name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group", "metrics"}
 )
-_NETWORK_KEYS = frozenset({"mode", "bridge", "gateway4", "gateway6", "prefix"})
+_NETWORK_KEYS = frozenset(
+    {"mode", "bridge", "gateway4", "gateway6", "subnet4", "subnet6", "prefix"}
+)
 _DELIVERY_KEYS = frozenset(
     {
         "scan_interval",
@@ -135,6 +144,10 @@ class NetworkConfig:
     gateway4: IPv4Address | None
     gateway6: IPv6Address | None
     prefix: str
+    # Bridge mode: the on-link subnets of the bridge, which hold every tenant address
+    # (a tenant gets its address as a /32 or /128, so nothing else says where it belongs).
+    subnet4: IPv4Network | None = None
+    subnet6: IPv6Network | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,13 +256,24 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
+class Inode:
+    """What lstat(2) says of a path: its owner and its mode (file type bits included)."""
+
+    uid: int
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
 class SystemLookup:
     """The facts about this machine that validation needs, injected so `parse` stays pure."""
 
     user: Callable[[str], Account | None]
-    is_dir: Callable[[str], bool]
+    lstat: Callable[[str], Inode | None]  # None: nothing there (or not reachable)
     default_resolvers: Callable[[], tuple[IPAddress, ...]]
     group: Callable[[str], int | None] = lambda name: None  # group name -> gid
+    # The on-link subnets of a bridge of this namespace, for bridge mode without
+    # subnet4/subnet6; () when there is no such bridge or it has no address.
+    bridge_subnets: Callable[[str], tuple[IPNetwork, ...]] = lambda name: ()
 
 
 def host_identity(config: Config) -> Tenant:
@@ -276,7 +300,8 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
     main = _Table(main_file, "", _decode(main_file, main_text))
     main.reject_unknown(_MAIN_TABLES)
     host = _host(main.table("host", required=True), lookup)
-    network = _network(main.table("network", required=False))
+    _check_host_jails(main, host, lookup)
+    network = _network(main.table("network", required=False), lookup)
     delivery = _delivery(main.table("delivery", required=False))
 
     registry = _Registry(host, network)
@@ -289,6 +314,7 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
             registry.add(tenant_table, _tenant(tenant_table, lookup))
     registry.check_dkim_keys()
     _check_gateways(main, network, registry.tenants)
+    registry.check_homes(lookup)
     return Config(Path(main_file), host, network, delivery, tuple(registry.tenants))
 
 
@@ -327,13 +353,32 @@ def run_dir_of(path: Path) -> Path:
 
 
 def system_lookup() -> SystemLookup:
-    """The real machine: passwd, the filesystem and /etc/resolv.conf."""
+    """The real machine: passwd, the filesystem, /etc/resolv.conf and the bridge."""
     return SystemLookup(
         user=_passwd_user,
-        is_dir=os.path.isdir,
+        lstat=_lstat,
         default_resolvers=_resolv_conf,
         group=_group_id,
+        bridge_subnets=_bridge_subnets,
     )
+
+
+def _bridge_subnets(name: str) -> tuple[IPNetwork, ...]:
+    from pyroute2 import IPRoute  # only bridge mode without subnets needs netlink
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            (index,) = ipr.link_lookup(ifname=name) or [None]
+            if index is None:
+                return ()
+            found = [
+                ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network
+                for a in ipr.get_addr(index=index)
+            ]
+    except (OSError, NetlinkError):
+        return ()
+    return tuple(n for n in found if not n.is_link_local)
 
 
 def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
@@ -373,6 +418,14 @@ def _passwd_user(name: str) -> Account | None:
     except (KeyError, ValueError):  # ValueError: an embedded NUL
         return None
     return Account(entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def _lstat(path: str) -> Inode | None:
+    try:
+        found = os.lstat(path)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+    return Inode(found.st_uid, found.st_mode)
 
 
 def _group_id(name: str) -> int | None:
@@ -548,6 +601,19 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
     )
 
 
+def _check_host_jails(main: _Table, host: HostConfig, lookup: SystemLookup) -> None:
+    """The DNS relay's jail (in run_dir) and the host worker's (spool) are entered without
+    following symlinks too: a symlink on the way is refused now, not at every start. The
+    supervisor makes what does not exist yet."""
+    for key, path in (("run_dir", host.run_dir), ("spool", host.spool)):
+        for part in (*reversed(path.parents), path):
+            inode = lookup.lstat(str(part))
+            if inode is None:
+                break
+            if stat.S_ISLNK(inode.mode):
+                raise main.error(f"host.{key}", f"'{part}' is a symbolic link: give the real path")
+
+
 def _check_endpoint(table: _Table, key: str, text: str) -> None:
     """ "198.51.100.1:9425" or "[2001:db8::1]:9425"."""
     host, colon, port = text.rpartition(":")
@@ -567,7 +633,7 @@ def _absolute_path(table: _Table, key: str, default: Path) -> Path:
     return Path(path)
 
 
-def _network(table: _Table) -> NetworkConfig:
+def _network(table: _Table, lookup: SystemLookup) -> NetworkConfig:
     table.reject_unknown(TABLE_KEYS["network"])
     mode = table.string_or("mode", "bridge")
     if mode not in ("bridge", "routed"):
@@ -578,7 +644,7 @@ def _network(table: _Table) -> NetworkConfig:
         raise table.error("prefix", f"{prefix!r} is not 1-5 of [a-z0-9] starting with a letter")
 
     if mode == "routed":
-        for key in ("bridge", "gateway4", "gateway6"):
+        for key in ("bridge", "gateway4", "gateway6", "subnet4", "subnet6"):
             if table.has(key):
                 raise table.error(key, "only used in bridge mode")
         return NetworkConfig("routed", None, None, None, prefix)
@@ -592,7 +658,26 @@ def _network(table: _Table) -> NetworkConfig:
         gateway4 = _typed_address(table, "gateway4", text, IPv4Address, gateway=True)
     if (text := table.string("gateway6")) is not None:
         gateway6 = _typed_address(table, "gateway6", text, IPv6Address, gateway=True)
-    return NetworkConfig("bridge", bridge, gateway4, gateway6, prefix)
+    subnet4 = subnet6 = None
+    if (text := table.string("subnet4")) is not None:
+        subnet4 = _subnet(table, "subnet4", text, IPv4Network)
+    if (text := table.string("subnet6")) is not None:
+        subnet6 = _subnet(table, "subnet6", text, IPv6Network)
+    if subnet4 is None or subnet6 is None:
+        # Not configured: the subnets the bridge itself is on (a configuration of the
+        # first release has none); with no such bridge here, none is checked.
+        on_bridge = lookup.bridge_subnets(bridge)
+        subnet4 = subnet4 or _on_link(on_bridge, IPv4Network, gateway4)
+        subnet6 = subnet6 or _on_link(on_bridge, IPv6Network, gateway6)
+    # A link-local IPv6 router is on every link; any other gateway must be on the subnet.
+    for key, gateway, subnet in (("gateway4", gateway4, subnet4), ("gateway6", gateway6, subnet6)):
+        if gateway is None or subnet is None or gateway.is_link_local:
+            continue
+        if gateway not in subnet:
+            raise table.error(
+                key, f"'{gateway}' is outside the bridge's subnet{key[-1]} ({subnet})"
+            )
+    return NetworkConfig("bridge", bridge, gateway4, gateway6, prefix, subnet4, subnet6)
 
 
 def _delivery(table: _Table) -> DeliveryConfig:
@@ -694,7 +779,7 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         ehlo=ehlo,
         uid=uid,
         gid=gid,
-        home=_home(table, lookup, passwd_home),
+        home=_home(table, passwd_home),
         users=_users(table),
         source=table.file,
         foreign_senders=table.flag("foreign_senders"),
@@ -753,7 +838,7 @@ def _identity(table: _Table, lookup: SystemLookup) -> tuple[int, int, str | None
     return uid, gid, None
 
 
-def _home(table: _Table, lookup: SystemLookup, passwd_home: str | None) -> Path:
+def _home(table: _Table, passwd_home: str | None) -> Path:
     text = table.string("home")
     origin = ""
     if text is None:
@@ -767,9 +852,33 @@ def _home(table: _Table, lookup: SystemLookup, passwd_home: str | None) -> Path:
         raise table.error("home", f"{text!r}{origin} contains '..'")
     if len(home.parts) == 1:
         raise table.error("home", f"{text!r}{origin} is the root directory")
-    if not lookup.is_dir(str(home)):
-        raise table.error("home", f"{text!r}{origin} is not an existing directory")
     return Path(home)
+
+
+def _home_problem(home: Path, uid: int, lookup: SystemLookup) -> str | None:
+    """Why root must not chroot into `home` for uid, or None.
+
+    Whoever may write to a directory on the way can put something else (a symlink to
+    another tenant's home, say) where the home was; the sticky bit does not help, since
+    the owner of the home may still rename it, and a world-writable directory is scratch
+    space that tmpfiles cleaning or a reboot empties.
+    """
+    for path in (*reversed(home.parents), home):
+        inode = lookup.lstat(str(path))
+        if inode is None:
+            return f"'{home}' is not an existing directory"
+        if stat.S_ISLNK(inode.mode):
+            return f"'{path}' is a symbolic link: give the home's real path"
+        if not stat.S_ISDIR(inode.mode):
+            return f"'{path}' is not a directory"
+        if inode.mode & 0o022:
+            mode = f"{stat.S_IMODE(inode.mode):04o}"
+            return f"'{path}' is writable by group or others (mode {mode}): no place for a home"
+        owner = uid if path == home else 0
+        if inode.uid != owner:
+            whose = f"the tenant's (uid {uid})" if path == home else "root's"
+            return f"'{path}' belongs to uid {inode.uid}, not {whose}"
+    return None
 
 
 def _users(table: _Table) -> tuple[str, ...]:
@@ -797,6 +906,7 @@ class _Registry:
     def __init__(self, host: HostConfig, network: NetworkConfig) -> None:
         self.tenants: list[Tenant] = []
         self._host = host
+        self._subnets = {"ipv4": network.subnet4, "ipv6": network.subnet6}
         self._gateways: dict[IPAddress, str] = {}
         if network.gateway4 is not None:
             self._gateways[network.gateway4] = "network.gateway4"
@@ -815,6 +925,11 @@ class _Registry:
                 continue
             if address in self._gateways:
                 raise table.error(key, f"'{address}' is the {self._gateways[address]}")
+            subnet = self._subnets[key]
+            if subnet is not None and address not in subnet:
+                raise table.error(
+                    key, f"'{address}' is outside the bridge's subnet{key[-1]} ({subnet})"
+                )
             self._claim(table, key, address, here, kind="address")
         # Processes sharing a uid can signal and ptrace each other: no isolation left.
         id_key = "user" if table.has("user") else "uid"
@@ -824,6 +939,13 @@ class _Registry:
             raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.dns_user")
         self._claim(table, id_key, tenant.uid, here, kind="uid")
         self._claim(table, "home", tenant.home, here)
+        # A home inside another can be replaced by the tenant of the outer one.
+        homes = [(self._host.spool, "host.spool")]
+        homes += [(t.home, f"the home of {t.domain}") for t in self.tenants]
+        for home, what in homes:
+            if tenant.home.is_relative_to(home) or home.is_relative_to(tenant.home):
+                where = "inside" if tenant.home.is_relative_to(home) else "above"
+                raise table.error("home", f"'{tenant.home}' is {where} {what}")
         self.tenants.append(tenant)
         self._tables.append(table)
 
@@ -835,6 +957,15 @@ class _Registry:
             if owner is not None:
                 raise table.error("dkim_key", f"'{key}' is inside the home of {owner.domain}")
 
+    def check_homes(self, lookup: SystemLookup) -> None:
+        """Each home as the file system has it now; the jail, at every start, follows no
+        symlink on the way (`nsmail.jail.chroot_into`)."""
+        for table, tenant in zip(self._tables, self.tenants, strict=True):
+            problem = _home_problem(tenant.home, tenant.uid, lookup)
+            if problem is not None:
+                origin = "" if table.has("home") else " (the home from passwd)"
+                raise table.error("home", problem + origin)
+
     def _claim(
         self, table: _Table, key: str, value: object, here: str, *, kind: str | None = None
     ) -> None:
@@ -844,16 +975,18 @@ class _Registry:
 
 
 def _check_gateways(main: _Table, network: NetworkConfig, tenants: list[Tenant]) -> None:
+    """Bridge mode: a tenant address of a family needs that family's gateway."""
     if network.mode != "bridge":
         return
-    for key, gateway, family in (
-        ("gateway4", network.gateway4, "ipv4"),
-        ("gateway6", network.gateway6, "ipv6"),
+    for family, needed in (
+        ("ipv4", {"gateway4": network.gateway4}),
+        ("ipv6", {"gateway6": network.gateway6}),
     ):
         needing = next((t for t in tenants if getattr(t, family) is not None), None)
-        if gateway is None and needing is not None:
+        missing = next((key for key, value in needed.items() if value is None), None)
+        if needing is not None and missing is not None:
             raise main.error(
-                f"network.{key}",
+                f"network.{missing}",
                 f"required in bridge mode: {needing.domain} has an {family} address",
             )
 
@@ -899,6 +1032,30 @@ def _address(table: _Table, key: str, text: str) -> IPAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         raise table.error(key, f"{text!r} is not an IP address") from None
+
+
+def _on_link(
+    subnets: Sequence[IPNetwork], family: type[_Subnet], gateway: IPAddress | None
+) -> _Subnet | None:
+    """The bridge's subnet of `family` that holds the gateway, else its only one."""
+    mine = [n for n in subnets if isinstance(n, family)]
+    holding = [n for n in mine if gateway is not None and gateway in n]
+    chosen = holding or (mine if len(mine) == 1 else [])
+    return chosen[0] if chosen else None
+
+
+def _subnet(table: _Table, key: str, text: str, family: type[_Subnet]) -> _Subnet:
+    """A network written as address/prefix length, e.g. "198.51.100.0/24"."""
+    try:
+        subnet = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        subnet = None
+    if not isinstance(subnet, family) or "/" not in text:
+        version = "IPv4" if family is IPv4Network else "IPv6"
+        raise table.error(key, f"{text!r} is not an {version} network (address/prefix length)")
+    if subnet.network_address != ipaddress.ip_address(text.partition("/")[0]):
+        raise table.error(key, f"{text!r} has host bits set: the network is '{subnet}'")
+    return subnet
 
 
 def _typed_address(

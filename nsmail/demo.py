@@ -80,6 +80,7 @@ LAB_NET = netns.NETNS_DIR / "demonet"
 STATE_DIR = Path("/run/nsmail-demo")
 STATE_FILE = STATE_DIR / "state.json"
 TEMP_PREFIX = "nsmail-demo-"
+TEMP_PARENT = Path("/run")  # root's and 0755: nsmail refuses tenant homes under /tmp
 FIRST_UID = 61000  # above Debian's dynamic range (1000-59999), below nobody's 65534
 FAIL_AT_ENV = "NSMAIL_DEMO_FAIL_AT"
 
@@ -149,6 +150,8 @@ mode = "bridge"
 bridge = "{BRIDGE}"
 gateway4 = "{BRIDGE_V4}"
 gateway6 = "{BRIDGE_V6}"
+subnet4 = "198.51.100.0/24"
+subnet6 = "2001:db8:51::/64"
 prefix = "{PREFIX}"
 
 [delivery]
@@ -462,7 +465,7 @@ class Demo:
         self.strict = strict
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         with _signals_deferred():
-            tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+            tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_PARENT))
             self.update(tmp=str(tmp))
         # World-traversable: nsmail-sendmail runs as each tenant and reads the config.
         tmp.chmod(0o755)

@@ -9,10 +9,14 @@ process exits if any field is not what it must be (fail closed).
 Security: called as root in a freshly forked child, before it runs any code that reads
 tenant data. Order matters: the bounding set can only be cleared while the process still
 has CAP_SETPCAP (before the uid change), and a uid change resets the parent-death signal.
+The new root is reached one directory at a time without following any symlink, so a home
+swapped for a link to another tenant's home (even between configuration load and this
+start) ends the child instead of jailing it there.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -25,6 +29,7 @@ import prctl
 
 EX_SOFTWARE = 70
 ADOPTION_TIMEOUT = 5.0
+_NEXT_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class JailError(Exception):
@@ -50,9 +55,7 @@ def enter(identity: Identity, parent_pid: int) -> None:
     # the drop afterwards, and close it before any untrusted code runs.
     proc_fd = os.open("/proc/self", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        root_stat = os.stat(identity.root)
-        os.chroot(identity.root)
-        os.chdir("/")
+        root_stat = chroot_into(identity.root)
         drop(identity.uid, identity.gid, last_cap)
         _wait_for_adoption(parent_pid)
         prctl.set_pdeathsig(signal.SIGKILL)
@@ -68,6 +71,35 @@ def enter(identity: Identity, parent_pid: int) -> None:
         problems.append("root directory is not the jail")
     if problems:
         raise JailError("; ".join(problems))
+
+
+def chroot_into(root: Path) -> os.stat_result:
+    """chroot(2) into `root` and make it the working directory; what it is (its stat).
+
+    Each component is opened from the one before with O_NOFOLLOW, and the chroot is of
+    the last descriptor (fchdir, then chroot(".")): a symlink anywhere on the path, put
+    there at any moment, fails the call (JailError) instead of being followed.
+    """
+    if not root.is_absolute() or ".." in root.parts:
+        raise JailError(f"cannot enter {root}: not an absolute path without '..'")
+    fd = os.open("/", _NEXT_DIRECTORY)
+    reached = Path("/")
+    try:
+        for part in root.parts[1:]:
+            reached /= part
+            following = os.open(part, _NEXT_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = following
+        os.fchdir(fd)
+        os.chroot(".")
+        return os.fstat(fd)
+    except OSError as e:
+        # O_NOFOLLOW with O_DIRECTORY refuses a symlink with ENOTDIR (ELOOP without it).
+        symlink = e.errno in (errno.ENOTDIR, errno.ELOOP)
+        problem = "a symbolic link or not a directory" if symlink else e.strerror
+        raise JailError(f"cannot enter {root}: {reached}: {problem}") from None
+    finally:
+        os.close(fd)
 
 
 def last_capability() -> int:

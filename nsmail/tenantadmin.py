@@ -1,9 +1,11 @@
 """`nsmail tenant add|remove|list`: hosted domains as drop-ins, applied without a restart.
 
 A tenant added here is one file, `tenants.d/<domain>.toml`, validated together with the
-whole configuration before it is written (so a taken address or a bad domain writes
-nothing), written atomically, and then applied by asking the running supervisor to
-reload: the new tenant's namespace and worker appear, the others are not disturbed.
+whole configuration before it is written (a taken address, a bad domain, an address
+outside the bridge's subnet or a shared directory such as /tmp as its home writes
+nothing and exits 78, as `nsmail check` would), written atomically, and then applied by
+asking the running supervisor to reload: the new tenant's namespace and worker appear,
+the others are not disturbed.
 
 Security: run by root; it writes only in the configuration's own tenants.d directory,
 under a name made from a validated domain.
@@ -24,6 +26,7 @@ EX_OK = 0
 EX_DATAERR = 65
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 
 class AdminError(Exception):
@@ -68,7 +71,7 @@ def add(path: Path, tenant: NewTenant) -> str:
     try:
         configuration.parse(documents, configuration.system_lookup())
     except configuration.ConfigError as e:
-        raise AdminError(EX_DATAERR, str(e)) from None
+        raise AdminError(EX_CONFIG, str(e)) from None
     _write(dropin, tenant.toml())
     return f"added {tenant.domain} ({dropin}); " + _apply(path)
 

@@ -29,6 +29,9 @@ from nsmail.queuefile import Envelope, encode
 from nsmail.spool import SPOOL_IN_HOME, Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
+# The subnets of the lab's bridge (BRIDGE_V4/24, BRIDGE_V6/64), which hold every tenant.
+BRIDGE_SUBNET4 = "198.51.100.0/24"
+BRIDGE_SUBNET6 = "2001:db8:51::/64"
 HOST_NAME = "abc.test"
 
 
@@ -115,6 +118,7 @@ class Hosting:
         network = (
             f'mode = "bridge"\nbridge = "{BRIDGE}"\n'
             f'gateway4 = "{BRIDGE_V4}"\ngateway6 = "{BRIDGE_V6}"\n'
+            f'subnet4 = "{BRIDGE_SUBNET4}"\nsubnet6 = "{BRIDGE_SUBNET6}"\n'
             if self.mode == "bridge"
             else 'mode = "routed"\n'
         )

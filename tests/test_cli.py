@@ -82,3 +82,32 @@ def test_status_still_reaches_the_supervisor_of_a_broken_file(tmp_path: Path) ->
     broken.write_bytes(b"[host\n\xff")
     result = nsmail(broken, "status")
     assert result.returncode != 78 and str(broken) not in result.stderr, result.stderr
+
+
+def test_tenant_add_refuses_a_shared_home_and_an_address_off_the_bridge(config: Path) -> None:
+    bridge = 'mode = "bridge"\nbridge = "nsbr0"\ngateway4 = "198.51.100.1"\n'
+    bridge += 'subnet4 = "198.51.100.0/24"\n'
+    config.write_text(config.read_text().replace('mode = "routed"\n', bridge))
+    uid = TENANT_UID + 1
+    home = config.parent / "new"
+    home.mkdir(mode=0o700)
+    os.chown(home, uid, uid)
+    add = ["tenant", "add", "new.test", "--uid", str(uid), "--gid", str(uid)]
+    dropin = config.parent / "tenants.d" / "new.test.toml"
+
+    shared = nsmail(config, *add, "--ipv4", "198.51.100.90", "--home", "/tmp")
+    assert (shared.returncode, shared.stderr) == (
+        78,
+        f"nsmail: {dropin}: tenant[0].home: '/tmp' is writable by group or others"
+        " (mode 1777): no place for a home\n",
+    )
+    off_the_bridge = nsmail(config, *add, "--ipv4", "203.0.113.90", "--home", str(home))
+    assert (off_the_bridge.returncode, off_the_bridge.stderr) == (
+        78,
+        f"nsmail: {dropin}: tenant[0].ipv4: '203.0.113.90' is outside the bridge's subnet4"
+        " (198.51.100.0/24)\n",
+    )
+    assert not dropin.exists()
+    added = nsmail(config, *add, "--ipv4", "198.51.100.90", "--home", str(home))
+    assert added.returncode == 0, added.stderr
+    assert dropin.exists()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from pathlib import Path
+import os
+import stat
+from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from pathlib import Path, PurePosixPath
 
 import pytest
 from hypothesis import given, settings
@@ -17,12 +21,14 @@ from nsmail.config import (
     ConfigError,
     DeliveryConfig,
     HostConfig,
+    Inode,
     NetworkConfig,
     SystemLookup,
     Tenant,
     load,
     parse,
     parse_resolv_conf,
+    system_lookup,
 )
 from nsmail.paths import DEFAULT_PATH, locate
 
@@ -39,16 +45,34 @@ USERS = {
     "wheel": Account(1003, 0, "/srv/tenants/wheel"),
     "nohome": Account(1004, 1004, "/nonexistent"),
 }
-DIRS = {account.home for account in USERS.values()} - {"/nonexistent"} | {"/srv/other"}
+
+
+def tree(homes: Mapping[str, int]) -> Callable[[str], Inode | None]:
+    """`lstat` of a file system holding `homes` (path: owner, mode 0700) and, above them,
+    directories of root's with mode 0755."""
+    above = {str(parent) for home in homes for parent in PurePosixPath(home).parents}
+
+    def lstat(path: str) -> Inode | None:
+        if path in homes:
+            return Inode(homes[path], stat.S_IFDIR | 0o700)
+        return Inode(0, stat.S_IFDIR | 0o755) if path in above else None
+
+    return lstat
+
+
+HOMES = {a.home: a.uid for a in USERS.values() if a.home != "/nonexistent"} | {"/srv/other": 2000}
 
 LOOKUP = SystemLookup(
     user=USERS.get,
-    is_dir=DIRS.__contains__,
+    lstat=tree(HOMES),
     default_resolvers=lambda: (IPv4Address("198.51.100.53"),),
 )
 
 HOST = '[host]\nname = "abc.test"\n'
-BRIDGE = '[network]\nbridge = "nsbr0"\ngateway4 = "198.51.100.1"\ngateway6 = "2001:db8:51::1"\n'
+BRIDGE = (
+    '[network]\nbridge = "nsbr0"\ngateway4 = "198.51.100.1"\ngateway6 = "2001:db8:51::1"\n'
+    'subnet4 = "198.51.100.0/24"\nsubnet6 = "2001:db8:51::/64"\n'
+)
 BCD = '[[tenant]]\ndomain = "bcd.test"\nipv4 = "198.51.100.70"\nuser = "bcd"\n'
 CDE = '[[tenant]]\ndomain = "cde.test"\nipv6 = "2001:db8:51::71"\nuser = "cde"\n'
 GOOD_MAIN = HOST + BRIDGE + BCD
@@ -87,9 +111,9 @@ def toml_string(text: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
-def fail(*documents: tuple[str, str]) -> ConfigError:
+def fail(*documents: tuple[str, str], lookup: SystemLookup = LOOKUP) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
-        parse(documents, LOOKUP)
+        parse(documents, lookup)
     return caught.value
 
 
@@ -125,6 +149,8 @@ def test_good_config_with_all_defaults() -> None:
             gateway4=IPv4Address("198.51.100.1"),
             gateway6=IPv6Address("2001:db8:51::1"),
             prefix="nsm",
+            subnet4=IPv4Network("198.51.100.0/24"),
+            subnet6=IPv6Network("2001:db8:51::/64"),
         ),
         delivery=DeliveryConfig(scan_interval=60.0, timeout=30.0, port=25),
         tenants=(bcd,),
@@ -532,7 +558,7 @@ def test_messages_quote_the_value() -> None:
 
 
 def test_no_resolvers_anywhere() -> None:
-    lookup = SystemLookup(user=USERS.get, is_dir=DIRS.__contains__, default_resolvers=tuple)
+    lookup = SystemLookup(user=USERS.get, lstat=LOOKUP.lstat, default_resolvers=tuple)
     with pytest.raises(ConfigError, match=r"host\.resolvers"):
         parse([(MAIN, GOOD_MAIN)], lookup)
 
@@ -556,6 +582,7 @@ def test_locate() -> None:
     assert locate(None, {"NSMAIL_CONFIG": ""}) == DEFAULT_PATH
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives the homes to their tenants")
 def test_load_reads_main_file_and_sorted_dropins(tmp_path: Path) -> None:
     main = tmp_path / "nsmail.toml"
     main.write_text(
@@ -565,9 +592,10 @@ def test_load_reads_main_file_and_sorted_dropins(tmp_path: Path) -> None:
     dropins = tmp_path / "tenants.d"
     dropins.mkdir()
     homes = {}
-    for name in ("b", "a"):
+    for name, uid in (("b", 65533), ("a", 65534)):
         homes[name] = tmp_path / f"home-{name}"
         homes[name].mkdir()
+        os.chown(homes[name], uid, uid)
     # nobody has one uid, so the second tenant names it numerically with another.
     (dropins / "b.toml").write_text(
         f'[[tenant]]\ndomain = "b.test"\nipv4 = "203.0.113.2"\nuid = 65533\ngid = 65533\n'
@@ -588,6 +616,228 @@ def test_load_reads_main_file_and_sorted_dropins(tmp_path: Path) -> None:
         ("a.test", 65534, homes["a"], str(dropins / "a.toml")),
         ("b.test", 65533, homes["b"], str(dropins / "b.toml")),
     ]
+
+
+# --- tenant homes and bridge subnets -----------------------------------------------------
+
+DIR = stat.S_IFDIR
+HOME_PROBLEMS = [
+    # (id, home, inodes that differ from HOMES' tree, what the message says)
+    ("sticky /tmp", "/tmp", {"/tmp": Inode(0, DIR | 0o1777)}, "'/tmp' is writable by group"),
+    (
+        "under sticky /tmp",
+        "/tmp/bcd",
+        {"/tmp": Inode(0, DIR | 0o1777), "/tmp/bcd": Inode(1001, DIR | 0o700)},
+        "'/tmp' is writable by group or others (mode 1777)",
+    ),
+    (
+        "group-writable ancestor",
+        "/srv/tenants/bcd",
+        {"/srv/tenants": Inode(0, DIR | 0o775)},
+        "'/srv/tenants' is writable by group or others (mode 0775)",
+    ),
+    (
+        "ancestor not root's",
+        "/srv/tenants/bcd",
+        {"/srv/tenants": Inode(1002, DIR | 0o755)},
+        "'/srv/tenants' belongs to uid 1002, not root's",
+    ),
+    (
+        "symlink above",
+        "/srv/tenants/bcd",
+        {"/srv": Inode(0, stat.S_IFLNK | 0o777)},
+        "'/srv' is a symbolic link",
+    ),
+    (
+        "symlink home",
+        "/srv/tenants/bcd",
+        {"/srv/tenants/bcd": Inode(1001, stat.S_IFLNK | 0o777)},
+        "'/srv/tenants/bcd' is a symbolic link",
+    ),
+    (
+        "another's home",
+        "/srv/tenants/bcd",
+        {"/srv/tenants/bcd": Inode(1002, DIR | 0o700)},
+        "belongs to uid 1002, not the tenant's (uid 1001)",
+    ),
+    (
+        "group-writable home",
+        "/srv/tenants/bcd",
+        {"/srv/tenants/bcd": Inode(1001, DIR | 0o770)},
+        "'/srv/tenants/bcd' is writable by group or others (mode 0770)",
+    ),
+    (
+        "home a file",
+        "/srv/tenants/bcd",
+        {"/srv/tenants/bcd": Inode(1001, stat.S_IFREG | 0o600)},
+        "'/srv/tenants/bcd' is not a directory",
+    ),
+    ("missing", "/srv/tenants/gone", {}, "'/srv/tenants/gone' is not an existing directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("home", "inodes", "message"),
+    [case[1:] for case in HOME_PROBLEMS],
+    ids=[case[0] for case in HOME_PROBLEMS],
+)
+def test_a_home_only_root_can_replace(home: str, inodes: dict[str, Inode], message: str) -> None:
+    def lstat(path: str) -> Inode | None:
+        return inodes[path] if path in inodes else LOOKUP.lstat(path)
+
+    lookup = SystemLookup(USERS.get, lstat, LOOKUP.default_resolvers)
+    with pytest.raises(ConfigError) as caught:
+        parse([(MAIN, HOST + BRIDGE + tenant(home=home))], lookup)
+    assert caught.value.field == "tenant[0].home"
+    assert message in caught.value.message
+
+
+def test_a_home_from_passwd_says_so() -> None:
+    lookup = SystemLookup(USERS.get, tree({"/srv/tenants/bcd": 1002}), LOOKUP.default_resolvers)
+    with pytest.raises(
+        ConfigError, match=r"not the tenant's \(uid 1001\) \(the home from passwd\)"
+    ):
+        parse([(MAIN, GOOD_MAIN)], lookup)
+
+
+def test_the_real_tmp_is_no_home() -> None:
+    lookup = SystemLookup(USERS.get, system_lookup().lstat, LOOKUP.default_resolvers)
+    text = HOST + BRIDGE + tenant(user=None, uid=2000, gid=2000, home="/tmp")
+    with pytest.raises(ConfigError, match=r"tenant\[0\]\.home: '/tmp' is writable by group or"):
+        parse([(MAIN, text)], lookup)
+
+
+def test_host_jails_are_not_reached_through_a_symlink() -> None:
+    def lstat(path: str) -> Inode | None:
+        return Inode(0, stat.S_IFLNK | 0o777) if path == "/var/run" else LOOKUP.lstat(path)
+
+    lookup = SystemLookup(USERS.get, lstat, LOOKUP.default_resolvers)
+    for key, path in (("run_dir", "/var/run/nsmail"), ("spool", "/var/run/spool")):
+        with pytest.raises(ConfigError) as caught:
+            parse([(MAIN, HOST + f'{key} = "{path}"\n' + BRIDGE + BCD)], lookup)
+        assert caught.value.field == f"host.{key}"
+        assert caught.value.message == "'/var/run' is a symbolic link: give the real path"
+
+
+NESTED = [
+    # (id, the second tenant's home, message)
+    ("inside another home", "/srv/tenants/bcd/cde", "is inside the home of bcd.test"),
+    ("above another home", "/srv/tenants", "'/srv/tenants' is above the home of bcd.test"),
+    ("inside the host spool", "/var/spool/nsmail/cde", "is inside host.spool"),
+    ("above the host spool", "/var/spool", "'/var/spool' is above host.spool"),
+]
+
+
+@pytest.mark.parametrize(
+    ("home", "message"), [case[1:] for case in NESTED], ids=[case[0] for case in NESTED]
+)
+def test_no_home_inside_or_above_another(home: str, message: str) -> None:
+    cde = tenant(domain="cde.test", ipv4="198.51.100.71", user="cde", home=home)
+    error = fail((MAIN, GOOD_MAIN), (DROPIN, cde))
+    assert (error.file, error.field) == (DROPIN, "tenant[0].home")
+    assert message in error.message
+
+
+NETWORK = '[network]\nbridge = "nsbr0"\n'
+GATEWAYS = 'gateway4 = "198.51.100.1"\ngateway6 = "2001:db8:51::1"\n'
+SUBNETS = 'subnet4 = "198.51.100.0/24"\nsubnet6 = "2001:db8:51::/64"\n'
+SUBNET_PROBLEMS = [
+    # (id, [network] lines after `bridge`, tenant fields, field, message)
+    (
+        "ipv4 outside",
+        GATEWAYS + SUBNETS,
+        {"ipv4": "203.0.113.70"},
+        "tenant[0].ipv4",
+        "'203.0.113.70' is outside the bridge's subnet4 (198.51.100.0/24)",
+    ),
+    (
+        "ipv6 outside",
+        GATEWAYS + SUBNETS,
+        {"ipv6": "2001:db8:52::70"},
+        "tenant[0].ipv6",
+        "'2001:db8:52::70' is outside the bridge's subnet6 (2001:db8:51::/64)",
+    ),
+    (
+        "gateway4 outside",
+        GATEWAYS.replace("198.51.100.1", "203.0.113.1") + SUBNETS,
+        {},
+        "network.gateway4",
+        "outside the bridge's subnet4",
+    ),
+    (
+        "host bits",
+        GATEWAYS + SUBNETS.replace(".0/24", ".1/24"),
+        {},
+        "network.subnet4",
+        "has host bits set: the network is '198.51.100.0/24'",
+    ),
+    (
+        "no prefix length",
+        GATEWAYS + SUBNETS.replace("/24", ""),
+        {},
+        "network.subnet4",
+        "is not an IPv4 network",
+    ),
+    (
+        "v4 as subnet6",
+        GATEWAYS + 'subnet4 = "198.51.100.0/24"\nsubnet6 = "198.51.100.0/24"\n',
+        {},
+        "network.subnet6",
+        "is not an IPv6 network",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("network", "fields", "field", "message"),
+    [case[1:] for case in SUBNET_PROBLEMS],
+    ids=[case[0] for case in SUBNET_PROBLEMS],
+)
+def test_bridge_mode_addresses_are_in_the_bridges_subnets(
+    network: str, fields: dict[str, object], field: str, message: str
+) -> None:
+    error = fail((MAIN, HOST + NETWORK + network + tenant(**fields)))
+    assert error.field == field
+    assert message in error.message
+
+
+BRIDGE_SUBNETS = (IPv4Network("198.51.100.0/24"), IPv6Network("2001:db8:51::/64"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        (
+            {"ipv4": "203.0.113.70"},
+            "tenant[0].ipv4",
+            "outside the bridge's subnet4 (198.51.100.0/24)",
+        ),
+        ({"ipv6": "2001:db8:52::70"}, "tenant[0].ipv6", "subnet6 (2001:db8:51::/64)"),
+    ],
+)
+def test_without_subnets_those_of_the_bridge_itself_hold(
+    fields: dict[str, object], field: str, message: str
+) -> None:
+    """A bridge-mode configuration of the first release names no subnet: it still loads,
+    and the bridge's own addresses say where tenant addresses belong."""
+    lookup = dataclasses.replace(LOOKUP, bridge_subnets={"nsbr0": BRIDGE_SUBNETS}.get)
+    good = parse([(MAIN, HOST + NETWORK + GATEWAYS + tenant(ipv6="2001:db8:51::70"))], lookup)
+    assert (good.network.subnet4, good.network.subnet6) == BRIDGE_SUBNETS
+    error = fail((MAIN, HOST + NETWORK + GATEWAYS + tenant(**fields)), lookup=lookup)
+    assert (error.field, message in error.message) == (field, True), error
+
+
+def test_without_subnets_and_without_the_bridge_no_subnet_is_checked() -> None:
+    config = parse([(MAIN, HOST + NETWORK + GATEWAYS + tenant(ipv4="203.0.113.70"))], LOOKUP)
+    assert config.network.subnet4 is None
+
+
+def test_subnets_only_in_bridge_mode_and_a_link_local_gateway6_is_on_every_link() -> None:
+    routed = HOST + '[network]\nmode = "routed"\nsubnet4 = "198.51.100.0/24"\n'
+    assert fail((MAIN, routed + BCD)).field == "network.subnet4"
+    network = NETWORK + GATEWAYS.replace("2001:db8:51::1", "fe80::1") + SUBNETS
+    config = parse([(MAIN, HOST + network + tenant(ipv6="2001:db8:51::70"))], LOOKUP)
+    assert config.network.gateway6 == IPv6Address("fe80::1")
 
 
 def test_load_rejects_root_tenant_and_missing_file(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from hosting import DUAL, V4_ONLY, Hosting
 from lab import Lab
+from test_config import tree
 
 from nsmail import demo
 from nsmail.config import Account, SystemLookup, parse
@@ -50,7 +50,7 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def leftovers() -> list[str]:
     """Whatever a demo made that still exists: namespaces, state, temp dirs, processes."""
     found = [str(p) for p in demo._lab_namespaces()]
-    found += [str(p) for p in Path(tempfile.gettempdir()).glob(demo.TEMP_PREFIX + "*")]
+    found += [str(p) for p in demo.TEMP_PARENT.glob(demo.TEMP_PREFIX + "*")]
     found += [str(demo.STATE_FILE)] if demo.STATE_FILE.exists() else []
     tenant_uids = range(demo.FIRST_UID, demo.FIRST_UID + len(demo.TENANTS))
     for entry in Path("/proc").iterdir():
@@ -79,11 +79,12 @@ def clean() -> Iterator[None]:
 
 
 def test_the_config_and_the_records_are_valid() -> None:
-    tmp = Path("/tmp/nsmail-demo-x")
+    tmp = demo.TEMP_PARENT / f"{demo.TEMP_PREFIX}x"
     uids = [61000, 61001, 61002]
+    homes = {str(demo.home_of(tmp, t)): uid for t, uid in zip(demo.TENANTS, uids, strict=True)}
     lookup = SystemLookup(
         user=lambda name: Account(998 if name == "nsmail-dns" else 999, 999, "/nonexistent"),
-        is_dir=lambda path: True,
+        lstat=tree(homes),
         default_resolvers=lambda: (),
     )
     config = parse([("nsmail.toml", demo.config_text(tmp, demo.TENANTS, uids))], lookup)

@@ -117,6 +117,7 @@ def test_cli_keygen_then_check(
     root = Path(tempfile.mkdtemp(prefix="nsmail-dkimcli-"))
     home = root / "home"
     home.mkdir()
+    os.chown(home, 47401, 47401)
     config = root / "nsmail.toml"
     base = (
         '[host]\nname = "abc.test"\nuser = "nobody"\nresolvers = ["203.0.113.53"]\n'

@@ -362,6 +362,25 @@ def test_a_jail_that_cannot_be_entered_ends_the_child(jails: Jails, tmp_path: An
     assert os.waitstatus_to_exitcode(wait_adopted(pid)) == 70
 
 
+@pytest.mark.parametrize("replaced", ["the home", "a directory above it"])
+def test_a_jail_is_never_entered_through_a_symlink(
+    jails: Jails, tmp_path: Any, replaced: str
+) -> None:
+    """Where the home (or a directory on its path) was, a symlink to another tenant's
+    home: the child ends before running anything, never jailed there."""
+    tenant = jails.tenant(DUAL.domain)
+    other = jails.tenant(V4_ONLY.domain).home
+    if replaced == "the home":
+        root = tmp_path / "home"
+        root.symlink_to(other)
+    else:
+        (tmp_path / "tenants").symlink_to(other.parent)
+        root = tmp_path / "tenants" / other.name
+    identity = Identity(tenant.uid, tenant.gid, root)
+    pid = jails.spawn("doomed", DUAL.domain, [], _never_run, identity)
+    assert os.waitstatus_to_exitcode(wait_adopted(pid)) == 70
+
+
 def _never_run(fds: list[int]) -> Callable[[], None]:
     def main() -> None:
         os._exit(0)  # would turn the expected exit status 70 into 0

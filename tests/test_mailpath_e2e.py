@@ -274,9 +274,9 @@ def test_tenant_add_and_remove_on_a_running_supervisor(lab: Lab) -> None:
     # Bad input: a taken address, a bad domain. A clear line, nothing written.
     dropins = hosting.etc / "tenants.d"
     taken = hosting.nsmail(*add[:3], "--ipv4", "198.51.100.70", *add[5:])
-    assert taken.returncode == 65 and "198.51.100.70" in taken.stderr and "already" in taken.stderr
+    assert taken.returncode == 78 and "198.51.100.70" in taken.stderr and "already" in taken.stderr
     bad = hosting.nsmail("tenant", "add", "bad_domain.test", *add[3:])
-    assert bad.returncode == 65 and bad.stderr.count("\n") == 1
+    assert bad.returncode == 78 and bad.stderr.count("\n") == 1
     assert list(dropins.iterdir()) == []
 
     added = hosting.nsmail(*add)

@@ -22,6 +22,8 @@ mode = "bridge"
 bridge = "nsbr0"
 gateway4 = "$RIG_BRIDGE_V4"
 gateway6 = "$RIG_BRIDGE_V6"
+subnet4 = "$RIG_TENANT_NET4"
+subnet6 = "$RIG_TENANT_NET6"
 
 [delivery]
 scan_interval = 5

@@ -49,6 +49,9 @@ from typing import Any
 
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS_DIR = Path("/etc/netns")
+# nsmail refuses a tenant home under a world-writable directory such as /tmp, so labs (and,
+# through tests/conftest.py, every test's temporary files) live here: root's, mode 0755.
+TEMP_ROOT = Path("/var/cache/nsmail-tests")
 
 HOST_V4 = "203.0.113.1"
 HOST_V6 = "2001:db8:113::1"
@@ -103,6 +106,14 @@ def _list_netns() -> list[Path]:
         return []
 
 
+def temp_root() -> Path:
+    """TEMP_ROOT, made (again) root's and 0755."""
+    TEMP_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chown(TEMP_ROOT, 0, 0)
+    TEMP_ROOT.chmod(0o755)
+    return TEMP_ROOT
+
+
 class Lab:
     """Two namespaces joined by a veth, plus helpers to run things inside them."""
 
@@ -112,7 +123,7 @@ class Lab:
         self.host = f"{self.prefix}host"
         self.net = f"{self.prefix}net"
         sweep_dead_labs()
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"lab-{self.prefix}-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"lab-{self.prefix}-", dir=temp_root()))
         (self.tmp / _OWNER).write_text(_process_identity(os.getpid()) or "")
         # Postfix and NSD drop privileges and must be able to traverse into here.
         self.tmp.chmod(0o755)
@@ -260,7 +271,7 @@ def sweep_dead_labs() -> list[str]:
     """
     dead: dict[str, Path] = {}
     alive: set[str] = set()
-    for owner in Path(tempfile.gettempdir()).glob("lab-t*-*/" + _OWNER):
+    for owner in temp_root().glob("lab-t*-*/" + _OWNER):
         prefix = owner.parent.name.split("-")[1]
         try:
             recorded = owner.read_text()
