@@ -24,9 +24,9 @@ from typing import Any
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from lab import forward_and_reverse as fr
 
-from nsmail import maildrop
-from nsmail.queuefile import Envelope, encode
-from nsmail.spool import SPOOL_IN_HOME, Spool, new_queue_id
+from nsmail.core.queuefile import Envelope, encode
+from nsmail.submit import maildrop
+from nsmail.tenant.spool import SPOOL_IN_HOME, Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 # The subnets of the lab's bridge (BRIDGE_V4/24, BRIDGE_V6/64), which hold every tenant.

@@ -59,8 +59,8 @@ from hosting import Hosting, TenantSpec, dns_records
 from lab import Lab, Nsd
 from rude_smtp import RudeSmtp
 
-from nsmail.queuefile import QueueFileError, decode
-from nsmail.spool import CORRUPT, SPOOL_IN_HOME, STATES
+from nsmail.core.queuefile import QueueFileError, decode
+from nsmail.tenant.spool import CORRUPT, SPOOL_IN_HOME, STATES
 
 SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
 RESTART_SEC = 2.0  # systemd/nsmail.service: Restart=on-failure, RestartSec=2

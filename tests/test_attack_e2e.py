@@ -34,11 +34,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hosting import DUAL, V4_ONLY, Hosting, dns_records
 from lab import MX_V4, MX_V6, Lab, Nsd, Postfix
 
-from nsmail import inotify
-from nsmail.queuefile import Envelope, encode
-from nsmail.report import QUEUE_STATES, Report
-from nsmail.report import encode as encode_report
-from nsmail.spool import SPOOL_IN_HOME, STATES, TMP, new_queue_id
+from nsmail.core.queuefile import Envelope, encode
+from nsmail.core.report import QUEUE_STATES, Report
+from nsmail.core.report import encode as encode_report
+from nsmail.tenant import inotify
+from nsmail.tenant.spool import SPOOL_IN_HOME, STATES, TMP, new_queue_id
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -506,7 +506,7 @@ def test_a_from_header_of_another_domain_leaves_as_the_tenant_unsigned(site: Sit
 
     The header is the user's to write (as with any MTA), so it is delivered; but it
     leaves from the attacker's address with its EHLO and envelope, and the attacker's
-    DKIM key does not sign it (nsmail.dkim signs only From: in the tenant's domain), so
+    DKIM key does not sign it (nsmail.tenant.dkim signs only From: in the tenant's domain), so
     the victim's DMARC sees neither aligned SPF nor an aligned signature.
     """
     for who in ("ceo@bcd.test", "alice@cde.test"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hosting import NSMAIL
 
-from nsmail.spool import FLUSH_TRIGGER
+from nsmail.tenant.spool import FLUSH_TRIGGER
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -1,4 +1,4 @@
-"""Tests for nsmail.config: the good path, a table of bad configurations, and hostile input."""
+"""Tests for nsmail.core.config: the good path, a table of bad configurations, and hostile input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsmail.config import (
+from nsmail.core.config import (
     Account,
     Config,
     ConfigError,
@@ -30,7 +30,7 @@ from nsmail.config import (
     parse_resolv_conf,
     system_lookup,
 )
-from nsmail.paths import DEFAULT_PATH, locate
+from nsmail.submit.paths import DEFAULT_PATH, locate
 
 MAIN = "/etc/nsmail/nsmail.toml"
 DROPIN = "/etc/nsmail/tenants.d/cde.toml"

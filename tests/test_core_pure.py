@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from nsmail.jail import check_status
-from nsmail.netns import names_for
-from nsmail.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
-from nsmail.supervisor import restart_delay
+from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
+from nsmail.root.jail import check_status
+from nsmail.root.netns import names_for
+from nsmail.root.supervisor import restart_delay
 
 JAILED = """Name:\tnsmail bcd.test
 Uid:\t20001\t20001\t20001\t20001

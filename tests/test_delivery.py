@@ -17,10 +17,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from test_dnsrelay import DNSStack, dns_stack
 
-from nsmail.config import DeliveryConfig, Tenant
-from nsmail.delivery import Agent, Outcome, Status
-from nsmail.message import Message
-from nsmail.queuefile import Envelope
+from nsmail.core.config import DeliveryConfig, Tenant
+from nsmail.core.message import Message
+from nsmail.core.queuefile import Envelope
+from nsmail.tenant.delivery import Agent, Outcome, Status
 
 ZONE = {
     ("rcpt.test.", "MX"): ["10 mx.rcpt.test."],

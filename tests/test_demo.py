@@ -17,8 +17,8 @@ from hosting import DUAL, V4_ONLY, Hosting
 from lab import Lab
 from test_config import tree
 
-from nsmail import demo
-from nsmail.config import Account, SystemLookup, parse
+from nsmail.core.config import Account, SystemLookup, parse
+from nsmail.lab import demo
 from nsmail.lab.dnsserver import load
 from nsmail.lab.receiver import address_literal
 
@@ -32,7 +32,7 @@ def demo_command() -> list[str]:
     wired = subprocess.run([NSMAIL, "demo", "--help"], capture_output=True, check=False)
     if wired.returncode == 0:
         return [NSMAIL, "demo"]
-    code = "import sys; from nsmail.demo import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from nsmail.lab.demo import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code]
 
 

@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsmail import dkim, preflight
-from nsmail.jail import drop, run_as
-from nsmail.message import Message
+from nsmail.commands import preflight
+from nsmail.core.message import Message
+from nsmail.root.jail import drop, run_as
+from nsmail.tenant import dkim
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -20,9 +20,10 @@ from test_delivery import ZONE, Recorder, make_tenant, smtp_server
 from test_dnsrelay import DNSStack, dns_stack
 from test_worker import mailbox, stop, submit, wait_for
 
-from nsmail import cli, dkim, preflight, worker
-from nsmail.config import ConfigError, DeliveryConfig, parse
-from nsmail.spool import SPOOL_IN_HOME, Spool
+from nsmail.commands import cli, preflight
+from nsmail.core.config import ConfigError, DeliveryConfig, parse
+from nsmail.tenant import dkim, worker
+from nsmail.tenant.spool import SPOOL_IN_HOME, Spool
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -30,8 +30,8 @@ import dns.resolver
 import dns.rrset
 import pytest
 
-from nsmail import dnsrelay
-from nsmail.resolver import make_resolver, use_relay
+from nsmail.host import dnsrelay
+from nsmail.tenant.resolver import make_resolver, use_relay
 
 Zone = Mapping[tuple[str, str], Sequence[str]]
 

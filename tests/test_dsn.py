@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsmail.dsn import Failure, bounce
-from nsmail.headers import MAX_LINE
+from nsmail.core.dsn import Failure, bounce
+from nsmail.core.headers import MAX_LINE
 
 ARRIVAL = datetime(2024, 3, 5, 9, 0, 0, tzinfo=UTC)
 NOW = datetime(2024, 3, 6, 10, 30, 0, tzinfo=timezone(timedelta(hours=-5)))

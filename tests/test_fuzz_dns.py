@@ -35,13 +35,13 @@ from test_delivery import make_tenant
 from test_dnsrelay import udp_and_tcp
 from test_fuzz_smtp import ScriptedServer, tls_contexts
 
-from nsmail import dnsrelay
-from nsmail.config import DeliveryConfig
-from nsmail.delivery import Agent, Status
-from nsmail.message import Message
-from nsmail.queuefile import Envelope
-from nsmail.resolver import make_resolver, use_relay
-from nsmail.routing import NullMX, Targets, route
+from nsmail.core.config import DeliveryConfig
+from nsmail.core.message import Message
+from nsmail.core.queuefile import Envelope
+from nsmail.core.routing import NullMX, Targets, route
+from nsmail.host import dnsrelay
+from nsmail.tenant.delivery import Agent, Status
+from nsmail.tenant.resolver import make_resolver, use_relay
 
 DOMAIN = "dest.test."
 NAMES = [DOMAIN, "mx.dest.test.", "other.test.", "loop.dest.test.", "127.0.0.1.", "."]

@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 from test_delivery import ZONE, make_tenant
 from test_dnsrelay import DNSStack, dns_stack
 
-from nsmail.config import DeliveryConfig
-from nsmail.delivery import Agent, Outcome, Status
-from nsmail.message import Message
-from nsmail.queuefile import Envelope
-from nsmail.report import LATENCY_BOUNDS, MAX_REPORT, MAX_TEXT, OUTCOMES, QUEUE_STATES, Report
-from nsmail.report import decode as decode_report
-from nsmail.report import encode as encode_report
+from nsmail.core.config import DeliveryConfig
+from nsmail.core.message import Message
+from nsmail.core.queuefile import Envelope
+from nsmail.core.report import LATENCY_BOUNDS, MAX_REPORT, MAX_TEXT, OUTCOMES, QUEUE_STATES, Report
+from nsmail.core.report import decode as decode_report
+from nsmail.core.report import encode as encode_report
+from nsmail.tenant.delivery import Agent, Outcome, Status
 
 MESSAGE = Message.of(b"Subject: fuzz\n\nhello\n.dot\n")
 STAGES = ("greeting", "EHLO", "HELO", "STARTTLS", "MAIL", "RCPT", "DATA", "DOT", "RSET")

@@ -29,7 +29,7 @@ from test_fuzz_smtp import (
 )
 
 from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
-from nsmail.delivery import Outcome, Status
+from nsmail.tenant.delivery import Outcome, Status
 from nsmail.tenant.smtp import Session, SessionError, Timeouts, TlsContexts, open_session
 
 TRANSACTION = (Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.DOT)

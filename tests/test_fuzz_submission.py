@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_sendmail import SENDMAIL, Site, assert_nothing_queued, sendmail
 
-from nsmail.headers import Completion, HeaderError, complete
-from nsmail.queuefile import decode
+from nsmail.core.headers import Completion, HeaderError, complete
+from nsmail.core.queuefile import decode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as a tenant uid")
 

@@ -13,8 +13,8 @@ from test_delivery import ZONE, Recorder, smtp_server
 from test_dnsrelay import DNSStack, dns_stack
 from test_worker import delivery_status, mailbox, start_worker, stop, wait_for
 
-from nsmail.queuefile import Envelope, encode
-from nsmail.spool import CORRUPT, INCOMING, MAILDROP, SPOOL_IN_HOME, Spool, new_queue_id
+from nsmail.core.queuefile import Envelope, encode
+from nsmail.tenant.spool import CORRUPT, INCOMING, MAILDROP, SPOOL_IN_HOME, Spool, new_queue_id
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsmail.headers import (
+from nsmail.core.headers import (
     MAX_HEADER_BYTES,
     MAX_LINE,
     Completed,

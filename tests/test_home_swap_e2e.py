@@ -13,7 +13,7 @@ import pytest
 from hosting import DUAL, V4_ONLY, Hosting
 from lab import Lab
 
-from nsmail.jail import run_as
+from nsmail.root.jail import run_as
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -18,7 +18,7 @@ from lab import Lab, Nsd, Postfix
 from test_attack_e2e import cpu_seconds
 from test_mailpath_e2e import maildir, sendmail, wait_for
 
-from nsmail.spool import new_queue_id
+from nsmail.tenant.spool import new_queue_id
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

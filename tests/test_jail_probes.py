@@ -1,7 +1,7 @@
 """Escape probes run inside real jailed processes in real tenant namespaces.
 
-Each probe runs in a child made by `nsmail.spawn.spawn`, the same call (namespace,
-preparation, `nsmail.jail.enter`) the supervisor uses for a tenant's worker; only the
+Each probe runs in a child made by `nsmail.root.spawn.spawn`, the same call (namespace,
+preparation, `nsmail.root.jail.enter`) the supervisor uses for a tenant's worker; only the
 code run after the jail differs. Every probe asserts the specific refusal.
 """
 
@@ -27,10 +27,10 @@ from hosting import DUAL, THREE, V4_ONLY, Hosting
 from lab import BRIDGE_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from pyroute2 import netns
 
-from nsmail.config import Config, Tenant, load
-from nsmail.jail import Identity, check_status
-from nsmail.netns import NETNS_DIR, HostNetwork, TenantNames, inside
-from nsmail.spawn import SpawnError, Target, Zygote
+from nsmail.core.config import Config, Tenant, load
+from nsmail.root.jail import Identity, check_status
+from nsmail.root.netns import NETNS_DIR, HostNetwork, TenantNames, inside
+from nsmail.root.spawn import SpawnError, Target, Zygote
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -25,7 +25,7 @@ from hosting import DUAL, Hosting, dns_records
 from lab import Lab, Nsd
 from rude_smtp import RudeSmtp
 
-from nsmail.spool import SPOOL_IN_HOME, STATES
+from nsmail.tenant.spool import SPOOL_IN_HOME, STATES
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

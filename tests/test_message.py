@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nsmail.headers import Completion, HeaderError, complete, header_length
-from nsmail.message import MAX_LINE, FileBody, Lines, MemoryBody, Message, dot_stuffed
+from nsmail.core.headers import Completion, HeaderError, complete, header_length
+from nsmail.core.message import MAX_LINE, FileBody, Lines, MemoryBody, Message, dot_stuffed
 
 COMPLETION = Completion(
     domain="bcd.test",

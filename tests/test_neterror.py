@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from nsmail.neterror import CONNECTING, GREETING, SENDING, TLS_HANDSHAKE, describe, reply_to
+from nsmail.tenant.neterror import CONNECTING, GREETING, SENDING, TLS_HANDSHAKE, describe, reply_to
 
 
 def verify_error(message: str) -> ssl.SSLCertVerificationError:

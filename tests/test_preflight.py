@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hosting import DUAL, THREE, V4_ONLY, V6_ONLY, Hosting, dns_records
 from lab import DNS_V4, Lab, Nsd, Record, reverse_name
 
-from nsmail import preflight
-from nsmail.preflight import (
+from nsmail.commands import preflight
+from nsmail.commands.preflight import (
     Answer,
     Finding,
     SpfVerdict,
@@ -332,7 +332,8 @@ def test_dkim_problems(rsa_key: rsa.RSAPublicKey) -> None:
 CHECK = """
 import sys
 from pathlib import Path
-from nsmail import config, preflight
+from nsmail.core import config
+from nsmail.commands import preflight
 keys = {"bcd.test": [preflight.DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
 sys.exit(preflight.main(config.load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
 """

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail import queueframe
-from nsmail.queuefile import (
+from nsmail.core import queueframe
+from nsmail.core.queuefile import (
     MAX_DEFERRAL_TEXT,
     MAX_ENVELOPE,
     MAX_RELAY,

@@ -1,4 +1,4 @@
-"""Tests for nsmail.queuetool: the pure planning and formatting, then `nsmail queue` run for
+"""Tests for nsmail.commands.queue: the pure planning and formatting, then `nsmail queue` run for
 real, as root and as tenants' users, on two tenants' spools in a temporary directory."""
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Any
 
 import pytest
 
-from nsmail.jail import run_as
-from nsmail.queuefile import Deferral, Envelope, encode
-from nsmail.queuetool import (
+from nsmail.commands.queue import (
     VERBS,
     Change,
     Entry,
@@ -34,7 +32,9 @@ from nsmail.queuetool import (
     split_message,
     worst,
 )
-from nsmail.spool import (
+from nsmail.core.queuefile import Deferral, Envelope, encode
+from nsmail.root.jail import run_as
+from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
     DEFERRED,
@@ -239,7 +239,7 @@ def test_split_message_and_printable_text() -> None:
 # --- the command, for real --------------------------------------------------------------
 
 pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-# `nsmail queue` once the lead wires it into nsmail.cli; until then, queuetool.main itself.
+# `nsmail queue` once the lead wires it into nsmail.commands.cli; until then, queuetool.main itself.
 NSMAIL = Path(sys.executable).with_name("nsmail")
 VIA_CLI = True
 _VIA_MAIN = (

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.config import Tenant
-from nsmail.report import (
+from nsmail.core.config import Tenant
+from nsmail.core.report import (
     MAX_REPORT,
     OUTCOMES,
     QUEUE_STATES,
@@ -30,8 +30,8 @@ from nsmail.report import (
     decode,
     encode,
 )
-from nsmail.spawn import Zygote
-from nsmail.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, State, Supervisor
+from nsmail.root.spawn import Zygote
+from nsmail.root.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, State, Supervisor
 
 GOOD = Report(
     domain="bcd.test",
@@ -212,7 +212,7 @@ def test_a_handler_that_raises_is_contained_to_its_tenant(
     def bug(data: bytes, domain: str) -> Report:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("nsmail.supervisor.decode_report", bug)
+    monkeypatch.setattr("nsmail.root.supervisor.decode_report", bug)
     worker.send(encode(GOOD))
     with caplog.at_level(logging.ERROR):
         supervisor._on_report(slot)  # does not raise

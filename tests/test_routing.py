@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from nsmail.routing import NullMX, Targets, route
+from nsmail.core.routing import NullMX, Targets, route
 
 
 def test_ascending_preference_with_names_normalised() -> None:

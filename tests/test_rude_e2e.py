@@ -28,8 +28,8 @@ from hosting import DUAL, V4_ONLY, Hosting, TenantSpec, dns_records
 from lab import Lab, Nsd
 from rude_smtp import RudeSmtp
 
-from nsmail.queuefile import decode
-from nsmail.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, SPOOL_IN_HOME
+from nsmail.core.queuefile import decode
+from nsmail.tenant.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, SPOOL_IN_HOME
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

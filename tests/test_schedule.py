@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.schedule import RetryPolicy, expired, latest_attempt, next_attempt, warn_delay
+from nsmail.core.retry import RetryPolicy, expired, latest_attempt, next_attempt, warn_delay
 
 POLICY = RetryPolicy()
 MIDDLE = 0.5  # no jitter

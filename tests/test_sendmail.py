@@ -1,4 +1,4 @@
-"""Tests for nsmail.sendmail: the pure option parser and checks, then the real console
+"""Tests for nsmail.submit.sendmail: the pure option parser and checks, then the real console
 script run as a tenant uid against a temporary configuration and spool."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail import launcher
-from nsmail.config import load
-from nsmail.headers import Completion, HeaderError, complete
-from nsmail.queuefile import Envelope, decode
-from nsmail.sendmail import (
+from nsmail.core.config import load
+from nsmail.core.headers import Completion, HeaderError, complete
+from nsmail.core.queuefile import Envelope, decode
+from nsmail.submit import launcher
+from nsmail.submit.sendmail import (
     DELIVER,
     FLUSH,
     LIST,
@@ -43,8 +43,8 @@ from nsmail.sendmail import (
     qualify,
     read_message,
 )
-from nsmail.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
-from nsmail.submission import SUFFIX, Profile, cached, profile_of, refresh
+from nsmail.submit.submission import SUFFIX, Profile, cached, profile_of, refresh
+from nsmail.tenant.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
 
 SENDMAIL = Path(sys.executable).with_name("nsmail-sendmail")
 EX_USAGE, EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 64, 65, 69, 75, 77, 78
@@ -828,12 +828,12 @@ def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
 # more module such as dataclasses, pathlib or contextlib costs as much as the rest of
 # the submission.
 LEAN_IMPORTS = {
-    "nsmail",
-    "nsmail.sendmail",
-    "nsmail.paths",
-    "nsmail.submission",
-    "nsmail.maildrop",
-    "nsmail.queueframe",
+    *("nsmail", "nsmail.submit", "nsmail.core"),  # packages: a docstring each
+    "nsmail.submit.sendmail",
+    "nsmail.submit.paths",
+    "nsmail.submit.submission",
+    "nsmail.submit.maildrop",
+    "nsmail.core.queueframe",
     *("__future__", "_collections_abc", "_sha256", "_stat", "genericpath", "marshal"),
     *("os", "os.path", "posixpath", "pwd", "stat"),
 }

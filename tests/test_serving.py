@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nsmail import serving
-from nsmail.serving import MAX_CONNECTIONS, TIMEOUT, Server
+from nsmail.root import serving
+from nsmail.root.serving import MAX_CONNECTIONS, TIMEOUT, Server
 
 MAX_REQUEST = 64
 

@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 from test_delivery import Recorder, free_port
 from test_delivery import smtp_server as aiosmtpd
 
+from nsmail.core.message import CHUNK, Message
 from nsmail.core.smtp import Delivered, Failure, Kind, Results, Stage, TlsMode
-from nsmail.message import CHUNK, Message
 from nsmail.tenant.smtp import (
     Session,
     SessionError,

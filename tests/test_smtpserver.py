@@ -1,4 +1,4 @@
-"""The SMTP server core (nsmail.smtpserver) against scripted clients: sessions, pipelining,
+"""The SMTP server core (nsmail.core.smtp.server) against scripted clients: sessions, pipelining,
 dot-unstuffing, limits, and hostile input (overlong lines, floods, bare LF, NUL)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nsmail.smtpserver import (
+from nsmail.core.smtp.server import (
     MAX_COMMAND,
     MAX_ERRORS,
     MAX_RECIPIENTS,

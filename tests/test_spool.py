@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nsmail import maildrop
-from nsmail.message import chunks
-from nsmail.queuefile import TRAILER_BYTES, Envelope, QueueFileError, frame
-from nsmail.spool import (
+from nsmail.core.message import chunks
+from nsmail.core.queuefile import TRAILER_BYTES, Envelope, QueueFileError, frame
+from nsmail.submit import maildrop
+from nsmail.tenant.spool import (
     ACTIVE,
     DEFERRED,
     INCOMING,

@@ -1,6 +1,6 @@
 """`nsmail status`: the table's figures, and the command against a real control socket.
 
-The socket is served by `nsmail.control` and `nsmail.serving` themselves with a fixed
+The socket is served by `nsmail.root.control` and `nsmail.root.serving` themselves with a fixed
 reply, so the command's own handling (one tenant, no such tenant) is seen without starting
 a supervisor.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from hosting import NSMAIL
 
-from nsmail import control, serving
-from nsmail.status import WorkerStatus, render_table
+from nsmail.core.status import WorkerStatus, render_table
+from nsmail.root import control, serving
 
 BCD = WorkerStatus(
     domain="bcd.test",

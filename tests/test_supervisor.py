@@ -19,9 +19,9 @@ import pytest
 from hosting import DUAL, NSMAIL, THREE, V4_ONLY, V6_ONLY, Hosting, TenantSpec, dns_records
 from lab import Lab, Nsd, Postfix
 
-from nsmail.netns import SOURCE_RULE_PRIORITY
-from nsmail.submission import cached
-from nsmail.supervisor import PING_TIMEOUT
+from nsmail.root.netns import SOURCE_RULE_PRIORITY
+from nsmail.root.supervisor import PING_TIMEOUT
+from nsmail.submit.submission import cached
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -431,7 +431,7 @@ def test_status_watch_refreshes_until_interrupted(lab: Lab) -> None:
 IDLE_SCRAPERS = """
 import json, os, signal, socket, sys, time
 from pathlib import Path
-from nsmail import control
+from nsmail.root import control
 port, run_dir, worker = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 
 def still_open(s):  # waiting, with neither a reply nor the end of the connection

@@ -17,7 +17,7 @@ import pytest
 from hosting import DUAL, Hosting, dns_records
 from lab import Lab, Nsd, Postfix
 
-from nsmail.spool import DEFERRED, MAILDROP, SPOOL_IN_HOME
+from nsmail.tenant.spool import DEFERRED, MAILDROP, SPOOL_IN_HOME
 
 V1_FILES = Path(__file__).parent / "data" / "queue-v1"
 

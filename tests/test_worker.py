@@ -21,10 +21,10 @@ import pytest
 from test_delivery import ZONE, Recorder, make_tenant, smtp_server
 from test_dnsrelay import DNSStack, dns_stack
 
-from nsmail import worker
-from nsmail.config import DeliveryConfig
-from nsmail.queuefile import Envelope, decode, encode
-from nsmail.spool import (
+from nsmail.core.config import DeliveryConfig
+from nsmail.core.queuefile import Envelope, decode, encode
+from nsmail.tenant import worker
+from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
     DEFERRED,

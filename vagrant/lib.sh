@@ -61,6 +61,6 @@ install_nsmail() {
   else
     "$venv/bin/pip" install -q /nsmail
   fi
-  "$venv/bin/python" -m nsmail.launcher "$venv/bin/nsmail-sendmail"
+  "$venv/bin/python" -m nsmail.submit.launcher "$venv/bin/nsmail-sendmail"
   ln -sf "$venv/bin/nsmail" "$venv/bin/nsmail-sendmail" /usr/local/bin/
 }

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from nsmail.core.message import CHUNK, Message, dot_stuffed
 from nsmail.core.smtp import (
     Client,
     Extensions,
@@ -48,7 +49,6 @@ from nsmail.core.smtp import (
     refused,
     timed_out,
 )
-from nsmail.message import CHUNK, Message, dot_stuffed
 
 Address = IPv4Address | IPv6Address
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close with RST, keep no state

@@ -1,0 +1,147 @@
+"""`nsmail tenant add|remove|list`: hosted domains as drop-ins, applied without a restart.
+
+A tenant added here is one file, `tenants.d/<domain>.toml`, validated together with the
+whole configuration before it is written (a taken address, a bad domain, an address
+outside the bridge's subnet or a shared directory such as /tmp as its home writes
+nothing and exits 78, as `nsmail check` would), written atomically, and then applied by
+asking the running supervisor to reload: the new tenant's namespace and worker appear,
+the others are not disturbed.
+
+Security: run by root; it writes only in the configuration's own tenants.d directory,
+under a name made from a validated domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nsmail.core import config as configuration
+from nsmail.root import control
+from nsmail.submit.paths import DROPIN_DIR
+
+EX_OK = 0
+EX_DATAERR = 65
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class AdminError(Exception):
+    """One line for the operator, and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class NewTenant:
+    domain: str
+    ipv4: str | None = None
+    ipv6: str | None = None
+    ehlo: str | None = None
+    user: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    home: str | None = None
+    users: tuple[str, ...] = ()
+
+    def toml(self) -> str:
+        """The drop-in's text. Values are written as JSON strings and numbers, which are
+        valid TOML; the validation that follows is the real check."""
+        lines = ["[[tenant]]"]
+        for key in ("domain", "ipv4", "ipv6", "ehlo", "user", "uid", "gid", "home"):
+            value = getattr(self, key)
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        if self.users:
+            lines.append(f"users = {json.dumps(list(self.users))}")
+        return "\n".join(lines) + "\n"
+
+
+def add(path: Path, tenant: NewTenant) -> str:
+    """Validate and write the drop-in, then apply it; what happened, for the operator."""
+    dropin = _dropin(path, tenant.domain)
+    if dropin.exists():
+        raise AdminError(EX_DATAERR, f"{dropin} exists already")
+    documents = [*configuration.read_documents(path), (str(dropin), tenant.toml())]
+    try:
+        configuration.parse(documents, configuration.system_lookup())
+    except configuration.ConfigError as e:
+        raise AdminError(EX_CONFIG, str(e)) from None
+    _write(dropin, tenant.toml())
+    return f"added {tenant.domain} ({dropin}); " + _apply(path)
+
+
+def remove(path: Path, domain: str) -> str:
+    config = configuration.load(path)
+    tenant = config.tenant(domain)
+    if tenant is None:
+        raise AdminError(EX_DATAERR, f"no tenant {domain!r} in {path}")
+    source = Path(tenant.source)
+    if source.parent.name != DROPIN_DIR:
+        raise AdminError(EX_DATAERR, f"{domain} is defined in {source}: edit that file")
+    others = [t.domain for t in config.tenants if t.source == tenant.source and t is not tenant]
+    if others:
+        raise AdminError(EX_DATAERR, f"{source} also holds {', '.join(others)}: edit that file")
+    source.unlink()
+    _sync_dir(source.parent)
+    return f"removed {domain} ({source}); " + _apply(path)
+
+
+def listing(path: Path) -> list[dict[str, object]]:
+    return [
+        {
+            "domain": t.domain,
+            "ipv4": str(t.ipv4) if t.ipv4 else None,
+            "ipv6": str(t.ipv6) if t.ipv6 else None,
+            "uid": t.uid,
+            "home": str(t.home),
+            "source": t.source,
+        }
+        for t in configuration.load(path).tenants
+    ]
+
+
+def _dropin(path: Path, domain: str) -> Path:
+    if "/" in domain or domain.startswith("."):
+        raise AdminError(EX_DATAERR, f"{domain!r} is not a domain")
+    return path.parent / DROPIN_DIR / f"{domain.lower()}.toml"
+
+
+def _write(target: Path, text: str) -> None:
+    target.parent.mkdir(mode=0o755, exist_ok=True)
+    partial = target.with_name(f".{target.name}.new")
+    try:
+        with open(partial, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        partial.chmod(0o644)  # tenants' sendmail reads the configuration
+        os.rename(partial, target)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise AdminError(EX_CANTCREAT, f"cannot write {target}: {e.strerror}") from e
+    _sync_dir(target.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _apply(path: Path) -> str:
+    run_dir = configuration.run_dir_of(path)
+    try:
+        reply = control.request(run_dir, "reload")
+    except control.Unavailable:
+        return "no supervisor is running: it applies at the next start"
+    if not reply.get("ok"):
+        raise AdminError(EX_TEMPFAIL, f"the supervisor refused to reload: {reply.get('error')}")
+    return "the supervisor applied it"

@@ -1,0 +1,233 @@
+"""The DNS relay: one unprivileged host process answering every worker's queries.
+
+Workers cannot reach the host resolver from their namespaces, and must not get a general
+path to host services. Each worker instead holds one end of a SEQPACKET socketpair whose
+other end the supervisor passes here over the control socket (SCM_RIGHTS). The relay reads
+one DNS query per datagram, rebuilds it from its question alone, asks the configured
+resolvers (UDP, TCP on truncation, each resolver in turn) and answers with the response,
+SERVFAIL on failure and REFUSED for anything that is not a plain IN query. The supervisor
+pings it over the control socket (`ping`), and replaces a relay that does not answer.
+
+Security: runs in the host network namespace as a system user of its own (`[host]
+dns_user`: no other process, the host's worker included, may signal it). Every byte on a
+channel is tenant-written: a query is size-bounded, parsed by dnspython and never
+forwarded verbatim (no tunnelled flags, options or extra records reach the resolver).
+Each channel has a bounded number of queries in flight and stops being read while it is
+at the bound; a failing or closed channel is dropped on its own, never the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv6Address
+
+import dns.asyncbackend
+import dns.asyncquery
+import dns.exception
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+
+HEADER_SIZE = 12
+MAX_QUERY = 512
+MAX_IN_FLIGHT = 8
+MAX_FDS_PER_MESSAGE = 16
+# Answers travel over SEQPACKET, not UDP, so ask the resolver for what fits a DNS message.
+UPSTREAM_PAYLOAD = 1232
+PING = b"p"  # on the control socket, without descriptors; answered with the same
+
+log = logging.getLogger("nsmail.host.dnsrelay")
+
+# The relay runs chrooted into an empty directory: load what dnspython imports lazily now,
+# or record types would parse as generic rdata and the event loop backend would not load.
+dns.rdata.load_all_types()  # type: ignore[no-untyped-call]
+dns.asyncbackend.get_backend("asyncio")
+
+
+def hand_over(control: socket.socket, channel: socket.socket) -> None:
+    """Pass `channel` to the relay listening on `control`; the caller then closes its copy."""
+    socket.send_fds(control, [b"c"], [channel.fileno()])
+
+
+def ping(control: socket.socket) -> None:
+    """Ask the relay on `control` to show it is alive: it sends PING back from its loop."""
+    control.send(PING)
+
+
+def run(
+    control: socket.socket,
+    resolvers: Sequence[IPv4Address | IPv6Address],
+    timeout: float,
+    port: int = 53,
+) -> None:
+    """Serve channels handed over on `control` until it reaches end of file."""
+    asyncio.run(_serve(control, tuple(str(r) for r in resolvers), timeout, port))
+
+
+async def _serve(
+    control: socket.socket, resolvers: tuple[str, ...], timeout: float, port: int
+) -> None:
+    control.setblocking(False)
+    channels: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            await _readable(control)
+            try:
+                message, fds, _, _ = socket.recv_fds(control, 1, MAX_FDS_PER_MESSAGE)
+            except BlockingIOError:
+                continue
+            if not message and not fds:
+                return
+            if message == PING and not fds:
+                with contextlib.suppress(OSError):  # a supervisor not reading asks again
+                    control.send(PING)
+            for fd in fds:
+                channel = _adopt(fd)
+                if channel is not None:
+                    task = asyncio.create_task(_serve_channel(channel, resolvers, timeout, port))
+                    channels.add(task)
+                    task.add_done_callback(channels.discard)
+    finally:
+        for task in channels:
+            task.cancel()
+        await asyncio.gather(*channels, return_exceptions=True)
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock)
+
+
+def _adopt(fd: int) -> socket.socket | None:
+    """The received descriptor as a channel, or None (and closed) if it is not one."""
+    try:
+        channel = socket.socket(fileno=fd)
+    except OSError:
+        _close_fd(fd)
+        return None
+    if channel.family != socket.AF_UNIX or channel.type != socket.SOCK_SEQPACKET:
+        channel.close()
+        return None
+    channel.setblocking(False)
+    return channel
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        socket.close(fd)
+
+
+async def _serve_channel(
+    channel: socket.socket, resolvers: tuple[str, ...], timeout: float, port: int
+) -> None:
+    loop = asyncio.get_running_loop()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    queries: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            await slots.acquire()
+            try:
+                wire = await loop.sock_recv(channel, MAX_QUERY + 1)
+            except OSError:
+                return
+            if not wire:
+                return
+            task = asyncio.create_task(_answer(channel, wire, resolvers, timeout, port))
+            queries.add(task)
+            task.add_done_callback(queries.discard)
+            task.add_done_callback(lambda _: slots.release())
+    finally:
+        for task in queries:
+            task.cancel()
+        await asyncio.gather(*queries, return_exceptions=True)
+        channel.close()
+
+
+async def _answer(
+    channel: socket.socket, wire: bytes, resolvers: tuple[str, ...], timeout: float, port: int
+) -> None:
+    reply = await respond(wire, resolvers, timeout, port)
+    if reply is None:
+        return
+    try:
+        channel.send(reply)
+    except OSError:
+        # Full (the worker is not reading) or closed: the answer is dropped; the
+        # channel's reader notices a closed peer on its own.
+        return
+
+
+async def respond(
+    wire: bytes, resolvers: tuple[str, ...], timeout: float, port: int
+) -> bytes | None:
+    """The wire answer to the query `wire`, or None if it deserves none."""
+    # RFC 1035 4.1.1: below 12 bytes there is no header to answer; a set QR bit marks a
+    # response, and answering those could loop.
+    if not HEADER_SIZE <= len(wire) <= MAX_QUERY or wire[2] & 0x80:
+        return None
+    if (wire[2] >> 3) & 0xF != dns.opcode.QUERY:
+        return _header_only(wire, dns.rcode.NOTIMP)
+    try:
+        query = dns.message.from_wire(wire)
+    except Exception:
+        # Whatever dnspython finds wrong with tenant bytes, the answer is FORMERR.
+        return _header_only(wire, dns.rcode.FORMERR)
+    if not _acceptable(query):
+        return _error(query, dns.rcode.REFUSED)
+    question = query.question[0]
+    upstream = dns.message.make_query(
+        question.name, question.rdtype, use_edns=0, payload=UPSTREAM_PAYLOAD
+    )
+    for resolver in resolvers:
+        try:
+            response, _ = await dns.asyncquery.udp_with_fallback(
+                upstream, resolver, timeout=timeout, port=port
+            )
+        except Exception as e:
+            # One resolver's failure, whatever its kind, only moves on to the next.
+            log.warning("resolver %s: %r", resolver, e)
+            continue
+        if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            continue
+        response.id = query.id
+        try:
+            return response.to_wire()
+        except dns.exception.DNSException:
+            break
+    return _error(query, dns.rcode.SERVFAIL)
+
+
+def _acceptable(query: dns.message.Message) -> bool:
+    if len(query.question) != 1:
+        return False
+    question = query.question[0]
+    return question.rdclass == dns.rdataclass.IN and not dns.rdatatype.is_metatype(question.rdtype)
+
+
+def _header_only(wire: bytes, rcode: dns.rcode.Rcode) -> bytes:
+    """A bare response header for a query dnspython cannot represent."""
+    query_id, flags = struct.unpack_from("!HB", wire)
+    # Keep the opcode and RD bits of the query, set QR (RFC 1035 4.1.1).
+    return struct.pack("!HBBHHHH", query_id, 0x80 | (flags & 0x79), rcode, 0, 0, 0, 0)
+
+
+def _error(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes | None:
+    try:
+        response = dns.message.make_response(query)
+        response.set_rcode(rcode)
+        return response.to_wire()
+    except dns.exception.DNSException:
+        return None

@@ -1,0 +1,171 @@
+"""`nsmail-sendmail -bs`: SMTP on standard input and output, a thin shell over
+`nsmail.core.smtp.server`.
+
+Symfony Mailer (so Laravel) runs `sendmail -bs` by default. Each message is checked and
+stored as a submission from the command line is (`nsmail.submit.sendmail`): the same sender
+rule, queue limit and size limit, the same maildrop file with headers completed by the
+worker. Every refusal is a reply: 553 5.7.1 for a sender outside the tenant's domain,
+501 for an address that cannot be one, 552 5.3.4 for a message over the size limit, 452
+4.3.1 for a full queue or disk (451 4.3.0 for another storage error); 250 only once the
+message is durably on disk. Replies are written when the server would wait for input,
+so a pipelining client gets them in one write. The session ends with QUIT or at the end
+of input; a message not complete by then is not queued. The exit status is 0 either
+way: what happened to each message is in its reply.
+
+Security: runs as the submitting user, like the rest of `nsmail-sendmail` (root has
+become the tenant before). What the client sends reaches only the protocol core and,
+as message content, the tenant's own maildrop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from nsmail.core.smtp import server as smtp
+from nsmail.submit.maildrop import write_all
+from nsmail.submit.sendmail import SendmailError, envelope_sender, make_room, qualify, store
+
+if TYPE_CHECKING:
+    from nsmail.core.queueframe import Field
+    from nsmail.submit.submission import Profile
+
+_CHUNK = 1 << 16
+_STDIN, _STDOUT = 0, 1
+# Storage errors that a full disk or quota causes (RFC 3463 4.3.1: mail system full).
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class _Dropped(Exception):
+    """The message in progress will not be queued (smtpserver.Aborted)."""
+
+
+class _Gone(Exception):
+    """The client closed its end: nothing more can be said."""
+
+
+class _Session:
+    """The server and the bytes it has for the client, not yet written."""
+
+    def __init__(self, server: smtp.Server) -> None:
+        self.server = server
+        self._unsent: list[bytes] = []
+
+    def next_event(self) -> smtp.Event:
+        """The next event that needs more than IO: replies buffered, input read."""
+        while True:
+            event = self.server.next_event()
+            if isinstance(event, smtp.Output):
+                self._unsent.append(event.data)
+            elif event is smtp.NEED_DATA:
+                self.flush()
+                self.server.receive(os.read(_STDIN, _CHUNK))
+            else:
+                return event
+
+    def flush(self) -> None:
+        data, self._unsent = b"".join(self._unsent), []
+        try:
+            write_all(_STDOUT, data)
+        except BrokenPipeError as e:
+            raise _Gone from e
+
+
+class _Incoming:
+    """The message's content as the server passes it on, for `store` to consume."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+        self.ended = False  # EndOfMessage was seen: the server waits for its answer
+        self.dropped = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        while not (self.ended or self.dropped):
+            event = self._session.next_event()
+            if isinstance(event, smtp.Content):
+                yield event.data
+            elif isinstance(event, smtp.EndOfMessage):
+                self.ended = True
+            else:  # Aborted: over the size limit, or the input ended
+                self.dropped = True
+                raise _Dropped
+
+    def drain(self) -> None:
+        """Read to the end of the message (storing it failed part way)."""
+        for _ in self:
+            pass
+
+
+def serve(tenant: Profile, login: str, full_name: str) -> None:
+    """Serve one SMTP session on stdin and stdout for `tenant`'s user `login`."""
+    session = _Session(smtp.Server(tenant.domain, size_limit=tenant.message_size_limit))
+    try:
+        while not isinstance(event := session.next_event(), smtp.Closed):
+            if isinstance(event, smtp.Mail):
+                session.server.answer(_mail(event, login, tenant))
+            elif isinstance(event, smtp.Recipient):
+                session.server.answer(_recipient(event, tenant))
+            elif isinstance(event, smtp.Data):
+                session.server.answer()
+                _message(session, event, login, full_name, tenant)
+        session.flush()
+    except _Gone:
+        return
+
+
+def _mail(event: smtp.Mail, login: str, tenant: Profile) -> smtp.Reply | None:
+    try:
+        envelope_sender(event.sender, login, tenant)
+        make_room(tenant)
+    except SendmailError as e:
+        return _refusal(e, {os.EX_USAGE: "501 5.1.7", os.EX_NOPERM: "553 5.7.1"})
+    return None
+
+
+def _recipient(event: smtp.Recipient, tenant: Profile) -> smtp.Reply | None:
+    try:
+        qualify(event.address, tenant.domain)
+    except SendmailError as e:
+        return _refusal(e, {os.EX_USAGE: "501 5.1.3"})
+    return None
+
+
+def _message(
+    session: _Session, event: smtp.Data, login: str, full_name: str, tenant: Profile
+) -> None:
+    """Store the message the client sends now, and answer its end."""
+    # The fields of queuefile.Envelope a submission sets (as nsmail.submit.sendmail's). Checked
+    # when MAIL and RCPT were answered: the same functions give the same addresses.
+    envelope: dict[str, Field] = {
+        "sender": envelope_sender(event.sender, login, tenant),
+        "recipients": [qualify(r, tenant.domain) for r in event.recipients],
+        "submitter": login,
+        "full_name": full_name,
+        "extract": False,
+    }
+    incoming = _Incoming(session)
+    try:
+        queue_id = store(tenant, envelope, incoming)
+    except _Dropped:
+        return  # the server has the reply, if the session goes on
+    except SendmailError as e:
+        try:
+            incoming.drain()
+        except _Dropped:
+            return
+        session.server.answer(_refusal(e, {}))
+        return
+    session.server.answer(smtp.Reply(250, f"2.0.0 Ok: queued as {queue_id}"))
+
+
+def _refusal(error: SendmailError, replies: dict[int, str]) -> smtp.Reply:
+    """The reply for a refusal of nsmail.submit.sendmail's, by its exit status."""
+    if error.code == os.EX_TEMPFAIL:
+        cause = error.__cause__
+        full = not isinstance(cause, OSError) or cause.errno in _FULL  # a full queue, or disk
+        code, status = ("452", "4.3.1") if full else ("451", "4.3.0")
+    else:
+        code, status = replies[error.code].split()
+    return smtp.Reply(int(code), f"{status} {error.message}")

@@ -1,0 +1,287 @@
+"""The tenant's delivery worker process: prepare before the jail, then serve the queue.
+
+Lifecycle (driven by the supervisor): `prepare` runs in the tenant's network namespace
+while the process still sees the host file system, and loads everything that needs a file
+(modules, CA certificates, time zone, the DNS resolver); the process is then jailed into
+the tenant home, and `Worker.run` serves the queue (`nsmail.tenant.qmgr`) until SIGTERM. inotify
+on the spool is a hint to look now; the periodic scan is the truth.
+
+A worker with nothing to do for `idle_exit` seconds exits, so an idle tenant costs no
+process (a thousand idle tenants would otherwise hold a thousand workers). Before it
+goes, it hands the supervisor its inotify descriptor with its last report ("asleep",
+and when the next deferred message falls due): the supervisor starts a new worker when
+that descriptor becomes readable (mail dropped off, released, a flush asked for) or at
+that time. It does not go while mail waits for it or lingers in an SMTP session, nor
+while mail taken in within the hour still counts toward a sending limit: a new worker
+would count it only from the last report, as if all were taken at that time.
+
+Security: after `prepare`, runs as the tenant uid with no capabilities, chrooted into the
+tenant home; everything it reads there is tenant-written (see qmgr, spool).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import pwd
+import random
+import select
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import dns.name
+import dns.rdata
+import dns.resolver
+
+from nsmail.core import retry
+from nsmail.core.config import DeliveryConfig, Tenant
+from nsmail.core.report import encode as encode_report
+from nsmail.tenant import dkim, inotify
+from nsmail.tenant.delivery import Agent
+from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.qmgr import QueueManager
+from nsmail.tenant.resolver import make_resolver, use_relay
+from nsmail.tenant.spool import INCOMING, MAILDROP, Spool
+
+log = logging.getLogger("nsmail.tenant.worker")
+REPORT_EVERY = 10.0  # seconds: a report at least this often
+REPORT_AT_MOST = 0.5  # seconds: and no more often than this
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What every worker uses and may share with its siblings until it writes to it."""
+
+    tls: ssl.SSLContext
+    tls_verified: ssl.SSLContext
+    resolver: dns.resolver.Resolver
+    rng: random.Random
+
+
+@functools.cache
+def preload() -> Shared:
+    """Load and build, once, what needs files or is the same for every tenant.
+
+    The supervisor calls this before it forks the zygote, so every worker shares these
+    pages (the CA store alone is about 4 MiB; even building a resolver dirties half a
+    megabyte) instead of building its own copy. In a process that did not, `prepare`
+    does it.
+    """
+    dns.rdata.load_all_types()  # type: ignore[no-untyped-call]
+    # Codecs and hashes load on first use: use them once now (the idna and punycode codecs
+    # with their unicodedata tables, OpenSSL's digests).
+    dns.name.from_text("bücher.test").to_unicode()
+    hashlib.sha256(b"").hexdigest()
+    tls = ssl.create_default_context()
+    # RFC 7435 opportunistic TLS: encrypt whenever offered, but MX certificates are rarely
+    # valid for the MX name, so not authenticating is better than falling back to plain.
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    return Shared(
+        tls=tls,
+        tls_verified=ssl.create_default_context(),
+        resolver=make_resolver(),
+        rng=random.Random(),
+    )
+
+
+def prepare(
+    tenant: Tenant,
+    delivery: DeliveryConfig,
+    dns_channel: socket.socket,
+    report_channel: socket.socket | None = None,
+    home: Path = Path("/"),
+    host_queue: HostQueue | None = None,
+    taken: tuple[int, float] = (0, 0.0),
+) -> Worker:
+    """Load everything the worker needs from files, before the chroot takes them away.
+
+    `home` is the tenant home as seen after the chroot. Called once per worker
+    process: the shared resolver and random generator become this worker's own here.
+    `host_queue` makes this the worker of the machine's own users' mail. `taken`: how
+    many messages the previous worker had taken in within the hour, and when it said so.
+    """
+    shared = preload()
+    time.tzset()
+    time.localtime()
+    use_relay(shared.resolver, dns_channel, delivery.timeout)
+    shared.rng.seed()  # siblings forked from one parent must not draw the same numbers
+    signer = None
+    if tenant.dkim_selector is not None and tenant.dkim_key is not None:
+        # Still root and outside the jail: the key file is out of reach after it.
+        signer = dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key)
+    remote = Agent(
+        tenant=tenant,
+        config=delivery,
+        resolver=shared.resolver,
+        tls=shared.tls,
+        tls_verified=shared.tls_verified,
+        rng=shared.rng,
+    )
+    limits = tenant.limits(delivery)
+    queue = QueueManager(
+        spool=Spool(home / tenant.spool_in_home),
+        domain=tenant.domain,
+        foreign_senders=tenant.foreign_senders,
+        reporting_mta=tenant.ehlo,
+        local=LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
+        remote=remote,
+        policy=retry.RetryPolicy(
+            first=delivery.retry_first,
+            maximum=delivery.retry_max,
+            lifetime=delivery.lifetime,
+            delay_warning=delivery.delay_warning,
+        ),
+        rng=shared.rng,
+        clock=time.time,
+        hourly_limit=limits.hourly,
+        recipient_limit=limits.recipients,
+        signer=signer,
+    )
+    queue.carry_over(*taken)
+    if host_queue is not None:
+        queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
+        queue.tenant_uids = host_queue.tenant_uids
+    return Worker(queue, delivery.scan_interval, report_channel, delivery.idle_exit)
+
+
+@dataclass(frozen=True, slots=True)
+class HostQueue:
+    """What the host's worker knows beyond a tenant's: whose uids are tenants'."""
+
+    tenant_uids: frozenset[int]
+
+
+class Worker:
+    """Serves one tenant's queue until SIGTERM, or until it has nothing to do."""
+
+    def __init__(
+        self,
+        queue: QueueManager,
+        scan_interval: float,
+        reports: socket.socket | None = None,
+        idle_exit: float = 0.0,
+    ) -> None:
+        self.queue = queue
+        self.scan_interval = scan_interval
+        self.idle_exit = idle_exit
+        self._stopping = False
+        self._reports = reports
+        self._reported: tuple[float, bytes] = (0.0, b"")
+        self._unreported: str | None = None
+        queue.progress = lambda: self._report("delivering")
+
+    def run(self) -> None:
+        """Deliver until SIGTERM (a message being delivered is finished first), or until
+        `idle_exit` seconds without work, once the supervisor has taken over the watch."""
+        spool = self.queue.spool
+        spool.create(public_maildrop=self.queue.owners is not None)
+        self.queue.recover()
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.set_wakeup_fd(wake_write)
+        # The spool root itself for the flush trigger that `sendmail -q` creates.
+        watch = inotify.Watch([spool.root / MAILDROP, spool.root / INCOMING, spool.root])
+        try:
+            self._serve(watch, wake_read)
+        finally:
+            self.queue.remote.connections.close_all()
+            signal.set_wakeup_fd(-1)
+            watch.close()
+            os.close(wake_read)
+            os.close(wake_write)
+
+    def _report(self, state: str) -> None:
+        """Tell the supervisor how things stand: on change, at least every REPORT_EVERY,
+        at most every REPORT_AT_MOST (counting the queue costs six directory listings)."""
+        if self._reports is None:
+            return
+        now = time.time()
+        last_time, last_data = self._reported
+        if now - last_time < REPORT_AT_MOST:
+            self._unreported = state  # sent when the limit allows: see _serve
+            return
+        self._unreported = None
+        data = encode_report(self.queue.report(state, now))
+        if data == last_data and now - last_time < REPORT_EVERY:
+            return
+        try:
+            self._reports.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return  # a busy or gone supervisor: the next report says it all again
+        self._reported = (now, data)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+        self.queue.stopping = True
+
+    def _serve(self, watch: inotify.Watch, wake: int) -> None:
+        poller = select.poll()
+        poller.register(watch.fd, select.POLLIN)
+        poller.register(wake, select.POLLIN)
+        next_scan = 0.0
+        busy_at = time.time()
+        while not self._stopping:
+            now = time.time()
+            flush = self.queue.spool.take_flush_request()
+            if flush or now >= next_scan:
+                self.queue.next_due = now  # the periodic scan looks at everything
+                next_scan = now + self.scan_interval
+            if self.queue.pick_up() + self.queue.attempt_due(flush=flush):
+                busy_at = time.time()
+            self._report("backing off" if self.queue.next_due < float("inf") else "idle")
+            wait = min(next_scan, self.queue.next_due) - time.time()
+            linger = self.queue.remote.connections.close_idle()
+            if linger is not None:
+                wait = min(wait, linger)
+            elif self.idle_exit:
+                if self._may_retire(busy_at) and self._retire(watch):
+                    return
+                # Past it (mail due soon, or counting toward a limit), the scans recheck.
+                retire_in = busy_at + self.idle_exit - time.time()
+                if retire_in > 0:
+                    wait = min(wait, retire_in)
+            if self._unreported is not None:  # a report held back by the rate limit
+                wait = min(wait, self._reported[0] + REPORT_AT_MOST - time.time())
+            poller.poll(max(0.0, wait) * 1000)
+            watch.drain()
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake, 512)
+
+    def _may_retire(self, busy_at: float) -> bool:
+        """Whether there has been nothing to do since `busy_at` for `idle_exit` seconds,
+        and nothing is due within as long."""
+        now = time.time()
+        spool = self.queue.spool
+        return (
+            now - busy_at >= self.idle_exit
+            and self.queue.next_due - now >= self.idle_exit
+            and not self.queue.counting_toward_a_limit(now)
+            and not spool.ids(MAILDROP)
+            and not spool.ids(INCOMING)
+        )
+
+    def _retire(self, watch: inotify.Watch) -> bool:
+        """Hand the supervisor the watch with the last report; False if it could not be
+        told (a busy supervisor), and then the worker stays."""
+        if self._reports is None:
+            return False
+        data = encode_report(self.queue.report("asleep", time.time()))
+        try:
+            socket.send_fds(self._reports, [data], [watch.fd], socket.MSG_DONTWAIT)
+        except OSError:
+            return False
+        log.info(
+            "%s: nothing to do for %.0f s; exiting until there is",
+            self.queue.domain,
+            self.idle_exit,
+        )
+        return True
