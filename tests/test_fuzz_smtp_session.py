@@ -76,10 +76,14 @@ async def session(port: int, timeouts: Timeouts) -> Session:
 def outcome(recipient: str, result: Delivered | Failure) -> Outcome:
     if isinstance(result, Delivered):
         return Outcome(recipient, Status.DELIVERED, result.reply.code, result.reply.text, "")
-    code = result.reply.code if result.reply else 552 if str(result.enhanced) == "5.3.4" else None
+    # What nsmail decides itself (UNSENDABLE) carries no reply code, only its status code.
+    code = result.reply.code if result.reply else None
+    text = (
+        result.words if result.reply or not result.enhanced else f"{result.enhanced} {result.words}"
+    )
     bounce = result.permanent and (result.stage in TRANSACTION or result.kind is Kind.UNSENDABLE)
     status = Status.PERMANENT if bounce else Status.TEMPORARY
-    return Outcome(recipient, status, code, result.words, "")
+    return Outcome(recipient, status, code, text, "")
 
 
 async def deliver_all(
