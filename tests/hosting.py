@@ -24,6 +24,7 @@ from typing import Any
 from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from lab import forward_and_reverse as fr
 
+from nsmail.core.config import SmtpTimeouts
 from nsmail.core.queuefile import Envelope, encode
 from nsmail.submit import maildrop
 from nsmail.tenant.spool import SPOOL_IN_HOME, Spool, new_queue_id
@@ -122,7 +123,11 @@ class Hosting:
             if self.mode == "bridge"
             else 'mode = "routed"\n'
         )
-        settings = {"scan_interval": 2, "timeout": 5, **delivery}
+        # `timeout` stands for every SMTP stage too, unless a test names one: a test's
+        # receivers stall for seconds, not the minutes of RFC 5321 4.5.3.2.
+        timeout = delivery.get("timeout", 5)
+        stages = {f"smtp_{stage}_timeout": timeout for stage in SmtpTimeouts.__dataclass_fields__}
+        settings = {"scan_interval": 2, "timeout": 5, **stages, **delivery}
         text = (
             f'[host]\nname = "{HOST_NAME}"\nresolvers = {json.dumps(list(self.resolvers))}\n'
             f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n{host_extra}'

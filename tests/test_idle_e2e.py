@@ -116,6 +116,7 @@ def test_a_directory_planted_in_the_host_maildrop_does_not_keep_its_worker_up(la
     hosting.start()
     stranger = hosting.uid_base + 999
     planted = hosting.host_spool / "maildrop" / new_queue_id(time.time())
+    wait_for(planted.parent.exists)  # made by the host's worker as it starts
     made = subprocess.run(
         ["mkdir", planted], user=stranger, group=stranger, extra_groups=[], check=False
     )

@@ -17,6 +17,7 @@ in an error, so errors escape unprintable characters and stay on one line.
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import ipaddress
 import os
@@ -25,7 +26,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path, PurePosixPath
@@ -68,9 +69,23 @@ _DELIVERY_KEYS = frozenset(
         "recipient_limit",
         "message_size_limit",
         "queue_size_limit",
+        # the delivery engine (nsmail.core.scheduler, nsmail.tenant.engine)
+        "initial_destination_concurrency",
+        "destination_concurrency_limit",
+        "max_sessions",
+        "dead_after",
+        "mx_address_limit",
+        "active_limit",
+        *(f"smtp_{stage}_timeout" for stage in ("connect", "helo", "starttls", "mail")),
+        *(f"smtp_{stage}_timeout" for stage in ("rcpt", "data_init", "data_xfer", "data_done")),
+        "destination",
     }
 )
+_DESTINATION_KEYS = frozenset(
+    {"match", "initial_destination_concurrency", "destination_concurrency_limit", "family"}
+)
 TLS_POLICIES = ("may", "verify")
+FAMILIES = ("any", "ipv4", "ipv6")
 _TENANT_KEYS = frozenset(
     {
         "domain",
@@ -90,6 +105,9 @@ _TENANT_KEYS = frozenset(
         "queue_size_limit",
         "dkim_selector",
         "dkim_key",
+        "initial_destination_concurrency",
+        "destination_concurrency_limit",
+        "max_sessions",
     }
 )
 # The keys each table may hold: the schema, for the parsers below and for tools.
@@ -97,6 +115,7 @@ TABLE_KEYS = {
     "host": _HOST_KEYS,
     "network": _NETWORK_KEYS,
     "delivery": _DELIVERY_KEYS,
+    "delivery.destination": _DESTINATION_KEYS,
     "tenant": _TENANT_KEYS,
 }
 
@@ -107,6 +126,9 @@ _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/
 # RFC 6376 3.1: a DKIM selector is one or more dot-separated labels.
 _SELECTOR = re.compile(rf"{_LABEL.pattern}(?:\.{_LABEL.pattern})*")
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,4}")
+# A domain pattern of [[delivery.destination]]: LDH labels, "*" and "?" as wildcards.
+_PATTERN = re.compile(r"[a-z0-9*?](?:[a-z0-9*?.-]{0,252})")
+_MAX_COUNT = 100_000
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to setresuid, so it is never a real id
 
 
@@ -151,12 +173,49 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Concurrency:
+    """How many SMTP sessions a tenant's worker opens (Postfix's names and defaults)."""
+
+    initial_destination_concurrency: int = 5  # sessions to a destination at first
+    destination_concurrency_limit: int = 20  # ... at most, as it keeps answering
+    max_sessions: int = 100  # the tenant's sessions in all
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTimeouts:
+    """Seconds each SMTP stage may take (RFC 5321 4.5.3.2; Postfix's smtp_*_timeout)."""
+
+    connect: float = 30.0
+    helo: float = 300.0  # the greeting, and the reply to EHLO/HELO
+    starttls: float = 60.0  # the TLS handshake
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0  # the reply to DATA
+    data_xfer: float = 180.0  # each block of the message written
+    data_done: float = 600.0  # the reply to the final dot: giving up sooner makes duplicates
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    """Settings for the destinations whose domain or a mail host matches a `match` pattern
+    (shell-style, e.g. "*.google.com"): a lower limit for one provider, one family."""
+
+    match: tuple[str, ...]
+    initial_destination_concurrency: int | None = None
+    destination_concurrency_limit: int | None = None
+    family: str | None = None  # "any", "ipv4" or "ipv6"
+
+    def matches(self, names: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in self.match)
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     scan_interval: float = 60.0
     # A worker with nothing to do for this long exits, and the supervisor starts it again
     # when mail arrives or a deferred message falls due (like Postfix's max_idle); 0: never.
     idle_exit: float = 300.0
-    timeout: float = 30.0
+    timeout: float = 30.0  # DNS lookups
     port: int = 25
     # Retries (like Postfix's minimal/maximal_backoff_time and maximal_queue_lifetime).
     retry_first: float = 300.0
@@ -175,6 +234,13 @@ class DeliveryConfig:
     # while the queue's files already hold this many bytes (EX_TEMPFAIL).
     message_size_limit: int = 25 << 20
     queue_size_limit: int = 1 << 30
+    # The delivery engine: sessions, dead destinations, what a worker holds in memory.
+    concurrency: Concurrency = Concurrency()
+    dead_after: int = 3  # failures to reach a destination in a row, and it is dead
+    mx_address_limit: int = 5  # addresses tried per attempt, over all its mail hosts
+    active_limit: int = 500  # messages a worker holds in memory at once
+    smtp_timeouts: SmtpTimeouts = SmtpTimeouts()
+    destinations: tuple[DestinationRule, ...] = ()  # the first that matches applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +271,10 @@ class Tenant:
     recipient_limit: int | None = None  # None: [delivery] recipient_limit
     message_size_limit: int | None = None  # None: [delivery] message_size_limit
     queue_size_limit: int | None = None  # None: [delivery] queue_size_limit
+    # This tenant's session limits; None: those of [delivery] (see `concurrency_in`).
+    initial_destination_concurrency: int | None = None
+    destination_concurrency_limit: int | None = None
+    max_sessions: int | None = None
     # DKIM signing (nsmail.tenant.dkim), both or neither; the key file is root's, 0600, and
     # outside every tenant home.
     dkim_selector: str | None = None
@@ -221,6 +291,19 @@ class Tenant:
             message_size=own(self.message_size_limit, delivery.message_size_limit),
             queue_size=own(self.queue_size_limit, delivery.queue_size_limit),
         )
+
+    def concurrency_in(self, delivery: DeliveryConfig) -> Concurrency:
+        mine = Concurrency(
+            initial_destination_concurrency=self.initial_destination_concurrency
+            or delivery.concurrency.initial_destination_concurrency,
+            destination_concurrency_limit=self.destination_concurrency_limit
+            or delivery.concurrency.destination_concurrency_limit,
+            max_sessions=self.max_sessions or delivery.concurrency.max_sessions,
+        )
+        if mine.initial_destination_concurrency > mine.destination_concurrency_limit:
+            # A limit of the tenant's own under [delivery]'s start: the limit wins.
+            return replace(mine, initial_destination_concurrency=mine.destination_concurrency_limit)
+        return mine
 
     @property
     def spool(self) -> Path:
@@ -692,7 +775,19 @@ def _delivery(table: _Table) -> DeliveryConfig:
     maximum = _seconds(table, "retry_max", defaults.retry_max)
     if first > maximum:
         raise table.error("retry_first", f"{first} is more than retry_max ({maximum})")
+    timeouts = defaults.smtp_timeouts
     return DeliveryConfig(
+        concurrency=_concurrency(table, defaults.concurrency),
+        dead_after=_count(table, "dead_after", defaults.dead_after),
+        mx_address_limit=_count(table, "mx_address_limit", defaults.mx_address_limit),
+        active_limit=_count(table, "active_limit", defaults.active_limit),
+        smtp_timeouts=SmtpTimeouts(
+            **{
+                stage: _seconds(table, f"smtp_{stage}_timeout", getattr(timeouts, stage))
+                for stage in SmtpTimeouts.__dataclass_fields__
+            }
+        ),
+        destinations=tuple(_destination(t) for t in table.tables("destination")),
         scan_interval=_seconds(table, "scan_interval", defaults.scan_interval),
         idle_exit=_idle_exit(table, defaults.idle_exit),
         timeout=_seconds(table, "timeout", defaults.timeout),
@@ -711,6 +806,60 @@ def _delivery(table: _Table) -> DeliveryConfig:
             for i, name in enumerate(table.strings("tls_verify") or ())
         ),
     )
+
+
+def _concurrency(table: _Table, defaults: Concurrency) -> Concurrency:
+    chosen = Concurrency(
+        initial_destination_concurrency=_count(
+            table, "initial_destination_concurrency", defaults.initial_destination_concurrency
+        ),
+        destination_concurrency_limit=_count(
+            table, "destination_concurrency_limit", defaults.destination_concurrency_limit
+        ),
+        max_sessions=_count(table, "max_sessions", defaults.max_sessions),
+    )
+    if chosen.initial_destination_concurrency > chosen.destination_concurrency_limit:
+        raise table.error(
+            "initial_destination_concurrency", "more than destination_concurrency_limit"
+        )
+    return chosen
+
+
+def _destination(table: _Table) -> DestinationRule:
+    table.reject_unknown(TABLE_KEYS["delivery.destination"])
+    patterns = table.strings("match")
+    if not patterns and (text := table.string("match")) is not None:
+        patterns = (text,)
+    if not patterns:
+        raise table.error("match", "required: a pattern of domains or mail hosts")
+    for i, pattern in enumerate(patterns):
+        if not _PATTERN.fullmatch(pattern.lower()):
+            raise table.error(f"match[{i}]", f"{pattern!r} is not a domain pattern")
+    family = table.string("family")
+    if family is not None and family not in FAMILIES:
+        raise table.error("family", f"{family!r} is none of {', '.join(FAMILIES)}")
+    initial = _count_or_none(table, "initial_destination_concurrency")
+    limit = _count_or_none(table, "destination_concurrency_limit")
+    if initial is not None and limit is not None and initial > limit:
+        raise table.error("initial_destination_concurrency", "over destination_concurrency_limit")
+    return DestinationRule(
+        match=tuple(p.lower() for p in patterns),
+        initial_destination_concurrency=initial,
+        destination_concurrency_limit=limit,
+        family=family,
+    )
+
+
+def _count(table: _Table, key: str, default: int) -> int:
+    value = _count_or_none(table, key)
+    return default if value is None else value
+
+
+def _count_or_none(table: _Table, key: str) -> int | None:
+    value = table.integer(key)
+    if value is not None and not 1 <= value <= _MAX_COUNT:
+        raise table.error(key, f"{value} is not a count of at least 1 (up to {_MAX_COUNT})")
+    return value
 
 
 def _idle_exit(table: _Table, default: float) -> float:
@@ -788,6 +937,9 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         recipient_limit=_limit(table, "recipient_limit"),
         message_size_limit=_size_or_none(table, "message_size_limit"),
         queue_size_limit=_size_or_none(table, "queue_size_limit"),
+        initial_destination_concurrency=_count_or_none(table, "initial_destination_concurrency"),
+        destination_concurrency_limit=_count_or_none(table, "destination_concurrency_limit"),
+        max_sessions=_count_or_none(table, "max_sessions"),
         dkim_selector=dkim_selector,
         dkim_key=dkim_key,
     )

@@ -20,8 +20,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-MAX_REPORT = 2048
+MAX_REPORT = 4096
 MAX_TEXT = 300
+MAX_DESTINATIONS = 4  # dead or throttled destinations a report names (the first ones)
+MAX_NAME = 120  # characters of a destination's name in a report
+DESTINATION_STATES = ("throttled", "dead")
 QUEUE_STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 # "asleep": the worker's last report before it exits for want of work (worker.idle_exit).
 WORKER_STATES = ("idle", "delivering", "backing off", "asleep")
@@ -36,6 +39,15 @@ MAX_TIME = 253402300799.0
 
 class ReportError(ValueError):
     """The datagram is not a valid report for this worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A destination the worker holds mail back from, and until when."""
+
+    name: str  # its mail hosts, as the scheduler names it
+    state: str  # one of DESTINATION_STATES
+    until: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +66,8 @@ class Report:
     # not cumulative, and the sum of all latencies.
     latency_counts: tuple[int, ...]
     latency_sum: float
+    sessions: int = 0  # SMTP sessions open
+    destinations: tuple[Destination, ...] = ()  # at most MAX_DESTINATIONS
 
 
 def encode(report: Report) -> bytes:
@@ -106,7 +120,23 @@ def decode(data: bytes, domain: str) -> Report:
         taken=_count(fields["taken"]),
         latency_counts=_buckets(fields["latency_counts"]),
         latency_sum=_sum(fields["latency_sum"]),
+        sessions=_count(fields["sessions"]),
+        destinations=_destinations(fields["destinations"]),
     )
+
+
+def _destinations(value: Any) -> tuple[Destination, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DESTINATIONS:
+        raise ReportError("destinations of the wrong shape")
+    found = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != set(Destination.__dataclass_fields__):
+            raise ReportError("destinations of the wrong shape")
+        name = _text(item["name"])
+        if not name or len(name) > MAX_NAME or item["state"] not in DESTINATION_STATES:
+            raise ReportError("bad destination")
+        found.append(Destination(name, item["state"], _time(item["until"])))
+    return tuple(found)
 
 
 def _buckets(value: Any) -> tuple[int, ...]:

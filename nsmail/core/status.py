@@ -37,6 +37,9 @@ class WorkerStatus:
     refused_reports: int  # status reports refused as malformed or lying
     latency_counts: list[int] | None  # delivered recipients per nsmail.core.report latency bucket
     latency_sum: float | None
+    sessions: int | None = None  # SMTP sessions open
+    # Destinations held back: [{"name", "state" (throttled, dead), "until"}], a few at most.
+    destinations: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,7 +137,13 @@ def render_table(
             f"  uid {r.uid}  ns {r.namespace or '-'}  last hour: {hour.get('sent', 0)} sent "
             f"{hour.get('deferred', 0)} deferred {hour.get('bounced', 0)} bounced"
         )
+        if r.sessions:
+            details += f"  {r.sessions} sessions"
         lines.append(_cut(details, 79))
+        for held_back in r.destinations or ():
+            until = held_back.get("until")
+            when = f" until {time.strftime('%H:%M:%S', time.localtime(until))}" if until else ""
+            lines.append(_cut(f"  {held_back['state']}: {held_back['name']}{when}", 79))
         # Held mail waits for an operator; quarantined files (corrupt/) will never go.
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
         if kept:

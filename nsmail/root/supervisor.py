@@ -35,7 +35,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -896,6 +896,8 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
         refused_reports=slot.refused_reports,
         latency_counts=list(report.latency_counts) if report else None,
         latency_sum=report.latency_sum if report else None,
+        sessions=report.sessions if report else None,
+        destinations=[asdict(d) for d in report.destinations] if report else None,
     )
 
 

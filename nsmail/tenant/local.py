@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nsmail.core.message import Message
+from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Envelope
 from nsmail.tenant import maildir
-from nsmail.tenant.delivery import Outcome, Status
 
 
 @dataclass(frozen=True, slots=True)

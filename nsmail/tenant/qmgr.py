@@ -1,11 +1,12 @@
-"""The queue manager: takes submitted mail in, schedules attempts, settles outcomes.
+"""The queue manager: takes mail from the queue, settles what each attempt came to.
 
-It knows the spool's states and the retry policy; the agents (`LocalAgent`, the SMTP
-`Agent`) know how to deliver and report one outcome per recipient. For every attempt the
-next attempt time is written first (as the file's mtime), so a crash at any moment ends
-in a retry at that time, never in a loss or a hot loop. Permanent failures and expiry
-produce an RFC 3464 bounce to the envelope sender, queued as a new message with the null
-sender; null-sender mail never bounces.
+It knows the spool's states and the retry policy; the delivery engine (nsmail.tenant.engine)
+delivers in between, many messages at once, and brings back one outcome per recipient.
+`take` records the next attempt time first (as the file's mtime) and moves the message to
+active/, so a crash at any moment ends in a retry at that time, never in a loss or a hot
+loop; `settle` logs each outcome, bounces what failed for good (an RFC 3464 report to the
+envelope sender, queued as a new message with the null sender; null-sender mail never
+bounces) and defers the rest.
 
 Security: runs as the tenant in its jail. Every queue file is tenant-written: a file that
 does not decode, or a message whose headers cannot be completed, goes to `corrupt/` with
@@ -20,17 +21,24 @@ import logging
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from nsmail.core import dsn, headers, retry
 from nsmail.core.message import MAX_LINE, Body, Message
+from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Deferral, Envelope, QueueFileError, frame
-from nsmail.core.report import MAX_TEXT, QUEUE_STATES, Report, Tally
+from nsmail.core.report import (
+    MAX_DESTINATIONS,
+    MAX_TEXT,
+    QUEUE_STATES,
+    Destination,
+    Report,
+    Tally,
+)
 from nsmail.tenant import dkim
-from nsmail.tenant.delivery import Agent, Outcome, Status, printable
-from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.remote import printable
 from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
@@ -52,6 +60,28 @@ Loaded = tuple[Envelope, Message]
 _HEAD_PREFIX = headers.MAX_HEADER_BYTES + 2 * MAX_LINE
 
 
+@dataclass(eq=False)
+class Taken:
+    """A message between `take` and `settle`: on disk in active/, its body open."""
+
+    queue_id: str
+    envelope: Envelope  # as cleaned: headers completed, recipients de-duplicated
+    message: Message
+    retry_at: float  # its next attempt, recorded before this one
+    taken_at: float
+    opened: contextlib.ExitStack  # closed by `settle`
+
+
+@dataclass(frozen=True, slots=True)
+class Delays:
+    """Seconds of one recipient's attempt, after it was taken: waiting for a session
+    (routing included), opening it (0 for a kept one), transferring."""
+
+    waiting: float = 0.0
+    connecting: float = 0.0
+    transferring: float = 0.0
+
+
 @dataclass
 class QueueManager:
     """One tenant's queue, worked by one (single-threaded) worker."""
@@ -60,8 +90,6 @@ class QueueManager:
     domain: str
     foreign_senders: bool  # may the envelope sender be outside `domain`?
     reporting_mta: str  # the name bounces come from: the tenant's EHLO name
-    local: LocalAgent
-    remote: Agent
     policy: retry.RetryPolicy
     rng: random.Random
     clock: Callable[[], float]
@@ -75,7 +103,6 @@ class QueueManager:
     recipient_limit: int = 0
     _taken_in: deque[float] = field(default_factory=deque)  # when, in the last hour
     next_due: float = 0.0  # earliest next attempt among deferred messages
-    stopping: bool = False  # set on SIGTERM: finish the message in hand, take no other
     progress: Callable[[], None] = lambda: None  # told after every attempt (status reports)
     # What the worker reports to the supervisor (nsmail.core.report).
     tally: Tally = field(default_factory=Tally)
@@ -86,8 +113,17 @@ class QueueManager:
     def counts(self) -> dict[str, int]:
         return {state: len(self.spool.ids(state)) for state in QUEUE_STATES}
 
-    def report(self, state: str, now: float) -> Report:
+    def report(
+        self,
+        state: str,
+        now: float,
+        *,
+        sessions: int = 0,
+        destinations: tuple[Destination, ...] = (),
+    ) -> Report:
         return Report(
+            sessions=sessions,
+            destinations=destinations[:MAX_DESTINATIONS],
             domain=self.domain,
             state=state,
             queue=self.counts(),
@@ -124,16 +160,30 @@ class QueueManager:
 
     # -- taking submitted mail in --------------------------------------------------------
 
-    def pick_up(self) -> int:
-        """Try everything sendmail dropped off, at once: a full maildrop must not delay
-        the first delivery. Mail over a sending limit goes to hold instead."""
-        picked = 0
-        for queue_id in self.spool.ids(MAILDROP):
-            if self.stopping:
-                break
-            self._attempt_safely(MAILDROP, queue_id)
-            picked += 1
-        return picked
+    def fresh(self) -> list[tuple[str, str]]:
+        """Everything sendmail dropped off, then everything released, requeued or bounced
+        into incoming/: taken in at once, before deferred mail (a full maildrop must not
+        wait behind a queue of retries)."""
+        return [(MAILDROP, q) for q in self.spool.ids(MAILDROP)] + [
+            (INCOMING, q) for q in self.spool.ids(INCOMING)
+        ]
+
+    def due(self, *, flush: bool = False) -> list[str]:
+        """The deferred messages whose time has come (all of them on flush); `next_due`
+        becomes the earliest of the others."""
+        now = self.clock()
+        due: list[str] = []
+        self.next_due = float("inf")
+        latest = retry.latest_attempt(self.policy, now)
+        for queue_id in self.spool.ids(DEFERRED):
+            when = self.spool.next_attempt(queue_id, latest)
+            if when is None:
+                continue
+            if flush or when <= now:
+                due.append(queue_id)
+            else:
+                self.next_due = min(self.next_due, when)
+        return due
 
     def _clean(self, state: str, queue_id: str, envelope: Envelope, body: Body) -> Loaded | None:
         """Complete the headers in memory (RFC 5322 3.6; like Postfix's cleanup).
@@ -216,57 +266,36 @@ class QueueManager:
 
     # -- attempts -----------------------------------------------------------------------
 
-    def attempt_due(self, *, flush: bool = False) -> int:
-        """Try every new message, and every deferred one whose time has come (all on flush)."""
-        tried = 0
-        for queue_id in self.spool.ids(INCOMING):
-            if self.stopping:
-                return tried
-            self._attempt_safely(INCOMING, queue_id)
-            tried += 1
-        now = self.clock()
-        if flush or now >= self.next_due:
-            self.next_due = float("inf")
-            latest = retry.latest_attempt(self.policy, now)
-            for queue_id in self.spool.ids(DEFERRED):
-                when = self.spool.next_attempt(queue_id, latest)
-                if when is None or self.stopping:
-                    continue
-                if flush or when <= now:
-                    self._attempt_safely(DEFERRED, queue_id)
-                    tried += 1
-                else:
-                    self.next_due = min(self.next_due, when)
-        return tried
-
-    def _attempt_safely(self, state: str, queue_id: str) -> None:
-        # One message's trouble with the file system (a full disk, a file the tenant
-        # swapped) stops only that message, until the next scan.
+    def take(self, state: str, queue_id: str) -> Taken | None:
+        """The message `state`/`queue_id`, its next attempt recorded and moved to active/,
+        its body open until `settle`; None if it is not to be attempted now (settled
+        meanwhile, held over a limit, quarantined, or the file system failed)."""
+        opened = contextlib.ExitStack()
         try:
-            self.attempt(state, queue_id)
+            taken = self._take(state, queue_id, opened)
         except OSError as e:
+            # One message's trouble with the file system (a full disk, a file the tenant
+            # swapped) stops only that message, until the next scan.
             log.error("%s: file system error, will retry: %s", queue_id, e)
-            # Failed mid-attempt (a bounce or the rewrite found the disk full): the file
-            # is as it was before the attempt, and its mtime already says when to retry.
-            # Nothing scans active/ but recovery at start, so it waits in deferred/.
-            with contextlib.suppress(OSError):
-                self.spool.move(queue_id, ACTIVE, DEFERRED)
-                latest = retry.latest_attempt(self.policy, self.clock())
-                self.next_due = min(self.next_due, self.spool.next_attempt(queue_id, latest) or 0.0)
+            self._back_to_deferred(queue_id)
+            taken = None
+        except BaseException:
+            opened.close()
+            raise
+        if taken is None:
+            opened.close()
+        return taken
 
-    def attempt(self, state: str, queue_id: str) -> None:
-        with contextlib.ExitStack() as opened:
-            try:
-                envelope, body, _ = opened.enter_context(self.spool.open_message(state, queue_id))
-            except FileNotFoundError:
-                return  # settled meanwhile
-            except (OSError, QueueFileError) as e:
-                self._quarantine(state, queue_id, str(e))
-                return
-            if self._sender_allowed(state, queue_id, envelope):
-                self._attempt(state, queue_id, envelope, body)
-
-    def _attempt(self, state: str, queue_id: str, envelope: Envelope, body: Body) -> None:
+    def _take(self, state: str, queue_id: str, opened: contextlib.ExitStack) -> Taken | None:
+        try:
+            envelope, body, _ = opened.enter_context(self.spool.open_message(state, queue_id))
+        except FileNotFoundError:
+            return None  # settled meanwhile
+        except (OSError, QueueFileError) as e:
+            self._quarantine(state, queue_id, str(e))
+            return None
+        if not self._sender_allowed(state, queue_id, envelope):
+            return None
         # "cleaned" is the worker's own mark, but the submitter can forge it: a file in
         # maildrop is as submitted, whatever it says (owner check, limits, signing).
         if envelope.cleaned and state != MAILDROP:
@@ -274,10 +303,10 @@ class QueueManager:
         else:
             loaded = self._clean(state, queue_id, envelope, body)
             if loaded is None:
-                return
+                return None
             envelope, message = loaded
             if state == MAILDROP and self._hold_if_over_limit(queue_id, envelope, message):
-                return
+                return None
             if state == MAILDROP and self.owners is not None:
                 # The host's maildrop holds other users' files: take a copy of our own
                 # (its time stamp must be ours to set) before touching it.
@@ -292,10 +321,50 @@ class QueueManager:
             self.spool.schedule(queue_id, state, retry_at)
             self.spool.move(queue_id, state, ACTIVE)
         except FileNotFoundError:  # held, requeued or deleted (`nsmail queue`) since read
-            return
-        outcomes = self._deliver(queue_id, envelope, message)
-        self._log(queue_id, envelope, outcomes, now)
-        self.progress()
+            return None
+        return Taken(queue_id, envelope, message, retry_at, now, opened)
+
+    def settle(
+        self,
+        taken: Taken,
+        outcomes: Iterable[Outcome],
+        delays: Mapping[str, Delays] | None = None,
+        *,
+        attempted: bool = True,
+        retry_at: float | None = None,
+    ) -> None:
+        """What the attempt of `taken` came to: one outcome per recipient. `attempted`:
+        False when nothing was tried (the worker stopped, its destination had a backlog):
+        the attempt is not counted, and it is due again at `retry_at` (default: now)."""
+        try:
+            self._settle(taken, list(outcomes), delays or {}, attempted, retry_at)
+        except OSError as e:
+            log.error("%s: file system error, will retry: %s", taken.queue_id, e)
+            # Failed mid-way (a bounce or the rewrite found the disk full): the file is as
+            # it was when taken, and its mtime already says when to retry. Nothing scans
+            # active/ but recovery at start, so it waits in deferred/.
+            self._back_to_deferred(taken.queue_id)
+        finally:
+            taken.opened.close()
+            self.progress()
+
+    def _back_to_deferred(self, queue_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.spool.move(queue_id, ACTIVE, DEFERRED)
+            latest = retry.latest_attempt(self.policy, self.clock())
+            self.next_due = min(self.next_due, self.spool.next_attempt(queue_id, latest) or 0.0)
+
+    def _settle(
+        self,
+        taken: Taken,
+        outcomes: list[Outcome],
+        delays: Mapping[str, Delays],
+        attempted: bool,
+        retry_at: float | None,
+    ) -> None:
+        queue_id, envelope, message = taken.queue_id, taken.envelope, taken.message
+        now = self.clock()
+        self._log(taken, outcomes, delays, now)
         temporary = [o for o in outcomes if o.status == Status.TEMPORARY]
         # Why each recipient waits, for the queue tools (one outcome per recipient).
         waiting = {
@@ -306,7 +375,7 @@ class QueueManager:
         }
         pending = tuple(waiting)
         failed = [o for o in outcomes if o.status == Status.PERMANENT]
-        if pending and retry.expired(self.policy, envelope.arrival, now):
+        if pending and attempted and retry.expired(self.policy, envelope.arrival, now):
             failed += [_expired(o, waiting[o.recipient]) for o in temporary]
             pending = ()
         if failed:
@@ -321,31 +390,24 @@ class QueueManager:
         later = dataclasses.replace(
             envelope,
             recipients=pending,
-            attempts=envelope.attempts + 1,
+            attempts=envelope.attempts + attempted,
             warned=warned,
             deferrals=tuple(waiting.values()),
         )
+        when = taken.retry_at if attempted else (retry_at or now)
         self.spool.put(ACTIVE, queue_id, frame(later, message.raw()))
-        self.spool.schedule(queue_id, ACTIVE, retry_at)
+        self.spool.schedule(queue_id, ACTIVE, when)
         self.spool.move(queue_id, ACTIVE, DEFERRED)
-        self.next_due = min(self.next_due, retry_at)
+        self.next_due = min(self.next_due, when)
 
-    def _deliver(self, queue_id: str, envelope: Envelope, message: Message) -> list[Outcome]:
-        local = tuple(r for r in envelope.recipients if self.local.is_local(r))
-        remote = tuple(r for r in envelope.recipients if not self.local.is_local(r))
-        outcomes = []
-        if local:
-            outcomes += self.local.deliver(
-                queue_id, dataclasses.replace(envelope, recipients=local), message
-            )
-        if remote:
-            outcomes += self.remote.deliver(
-                queue_id, dataclasses.replace(envelope, recipients=remote), message
-            )
-        return outcomes
-
-    def _log(self, queue_id: str, envelope: Envelope, outcomes: list[Outcome], now: float) -> None:
-        """One line per recipient and attempt, like Postfix's smtp(8) lines; and counted."""
+    def _log(
+        self, taken: Taken, outcomes: list[Outcome], delays: Mapping[str, Delays], now: float
+    ) -> None:
+        """One line per recipient and attempt, like Postfix's smtp(8) lines; and counted.
+        `delays` splits the time as Postfix's delays=a/b/c/d does: in the queue before this
+        attempt, waiting here for a session, opening it, transferring."""
+        envelope = taken.envelope
+        queued = max(0.0, taken.taken_at - envelope.arrival)
         for o in outcomes:
             self.tally.add(str(o.status), now)
             if o.status == Status.DELIVERED:
@@ -355,14 +417,20 @@ class QueueManager:
                 reply = f"{o.code or ''} {o.text}".strip()
                 self.last_error = printable(f"<{o.recipient}>: {reply}")[:MAX_TEXT]
                 self.last_error_at = now
+            split = delays.get(o.recipient, Delays())
             log.info(
-                "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f dsn=%s status=%s (%s)",
-                queue_id,
+                "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f"
+                " delays=%.2g/%.2g/%.2g/%.2g dsn=%s status=%s (%s)",
+                taken.queue_id,
                 self.domain,
                 printable(envelope.sender),
                 printable(o.recipient),
                 o.relay or "none",
                 max(0.0, now - envelope.arrival),
+                queued,
+                split.waiting,
+                split.connecting,
+                split.transferring,
                 _enhanced_status(o),
                 o.status,
                 printable(f"{o.code or ''} {o.text}".strip()),

@@ -1,35 +1,114 @@
-"""The worker's DNS resolver: dnspython speaking to the DNS relay over one SEQPACKET socket.
+"""The worker's DNS resolver: dnspython, asynchronous, speaking to the DNS relay over one
+SEQPACKET socket.
 
 A worker lives in a network namespace that cannot reach the host's resolver, and after the
 chroot it has no resolv.conf either; its only path to DNS is the channel the supervisor
-handed to the relay process (see dnsrelay). Each DNS message is one SEQPACKET datagram.
+handed to the relay process (see nsmail.host.dnsrelay). Each DNS message is one SEQPACKET
+datagram. Many lookups share the channel at once (every destination of a busy worker):
+`RelayChannel` sends each query as it comes and hands each answer to the query it
+answers, by id and question, whatever the order the relay answers in.
 
 Security: runs as the tenant inside its namespace and chroot. Responses come from the relay
 (an unprivileged host process) and are parsed by dnspython, which bounds its own work; a
-response must match the query's id and question or it is ignored or rejected.
+response that answers no query in flight is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
-import time
 
+import dns._asyncbackend
+import dns.asyncbackend
+import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.name
 import dns.nameserver
-import dns.query
 import dns.resolver
 
 # The relay answers over a datagram socket, so a response is never truncated to 512 or a
 # UDP payload size: 65535 is the DNS message limit (RFC 1035 4.2.2 length field).
 MAX_MESSAGE = 65535
+# dnspython finds its asyncio backend by importing it on first use, which the chroot
+# forbids: it is imported here, before.
+BACKEND = dns.asyncbackend.get_backend("asyncio")
+
+
+class RelayChannel:
+    """The worker's end of its relay channel, shared by every query in flight."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        channel.setblocking(False)
+        self._channel = channel
+        self._waiting: dict[int, list[tuple[dns.message.Message, asyncio.Future[bytes]]]] = {}
+        self._reading = False
+
+    async def ask(self, request: dns.message.Message, timeout: float) -> bytes:
+        """The relay's answer to `request`, within `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        waiting = self._waiting.setdefault(request.id, [])
+        waiting.append((request, answer))
+        try:
+            self._read_while_waiting(loop)
+            await loop.sock_sendall(self._channel, request.to_wire())
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError:
+            # dnspython treats OSError as "server broken, stop asking": a timeout is not.
+            raise dns.exception.Timeout(timeout=timeout) from None  # type: ignore[no-untyped-call]
+        finally:
+            waiting.remove((request, answer))
+            if not waiting:
+                del self._waiting[request.id]
+            if not self._waiting and self._reading:
+                loop.remove_reader(self._channel)
+                self._reading = False
+
+    def _read_while_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._reading:
+            loop.add_reader(self._channel, self._readable)
+            self._reading = True
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                wire = self._channel.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._fail_all(e)
+                return
+            if not wire:
+                self._fail_all(EOFError("the DNS relay closed the channel"))
+                return
+            self._deliver(wire)
+
+    def _deliver(self, wire: bytes) -> None:
+        waiting = self._waiting.get(int.from_bytes(wire[:2], "big"), [])
+        if not waiting:
+            return  # a late answer to a query that timed out
+        try:
+            response = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return
+        for request, answer in waiting:
+            if not answer.done() and request.is_response(response):
+                answer.set_result(wire)
+                return
+
+    def _fail_all(self, error: Exception) -> None:
+        for waiting in self._waiting.values():
+            for _, answer in waiting:
+                if not answer.done():
+                    answer.set_exception(error)
 
 
 class RelayNameserver(dns.nameserver.Nameserver):
-    """A dnspython nameserver that sends each query over the relay channel."""
+    """A dnspython nameserver that asks the relay, for the asynchronous resolver."""
 
-    def __init__(self, channel: socket.socket) -> None:
+    def __init__(self, channel: RelayChannel) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._channel = channel
 
@@ -49,48 +128,29 @@ class RelayNameserver(dns.nameserver.Nameserver):
     def answer_port(self) -> int:
         return 0
 
-    def query(
+    def query(self, *args: object, **kwargs: object) -> dns.message.Message:
+        raise NotImplementedError("the relay is asked asynchronously")
+
+    async def async_query(
         self,
         request: dns.message.QueryMessage,
         timeout: float,
         source: str | None,
         source_port: int,
         max_size: bool,
+        backend: dns._asyncbackend.Backend,
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
-        deadline = time.monotonic() + timeout
-        self._channel.settimeout(timeout)
-        try:
-            self._channel.send(request.to_wire())
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise dns.exception.Timeout(timeout=timeout)  # type: ignore[no-untyped-call]
-                self._channel.settimeout(remaining)
-                wire = self._channel.recv(MAX_MESSAGE)
-                if not wire:
-                    raise EOFError("DNS relay closed the channel")
-                # A late answer to an earlier query that timed out: skip it.
-                if wire[:2] != request.id.to_bytes(2, "big"):
-                    continue
-                response = dns.message.from_wire(
-                    wire, one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing
-                )
-                if not request.is_response(response):
-                    raise dns.query.BadResponse
-                return response
-        except TimeoutError:
-            # dnspython treats OSError as "server broken, stop asking": a timeout is not.
-            raise dns.exception.Timeout(timeout=timeout) from None  # type: ignore[no-untyped-call]
-
-    async def async_query(self, *args: object, **kwargs: object) -> dns.message.Message:
-        raise NotImplementedError("the relay channel is synchronous")
+        wire = await self._channel.ask(request, timeout)
+        return dns.message.from_wire(
+            wire, one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing
+        )
 
 
-def make_resolver() -> dns.resolver.Resolver:
+def make_resolver() -> dns.asyncresolver.Resolver:
     """A caching resolver that reads no files; `use_relay` gives it its nameserver."""
-    resolver = dns.resolver.Resolver(configure=False)
+    resolver = dns.asyncresolver.Resolver(configure=False)
     # Only absolute names: no search list derived from the host's name.
     resolver.domain = dns.name.root
     resolver.search = []
@@ -99,8 +159,8 @@ def make_resolver() -> dns.resolver.Resolver:
     return resolver
 
 
-def use_relay(resolver: dns.resolver.Resolver, channel: socket.socket, timeout: float) -> None:
+def use_relay(resolver: dns.asyncresolver.Resolver, channel: socket.socket, timeout: float) -> None:
     """Send every query of `resolver` over `channel`, each given `timeout` seconds."""
-    resolver.nameservers = [RelayNameserver(channel)]
+    resolver.nameservers = [RelayNameserver(RelayChannel(channel))]
     resolver.timeout = timeout
     resolver.lifetime = timeout

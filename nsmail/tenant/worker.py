@@ -3,8 +3,9 @@
 Lifecycle (driven by the supervisor): `prepare` runs in the tenant's network namespace
 while the process still sees the host file system, and loads everything that needs a file
 (modules, CA certificates, time zone, the DNS resolver); the process is then jailed into
-the tenant home, and `Worker.run` serves the queue (`nsmail.tenant.qmgr`) until SIGTERM. inotify
-on the spool is a hint to look now; the periodic scan is the truth.
+the tenant home, and `Worker.run` serves the queue until SIGTERM: an asyncio loop in which
+the delivery engine (`nsmail.tenant.engine`) runs many sessions at once. inotify on the
+spool is a hint to look now; the periodic scan is the truth.
 
 A worker with nothing to do for `idle_exit` seconds exits, so an idle tenant costs no
 process (a thousand idle tenants would otherwise hold a thousand workers). Before it
@@ -21,34 +22,35 @@ tenant home; everything it reads there is tenant-written (see qmgr, spool).
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import functools
 import hashlib
 import logging
-import os
 import pwd
 import random
-import select
 import signal
 import socket
 import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
+import dns.asyncresolver
 import dns.name
 import dns.rdata
-import dns.resolver
 
 from nsmail.core import retry
 from nsmail.core.config import DeliveryConfig, Tenant
+from nsmail.core.report import MAX_NAME, Destination, Report
 from nsmail.core.report import encode as encode_report
+from nsmail.core.scheduler import State
 from nsmail.tenant import dkim, inotify
-from nsmail.tenant.delivery import Agent
+from nsmail.tenant.engine import Engine
 from nsmail.tenant.local import LocalAgent
 from nsmail.tenant.qmgr import QueueManager
+from nsmail.tenant.remote import Remote
 from nsmail.tenant.resolver import make_resolver, use_relay
+from nsmail.tenant.smtp import TlsContexts
 from nsmail.tenant.spool import INCOMING, MAILDROP, Spool
 
 log = logging.getLogger("nsmail.tenant.worker")
@@ -60,9 +62,8 @@ REPORT_AT_MOST = 0.5  # seconds: and no more often than this
 class Shared:
     """What every worker uses and may share with its siblings until it writes to it."""
 
-    tls: ssl.SSLContext
-    tls_verified: ssl.SSLContext
-    resolver: dns.resolver.Resolver
+    tls: TlsContexts
+    resolver: dns.asyncresolver.Resolver
     rng: random.Random
 
 
@@ -80,14 +81,13 @@ def preload() -> Shared:
     # with their unicodedata tables, OpenSSL's digests).
     dns.name.from_text("bücher.test").to_unicode()
     hashlib.sha256(b"").hexdigest()
-    tls = ssl.create_default_context()
+    opportunistic = ssl.create_default_context()
     # RFC 7435 opportunistic TLS: encrypt whenever offered, but MX certificates are rarely
     # valid for the MX name, so not authenticating is better than falling back to plain.
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE
+    opportunistic.check_hostname = False
+    opportunistic.verify_mode = ssl.CERT_NONE
     return Shared(
-        tls=tls,
-        tls_verified=ssl.create_default_context(),
+        tls=TlsContexts(opportunistic=opportunistic, verifying=ssl.create_default_context()),
         resolver=make_resolver(),
         rng=random.Random(),
     )
@@ -118,22 +118,12 @@ def prepare(
     if tenant.dkim_selector is not None and tenant.dkim_key is not None:
         # Still root and outside the jail: the key file is out of reach after it.
         signer = dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key)
-    remote = Agent(
-        tenant=tenant,
-        config=delivery,
-        resolver=shared.resolver,
-        tls=shared.tls,
-        tls_verified=shared.tls_verified,
-        rng=shared.rng,
-    )
     limits = tenant.limits(delivery)
     queue = QueueManager(
         spool=Spool(home / tenant.spool_in_home),
         domain=tenant.domain,
         foreign_senders=tenant.foreign_senders,
         reporting_mta=tenant.ehlo,
-        local=LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
-        remote=remote,
         policy=retry.RetryPolicy(
             first=delivery.retry_first,
             maximum=delivery.retry_max,
@@ -150,7 +140,13 @@ def prepare(
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
         queue.tenant_uids = host_queue.tenant_uids
-    return Worker(queue, delivery.scan_interval, report_channel, delivery.idle_exit)
+    engine = Engine(
+        queue,
+        LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
+        Remote(tenant, delivery, shared.resolver, shared.tls, shared.rng),
+        delivery.active_limit,
+    )
+    return Worker(engine, delivery.scan_interval, report_channel, delivery.idle_exit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,39 +161,34 @@ class Worker:
 
     def __init__(
         self,
-        queue: QueueManager,
+        engine: Engine,
         scan_interval: float,
         reports: socket.socket | None = None,
         idle_exit: float = 0.0,
     ) -> None:
-        self.queue = queue
+        self.engine = engine
+        self.queue = engine.queue
         self.scan_interval = scan_interval
         self.idle_exit = idle_exit
         self._stopping = False
         self._reports = reports
         self._reported: tuple[float, bytes] = (0.0, b"")
         self._unreported: str | None = None
-        queue.progress = lambda: self._report("delivering")
+        self._wake: asyncio.Event | None = None
+        self.queue.progress = lambda: self._report("delivering")
 
     def run(self) -> None:
-        """Deliver until SIGTERM (a message being delivered is finished first), or until
-        `idle_exit` seconds without work, once the supervisor has taken over the watch."""
+        """Deliver until SIGTERM (sessions in flight get engine.STOP_GRACE to finish), or
+        until `idle_exit` seconds without work, once the supervisor took over the watch."""
         spool = self.queue.spool
         spool.create(public_maildrop=self.queue.owners is not None)
         self.queue.recover()
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.set_wakeup_fd(wake_write)
         # The spool root itself for the flush trigger that `sendmail -q` creates.
         watch = inotify.Watch([spool.root / MAILDROP, spool.root / INCOMING, spool.root])
         try:
-            self._serve(watch, wake_read)
+            asyncio.run(self._serve(watch))
         finally:
-            self.queue.remote.connections.close_all()
-            signal.set_wakeup_fd(-1)
             watch.close()
-            os.close(wake_read)
-            os.close(wake_write)
 
     def _report(self, state: str) -> None:
         """Tell the supervisor how things stand: on change, at least every REPORT_EVERY,
@@ -210,7 +201,7 @@ class Worker:
             self._unreported = state  # sent when the limit allows: see _serve
             return
         self._unreported = None
-        data = encode_report(self.queue.report(state, now))
+        data = encode_report(self._state(state, now))
         if data == last_data and now - last_time < REPORT_EVERY:
             return
         try:
@@ -219,30 +210,64 @@ class Worker:
             return  # a busy or gone supervisor: the next report says it all again
         self._reported = (now, data)
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self._stopping = True
-        self.queue.stopping = True
+    def _state(self, state: str, now: float) -> Report:
+        engine = self.engine
+        unavailable = tuple(
+            Destination(_cut(d.name, MAX_NAME), str(d.state), d.until)
+            for d in engine.destinations()
+            if d.state != State.ACTIVE
+        )
+        return self.queue.report(state, now, sessions=engine.sessions, destinations=unavailable)
 
-    def _serve(self, watch: inotify.Watch, wake: int) -> None:
-        poller = select.poll()
-        poller.register(watch.fd, select.POLLIN)
-        poller.register(wake, select.POLLIN)
+    def _woken(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _on_sigterm(self) -> None:
+        self._stopping = True
+        self._woken()
+
+    async def _serve(self, watch: inotify.Watch) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self.engine.wake = self._woken
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        loop.add_reader(watch.fd, self._on_watch, watch)
+        try:
+            await self._loop(watch)
+        finally:
+            loop.remove_reader(watch.fd)
+            await self.engine.stop()
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    def _on_watch(self, watch: inotify.Watch) -> None:
+        watch.drain()
+        self._woken()
+
+    async def _loop(self, watch: inotify.Watch) -> None:
+        assert self._wake is not None
+        engine = self.engine
         next_scan = 0.0
         busy_at = time.time()
         while not self._stopping:
             now = time.time()
             flush = self.queue.spool.take_flush_request()
-            if flush or now >= next_scan:
-                self.queue.next_due = now  # the periodic scan looks at everything
+            scan = flush or now >= next_scan
+            if scan:
                 next_scan = now + self.scan_interval
-            if self.queue.pick_up() + self.queue.attempt_due(flush=flush):
+            engine.tick()
+            if engine.fill(flush=flush, scan=scan) or engine.busy:
                 busy_at = time.time()
-            self._report("backing off" if self.queue.next_due < float("inf") else "idle")
+            if engine.busy:
+                state = "delivering"
+            else:
+                state = "backing off" if self.queue.next_due < float("inf") else "idle"
+            self._report(state)
             wait = min(next_scan, self.queue.next_due) - time.time()
-            linger = self.queue.remote.connections.close_idle()
-            if linger is not None:
-                wait = min(wait, linger)
-            elif self.idle_exit:
+            wakeup = engine.next_wakeup()
+            if wakeup is not None:
+                wait = min(wait, wakeup - time.time())
+            if self.idle_exit and not engine.busy and not engine.sessions:
                 if self._may_retire(busy_at) and self._retire(watch):
                     return
                 # Past it (mail due soon, or counting toward a limit), the scans recheck.
@@ -251,10 +276,12 @@ class Worker:
                     wait = min(wait, retire_in)
             if self._unreported is not None:  # a report held back by the rate limit
                 wait = min(wait, self._reported[0] + REPORT_AT_MOST - time.time())
-            poller.poll(max(0.0, wait) * 1000)
-            watch.drain()
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake, 512)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     def _may_retire(self, busy_at: float) -> bool:
         """Whether there has been nothing to do since `busy_at` for `idle_exit` seconds,
@@ -274,7 +301,7 @@ class Worker:
         told (a busy supervisor), and then the worker stays."""
         if self._reports is None:
             return False
-        data = encode_report(self.queue.report("asleep", time.time()))
+        data = encode_report(self._state("asleep", time.time()))
         try:
             socket.send_fds(self._reports, [data], [watch.fd], socket.MSG_DONTWAIT)
         except OSError:
@@ -285,3 +312,7 @@ class Worker:
             self.idle_exit,
         )
         return True
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"

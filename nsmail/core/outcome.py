@@ -1,0 +1,25 @@
+"""What happened to one recipient in one delivery attempt: the agents' one result type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    DELIVERED = "sent"
+    TEMPORARY = "deferred"
+    PERMANENT = "bounced"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One recipient's result. `code` is the server's reply code, None when no server
+    answered for it (nsmail decided, or there was no connection); `text` starts with the
+    RFC 3463 status code when one is known."""
+
+    recipient: str
+    status: Status
+    code: int | None
+    text: str
+    relay: str  # host[address]:port, "local", or "" when no connection was made

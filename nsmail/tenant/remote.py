@@ -1,0 +1,383 @@
+"""Remote delivery: from a recipient domain to its mail hosts, to a session, to one outcome
+per recipient. The scheduler (nsmail.core.scheduler) decides when and over which session;
+this module does what it decides.
+
+`route` looks up the domain's MX (RFC 5321 5.1, RFC 7505 null MX) and names the
+destination: the set of mail hosts, with the TLS policy and address family when they
+narrow it, so that domains served by the same hosts share sessions and one concurrency
+window. `open` tries at most `mx_address_limit` addresses in preference order, the
+tenant's other address family right after a failure of one (a receiver refusing an IPv6
+client without PTR takes the same mail over IPv4), and with opportunistic TLS retries an
+address in the clear at once when its handshake fails, as Postfix's `may` does (and
+remembers the address for a while: no handshake to wait out for every message). A policy
+that demands TLS (`verify`) never falls back. `send` runs one transaction and says what
+it came to for the destination (nsmail.core.scheduler.Result).
+
+Security: runs as the tenant inside its namespace and chroot. Envelope addresses come from
+tenant-written queue files and replies from remote servers; neither is trusted: addresses
+are checked before they reach an SMTP command (by the protocol core), and every text from
+either is escaped where it reaches a log line.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from nsmail.core.config import DeliveryConfig, DestinationRule, SmtpTimeouts, Tenant
+from nsmail.core.message import Message
+from nsmail.core.outcome import Outcome, Status
+from nsmail.core.routing import NullMX, route
+from nsmail.core.scheduler import Policy, Result
+from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
+from nsmail.tenant.resolver import BACKEND
+from nsmail.tenant.smtp import Session, SessionError, Timeouts, TlsContexts, open_session
+
+Address = IPv4Address | IPv6Address
+
+# RFC 5321 4.1.2: no control characters, spaces or angle brackets inside a path.
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
+# The stages of one transaction: a 5yz there is about this mail, not the session.
+_TRANSACTION = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.MESSAGE, Stage.DOT})
+TLS_BROKEN_FOR = 3600.0  # seconds an address whose handshake failed is spoken to in clear
+
+
+class Unroutable(Exception):
+    """The domain has no mail host to try now: `status` says whether ever."""
+
+    def __init__(self, status: Status, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+class Unreached(Exception):
+    """No session could be opened: `failure` is the last one met (None: no address)."""
+
+    def __init__(self, text: str, relay: str, failure: Failure | None, throttled: bool) -> None:
+        super().__init__(text)
+        self.text = text
+        self.relay = relay
+        self.failure = failure
+        self.throttled = throttled  # every server that answered asked to slow down
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a domain's mail goes, and how."""
+
+    domain: str
+    hosts: tuple[str, ...]  # mail hosts in the order to try
+    implicit: bool  # no MX: the domain is its own mail host
+    tls: TlsMode
+    family: str  # "any", "ipv4" or "ipv6"
+
+    @property
+    def destination(self) -> str:
+        """The scheduler's name for it: the hosts, and the TLS policy and family when
+        they narrow what a session to those hosts may carry."""
+        name = ",".join(sorted(self.hosts))
+        if self.tls is TlsMode.VERIFY:
+            name += "/verify"
+        return name if self.family == "any" else f"{name}/{self.family}"
+
+
+@dataclass(slots=True)
+class Opened:
+    """A session ready for transactions, and where it goes."""
+
+    session: Session
+    relay: str  # host[address]:port
+    seconds: float  # how long opening it took (connection, greeting, EHLO, TLS)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """One transaction's outcomes, and what it came to for the destination."""
+
+    outcomes: tuple[Outcome, ...]
+    result: Result
+    # Refused for the client's address family: worth a try over the tenant's other one.
+    other_family: tuple[str, ...] = ()
+
+
+@dataclass
+class Remote:
+    """Opens sessions and sends for one tenant; shared by all its destinations."""
+
+    tenant: Tenant
+    config: DeliveryConfig
+    resolver: dns.asyncresolver.Resolver
+    contexts: TlsContexts
+    rng: random.Random
+    clock: Callable[[], float] = time.monotonic
+    _tls_broken: dict[Address, float] = field(default_factory=dict)
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return smtp_timeouts(self.config.smtp_timeouts)
+
+    def policy(self, route: Route) -> Policy:
+        """The scheduler's policy for a route's destination: the tenant's concurrency,
+        narrowed by the first [[delivery.destination]] rule that matches."""
+        concurrency = self.tenant.concurrency_in(self.config)
+        initial = concurrency.initial_destination_concurrency
+        limit = concurrency.destination_concurrency_limit
+        rule = self._rule(route.domain, route.hosts)
+        if rule is not None:
+            limit = rule.destination_concurrency_limit or limit
+            initial = min(rule.initial_destination_concurrency or initial, limit)
+        # A dead destination is probed on the queue's own backoff (Postfix marks a dead
+        # site for minimal_backoff_time), and no pause for "slow down" outlasts it.
+        config, defaults = self.config, Policy()
+        return Policy(
+            initial_concurrency=initial,
+            concurrency_limit=limit,
+            dead_after=config.dead_after,
+            probe_first=config.retry_first,
+            probe_max=config.retry_max,
+            throttle_first=min(defaults.throttle_first, config.retry_first),
+            throttle_max=min(defaults.throttle_max, config.retry_max),
+        )
+
+    def _rule(self, domain: str, hosts: Sequence[str]) -> DestinationRule | None:
+        names = (domain, *hosts)
+        return next((r for r in self.config.destinations if r.matches(names)), None)
+
+    # -- routing ------------------------------------------------------------------------
+
+    async def route(self, domain: str, family: str | None = None) -> Route:
+        """The route to `domain` (lower case); raises `Unroutable`."""
+        try:
+            name = dns.name.from_text(domain, dns.name.root)
+        except dns.exception.DNSException as e:
+            raise Unroutable(Status.PERMANENT, f"5.1.2 bad domain {domain}: {e}") from None
+        try:
+            answer = await self.resolver.resolve(
+                name, dns.rdatatype.MX, search=False, backend=BACKEND
+            )
+            mx = [(r.preference, r.exchange.to_text()) for r in answer]
+        except dns.resolver.NoAnswer:
+            mx = None
+        except dns.resolver.NXDOMAIN:
+            raise Unroutable(Status.PERMANENT, f"5.1.2 domain {domain} does not exist") from None
+        except dns.exception.DNSException as e:
+            raise Unroutable(Status.TEMPORARY, f"4.4.3 MX lookup of {domain} failed: {e}") from None
+        targets = route(domain, mx, self.rng)
+        if isinstance(targets, NullMX):
+            raise Unroutable(Status.PERMANENT, f"5.1.10 domain {domain} accepts no mail (null MX)")
+        rule = self._rule(domain, targets.hosts)
+        chosen = family or (rule.family if rule is not None and rule.family else "any")
+        return Route(domain, targets.hosts, targets.implicit, self._tls_mode(domain), chosen)
+
+    def _tls_mode(self, domain: str) -> TlsMode:
+        policy = self.tenant.tls or self.config.tls
+        verify = policy == "verify" or domain in self.config.tls_verify
+        return TlsMode.VERIFY if verify else TlsMode.MAY
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def open(self, route: Route) -> Opened:
+        """A session to one of the route's addresses; raises `Unreached` or `Unroutable`."""
+        started = self.clock()
+        last: Failure | None = None
+        relay = ""
+        tried = 0
+        found = temporary_lookup = False
+        throttled: bool | None = None  # whether every server that answered said slow down
+        for host in route.hosts:
+            addresses, lookup_failed = await self._addresses(host, route.family)
+            temporary_lookup = temporary_lookup or lookup_failed
+            for address in addresses:
+                if tried >= self.config.mx_address_limit:
+                    break
+                found = True
+                tried += 1
+                relay = f"{host}[{address}]:{self.config.port}"
+                try:
+                    session = await self._open_one(host, address, route.tls)
+                except SessionError as e:
+                    last = e.failure
+                    if last.kind is Kind.REPLY:
+                        throttled = throttled is not False and last.slow_down
+                    continue
+                return Opened(session, relay, self.clock() - started)
+        if not found:
+            if route.implicit and not temporary_lookup:
+                # RFC 5321 5.1: neither MX nor address records: the domain takes no mail.
+                text = f"5.1.2 domain {route.domain} has no mail host"
+                raise Unroutable(Status.PERMANENT, text)
+            text = f"4.4.4 no address found for the mail hosts of {route.domain}"
+            raise Unreached(text, "", None, throttled=False)
+        assert last is not None
+        raise Unreached(failure_text(last), relay, last, throttled is True)
+
+    async def _open_one(self, host: str, address: Address, tls: TlsMode) -> Session:
+        if tls is TlsMode.MAY and self._tls_broken.get(address, 0.0) > self.clock():
+            tls = TlsMode.NONE
+        try:
+            return await self._connect(host, address, tls)
+        except SessionError as e:
+            failure = e.failure
+            if not (tls is TlsMode.MAY and failure.kind is Kind.TLS and failure.stage is Stage.TLS):
+                raise
+        # RFC 7435 opportunistic: a handshake that fails is no reason to keep the mail
+        # back; the next session in clear carries it, and a few more hold off the retry.
+        self._tls_broken[address] = self.clock() + TLS_BROKEN_FOR
+        return await self._connect(host, address, TlsMode.NONE)
+
+    async def _connect(self, host: str, address: Address, tls: TlsMode) -> Session:
+        tenant = self.tenant
+        source = tenant.ipv6 if address.version == 6 else tenant.ipv4
+        return await open_session(
+            address,
+            self.config.port,
+            source=source,
+            ehlo=tenant.ehlo,
+            tls=tls,
+            contexts=self.contexts,
+            timeouts=self.timeouts,
+            server_name=host,
+        )
+
+    async def _addresses(self, host: str, family: str) -> tuple[list[Address], bool]:
+        """Addresses of `host` the tenant can reach in `family`, IPv6 first; and whether a
+        lookup failed for now (so "no address" may not be final)."""
+        tenant = self.tenant
+        unbound = not tenant.addresses  # the host's own mail: the kernel chooses
+        wanted = [
+            (dns.rdatatype.AAAA, tenant.ipv6 is not None or unbound, "ipv6"),
+            (dns.rdatatype.A, tenant.ipv4 is not None or unbound, "ipv4"),
+        ]
+        found: list[Address] = []
+        temporary = False
+        for rdtype, reachable, name in wanted:
+            if not reachable or family not in ("any", name):
+                continue
+            try:
+                answer = await self.resolver.resolve(
+                    dns.name.from_text(host, dns.name.root), rdtype, search=False, backend=BACKEND
+                )
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException:
+                temporary = True
+                continue
+            found.extend(ip_address(r.address) for r in answer)
+        return _alternate(found), temporary
+
+    # -- transactions -------------------------------------------------------------------
+
+    async def send(
+        self,
+        opened: Opened,
+        sender: str,
+        recipients: Sequence[str],
+        message: Message,
+        *,
+        kept: bool,
+    ) -> Sent:
+        """One transaction on `opened` (`kept`: a session that carried mail before)."""
+        session = opened.session
+        results = await session.deliver(sender, recipients, message)
+        outcomes = tuple(_outcome(r, results[r], opened.relay) for r in recipients)
+        failures = [f for f in results.values() if isinstance(f, Failure)]
+        delivered = len(failures) < len(results)
+        other = self._other_family(session, results)
+        if kept and not delivered and failures and _stale(failures):
+            result = Result.STALE  # a kept session the server had closed: no one's fault
+        elif not delivered and any(f.slow_down for f in failures):
+            result = Result.THROTTLED
+        elif not delivered and any(f.connection_level for f in failures):
+            result = Result.UNREACHABLE
+        else:
+            result = Result.DELIVERED
+        return Sent(outcomes, result, other)
+
+    def _other_family(
+        self, session: Session, results: dict[str, Delivered | Failure]
+    ) -> tuple[str, ...]:
+        """Recipients refused for the session's address family when the tenant has the
+        other one."""
+        other = self.tenant.ipv4 if session.peer[0].version == 6 else self.tenant.ipv6
+        if other is None:
+            return ()
+        return tuple(
+            r for r, f in results.items() if isinstance(f, Failure) and f.other_family_may_help
+        )
+
+
+def _stale(failures: Sequence[Failure]) -> bool:
+    """Whether a kept session failed at its first command because the server had closed
+    it while it was idle (servers may: RFC 5321 4.5.3.2.7)."""
+    return all(
+        f.kind in (Kind.DROPPED, Kind.REPLY)
+        and f.stage in (Stage.MAIL, Stage.IDLE)
+        and (f.kind is Kind.DROPPED or (f.reply is not None and f.reply.code == 421))
+        for f in failures
+    )
+
+
+def _alternate(addresses: list[Address]) -> list[Address]:
+    """IPv6 and IPv4 addresses in turn, IPv6 first: after a failure over one family, the
+    other is tried next (RFC 8305's spirit, one at a time)."""
+    six = [a for a in addresses if a.version == 6]
+    four = [a for a in addresses if a.version == 4]
+    mixed: list[Address] = []
+    for pair in zip(six, four, strict=False):
+        mixed.extend(pair)
+    longer = six if len(six) > len(four) else four
+    return mixed + longer[min(len(six), len(four)) :]
+
+
+def _outcome(recipient: str, result: Delivered | Failure, relay: str) -> Outcome:
+    if isinstance(result, Delivered):
+        return Outcome(recipient, Status.DELIVERED, result.reply.code, result.reply.text, relay)
+    # A 5yz in the transaction is about this mail; one before it (greeting, EHLO) is about
+    # the session, and another host or a later try may do better.
+    final = result.permanent and (result.stage in _TRANSACTION or result.kind is Kind.UNSENDABLE)
+    status = Status.PERMANENT if final else Status.TEMPORARY
+    code = result.reply.code if result.reply is not None else None
+    return Outcome(recipient, status, code, failure_text(result), relay)
+
+
+def failure_text(failure: Failure) -> str:
+    """An outcome's text for `failure`: the reply and what it answered, or the status code
+    and what happened, in words."""
+    if failure.reply is not None:
+        return f"{failure.reply.text} ({failure.stage.context})"
+    return f"{failure.enhanced} {failure.words}"
+
+
+def bad_address(address: str) -> bool:
+    """Whether `address` cannot be put in an SMTP path (RFC 5321 4.1.2)."""
+    return bool(_BAD_PATH_CHARS.search(address))
+
+
+def smtp_timeouts(configured: SmtpTimeouts) -> Timeouts:
+    return Timeouts(
+        connect=configured.connect,
+        greeting=configured.helo,
+        command=configured.helo,
+        mail=configured.mail,
+        rcpt=configured.rcpt,
+        data=configured.data_init,
+        block=configured.data_xfer,
+        dot=configured.data_done,
+        tls=configured.starttls,
+    )
+
+
+def printable(text: str) -> str:
+    """`text` safe for one log line: no control characters."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
