@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import random
 import socket
 import ssl
 import subprocess
@@ -15,12 +14,13 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from engine_harness import Harness
 from test_dnsrelay import DNSStack, dns_stack
 
-from nsmail.core.config import DeliveryConfig, Tenant
+from nsmail.core.config import DeliveryConfig, SmtpTimeouts, Tenant
 from nsmail.core.message import Message
+from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Envelope
-from nsmail.tenant.delivery import Agent, Outcome, Status
 
 ZONE = {
     ("rcpt.test.", "MX"): ["10 mx.rcpt.test."],
@@ -83,7 +83,7 @@ class Recorder:
         return self.data_reply
 
 
-_agents: list[Agent] = []
+_agents: list[Harness] = []
 
 
 def free_port() -> int:
@@ -103,9 +103,9 @@ def smtp_server(
     try:
         yield controller.port
     finally:
-        # Agents keep sessions open between messages: end them before the server goes.
-        for made in _agents:
-            made.connections.close_all()
+        # Engines keep sessions open between messages: end them before the server goes.
+        while _agents:
+            _agents.pop().close()
         controller.stop()
 
 
@@ -148,17 +148,15 @@ def agent(
     dns: DNSStack,
     port: int,
     tenant: Tenant,
-    opportunistic: ssl.SSLContext | None = None,
     tls_verified: ssl.SSLContext | None = None,
     **config: Any,
-) -> Agent:
-    made = Agent(
-        tenant=tenant,
-        config=DeliveryConfig(**{"port": port, "timeout": 5, **config}),
-        resolver=dns.resolver(),
-        tls=opportunistic,
-        tls_verified=tls_verified or ssl.create_default_context(),
-        rng=random.Random(0),
+) -> Harness:
+    """The delivery engine of `tenant`, its mail for `port` of the zone's mail hosts."""
+    made = Harness(
+        tenant,
+        DeliveryConfig(**{"port": port, "timeout": 5, **config}),
+        dns.resolver(),
+        verifying=tls_verified,
     )
     _agents.append(made)
     return made
@@ -248,7 +246,7 @@ def test_unreachable_and_dns_failures_are_temporary(dns: DNSStack, tmp_path: Pat
     )
     assert by_recipient(outcomes) == {"a@rcpt.test": (Status.TEMPORARY, None)}
     # Words, not `ConnectionRefusedError: [Errno 111]`.
-    assert outcomes[0].text == f"4.4.2 mx.rcpt.test[127.0.0.1]:{closed}: connection refused"
+    assert outcomes[0].text == f"4.4.1 mx.rcpt.test[127.0.0.1]:{closed}: connection refused"
     with dns_stack(ZONE, resolvers=(IPv4Address("127.0.0.2"),), timeout=0.2) as broken:
         outcomes = agent(broken, closed, make_tenant(tmp_path)).deliver(
             "q7", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
@@ -261,13 +259,13 @@ def test_a_server_that_never_greets_times_out_in_words(dns: DNSStack, tmp_path: 
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # the kernel completes the handshake; nobody ever says 220
         port = silent.getsockname()[1]
-        (outcome,) = agent(dns, port, make_tenant(tmp_path), timeout=0.5).deliver(
+        quick = SmtpTimeouts(helo=0.5)
+        (outcome,) = agent(dns, port, make_tenant(tmp_path), smtp_timeouts=quick).deliver(
             "q", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
         )
     assert (outcome.status, outcome.code) == (Status.TEMPORARY, None)
     assert outcome.text == (
-        f"4.4.2 mx.rcpt.test[127.0.0.1]:{port}: timed out after 0.5 s while waiting for the "
-        "greeting"
+        f"4.4.2 mx.rcpt.test[127.0.0.1]:{port}: timed out after 0.5 s waiting for the greeting"
     )
 
 
@@ -286,11 +284,8 @@ def test_ipv6_is_preferred_when_the_tenant_has_both(
 
 def test_starttls_when_offered(dns: DNSStack, recorder: Recorder, tmp_path: Path) -> None:
     server_tls, _ = self_signed(tmp_path)
-    client_tls = ssl.create_default_context()
-    client_tls.check_hostname = False
-    client_tls.verify_mode = ssl.CERT_NONE
     with smtp_server(recorder, tls_context=server_tls) as port:
-        outcomes = agent(dns, port, make_tenant(tmp_path), opportunistic=client_tls).deliver(
+        outcomes = agent(dns, port, make_tenant(tmp_path)).deliver(
             "q9", Envelope("alice@tenant.test", ("a@rcpt.test",)), BODY
         )
     assert by_recipient(outcomes) == {"a@rcpt.test": (Status.DELIVERED, 250)}, outcomes
@@ -337,7 +332,9 @@ def test_tls_policy(
     assert outcome.status == expected, outcome
     assert bool(recorder.received) == (expected == Status.DELIVERED)
     if (policy, trusted, offered) == ("verify", False, True):
-        assert outcome.text.endswith(": TLS certificate not accepted: self-signed certificate")
+        assert outcome.text.endswith(
+            ": TLS handshake failed: certificate verify failed: self-signed certificate"
+        )
     if expected == Status.DELIVERED and policy == "verify":
         assert recorder.received[0].tls
 
@@ -377,7 +374,10 @@ def test_an_address_needing_smtputf8_is_refused_by_nsmail_not_the_server(
     # The server offers no SMTPUTF8 (RFC 6531 3.4): it was never asked, so it said nothing.
     assert (outcome.status, outcome.code) == (Status.PERMANENT, None)
     relay = f"mx.rcpt.test[127.0.0.1]:{port}"
-    assert outcome.text == f"5.6.7 SMTPUTF8 is required, but {relay} does not offer it"
+    assert (
+        outcome.text
+        == f"5.6.7 {relay}: the addresses need SMTPUTF8, which the server does not offer"
+    )
     assert recorder.rcpt_attempts == []
 
 
@@ -393,5 +393,4 @@ def test_one_connection_carries_several_messages(
     delivering.deliver("q4", Envelope("alice@tenant.test", ("c@rcpt.test",)), BODY)
     assert len(recorder.received) == 4
     assert len({r.session for r in recorder.received}) == 1
-    assert delivering.connections.close_idle() is not None  # one session, kept for now
-    delivering.connections.close_all()
+    assert delivering.engine.sessions == 1  # kept for the next message, for now

@@ -6,6 +6,7 @@ delivery and worker tests use.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import TypeVar
 
+import dns.asyncresolver
 import dns.flags
 import dns.message
 import dns.opcode
@@ -31,7 +33,7 @@ import dns.rrset
 import pytest
 
 from nsmail.host import dnsrelay
-from nsmail.tenant.resolver import make_resolver, use_relay
+from nsmail.tenant.resolver import BACKEND, make_resolver, use_relay
 
 Zone = Mapping[tuple[str, str], Sequence[str]]
 
@@ -145,6 +147,11 @@ class AuthServer:
         return reply
 
 
+def resolve(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> dns.resolver.Answer:
+    """One lookup with the worker's asynchronous resolver, from synchronous test code."""
+    return asyncio.run(resolver.resolve(name, rdtype, backend=BACKEND))
+
+
 @dataclass
 class DNSStack:
     """An AuthServer and a relay process (chrooted into an empty directory when root)."""
@@ -163,7 +170,7 @@ class DNSStack:
         self.channels.append(worker_end)
         return worker_end
 
-    def resolver(self, timeout: float = 3.0) -> dns.resolver.Resolver:
+    def resolver(self, timeout: float = 3.0) -> dns.asyncresolver.Resolver:
         resolver = make_resolver()
         use_relay(resolver, self.channel(), timeout)
         return resolver
@@ -236,27 +243,43 @@ def _ask(channel: socket.socket, query: dns.message.Message | bytes) -> dns.mess
 
 def test_mx_and_address_lookups(stack: DNSStack) -> None:
     resolver = stack.resolver()
-    mx = resolver.resolve("rcpt.test.", "MX")
+    mx = resolve(resolver, "rcpt.test.", "MX")
     assert [(r.preference, r.exchange.to_text()) for r in mx] == [(10, "mx.rcpt.test.")]
-    assert [r.address for r in resolver.resolve("mx.rcpt.test.", "A")] == ["127.0.0.1"]
-    assert [r.address for r in resolver.resolve("mx.rcpt.test.", "AAAA")] == ["::1"]
+    assert [r.address for r in resolve(resolver, "mx.rcpt.test.", "A")] == ["127.0.0.1"]
+    assert [r.address for r in resolve(resolver, "mx.rcpt.test.", "AAAA")] == ["::1"]
     with pytest.raises(dns.resolver.NXDOMAIN):
-        resolver.resolve("nowhere.test.", "A")
+        resolve(resolver, "nowhere.test.", "A")
     with pytest.raises(dns.resolver.NoAnswer):
-        resolver.resolve("rcpt.test.", "A")
+        resolve(resolver, "rcpt.test.", "A")
 
 
 def test_truncated_answers_are_fetched_over_tcp(stack: DNSStack) -> None:
-    answer = stack.resolver().resolve("big.rcpt.test.", "A")
+    answer = resolve(stack.resolver(), "big.rcpt.test.", "A")
     assert len(answer) == 119
     assert ("big.rcpt.test.", "A", False) in stack.server.queries
 
 
 def test_queries_are_answered_from_the_cache(stack: DNSStack) -> None:
     resolver = stack.resolver()
-    resolver.resolve("rcpt.test.", "MX")
-    resolver.resolve("rcpt.test.", "MX")
+    resolve(resolver, "rcpt.test.", "MX")
+    resolve(resolver, "rcpt.test.", "MX")
     assert stack.server.queries.count(("rcpt.test.", "MX", True)) == 1
+
+
+def test_lookups_at_once_share_one_channel(stack: DNSStack) -> None:
+    """A busy worker asks for many destinations at once over its one channel: each
+    answer reaches the lookup it answers, whatever order the relay answers in."""
+    resolver = stack.resolver()
+    resolver.cache = None  # every lookup goes to the relay
+    names = [("mx.rcpt.test.", "A"), ("mx.rcpt.test.", "AAAA"), ("rcpt.test.", "MX")] * 10
+
+    async def all_at_once() -> list[dns.resolver.Answer]:
+        lookups = [resolver.resolve(n, t, backend=BACKEND) for n, t in names]
+        return await asyncio.gather(*lookups)
+
+    answers = asyncio.run(all_at_once())
+    assert [(str(a.qname), dns.rdatatype.to_text(a.rdtype)) for a in answers] == names
+    assert [a[0].to_text() for a in answers[:3]] == ["127.0.0.1", "::1", "10 mx.rcpt.test."]
 
 
 def test_only_plain_in_queries_are_relayed(stack: DNSStack) -> None:
@@ -289,9 +312,9 @@ def test_garbage_flood_and_eof_on_one_channel_spare_the_others(stack: DNSStack) 
     with contextlib.suppress(BlockingIOError):
         for _ in range(2000):  # far beyond the in-flight bound, never reading answers
             bad.send(query.to_wire())
-    assert good.resolve("mx.rcpt.test.", "A")[0].address == "127.0.0.1"
+    assert resolve(good, "mx.rcpt.test.", "A")[0].address == "127.0.0.1"
     bad.close()
-    assert good.resolve("mx.rcpt.test.", "AAAA")[0].address == "::1"
+    assert resolve(good, "mx.rcpt.test.", "AAAA")[0].address == "::1"
     assert stack.relay_alive()
 
 
@@ -305,18 +328,18 @@ def test_a_descriptor_that_is_no_channel_is_dropped(stack: DNSStack) -> None:
             os.close(fd)
         stream_a.close()
         stream_b.close()
-    assert stack.resolver().resolve("rcpt.test.", "MX")[0].preference == 10
+    assert resolve(stack.resolver(), "rcpt.test.", "MX")[0].preference == 10
 
 
 def test_resolvers_are_tried_in_turn_and_failure_is_servfail() -> None:
     dead = IPv4Address("127.0.0.2")  # nothing listens there: refused at once
     with dns_stack(resolvers=(dead, IPv4Address("127.0.0.1")), timeout=0.2) as s:
-        assert s.resolver().resolve("rcpt.test.", "MX")[0].preference == 10
+        assert resolve(s.resolver(), "rcpt.test.", "MX")[0].preference == 10
     with dns_stack(resolvers=(dead,), timeout=0.2) as s:
         response = _ask(s.channel(), dns.message.make_query("rcpt.test.", "MX"))
         assert response.rcode() == dns.rcode.SERVFAIL
         with pytest.raises(dns.resolver.NoNameservers):
-            s.resolver().resolve("rcpt.test.", "MX")
+            resolve(s.resolver(), "rcpt.test.", "MX")
 
 
 def test_relay_gone_fails_fast() -> None:
@@ -326,14 +349,14 @@ def test_relay_gone_fails_fast() -> None:
         assert s.wait_relay() == 0
         started = time.monotonic()
         with pytest.raises(dns.resolver.NoNameservers):
-            resolver.resolve("rcpt.test.", "MX")
+            resolve(resolver, "rcpt.test.", "MX")
         assert time.monotonic() - started < 1
 
 
 def test_relay_returns_when_control_reaches_eof() -> None:
     with dns_stack() as s:
         resolver = s.resolver()
-        assert resolver.resolve("rcpt.test.", "MX")[0].preference == 10
+        assert resolve(resolver, "rcpt.test.", "MX")[0].preference == 10
         s.control.shutdown(socket.SHUT_WR)
         assert s.wait_relay() == 0
 
@@ -345,4 +368,4 @@ def test_a_ping_is_answered_on_the_control_socket(stack: DNSStack) -> None:
     for _ in range(3):
         dnsrelay.ping(stack.control)
         assert stack.control.recv(16) == dnsrelay.PING
-        assert resolver.resolve("rcpt.test.", "MX")[0].preference == 10
+        assert resolve(resolver, "rcpt.test.", "MX")[0].preference == 10

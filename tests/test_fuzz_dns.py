@@ -29,18 +29,19 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
+from engine_harness import Harness
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_delivery import make_tenant
 from test_dnsrelay import udp_and_tcp
-from test_fuzz_smtp import ScriptedServer, tls_contexts
+from test_fuzz_smtp import ScriptedServer, timeouts, tls_contexts
 
 from nsmail.core.config import DeliveryConfig
 from nsmail.core.message import Message
+from nsmail.core.outcome import Status
 from nsmail.core.queuefile import Envelope
 from nsmail.core.routing import NullMX, Targets, route
 from nsmail.host import dnsrelay
-from nsmail.tenant.delivery import Agent, Status
 from nsmail.tenant.resolver import make_resolver, use_relay
 
 DOMAIN = "dest.test."
@@ -305,20 +306,13 @@ def test_agent_ends_every_dns_answer_in_a_defined_outcome(
     thread.start()
     resolver = make_resolver()
     use_relay(resolver, worker_end, 0.3)
-    opportunistic, verifying = tls_contexts()
-    agent = Agent(
-        tenant=make_tenant(tmp_path),
-        config=DeliveryConfig(port=smtp.port, timeout=2.0),
-        resolver=resolver,
-        tls=opportunistic,
-        tls_verified=verifying,
-        rng=random.Random(0),
-    )
+    config = DeliveryConfig(port=smtp.port, timeout=2.0, smtp_timeouts=timeouts(2.0))
+    agent = Harness(make_tenant(tmp_path), config, resolver, verifying=tls_contexts()[1])
     started = time.monotonic()
     try:
         (outcome,) = agent.deliver("q", Envelope("s@tenant.test", ("x@dest.test",)), MESSAGE)
     finally:
-        agent.connections.close_all()
+        agent.close()
         worker_end.close()
         thread.join(5)
     elapsed = time.monotonic() - started

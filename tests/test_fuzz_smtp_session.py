@@ -28,8 +28,8 @@ from test_fuzz_smtp import (
     tls_contexts,
 )
 
+from nsmail.core.outcome import Outcome, Status
 from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
-from nsmail.tenant.delivery import Outcome, Status
 from nsmail.tenant.smtp import Session, SessionError, Timeouts, TlsContexts, open_session
 
 TRANSACTION = (Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.DOT)

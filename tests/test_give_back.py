@@ -14,7 +14,8 @@ from test_dnsrelay import DNSStack, dns_stack
 from test_worker import delivery_status, mailbox, start_worker, stop, wait_for
 
 from nsmail.core.queuefile import Envelope, encode
-from nsmail.tenant.spool import CORRUPT, INCOMING, MAILDROP, SPOOL_IN_HOME, Spool, new_queue_id
+from nsmail.submit import maildrop
+from nsmail.tenant.spool import CORRUPT, INCOMING, SPOOL_IN_HOME, Spool, new_queue_id
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def drop(spool: Spool, body: bytes, *, sender: str = "alice@tenant.test") -> str
     """A -t queue file as a tenant's user could write it by hand."""
     queue_id = new_queue_id(time.time())
     envelope = Envelope(sender, (), arrival=time.time(), submitter="alice", extract=True)
-    spool.put(MAILDROP, queue_id, [encode(envelope, body)])
+    maildrop.drop(str(spool.root), queue_id, [encode(envelope, body)], 0o600)
     return queue_id
 
 

@@ -25,10 +25,10 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.scheduler import (
@@ -44,7 +44,7 @@ from nsmail.core.scheduler import (
     Send,
 )
 from nsmail.tenant.local import LocalAgent
-from nsmail.tenant.qmgr import Delays, QueueManager, Taken
+from nsmail.tenant.qmgr import Delays, Taken
 from nsmail.tenant.remote import Opened, Remote, Route, Unreached, Unroutable, bad_address
 from nsmail.tenant.spool import DEFERRED
 
@@ -52,6 +52,28 @@ log = logging.getLogger("nsmail.tenant.engine")
 
 STOP_GRACE = 20.0  # seconds sessions in flight may go on after SIGTERM
 BACKLOG_RETRY = 60.0  # seconds before a message its destination had no room for is due
+
+
+class Queue(Protocol):
+    """What the engine needs of the queue (nsmail.tenant.qmgr.QueueManager)."""
+
+    next_due: float
+
+    def fresh(self) -> list[tuple[str, str]]: ...
+
+    def due(self, *, flush: bool = False) -> list[str]: ...
+
+    def take(self, state: str, queue_id: str) -> Taken | None: ...
+
+    def settle(
+        self,
+        taken: Taken,
+        outcomes: Sequence[Outcome],
+        delays: Mapping[str, Delays] | None = None,
+        *,
+        attempted: bool = True,
+        retry_at: float | None = None,
+    ) -> None: ...
 
 
 @dataclass(eq=False)
@@ -82,7 +104,7 @@ class Engine:
 
     def __init__(
         self,
-        queue: QueueManager,
+        queue: Queue,
         local: LocalAgent,
         remote: Remote,
         active_limit: int,

@@ -21,7 +21,7 @@ import logging
 import random
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -327,7 +327,7 @@ class QueueManager:
     def settle(
         self,
         taken: Taken,
-        outcomes: Iterable[Outcome],
+        outcomes: Sequence[Outcome],
         delays: Mapping[str, Delays] | None = None,
         *,
         attempted: bool = True,

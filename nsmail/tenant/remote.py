@@ -220,7 +220,7 @@ class Remote:
             text = f"4.4.4 no address found for the mail hosts of {route.domain}"
             raise Unreached(text, "", None, throttled=False)
         assert last is not None
-        raise Unreached(failure_text(last), relay, last, throttled is True)
+        raise Unreached(failure_text(last, relay), relay, last, throttled is True)
 
     async def _open_one(self, host: str, address: Address, tls: TlsMode) -> Session:
         if tls is TlsMode.MAY and self._tls_broken.get(address, 0.0) > self.clock():
@@ -348,15 +348,15 @@ def _outcome(recipient: str, result: Delivered | Failure, relay: str) -> Outcome
     final = result.permanent and (result.stage in _TRANSACTION or result.kind is Kind.UNSENDABLE)
     status = Status.PERMANENT if final else Status.TEMPORARY
     code = result.reply.code if result.reply is not None else None
-    return Outcome(recipient, status, code, failure_text(result), relay)
+    return Outcome(recipient, status, code, failure_text(result, relay), relay)
 
 
-def failure_text(failure: Failure) -> str:
-    """An outcome's text for `failure`: the reply and what it answered, or the status code
-    and what happened, in words."""
+def failure_text(failure: Failure, relay: str) -> str:
+    """An outcome's text for `failure` at `relay`: the reply and what it answered, or the
+    status code, where and what happened, in words (as Postfix's "connect to host[ip]")."""
     if failure.reply is not None:
         return f"{failure.reply.text} ({failure.stage.context})"
-    return f"{failure.enhanced} {failure.words}"
+    return f"{failure.enhanced} {relay}: {failure.words}"
 
 
 def bad_address(address: str) -> bool:

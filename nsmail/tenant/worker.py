@@ -146,7 +146,7 @@ def prepare(
         Remote(tenant, delivery, shared.resolver, shared.tls, shared.rng),
         delivery.active_limit,
     )
-    return Worker(engine, delivery.scan_interval, report_channel, delivery.idle_exit)
+    return Worker(queue, engine, delivery.scan_interval, report_channel, delivery.idle_exit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +161,14 @@ class Worker:
 
     def __init__(
         self,
+        queue: QueueManager,
         engine: Engine,
         scan_interval: float,
         reports: socket.socket | None = None,
         idle_exit: float = 0.0,
     ) -> None:
         self.engine = engine
-        self.queue = engine.queue
+        self.queue = queue
         self.scan_interval = scan_interval
         self.idle_exit = idle_exit
         self._stopping = False
