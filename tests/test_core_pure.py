@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from nsmail.core.retry import restart_delay
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
 from nsmail.root.jail import check_status
 from nsmail.root.netns import names_for
-from nsmail.root.supervisor import restart_delay
+from nsmail.root.supervisor import RESTARTS
 
 JAILED = """Name:\tnsmail bcd.test
 Uid:\t20001\t20001\t20001\t20001
@@ -46,7 +47,7 @@ def test_garbage_status_fails_closed() -> None:
 
 
 def test_restart_delay_grows_and_is_capped() -> None:
-    assert [restart_delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert [restart_delay(RESTARTS, n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
 
 
 def test_names_fit_the_kernel_limits() -> None:

@@ -30,8 +30,9 @@ from nsmail.core.report import (
     decode,
     encode,
 )
+from nsmail.core.slots import State
 from nsmail.root.spawn import Zygote
-from nsmail.root.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, State, Supervisor
+from nsmail.root.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, Supervisor
 
 GOOD = Report(
     domain="bcd.test",
@@ -106,7 +107,7 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )
-    slot = Slot(tenant)
+    slot = Slot(tenant, state=State.STARTING)  # as if asked of the zygote: its channels made
     supervisor.slots = {tenant.domain: slot}
     worker_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     slot.reports.setblocking(False)
@@ -206,8 +207,8 @@ def test_a_handler_that_raises_is_contained_to_its_tenant(
     tenant; the worker's channels are closed (no handler keeps firing), and the slot
     goes the way of a crash: its worker is killed and restarted after back-off."""
     supervisor, slot, worker = supervised
-    slot.state = State.RUNNING
-    slot.pid = sleeper() if with_worker else None
+    if with_worker:
+        slot.state, slot.pid = State.RUNNING, sleeper()
 
     def bug(data: bytes, domain: str) -> Report:
         raise RuntimeError("a bug")
