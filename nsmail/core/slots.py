@@ -1,4 +1,4 @@
-"""The supervisor's life of one tenant's worker slot: one table from state and event to step.
+"""A tenant's slot in the supervisor, as one table from state and event to the next step.
 
 The supervisor (`nsmail.root.supervisor`) keeps a slot per tenant. What happens to it,
 its worker forked, dying, retiring for want of work, stopped, restarted by a reload or
@@ -27,16 +27,15 @@ class State(StrEnum):
     BACKOFF = "backoff"  # no worker: it died or could not start; the next start is due later
     ASLEEP = "asleep"  # the worker exited for want of work: its watch or its time wakes it
     STOPPING = "stopping"  # the worker was told to end: SIGKILL when its grace is up
-    STOPPING_WHILE_FORKING = "stopping while forking"  # told to end as soon as it comes
+    STOPPING_WHILE_FORKING = "stopping while forking"  # its worker is told to end as it comes
     GONE = "gone"  # removed; started again as a new slot if a replacement was named
 
 
 class Event(StrEnum):
-    ADDED = "added"  # the supervisor took the new slot in: at start-up, on reload, or to
-    # replace a slot whose stop is over
+    ADDED = "added"  # taken in: at start-up, on reload, or replacing a slot now gone
     SPAWNED = "spawned"  # the zygote forked the worker asked for
     SPAWN_FAILED = "spawn failed"  # preparing its namespace or queue, or forking, failed
-    EXITED = "exited"  # the worker ended, but for a retirement
+    EXITED = "exited"  # the worker ended, other than RETIRED
     RETIRED = "retired"  # it exited 0 after handing over its watch: no work for now
     DUE = "due"  # the slot's scheduled time came (`waits_for_time`)
     WATCH_FIRED = "watch fired"  # mail came for a tenant asleep
@@ -93,9 +92,7 @@ _CLEAN = (Action.CLOSE_CHANNELS, Action.DROP_WATCH)
 _FAILED = (*_CLEAN, Action.COUNT_FAILURE, Action.BACK_OFF)
 _FINISH = (*_CLEAN, Action.FINISH)
 _WAKE = (Action.DROP_WATCH, Action.START)
-# A stop asked of a slot stopping already, or a reload while it stops, changes only what
-# follows: a tenant the configuration still names, changed or not, starts again after.
-_THEN = (Action.SET_REPLACEMENT,)
+_THEN = (Action.SET_REPLACEMENT,)  # the event's tenant starts after the stop (REMOVED: none)
 
 TABLE: dict[State, dict[Event, Step]] = {
     State.NEW: {
@@ -135,6 +132,8 @@ TABLE: dict[State, dict[Event, Step]] = {
         Event.KEPT: Step(State.ASLEEP),
         Event.CONTAINED: Step(State.BACKOFF, _FAILED),
     },
+    # A stop asked again, or a reload, while a slot stops changes only what follows it (no
+    # second SIGTERM, no new grace): a tenant still configured, changed or not, starts anew.
     State.STOPPING: {
         Event.EXITED: Step(State.GONE, (Action.STOPPED, *_FINISH)),
         Event.RETIRED: Step(State.GONE, (Action.STOPPED, *_FINISH)),
@@ -145,6 +144,7 @@ TABLE: dict[State, dict[Event, Step]] = {
         Event.CONTAINED: Step(State.STOPPING, (*_CLEAN, Action.KILL)),
     },
     State.STOPPING_WHILE_FORKING: {
+        # Its grace starts with the SIGTERM, once there is a worker to send it to.
         Event.SPAWNED: Step(State.STOPPING, (Action.TERMINATE,)),
         Event.SPAWN_FAILED: Step(State.GONE, _FINISH),
         Event.REMOVED: Step(State.STOPPING_WHILE_FORKING, _THEN),

@@ -7,7 +7,9 @@ changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
 configuration did not change, and on SIGTERM stops every worker and removes everything
 it made. A worker for the machine's own users' mail runs beside the tenants', and one
 unprivileged DNS relay process serves them all (`nsmail.host.dnsrelay`), pinged and replaced
-when it does not answer.
+when it does not answer. Each tenant's slot moves along one table (`nsmail.core.slots`):
+this module turns what happens into its events and carries out the steps; workers and the
+relay are restarted by one back-off (`nsmail.core.retry.RestartPolicy`).
 
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
@@ -305,6 +307,7 @@ class Supervisor:
             self._do(slot, action, why, tenant)
 
     def _do(self, slot: Slot, action: Action, why: str, tenant: Tenant | None) -> None:
+        """Carry out one action of a step (`nsmail.core.slots.Action` says what each is)."""
         now = time.monotonic()
         match action:
             case Action.START:
