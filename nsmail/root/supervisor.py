@@ -91,7 +91,7 @@ PING_TIMEOUT = 3.0
 
 @dataclass
 class Slot:
-    """One tenant as the supervisor tracks it; its state changes only by `Supervisor._feed`."""
+    """One tenant as the supervisor tracks it; its state changes only along its table."""
 
     tenant: Tenant
     names: TenantNames | None = None
@@ -406,9 +406,10 @@ class Supervisor:
             self._feed(slot, Event.SPAWNED)
 
     def _finish(self, slot: Slot) -> None:
-        """The slot's stop is over: it is forgotten first, so that even a namespace that
-        cannot be removed holds up no shutdown; then its replacement starts, or at
-        shutdown the relay ends after the last slot."""
+        """The slot's stop is over: forget it, remove its namespace, then start its
+        replacement, or at shutdown end the relay after the last slot. Forgotten first:
+        were the removal to raise, no slot would linger that nothing ever ends (what is
+        left of the namespace goes when the supervisor exits)."""
         del self.slots[slot.tenant.domain]
         if slot.names is not None:
             self.host.remove(slot.names)
