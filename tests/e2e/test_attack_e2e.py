@@ -41,8 +41,6 @@ from nsmail.core.report import encode as encode_report
 from nsmail.tenant import inotify
 from nsmail.tenant.spool import SPOOL_IN_HOME, STATES, TMP, new_queue_id
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 VICTIM = DUAL  # bcd.test: 198.51.100.70 and 2001:db8:51::70

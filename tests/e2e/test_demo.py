@@ -20,7 +20,6 @@ from nsmail.lab import demo
 from nsmail.lab.receiver import address_literal
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 @cache
@@ -75,7 +74,6 @@ def clean() -> Iterator[None]:
 # --- as root: the real thing --------------------------------------------------------------
 
 
-@as_root
 def test_json_report_then_nothing_left(clean: None) -> None:
     result = run_demo("--json")
     assert result.returncode == 0, result.stderr
@@ -96,7 +94,6 @@ def test_json_report_then_nothing_left(clean: None) -> None:
         assert workers[spec.domain]["uid"] >= demo.FIRST_UID
 
 
-@as_root
 def test_strict_receiver_refuses_the_usual_way(clean: None) -> None:
     result = run_demo("--json", "--strict")
     assert result.returncode == 0, result.stderr
@@ -107,7 +104,6 @@ def test_strict_receiver_refuses_the_usual_way(clean: None) -> None:
         assert tenant["nsmail"]["clean"], tenant
 
 
-@as_root
 @pytest.mark.parametrize("after", ["creating namespaces", "starting the nsmail supervisor"])
 def test_interrupted_demo_leaves_nothing(clean: None, after: str) -> None:
     proc = subprocess.Popen(
@@ -125,7 +121,6 @@ def test_interrupted_demo_leaves_nothing(clean: None, after: str) -> None:
     assert "interrupted by SIGINT" in stderr
 
 
-@as_root
 @pytest.mark.parametrize("stage", ["servers", "supervisor"])
 def test_failing_demo_says_why_and_leaves_nothing(clean: None, stage: str) -> None:
     result = run_demo(env={demo.FAIL_AT_ENV: stage})
@@ -133,7 +128,6 @@ def test_failing_demo_says_why_and_leaves_nothing(clean: None, stage: str) -> No
     assert f"nsmail demo: failing after {stage}" in result.stderr
 
 
-@as_root
 def test_kept_lab_refuses_a_second_demo_until_taken_down(clean: None) -> None:
     kept = run_demo("--keep")
     try:
@@ -163,7 +157,6 @@ def test_kept_lab_refuses_a_second_demo_until_taken_down(clean: None) -> None:
     assert again.returncode == 0 and "no demo is up" in again.stderr
 
 
-@as_root
 def test_twice_in_a_row_beside_a_running_supervisor(clean: None) -> None:
     # Another nsmail, with its own tenants, runs on this machine meanwhile: untouched.
     with Lab() as lab:

@@ -15,8 +15,6 @@ from lab import Lab
 
 from nsmail.root.jail import run_as
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 ATTACKER, VICTIM = V4_ONLY.domain, DUAL.domain
 
 

@@ -4,15 +4,12 @@ when the same mail is sent the usual way."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 
 import pytest
 from hosting import THREE, Hosting, dns_records
 from lab import DNS_V4, HOST_V4, MX_V4, Lab, Nsd, Postfix
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ worker, which delivers under the tenant's identity, while the other tenants slee
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,8 +18,6 @@ from polling import wait_for
 from procfs import cpu_seconds
 
 from nsmail.tenant.spool import new_queue_id
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 IDLE = {"idle_exit": 1, "scan_interval": 0.5}
 

@@ -27,8 +27,6 @@ from rude_smtp import RudeSmtp
 
 from nsmail.tenant.spool import SPOOL_IN_HOME, STATES
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 MESSAGES = 1000
 KILLS = 5
 TIMEOUT = 60.0  # for every message to arrive; the back-offs alone take 31 s

@@ -24,8 +24,6 @@ from lab import (
     sweep_dead_labs,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
-
 BCD_V4 = "198.51.100.70"
 BCD_V6 = "2001:db8:51::70"
 RECORDS = [

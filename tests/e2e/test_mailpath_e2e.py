@@ -17,8 +17,6 @@ from lab import HOST_V4, HOST_V6, MX_V4, MX_V6, Lab, Nsd, Postfix, forward_and_r
 from mailboxes import delivery_status
 from polling import wait_for
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:

@@ -31,8 +31,6 @@ from rude_smtp import RudeSmtp
 from nsmail.core.queuefile import decode
 from nsmail.tenant.spool import ACTIVE, CORRUPT, DEFERRED, HOLD, INCOMING, MAILDROP, SPOOL_IN_HOME
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 TENANTS = (DUAL, V4_ONLY)
 MESSAGES = 200
 SETTLE_TIMEOUT = 75.0

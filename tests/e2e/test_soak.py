@@ -12,10 +12,7 @@ import os
 import secrets
 from dataclasses import asdict
 
-import pytest
 from soak import Options, soak, table
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 SHORT = Options(
     tenants=3,

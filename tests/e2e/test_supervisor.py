@@ -23,8 +23,6 @@ from nsmail.root.netns import SOURCE_RULE_PRIORITY
 from nsmail.root.supervisor import PING_TIMEOUT
 from nsmail.submit.submission import cached
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 # A live worker: started but not yet reporting, or as it reports itself.
 UP = {"running", "idle", "delivering", "backing off"}
 

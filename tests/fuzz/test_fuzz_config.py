@@ -177,7 +177,7 @@ def test_load_gives_a_config_or_one_line_naming_the_file(
     assert run_dir_of(path).is_absolute()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the tenant home must be the tenant's")
+@pytest.mark.needs("root")  # the tenant home must be the tenant's
 @settings(
     max_examples=6,
     deadline=None,

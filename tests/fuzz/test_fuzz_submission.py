@@ -9,7 +9,6 @@ header completion (what the worker does at pick-up) completes it or raises Heade
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from sites import SENDMAIL, Site, assert_nothing_queued, sendmail
 from nsmail.core.headers import Completion, HeaderError, complete
 from nsmail.core.queuefile import decode
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs the command as a tenant uid")
+pytestmark = pytest.mark.needs("root")  # runs the command as a tenant uid
 
 EX_OK, EX_USAGE, EX_DATAERR, EX_TEMPFAIL = 0, 64, 65, 75
 

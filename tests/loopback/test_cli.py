@@ -13,7 +13,7 @@ from hosting import NSMAIL
 
 from nsmail.tenant.spool import FLUSH_TRIGGER
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = pytest.mark.needs("root")
 
 TENANT_UID = 47123
 

@@ -11,7 +11,7 @@ import pytest
 from nsmail.core.config import load
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="gives the homes to their tenants")
+@pytest.mark.needs("root")  # gives the homes to their tenants
 def test_load_reads_main_file_and_sorted_dropins(tmp_path: Path) -> None:
     main = tmp_path / "nsmail.toml"
     main.write_text(

@@ -25,7 +25,7 @@ from nsmail.core.message import Message
 from nsmail.root.jail import drop, run_as
 from nsmail.tenant import dkim
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = pytest.mark.needs("root")
 
 TENANT_UID = 47311
 OTHER_UID = 47312

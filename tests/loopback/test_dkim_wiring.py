@@ -28,8 +28,6 @@ from nsmail.core.config import ConfigError, DeliveryConfig, parse
 from nsmail.tenant import dkim, worker
 from nsmail.tenant.spool import SPOOL_IN_HOME, Spool
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 
 @pytest.mark.parametrize(
     ("fields", "field", "problem"),
@@ -60,6 +58,7 @@ def dns() -> Iterator[DNSStack]:
         yield stack
 
 
+@pytest.mark.needs("root")  # the worker chroots into its home
 def test_the_worker_signs_what_it_sends_and_its_bounces(dns: DNSStack, tmp_path: Path) -> None:
     home = tmp_path / "home"
     spool = Spool(home / SPOOL_IN_HOME)
@@ -115,6 +114,7 @@ def test_the_worker_signs_what_it_sends_and_its_bounces(dns: DNSStack, tmp_path:
     assert dkimpy.verify(re.sub(rb"\r\n|\n", b"\r\n", bounce), dnsfunc=lookup)
 
 
+@pytest.mark.needs("root")  # the home is the tenant's
 def test_cli_keygen_then_check(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

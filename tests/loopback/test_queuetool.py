@@ -37,7 +37,7 @@ from nsmail.tenant.spool import (
 
 EX_USAGE, EX_NOINPUT, EX_TEMPFAIL, EX_NOPERM = 64, 66, 75, 77
 
-pytestmark_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+pytestmark = pytest.mark.needs("root")
 # `nsmail queue` once the lead wires it into nsmail.commands.cli; until then, queuetool.main itself.
 NSMAIL = Path(sys.executable).with_name("nsmail")
 VIA_CLI = True
@@ -160,7 +160,6 @@ def snapshot(site: Site, domain: str) -> dict[str, tuple[bytes, float]]:
     }
 
 
-@pytestmark_root
 def test_root_lists_every_queue_and_a_tenant_only_its_own(site: Site) -> None:
     a1 = put(site, A, INCOMING, recipients=("bob@rcpt.test", "carol@rcpt.test"))
     a2 = put(site, A, DEFERRED, retry_at=2e9)
@@ -217,7 +216,6 @@ def test_root_lists_every_queue_and_a_tenant_only_its_own(site: Site) -> None:
         ("flush", "--tenant", B),
     ],
 )
-@pytestmark_root
 def test_a_tenant_never_sees_or_touches_another_queue(site: Site, args: tuple[str, ...]) -> None:
     mine = put(site, A, DEFERRED)
     theirs = put(site, B, DEFERRED)
@@ -230,7 +228,6 @@ def test_a_tenant_never_sees_or_touches_another_queue(site: Site, args: tuple[st
     assert site.where(A, mine) == [DEFERRED]
 
 
-@pytestmark_root
 def test_neither_root_nor_a_tenant_is_refused(site: Site) -> None:
     put(site, A, DEFERRED)
     result = queue(site, "list", uid=65534)
@@ -241,7 +238,6 @@ def test_neither_root_nor_a_tenant_is_refused(site: Site) -> None:
     assert queue(site, "list", "--tenant", A, uid=pwd.getpwnam("nsmail").pw_uid).returncode == 77
 
 
-@pytestmark_root
 def test_hold_release_requeue_delete_change_exactly_the_named(site: Site) -> None:
     d1, d2, i1 = put(site, A, DEFERRED), put(site, A, DEFERRED), put(site, A, INCOMING)
     other = put(site, B, DEFERRED)
@@ -272,7 +268,6 @@ def test_hold_release_requeue_delete_change_exactly_the_named(site: Site) -> Non
     assert site.states(A)[INCOMING] == {i1, d1} and site.where(B, other) == [DEFERRED]
 
 
-@pytestmark_root
 def test_one_bad_id_changes_nothing(site: Site) -> None:
     d1 = put(site, A, DEFERRED)
     busy = put(site, A, ACTIVE)
@@ -298,7 +293,6 @@ def test_one_bad_id_changes_nothing(site: Site) -> None:
     assert result.returncode == EX_NOPERM and snapshot(site, A) == before
 
 
-@pytestmark_root
 def test_the_same_id_in_two_queues_needs_a_tenant(site: Site) -> None:
     planted = put(site, A, DEFERRED)
     data = (site.spool(A).root / DEFERRED / planted).read_bytes()
@@ -316,7 +310,6 @@ def _put_as(spool: Spool, queue_id: str, data: bytes) -> None:
     spool.put(DEFERRED, queue_id, [data])
 
 
-@pytestmark_root
 def test_all(site: Site) -> None:
     a = [put(site, A, INCOMING), put(site, A, DEFERRED)]
     b = put(site, B, DEFERRED)
@@ -332,7 +325,6 @@ def test_all(site: Site) -> None:
     assert site.where(B, busy) == [ACTIVE]
 
 
-@pytestmark_root
 def test_show(site: Site) -> None:
     d1 = put(site, A, DEFERRED, retry_at=2e9)
     result = queue(site, "show", d1, uid=site.uids[A])
@@ -366,7 +358,6 @@ def test_show(site: Site) -> None:
     assert queue(site, "show", "--body", big).stdout.endswith("\n" + large.decode() * 3000)
 
 
-@pytestmark_root
 def test_hostile_files_are_listed_as_unreadable(site: Site) -> None:
     good = put(site, A, DEFERRED)
     garbage = put(site, A, DEFERRED, b"\x00garbage\n" * 100)
@@ -400,7 +391,6 @@ def test_hostile_files_are_listed_as_unreadable(site: Site) -> None:
     assert site.where(A, names["link"]) == [] and site.where(A, garbage) == []
 
 
-@pytestmark_root
 def test_flush_asks_the_worker_as_its_tenant(site: Site) -> None:
     put(site, A, DEFERRED)
     assert queue(site, "flush", "--tenant", A).returncode == 0

@@ -368,7 +368,7 @@ def test_bs_takes_no_envelope_arguments(site: Site, args: list[str]) -> None:
     assert sendmail(site, args, b"").returncode == EX_USAGE
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+@pytest.mark.needs("swaks")
 def test_swaks_through_bs(site: Site) -> None:
     sender = f"alice@{site.domain}"
     env = {"NSMAIL_CONFIG": str(site.config), "PATH": f"{SENDMAIL.parent}:/usr/bin:/bin"}

@@ -9,7 +9,6 @@ import contextlib
 import datetime
 import errno
 import functools
-import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -122,7 +121,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(server, directory / "ca.pem")
 
 
-# --- aiosmtpd, a real receiver (test_delivery's) -------------------------------------
+# --- aiosmtpd, a real receiver (smtp_servers') ---------------------------------------
 
 
 async def connect(
@@ -609,7 +608,7 @@ def test_a_queue_file_that_fails_mid_message_aborts_and_sends_no_torn_message() 
 # --- Postfix's smtp-sink: many sessions at once ----------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("smtp-sink") is None, reason="Postfix's smtp-sink is missing")
+@pytest.mark.needs("smtp-sink")
 def test_many_sessions_at_once_against_smtp_sink(tmp_path: Path) -> None:
     port = free_port()
     sink = subprocess.Popen(

@@ -226,12 +226,11 @@ def test_mail_left_active_by_a_crash_is_retried(dns: DNSStack, spool: Spool) -> 
     assert not spool.ids(ACTIVE) and not spool.ids(INCOMING)
 
 
+@pytest.mark.needs("root")  # mounts a small file system
 def test_a_full_disk_mid_attempt_loses_nothing(dns: DNSStack, spool: Spool) -> None:
     """The disk fills between taking a message and settling it: neither the bounce nor
     the rewrite for the deferred recipient can be written. The message must wait in
     deferred/ as it was (not stuck in active/), and settle once there is room again."""
-    if os.geteuid() != 0:
-        pytest.skip("mounts a small file system")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", spool.root], check=True)
     try:
         spool.create()

@@ -28,8 +28,6 @@ from lab import Lab
 from nsmail.core.config import load
 from nsmail.root import tenant_exec
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
 PROBE_C = r"""
 #include <errno.h>

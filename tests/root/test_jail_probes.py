@@ -32,8 +32,6 @@ from nsmail.root.jail import Identity, check_status
 from nsmail.root.netns import NETNS_DIR, HostNetwork, TenantNames, inside
 from nsmail.root.spawn import SpawnError, Target, Zygote
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
 REMOTE_PORT = 2525
 HOST_LOOPBACK_PORT = 2626
 Probe = Callable[..., Any]
