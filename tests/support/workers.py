@@ -61,6 +61,7 @@ def stop(pid: int) -> int:
 
 
 def submit(spool: Spool, recipients: tuple[str, ...], sender: str = "alice@tenant.test") -> str:
+    """A message in maildrop/ as nsmail-sendmail leaves one (from alice); its queue id."""
     queue_id = new_queue_id(time.time())
     envelope = Envelope(sender, recipients, arrival=time.time(), submitter="alice")
     spool.put(MAILDROP, queue_id, [encode(envelope, BODY)])
