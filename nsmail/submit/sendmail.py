@@ -3,7 +3,7 @@
 It runs once per message (PHP `mail()`, cron, MUAs), and a Python start is mostly
 imports, so submitting imports only this module, `nsmail.submit.paths`, `nsmail.submit.submission`,
 `nsmail.submit.maildrop` and `nsmail.core.queueframe`, and through them only modules built into the
-interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
+interpreter (`tests/loopback/test_sendmail.py` holds it to that list). It finds its caller's tenant
 in the cache root keeps beside the configuration, and imports the configuration parser
 only when that cache is missing or out of date (a configuration that is not valid leaves
 the last good cache serving: see `nsmail.submit.submission`); listing the queue (-bp) and SMTP on
