@@ -22,7 +22,8 @@ from hosting import DUAL, THREE, V4_ONLY, V6_ONLY, Hosting, dns_records
 from lab import DNS_V4, Lab, Nsd, Record, reverse_name
 
 from nsmail.commands import preflight
-from nsmail.commands.preflight import (
+from nsmail.core.preflight import (
+    AddressFacts,
     Answer,
     Finding,
     SpfVerdict,
@@ -45,7 +46,7 @@ PTR6 = "0.7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.5.0.0.8.b.d.0.1.0.0.2.ip6.arpa
 def address(ip: IPv4Address | IPv6Address, ehlo: str = "bcd.test", **changes: object) -> object:
     """The facts of an address whose DNS is all in order, with `changes`."""
     identities = dict.fromkeys(("bcd.test", ehlo))
-    good = preflight.AddressFacts(
+    good = AddressFacts(
         ip,
         ptr=Answer((ehlo,)),
         forward=Answer((str(ip),)),
@@ -332,10 +333,11 @@ def test_dkim_problems(rsa_key: rsa.RSAPublicKey) -> None:
 CHECK = """
 import sys
 from pathlib import Path
-from nsmail.core import config
 from nsmail.commands import preflight
-keys = {"bcd.test": [preflight.DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
-sys.exit(preflight.main(config.load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
+from nsmail.core.preflight import DkimKey
+from nsmail.host.configfile import load
+keys = {"bcd.test": [DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
+sys.exit(preflight.main(load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
 """
 
 

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.core.config import load
 from nsmail.core.headers import Completion, HeaderError, complete
 from nsmail.core.queuefile import Envelope, decode
+from nsmail.host.configfile import load
 from nsmail.submit import launcher
 from nsmail.submit.sendmail import (
     DELIVER,
@@ -830,9 +830,9 @@ def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
 LEAN_IMPORTS = {
     *("nsmail", "nsmail.submit", "nsmail.core"),  # packages: a docstring each
     "nsmail.submit.sendmail",
-    "nsmail.submit.paths",
     "nsmail.submit.submission",
     "nsmail.submit.maildrop",
+    *("nsmail.core.layout", "nsmail.core.addresses", "nsmail.core.text", "nsmail.core.exitcodes"),
     "nsmail.core.queueframe",
     *("__future__", "_collections_abc", "_sha256", "_stat", "genericpath", "marshal"),
     *("os", "os.path", "posixpath", "pwd", "stat"),

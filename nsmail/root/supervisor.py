@@ -50,12 +50,12 @@ from nsmail.core.config import (
     IPAddress,
     Tenant,
     host_identity,
-    load,
 )
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
+from nsmail.host.configfile import load
 from nsmail.root import control, metrics, serving
 from nsmail.root.jail import Identity
 from nsmail.root.netns import HostNetwork, TenantNames
