@@ -202,7 +202,7 @@ class Tenant:
     recipient_limit: int | None = None  # None: [delivery] recipient_limit
     message_size_limit: int | None = None  # None: [delivery] message_size_limit
     queue_size_limit: int | None = None  # None: [delivery] queue_size_limit
-    # DKIM signing (nsmail.tenant.dkim), both or neither; the key file is root's, 0600, and
+    # DKIM signing (nsmail.core.dkim), both or neither; the key file is root's, 0600, and
     # outside every tenant home.
     dkim_selector: str | None = None
     dkim_key: Path | None = None
