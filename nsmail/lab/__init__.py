@@ -1,6 +1,7 @@
 """The embedded receiving side of ``nsmail demo``: a lab DNS server and a judging SMTP receiver.
 
-Security: test and demo infrastructure; see each module for what it trusts.
+Run by root for the demo and the tests, in network namespaces of their own; test and demo
+infrastructure, it trusts the lab it builds (see each module for what it receives).
 """
 
 from .dnsserver import DnsServer

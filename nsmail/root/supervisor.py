@@ -51,7 +51,6 @@ from nsmail.core.config import (
     IPAddress,
     Tenant,
     host_identity,
-    load,
 )
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
@@ -59,6 +58,7 @@ from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
 from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
+from nsmail.host.configfile import load
 from nsmail.root import control, metrics, serving
 from nsmail.root.jail import Identity
 from nsmail.root.netns import HostNetwork, TenantNames

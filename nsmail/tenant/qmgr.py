@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from nsmail.core import dsn, headers, retry
+from nsmail.core import dkim, dsn, headers, retry
 from nsmail.core.message import MAX_LINE, Body, Message
 from nsmail.core.queuefile import Deferral, Envelope, QueueFileError, frame
 from nsmail.core.report import MAX_TEXT, QUEUE_STATES, Report, Tally
-from nsmail.tenant import dkim
 from nsmail.tenant.delivery import Agent, Outcome, Status, printable
 from nsmail.tenant.local import LocalAgent
 from nsmail.tenant.spool import (

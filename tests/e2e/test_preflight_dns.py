@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hosting import DUAL, THREE, V4_ONLY, V6_ONLY, Hosting, dns_records
 from lab import DNS_V4, Lab, Nsd, Record, reverse_name
 
-from nsmail.commands.preflight import Finding
+from nsmail.core.preflight import Finding
 
 SPF = "v=spf1 ip4:198.51.100.0/24 ip6:2001:db8:51::/64 -all"
 
@@ -29,10 +29,11 @@ SPF = "v=spf1 ip4:198.51.100.0/24 ip6:2001:db8:51::/64 -all"
 CHECK = """
 import sys
 from pathlib import Path
-from nsmail.core import config
 from nsmail.commands import preflight
-keys = {"bcd.test": [preflight.DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
-sys.exit(preflight.main(config.load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
+from nsmail.core.preflight import DkimKey
+from nsmail.host.configfile import load
+keys = {"bcd.test": [DkimKey("s1", Path(sys.argv[2]).read_bytes())]}
+sys.exit(preflight.main(load(Path(sys.argv[1])), [], sys.argv[3] == "json", keys))
 """
 
 

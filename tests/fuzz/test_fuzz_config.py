@@ -22,7 +22,8 @@ from hosting import NSMAIL
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from nsmail.core.config import TABLE_KEYS, ConfigError, load, run_dir_of
+from nsmail.core.config import TABLE_KEYS, ConfigError
+from nsmail.host.configfile import load, run_dir_of
 
 HOST = {"name": "abc.test", "resolvers": ["198.51.100.53"], "user": "root"}
 TENANT_UID = 47001

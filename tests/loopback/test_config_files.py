@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nsmail.core.config import load
+from nsmail.host.configfile import load
 
 
 @pytest.mark.needs("root")  # gives the homes to their tenants

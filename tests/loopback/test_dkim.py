@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nsmail.commands import preflight
+from nsmail.commands.keygen import keygen
+from nsmail.core import dkim, preflight
 from nsmail.core.message import Message
 from nsmail.root.jail import drop, run_as
-from nsmail.tenant import dkim
+from nsmail.tenant.dkim import load_signer
 
 pytestmark = pytest.mark.needs("root")
 
@@ -91,9 +92,9 @@ def host() -> Iterator[Host]:
 
 
 def _generate(host: Host, selector: str, kind: str) -> Generated:
-    output = dkim.keygen(host.config, "bcd.test", selector, kind)
+    output = keygen(host.config, "bcd.test", selector, kind)
     key_path = Path(re.findall(r'^dkim_key = "(.*)"$', output, re.M)[0])
-    signer = dkim.load_signer("bcd.test", selector, key_path)
+    signer = load_signer("bcd.test", selector, key_path)
     record = next(line for line in output.splitlines() if " IN TXT " in line)
     return Generated(signer, output, key_path, "".join(re.findall(r'"([^"]*)"', record)).encode())
 
@@ -359,7 +360,7 @@ def test_a_key_file_is_readable_by_root_only(host: Host, rsa: Generated) -> None
 def test_keygen_never_overwrites_a_key(host: Host, rsa: Generated) -> None:
     before = rsa.key_path.read_bytes()
     with pytest.raises(dkim.DkimError, match="exists; choose another selector"):
-        dkim.keygen(host.config, "bcd.test", "s1", "rsa")
+        keygen(host.config, "bcd.test", "s1", "rsa")
     assert rsa.key_path.read_bytes() == before
     assert sorted(p.name for p in rsa.key_path.parent.iterdir() if p.name.startswith(".")) == []
 
@@ -375,7 +376,7 @@ def test_keygen_never_overwrites_a_key(host: Host, rsa: Generated) -> None:
 )
 def test_keygen_refuses(host: Host, domain: str, selector: str, kind: str, problem: str) -> None:
     with pytest.raises(dkim.DkimError, match=problem):
-        dkim.keygen(host.config, domain, selector, kind)
+        keygen(host.config, domain, selector, kind)
 
 
 def test_keygen_refuses_a_key_directory_inside_a_tenant_home(host: Host) -> None:
@@ -383,7 +384,7 @@ def test_keygen_refuses_a_key_directory_inside_a_tenant_home(host: Host) -> None
     config.write_text(host.config.read_text())
     try:
         with pytest.raises(dkim.DkimError, match=r"inside the home of cde\.test"):
-            dkim.keygen(config, "bcd.test", "s9", "ed25519")
+            keygen(config, "bcd.test", "s9", "ed25519")
         assert not (host.other_home / "dkim").exists()
     finally:
         config.unlink()
@@ -424,7 +425,7 @@ def key_file(ed25519: Generated) -> Iterator[Path]:
 def test_load_signer_refuses(key_file: Path, spoil: Callable[[Path], object], problem: str) -> None:
     spoil(key_file)
     with pytest.raises(dkim.DkimError, match=problem):
-        dkim.load_signer("bcd.test", "e1", key_file)
+        load_signer("bcd.test", "e1", key_file)
     key_file.unlink(missing_ok=True)
     key_file.touch()  # for the fixture's clean-up
 
@@ -444,7 +445,7 @@ def test_a_worker_signs_after_the_jail_with_the_key_read_before(host: Host, rsa:
         code = 1
         try:
             os.close(read_end)
-            signer = dkim.load_signer("bcd.test", "s1", rsa.key_path)
+            signer = load_signer("bcd.test", "s1", rsa.key_path)
             last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
             os.chroot(empty)
             os.chdir("/")

@@ -24,8 +24,11 @@ from smtp_servers import Recorder, smtp_server
 from workers import stop, submit
 
 from nsmail.commands import cli, preflight
+from nsmail.core import dkim
 from nsmail.core.config import ConfigError, DeliveryConfig, parse
-from nsmail.tenant import dkim, worker
+from nsmail.core.preflight import DkimKey
+from nsmail.tenant import worker
+from nsmail.tenant.dkim import load_signer
 from nsmail.tenant.spool import SPOOL_IN_HOME, Spool
 
 
@@ -142,8 +145,8 @@ def test_cli_keygen_then_check(
         handed: list[object] = []
         monkeypatch.setattr(preflight, "main", lambda *args: handed.append(args[3]) or 0)
         assert cli.main(["--config", str(config), "check", "--dns"]) == 0
-        signer = dkim.load_signer("bcd.test", "s1", root / "dkim" / "bcd.test.s1.key")
-        assert handed == [{"bcd.test": [preflight.DkimKey("s1", signer.public_key())]}]
+        signer = load_signer("bcd.test", "s1", root / "dkim" / "bcd.test.s1.key")
+        assert handed == [{"bcd.test": [DkimKey("s1", signer.public_key())]}]
         (root / "dkim" / "bcd.test.s1.key").chmod(0o644)
         assert cli.main(["--config", str(config), "check"]) == cli.EX_CONFIG
         assert "readable by root only" in capsys.readouterr().err

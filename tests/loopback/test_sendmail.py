@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sites import SENDMAIL, Site, assert_nothing_queued, sendmail, unused_ids
 
-from nsmail.core.config import load
 from nsmail.core.queuefile import Envelope, decode
+from nsmail.host.configfile import load
 from nsmail.submit import launcher
 from nsmail.submit.submission import SUFFIX, cached, profile_of, refresh
 from nsmail.tenant.spool import FLUSH_TRIGGER, MAILDROP, STATES, TMP, Spool
@@ -449,9 +449,9 @@ def test_a_current_cache_spares_reading_the_configuration(site: Site) -> None:
 LEAN_IMPORTS = {
     *("nsmail", "nsmail.submit", "nsmail.core"),  # packages: a docstring each
     "nsmail.submit.sendmail",
-    "nsmail.submit.paths",
     "nsmail.submit.submission",
     "nsmail.submit.maildrop",
+    *("nsmail.core.layout", "nsmail.core.addresses", "nsmail.core.text", "nsmail.core.exitcodes"),
     "nsmail.core.queueframe",
     *("__future__", "_collections_abc", "_sha256", "_stat", "genericpath", "marshal"),
     *("os", "os.path", "posixpath", "pwd", "stat"),

@@ -25,7 +25,7 @@ import pytest
 from hosting import NSMAIL, V4_ONLY, Hosting
 from lab import Lab
 
-from nsmail.core.config import load
+from nsmail.host.configfile import load
 from nsmail.root import tenant_exec
 
 SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))

@@ -27,7 +27,8 @@ from hosting import DUAL, THREE, V4_ONLY, Hosting
 from lab import BRIDGE_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from pyroute2 import netns
 
-from nsmail.core.config import Config, Tenant, load
+from nsmail.core.config import Config, Tenant
+from nsmail.host.configfile import load
 from nsmail.root.jail import Identity, check_status
 from nsmail.root.netns import NETNS_DIR, HostNetwork, TenantNames, inside
 from nsmail.root.spawn import SpawnError, Target, Zygote

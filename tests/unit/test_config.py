@@ -34,12 +34,11 @@ from nsmail.core.config import (
     NetworkConfig,
     SystemLookup,
     Tenant,
-    load,
     parse,
     parse_resolv_conf,
-    system_lookup,
 )
-from nsmail.submit.paths import DEFAULT_PATH, locate
+from nsmail.core.layout import DEFAULT_CONFIG, locate
+from nsmail.host.configfile import load, system_lookup
 
 
 def fail(*documents: tuple[str, str], lookup: SystemLookup = LOOKUP) -> ConfigError:
@@ -509,8 +508,8 @@ def test_locate() -> None:
     env = {"NSMAIL_CONFIG": "/srv/env.toml"}
     assert locate("/srv/cli.toml", env) == "/srv/cli.toml"
     assert locate(None, env) == "/srv/env.toml"
-    assert locate(None, {}) == DEFAULT_PATH == "/etc/nsmail/nsmail.toml"
-    assert locate(None, {"NSMAIL_CONFIG": ""}) == DEFAULT_PATH
+    assert locate(None, {}) == DEFAULT_CONFIG == "/etc/nsmail/nsmail.toml"
+    assert locate(None, {"NSMAIL_CONFIG": ""}) == DEFAULT_CONFIG
 
 
 # --- tenant homes and bridge subnets -----------------------------------------------------

@@ -11,7 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nsmail.core.headers import Completion, HeaderError, complete, header_length
-from nsmail.core.message import MAX_LINE, FileBody, Lines, MemoryBody, Message, dot_stuffed
+from nsmail.core.message import MAX_LINE, Lines, MemoryBody, Message, dot_stuffed
+from nsmail.tenant.spool import FileBody
 
 COMPLETION = Completion(
     domain="bcd.test",

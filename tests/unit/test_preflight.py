@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nsmail.commands import preflight
-from nsmail.commands.preflight import (
+from nsmail.core.preflight import (
+    AddressFacts,
     Answer,
     Finding,
     SpfVerdict,
@@ -36,7 +37,7 @@ PTR6 = "0.7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.5.0.0.8.b.d.0.1.0.0.2.ip6.arpa
 def address(ip: IPv4Address | IPv6Address, ehlo: str = "bcd.test", **changes: object) -> object:
     """The facts of an address whose DNS is all in order, with `changes`."""
     identities = dict.fromkeys(("bcd.test", ehlo))
-    good = preflight.AddressFacts(
+    good = AddressFacts(
         ip,
         ptr=Answer((ehlo,)),
         forward=Answer((str(ip),)),

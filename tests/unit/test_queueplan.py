@@ -1,5 +1,5 @@
-"""The pure planning and formatting of nsmail.commands.queue (`nsmail queue` run for real:
-tests/loopback/test_queuetool.py)."""
+"""The queue tool's pure planning (nsmail.core.queueplan) and listing (nsmail.tenant.queuelist)
+(`nsmail queue` run for real: tests/loopback/test_queuetool.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ from typing import Any
 import pytest
 from deferred_mail import MX, WAITING
 
-from nsmail.commands.queue import (
+from nsmail.core.queuefile import Deferral, Envelope
+from nsmail.core.queueplan import (
     VERBS,
     Change,
     Entry,
     entry_json,
-    format_entry,
-    format_listing,
     plan_all,
     plan_named,
-    printable_text,
     split_message,
     worst,
 )
-from nsmail.core.queuefile import Deferral, Envelope
+from nsmail.core.text import printable_lines
+from nsmail.tenant.queuelist import format_entry, format_listing
 from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
@@ -196,12 +195,12 @@ def test_show_says_why_for_each_recipient() -> None:
     ]
 
 
-def test_split_message_and_printable_text() -> None:
+def test_split_message_and_printable_lines() -> None:
     assert split_message(b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore") == (
         b"A: 1\r\nB: 2\r\n",
         b"body\r\n\r\nmore",
     )
     assert split_message(b"A: 1\n") == (b"A: 1\n", b"")
     assert split_message(b"\nbody") == (b"", b"body")
-    shown = printable_text(b"Subject: \x1b]0;pwned\x07\r\n\tfolded\n\xff\n")
+    shown = printable_lines(b"Subject: \x1b]0;pwned\x07\r\n\tfolded\n\xff\n")
     assert shown == "Subject: \\x1b]0;pwned\\x07\n\tfolded\n\ufffd\n"
