@@ -18,7 +18,7 @@ from lab import Lab
 from test_config import tree
 
 from nsmail.core.config import Account, SystemLookup, parse
-from nsmail.lab import demo
+from nsmail.lab import demo, scenario, topology
 from nsmail.lab.dnsserver import load
 from nsmail.lab.receiver import address_literal
 
@@ -49,10 +49,10 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def leftovers() -> list[str]:
     """Whatever a demo made that still exists: namespaces, state, temp dirs, processes."""
-    found = [str(p) for p in demo._lab_namespaces()]
+    found = topology.owned(scenario.NAMES)
     found += [str(p) for p in demo.TEMP_PARENT.glob(demo.TEMP_PREFIX + "*")]
     found += [str(demo.STATE_FILE)] if demo.STATE_FILE.exists() else []
-    tenant_uids = range(demo.FIRST_UID, demo.FIRST_UID + len(demo.TENANTS))
+    tenant_uids = range(demo.FIRST_UID, demo.FIRST_UID + len(scenario.TENANTS))
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes()
@@ -62,6 +62,11 @@ def leftovers() -> list[str]:
         if demo.TEMP_PREFIX.encode() in cmdline or uid in tenant_uids:
             found.append(f"process {entry.name} uid {uid}: {cmdline!r}")
     return found
+
+
+def kept_config() -> Path:
+    """The configuration of the kept demo, from its inventory."""
+    return scenario.config_path(Path(json.loads(demo.STATE_FILE.read_text())["tmp"]))
 
 
 @pytest.fixture
@@ -81,17 +86,19 @@ def clean() -> Iterator[None]:
 def test_the_config_and_the_records_are_valid() -> None:
     tmp = demo.TEMP_PARENT / f"{demo.TEMP_PREFIX}x"
     uids = [61000, 61001, 61002]
-    homes = {str(demo.home_of(tmp, t)): uid for t, uid in zip(demo.TENANTS, uids, strict=True)}
+    homes = {
+        str(scenario.home_of(tmp, t)): uid for t, uid in zip(scenario.TENANTS, uids, strict=True)
+    }
     lookup = SystemLookup(
         user=lambda name: Account(998 if name == "nsmail-dns" else 999, 999, "/nonexistent"),
         lstat=tree(homes),
         default_resolvers=lambda: (),
     )
-    config = parse([("nsmail.toml", demo.config_text(tmp, demo.TENANTS, uids))], lookup)
+    config = parse([("nsmail.toml", scenario.config_text(tmp, scenario.TENANTS, uids))], lookup)
     assert [t.domain for t in config.tenants] == ["bcd.test", "cde.test", "def.test"]
     assert [t.uid for t in config.tenants] == uids
     assert config.network.prefix == "demo"
-    load(demo.dns_records(demo.TENANTS))  # raises for a malformed record
+    load(scenario.dns_records(scenario.TENANTS))  # raises for a malformed record
 
 
 def test_the_table_fits_100_columns_even_with_refusals() -> None:
@@ -105,9 +112,9 @@ def test_the_table_fits_100_columns_even_with_refusals() -> None:
         "verified": "bcd.test",
         "received": "from bcd.test (bcd.test [IPv6:2001:db8:51::70])",
     }
-    row = demo.tenant_report(demo.TENANTS[0], naive, sent)
+    row = scenario.tenant_report(scenario.TENANTS[0], naive, sent)
     assert row["nsmail"]["clean"] and row["naive"]["refused"].startswith("550 ")
-    table = demo.render_comparison([row])
+    table = scenario.render_comparison([row])
     assert max(len(line) for line in table.splitlines()) <= 100
     assert "not the client name abc.test" in table
 
@@ -121,7 +128,7 @@ def test_json_report_then_nothing_left(clean: None) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert not report["strict"]
-    for tenant, spec in zip(report["tenants"], demo.TENANTS, strict=True):
+    for tenant, spec in zip(report["tenants"], scenario.TENANTS, strict=True):
         domain = spec.domain
         assert tenant["naive"] == {
             "received": f"from {domain} (abc.test [203.0.113.1])",
@@ -131,7 +138,7 @@ def test_json_report_then_nothing_left(clean: None) -> None:
         literals = [address_literal(a) for a in spec.addresses]
         assert tenant["nsmail"]["received"] in [f"from {domain} ({domain} [{a}])" for a in literals]
     workers = {w["domain"]: w for w in report["status"]}
-    for spec in demo.TENANTS:
+    for spec in scenario.TENANTS:
         assert workers[spec.domain]["pid"] is not None
         assert workers[spec.domain]["uid"] >= demo.FIRST_UID
 
@@ -166,6 +173,28 @@ def test_interrupted_demo_leaves_nothing(clean: None, after: str) -> None:
 
 
 @as_root
+def test_a_killed_demo_is_removed_by_the_next(clean: None) -> None:
+    """kill -9 leaves the lab up: the next demo removes what the inventory records, first."""
+    proc = subprocess.Popen(
+        demo_command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    progress = ""
+    while "sending" not in progress:  # the supervisor is up, with its tenants
+        line = proc.stderr.readline()
+        assert line, f"the demo ended before sending: {progress}"
+        progress += line
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert Path("/run/netns/demo-bcd.test").exists()
+
+    result = run_demo("--json")
+    assert result.returncode == 0, result.stderr
+    assert "removing what an interrupted demo left" in result.stderr
+    assert all(t["nsmail"]["clean"] for t in json.loads(result.stdout)["tenants"])
+
+
+@as_root
 @pytest.mark.parametrize("stage", ["servers", "supervisor"])
 def test_failing_demo_says_why_and_leaves_nothing(clean: None, stage: str) -> None:
     result = run_demo(env={demo.FAIL_AT_ENV: stage})
@@ -184,7 +213,7 @@ def test_kept_lab_refuses_a_second_demo_until_taken_down(clean: None) -> None:
         assert Path("/run/netns/demo-bcd.test").exists()
         status = subprocess.run(
             [NSMAIL, "status", "--json"],
-            env={**os.environ, "NSMAIL_CONFIG": json.loads(demo.STATE_FILE.read_text())["config"]},
+            env={**os.environ, "NSMAIL_CONFIG": str(kept_config())},
             capture_output=True,
             text=True,
             check=False,
