@@ -195,6 +195,16 @@ def test_a_killed_demo_is_removed_by_the_next(clean: None) -> None:
 
 
 @as_root
+def test_a_lab_namespace_nothing_recorded_is_refused_then_removed(clean: None) -> None:
+    stray = topology.NETNS_DIR / scenario.NAMES.host
+    subprocess.run(["ip", "netns", "add", stray.name], check=True)
+    result = run_demo()
+    assert result.returncode == 1
+    assert "nsmail demo: demohost exists; it is removed now, run the demo again" in result.stderr
+    assert not stray.exists()
+
+
+@as_root
 @pytest.mark.parametrize("stage", ["servers", "supervisor"])
 def test_failing_demo_says_why_and_leaves_nothing(clean: None, stage: str) -> None:
     result = run_demo(env={demo.FAIL_AT_ENV: stage})

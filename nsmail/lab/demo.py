@@ -500,7 +500,11 @@ def main(argv: list[str]) -> int:
 
 def _run(demo: Demo, as_json: bool) -> str:
     progress(f"creating namespaces… ({LAB_HOST.name}, {LAB_NET.name}; tmp {demo.tmp})")
-    topology.build(NAMES)
+    try:
+        topology.build(NAMES)
+    except topology.PrefixTaken:
+        # Made by no demo that recorded it (its inventory was removed): ours all the same.
+        raise DemoError(f"{LAB_HOST.name} exists; it is removed now, run the demo again") from None
     _checkpoint("namespaces")
     progress("starting DNS and receiving MTA…")
     demo.start_servers()

@@ -79,7 +79,7 @@ class Lab:
         self.net = self.names.net
         sweep_dead_labs()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"lab-{self.prefix}-", dir=temp_root()))
-        owner = Proc.of("pytest", os.getpid())
+        owner = Proc.of("owner", os.getpid())
         self._inventory = Inventory(self.names, owner, tmp=str(self.tmp))
         topology.save(self._inventory, self.tmp / INVENTORY)
         # Postfix and NSD drop privileges and must be able to traverse into here.
