@@ -108,9 +108,8 @@ def lab_records() -> list[Record]:
     """The DNS of the lab's own machines: forward and reverse for the hosting machine (its
     bridge's address too) and the MX, and the recipient domain's MX."""
     records = [(RECIPIENT_DOMAIN, "MX", f"10 {MX_NAME}"), (BRIDGE_V4, "PTR", HOST_NAME)]
-    for name, address in ((HOST_NAME, HOST_V4), (HOST_NAME, HOST_V6)):
-        records += forward_and_reverse(name, address)
-    for name, address in ((MX_NAME, MX_V4), (MX_NAME, MX_V6)):
+    named = ((HOST_NAME, HOST_V4), (HOST_NAME, HOST_V6), (MX_NAME, MX_V4), (MX_NAME, MX_V6))
+    for name, address in named:
         records += forward_and_reverse(name, address)
     return records
 

@@ -9,6 +9,7 @@ Security: test infrastructure, runs as root; creates only prefixed namespaces an
 documentation addresses inside them.
 """
 
+from nsmail.lab.dnsserver import Record, forward_and_reverse, reverse_name
 from nsmail.lab.topology import (
     BRIDGE,
     BRIDGE_V4,
@@ -26,7 +27,7 @@ from nsmail.lab.topology import (
     lab_records,
 )
 
-from .dns import Nsd, Record, forward_and_reverse, reverse_name
+from .dns import Nsd
 from .postfix import DEFAULT_RECIPIENT_STATUS, DOMAINS, Postfix
 from .topology import Lab, LabError, sweep_dead_labs
 

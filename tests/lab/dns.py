@@ -32,12 +32,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nsmail.lab.dnsserver import Record, forward_and_reverse, reverse_name
+from nsmail.lab.dnsserver import Record, reverse_name
 from nsmail.lab.topology import DNS_V4, DNS_V6
 
 from .topology import Lab, LabError
-
-__all__ = ["Nsd", "Record", "forward_and_reverse", "reverse_name", "zone_texts"]
 
 ZONES = (
     "test",
