@@ -16,7 +16,7 @@ import pytest
 from hosting import DUAL, V4_ONLY, Hosting
 from lab import Lab
 
-from nsmail.lab import demo
+from nsmail.lab import demo, scenario, topology
 from nsmail.lab.receiver import address_literal
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
@@ -45,10 +45,10 @@ def run_demo(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def leftovers() -> list[str]:
     """Whatever a demo made that still exists: namespaces, state, temp dirs, processes."""
-    found = [str(p) for p in demo._lab_namespaces()]
+    found = topology.owned(scenario.NAMES)
     found += [str(p) for p in demo.TEMP_PARENT.glob(demo.TEMP_PREFIX + "*")]
     found += [str(demo.STATE_FILE)] if demo.STATE_FILE.exists() else []
-    tenant_uids = range(demo.FIRST_UID, demo.FIRST_UID + len(demo.TENANTS))
+    tenant_uids = range(demo.FIRST_UID, demo.FIRST_UID + len(scenario.TENANTS))
     for entry in Path("/proc").iterdir():
         try:
             cmdline = (entry / "cmdline").read_bytes()
@@ -58,6 +58,11 @@ def leftovers() -> list[str]:
         if demo.TEMP_PREFIX.encode() in cmdline or uid in tenant_uids:
             found.append(f"process {entry.name} uid {uid}: {cmdline!r}")
     return found
+
+
+def kept_config() -> Path:
+    """The configuration of the kept demo, from its inventory."""
+    return scenario.config_path(Path(json.loads(demo.STATE_FILE.read_text())["tmp"]))
 
 
 @pytest.fixture
@@ -79,7 +84,7 @@ def test_json_report_then_nothing_left(clean: None) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert not report["strict"]
-    for tenant, spec in zip(report["tenants"], demo.TENANTS, strict=True):
+    for tenant, spec in zip(report["tenants"], scenario.TENANTS, strict=True):
         domain = spec.domain
         assert tenant["naive"] == {
             "received": f"from {domain} (abc.test [203.0.113.1])",
@@ -89,7 +94,7 @@ def test_json_report_then_nothing_left(clean: None) -> None:
         literals = [address_literal(a) for a in spec.addresses]
         assert tenant["nsmail"]["received"] in [f"from {domain} ({domain} [{a}])" for a in literals]
     workers = {w["domain"]: w for w in report["status"]}
-    for spec in demo.TENANTS:
+    for spec in scenario.TENANTS:
         assert workers[spec.domain]["pid"] is not None
         assert workers[spec.domain]["uid"] >= demo.FIRST_UID
 
@@ -121,6 +126,36 @@ def test_interrupted_demo_leaves_nothing(clean: None, after: str) -> None:
     assert "interrupted by SIGINT" in stderr
 
 
+def test_a_killed_demo_is_removed_by_the_next(clean: None) -> None:
+    """kill -9 leaves the lab up: the next demo removes what the inventory records, first."""
+    proc = subprocess.Popen(
+        demo_command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    progress = ""
+    while "sending" not in progress:  # the supervisor is up, with its tenants
+        line = proc.stderr.readline()
+        assert line, f"the demo ended before sending: {progress}"
+        progress += line
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert Path("/run/netns/demo-bcd.test").exists()
+
+    result = run_demo("--json")
+    assert result.returncode == 0, result.stderr
+    assert "removing what an interrupted demo left" in result.stderr
+    assert all(t["nsmail"]["clean"] for t in json.loads(result.stdout)["tenants"])
+
+
+def test_a_lab_namespace_nothing_recorded_is_refused_then_removed(clean: None) -> None:
+    stray = topology.NETNS_DIR / scenario.NAMES.host
+    subprocess.run(["ip", "netns", "add", stray.name], check=True)
+    result = run_demo()
+    assert result.returncode == 1
+    assert "nsmail demo: demohost exists; it is removed now, run the demo again" in result.stderr
+    assert not stray.exists()
+
+
 @pytest.mark.parametrize("stage", ["servers", "supervisor"])
 def test_failing_demo_says_why_and_leaves_nothing(clean: None, stage: str) -> None:
     result = run_demo(env={demo.FAIL_AT_ENV: stage})
@@ -138,7 +173,7 @@ def test_kept_lab_refuses_a_second_demo_until_taken_down(clean: None) -> None:
         assert Path("/run/netns/demo-bcd.test").exists()
         status = subprocess.run(
             [NSMAIL, "status", "--json"],
-            env={**os.environ, "NSMAIL_CONFIG": json.loads(demo.STATE_FILE.read_text())["config"]},
+            env={**os.environ, "NSMAIL_CONFIG": str(kept_config())},
             capture_output=True,
             text=True,
             check=False,

@@ -22,7 +22,17 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from lab import BRIDGE, BRIDGE_V4, BRIDGE_V6, DNS_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
+from lab import (
+    BRIDGE,
+    BRIDGE_V4,
+    BRIDGE_V6,
+    DNS_V4,
+    HOST_NAME,
+    TENANT_SUBNET4,
+    TENANT_SUBNET6,
+    Lab,
+    lab_records,
+)
 from lab import forward_and_reverse as fr
 from mailboxes import mailbox
 
@@ -32,10 +42,6 @@ from nsmail.tenant.spool import SPOOL_IN_HOME, Spool, new_queue_id
 
 NSMAIL = str(Path(sys.executable).with_name("nsmail"))
 SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
-# The subnets of the lab's bridge (BRIDGE_V4/24, BRIDGE_V6/64), which hold every tenant.
-BRIDGE_SUBNET4 = "198.51.100.0/24"
-BRIDGE_SUBNET6 = "2001:db8:51::/64"
-HOST_NAME = "abc.test"
 
 
 @dataclass(frozen=True)
@@ -54,9 +60,7 @@ THREE = (DUAL, V4_ONLY, V6_ONLY)
 
 def dns_records(tenants: tuple[TenantSpec, ...] = THREE) -> list[tuple[str, str, str]]:
     """Forward and reverse DNS for the host, the tenants and the receiving MX."""
-    records = [*fr(HOST_NAME, HOST_V4), *fr(HOST_NAME, HOST_V6), (BRIDGE_V4, "PTR", HOST_NAME)]
-    records += [("rcpt.test", "MX", "10 mx.test"), ("other.test", "MX", "10 mx.test")]
-    records += [*fr("mx.test", MX_V4), *fr("mx.test", MX_V6)]
+    records = [*lab_records(), ("other.test", "MX", "10 mx.test")]
     for t in tenants:
         for address in (t.ipv4, t.ipv6):
             if address:
@@ -121,7 +125,7 @@ class Hosting:
         network = (
             f'mode = "bridge"\nbridge = "{BRIDGE}"\n'
             f'gateway4 = "{BRIDGE_V4}"\ngateway6 = "{BRIDGE_V6}"\n'
-            f'subnet4 = "{BRIDGE_SUBNET4}"\nsubnet6 = "{BRIDGE_SUBNET6}"\n'
+            f'subnet4 = "{TENANT_SUBNET4}"\nsubnet6 = "{TENANT_SUBNET6}"\n'
             if self.mode == "bridge"
             else 'mode = "routed"\n'
         )

@@ -26,16 +26,16 @@ Security: test infrastructure, runs as root; it only serves inside the lab names
 
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .topology import DNS_V4, DNS_V6, Lab, LabError
+from nsmail.lab.dnsserver import Record, reverse_name
+from nsmail.lab.topology import DNS_V4, DNS_V6
 
-Record = tuple[str, str, str]
+from .topology import Lab, LabError
 
 ZONES = (
     "test",
@@ -46,17 +46,6 @@ ZONES = (
 _NS_NAME = "ns.test"
 _TTL = 1
 _START_TIMEOUT = 10.0
-
-
-def reverse_name(address: str) -> str:
-    """The PTR owner name of an IPv4 or IPv6 address, without the final dot."""
-    return ipaddress.ip_address(address).reverse_pointer
-
-
-def forward_and_reverse(name: str, address: str) -> list[Record]:
-    """The A or AAAA record of ``name`` and the PTR record pointing ``address`` back to it."""
-    rtype = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
-    return [(name, rtype, address), (reverse_name(address), "PTR", name)]
 
 
 def _owner(name: str, rtype: str) -> str:

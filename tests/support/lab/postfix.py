@@ -49,7 +49,9 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
-from .topology import MX_V4, MX_V6, Lab, LabError
+from nsmail.lab.topology import MX_V4, MX_V6
+
+from .topology import Lab, LabError
 
 DOMAINS = ("rcpt.test", "other.test")
 DEFAULT_RECIPIENT_STATUS: Mapping[str, str] = {

@@ -1,17 +1,9 @@
-"""A throwaway two-namespace network: a "hosting machine" and "the internet" it talks to.
+"""The test lab: `nsmail.lab.topology`'s network, with a random prefix, and ways into it.
 
-Layout (all names start with a per-run random prefix, e.g. ``t3f9a``)::
-
-    {prefix}host                              {prefix}net
-      nsbr0 198.51.100.1/24 (bridge=True)       eth0 203.0.113.25/24   (MX)
-            2001:db8:51::1/64                        203.0.113.53/24   (DNS)
-      up0   203.0.113.1/24  <--- veth --->           2001:db8:113::25/64
-            2001:db8:113::1/64                       2001:db8:113::53/64
-      (forwarding on)                           routes 198.51.100.0/24, 2001:db8:51::/64
-                                                via the host side of the veth
-
-The host namespace has no default route: it reaches only 203.0.113.0/24 and
-2001:db8:113::/64, which is all the lab's "internet" holds.
+Each lab draws a prefix (e.g. ``t3f9a``) that no namespace began with, so it owns every
+namespace named ``{prefix}...``: its ``{prefix}host`` and ``{prefix}net`` (see
+``nsmail.lab.topology`` for their layout) and whatever the code under test adds, such as
+the ``{prefix}-<domain>`` tenant namespaces of a supervisor configured with that prefix.
 
 Commands run in a namespace through ``nsenter --net=/run/netns/NAME``, never ``ip netns
 exec``: the latter unshares the mount namespace with slave propagation, so namespaces that
@@ -23,49 +15,37 @@ DNS at ``DNS_V4``/``DNS_V6``) is bind-mounted over /etc/resolv.conf, while /run/
 stays shared with the machine's, so namespaces created inside are still seen outside.
 
 Teardown (``close``, also run by ``__exit__`` and when setup fails half-way) is
-idempotent and sweeps every /run/netns/{prefix}* namespace, so tenant namespaces named
-``{prefix}-...`` by the supervisor under test are removed with the lab.
+idempotent and removes every namespace the lab owns, what runs in them and its directory.
+The directory holds the lab's inventory, written before the first namespace exists, so a
+lab whose pytest was killed is swept by the next lab made (``sweep_dead_labs``).
 
-Security: runs as root and creates/deletes kernel objects; it only ever touches
-namespaces whose names start with its own random prefix, and only documentation
-addresses (never 192.0.2.0/24 or fd00::/64, the machine's real uplink).
+Security: test infrastructure, runs as root and creates/deletes kernel objects through
+``nsmail.lab.topology``, which only ever touches namespaces its own prefix owns and only
+documentation addresses (never 192.0.2.0/24 or fd00::/64, the machine's real uplink).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-NETNS_DIR = Path("/run/netns")
-ETC_NETNS_DIR = Path("/etc/netns")
+from nsmail.lab import topology
+from nsmail.lab.topology import DNS_V4, DNS_V6, NETNS_DIR, Inventory, Proc
+
 # nsmail refuses a tenant home under a world-writable directory such as /tmp, so labs (and,
 # through tests/conftest.py, every test's temporary files) live here: root's, mode 0755.
 TEMP_ROOT = Path("/var/cache/nsmail-tests")
-
-HOST_V4 = "203.0.113.1"
-HOST_V6 = "2001:db8:113::1"
-MX_V4 = "203.0.113.25"
-MX_V6 = "2001:db8:113::25"
-DNS_V4 = "203.0.113.53"
-DNS_V6 = "2001:db8:113::53"
-BRIDGE = "nsbr0"
-BRIDGE_V4 = "198.51.100.1"
-BRIDGE_V6 = "2001:db8:51::1"
-UPLINK = "up0"
-
+INVENTORY = "inventory.json"  # in a lab's directory
 _KILL_GRACE = 2.0
-_OWNER = "owner"  # in a lab's directory: the process that made it (see sweep_dead_labs)
 
 # Run by sh in a fresh mount namespace that shares the parent's mount propagation:
 # making / (only /, not its submounts) private keeps the resolv.conf bind mount local,
@@ -80,32 +60,6 @@ class LabError(RuntimeError):
     """A lab command failed; the message carries its output."""
 
 
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
-def _new_prefix() -> str:
-    # A prefix must not be a prefix of anything already present, or teardown's sweep
-    # of {prefix}* would reach another run's namespaces.
-    while True:
-        prefix = "t" + secrets.token_hex(2)
-        if not any(p.name.startswith(prefix) for p in _list_netns()):
-            return prefix
-
-
-def _namespaces(prefix: str) -> list[str]:
-    return [p.name for p in _list_netns() if p.name.startswith(prefix)]
-
-
-def _list_netns() -> list[Path]:
-    try:
-        return sorted(NETNS_DIR.iterdir())
-    except FileNotFoundError:
-        return []
-
-
 def temp_root() -> Path:
     """TEMP_ROOT, made (again) root's and 0755."""
     TEMP_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -115,16 +69,19 @@ def temp_root() -> Path:
 
 
 class Lab:
-    """Two namespaces joined by a veth, plus helpers to run things inside them."""
+    """The lab's two namespaces (with or without the bridge), plus ways to run things inside."""
 
     def __init__(self, *, bridge: bool = True) -> None:
         self.bridge = bridge
-        self.prefix = _new_prefix()
-        self.host = f"{self.prefix}host"
-        self.net = f"{self.prefix}net"
+        self.names = topology.new_names()
+        self.prefix = self.names.prefix
+        self.host = self.names.host
+        self.net = self.names.net
         sweep_dead_labs()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"lab-{self.prefix}-", dir=temp_root()))
-        (self.tmp / _OWNER).write_text(_process_identity(os.getpid()) or "")
+        owner = Proc.of("owner", os.getpid())
+        self._inventory = Inventory(self.names, owner, tmp=str(self.tmp))
+        topology.save(self._inventory, self.tmp / INVENTORY)
         # Postfix and NSD drop privileges and must be able to traverse into here.
         self.tmp.chmod(0o755)
         self.resolv_conf = self.tmp / "resolv.conf"
@@ -155,32 +112,12 @@ class Lab:
         self.close()
 
     def _build(self) -> None:
-        host, net = self.host, self.net
-        _ip("netns", "add", host)
-        self._owns_prefix = True
-        _ip("netns", "add", net)
-        for ns in (host, net):
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", host, "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", net)
-        _ip("-n", host, "addr", "add", f"{HOST_V4}/24", "dev", UPLINK)
-        _ip("-n", host, "addr", "add", f"{HOST_V6}/64", "dev", UPLINK, "nodad")
-        _ip("-n", host, "link", "set", UPLINK, "up")
-        for addr in (MX_V4, DNS_V4):
-            _ip("-n", net, "addr", "add", f"{addr}/24", "dev", "eth0")
-        for addr in (MX_V6, DNS_V6):
-            _ip("-n", net, "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
-        _ip("-n", net, "link", "set", "eth0", "up")
-        _ip("-n", net, "route", "add", "198.51.100.0/24", "via", HOST_V4)
-        _ip("-n", net, "route", "add", "2001:db8:51::/64", "via", HOST_V6)
-        if self.bridge:
-            _ip("-n", host, "link", "add", BRIDGE, "type", "bridge")
-            _ip("-n", host, "addr", "add", f"{BRIDGE_V4}/24", "dev", BRIDGE)
-            _ip("-n", host, "addr", "add", f"{BRIDGE_V6}/64", "dev", BRIDGE, "nodad")
-            _ip("-n", host, "link", "set", BRIDGE, "up")
-        # /proc/sys/net shows the writer's namespace, so this must run inside it.
-        self.run(
-            host, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"]
-        )
+        self._owns_prefix = True  # from here on, unless its host namespace is another lab's
+        try:
+            topology.build(self.names, bridge=self.bridge)
+        except topology.PrefixTaken:
+            self._owns_prefix = False
+            raise
 
     # -- running things inside a namespace ---------------------------------------------
 
@@ -235,8 +172,8 @@ class Lab:
         self._cleanups.append(cleanup)
 
     def namespaces(self) -> list[str]:
-        """Every namespace named with this lab's prefix, including ones the code under test made."""
-        return _namespaces(self.prefix)
+        """Every namespace this lab owns, including ones the code under test made."""
+        return topology.owned(self.names)
 
     # -- teardown ----------------------------------------------------------------------
 
@@ -255,7 +192,7 @@ class Lab:
         for proc in self._procs:
             _kill_group(proc)
         if self._owns_prefix:
-            errors += _remove_namespaces(self.prefix)
+            errors += topology.take_down(self._inventory)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if errors:
             raise LabError("lab teardown: " + "; ".join(errors))
@@ -265,53 +202,11 @@ def sweep_dead_labs() -> list[str]:
     """Tear down the labs of processes that died without closing them (a SIGKILLed
     pytest): their namespaces, the processes in them and their files. The prefixes swept.
 
-    A lab's directory names the process that made it (pid and start time, so a reused
+    A lab's inventory names the process that made it (pid and start time, so a reused
     pid does not pass for it); labs of live processes, and a prefix one of them uses, are
     left alone.
     """
-    dead: dict[str, Path] = {}
-    alive: set[str] = set()
-    for owner in temp_root().glob("lab-t*-*/" + _OWNER):
-        prefix = owner.parent.name.split("-")[1]
-        try:
-            recorded = owner.read_text()
-            running = _process_identity(int(recorded.split()[0]))
-        except (OSError, ValueError, IndexError):
-            continue  # being written, or not a lab's
-        if running == recorded:
-            alive.add(prefix)
-        else:
-            dead[prefix] = owner.parent
-    for prefix, directory in dead.items():
-        if prefix not in alive:
-            _remove_namespaces(prefix)
-        shutil.rmtree(directory, ignore_errors=True)
-    return sorted(dead)
-
-
-def _process_identity(pid: int) -> str | None:
-    """`pid` and its start time, or None when no such process runs."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            started = f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
-    return f"{pid} {started}"
-
-
-def _remove_namespaces(prefix: str) -> list[str]:
-    """Kill what runs in every namespace named with `prefix`, delete them; the errors."""
-    errors = []
-    for ns in _namespaces(prefix):
-        _kill_netns_pids(ns)
-        result = subprocess.run(
-            ["ip", "netns", "del", ns], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            errors.append(f"ip netns del {ns}: {result.stderr.strip()}")
-    for path in ETC_NETNS_DIR.glob(f"{prefix}*"):
-        shutil.rmtree(path, ignore_errors=True)
-    return errors
+    return topology.sweep(temp_root().glob(f"lab-t*-*/{INVENTORY}"))
 
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -325,21 +220,3 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(_KILL_GRACE)
-
-
-def _netns_pids(ns: str) -> list[int]:
-    result = subprocess.run(
-        ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
-    )
-    return [int(word) for word in result.stdout.split()]
-
-
-def _kill_netns_pids(ns: str) -> None:
-    deadline = time.monotonic() + _KILL_GRACE
-    while pids := _netns_pids(ns):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.02)
