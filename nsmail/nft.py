@@ -1,9 +1,9 @@
 """Apply nftables text (`nsmail.firewall`) with the `nft` command, as one transaction.
 
 `nft -f` applies its whole input as one netlink batch that the kernel commits all or
-nothing, so a failed script leaves the ruleset as it was. The command is Debian's
-`nftables` package: the same parser and checks an operator gets at the shell, and
-errors in its words. Starting it costs about 2 ms.
+nothing, so a failed script leaves the ruleset as it was. The command comes from
+Debian's `nftables` package: the parser and checks an operator meets at the shell, and
+errors in their words. Starting it costs about 2 ms.
 
 Security: runs as root in the supervisor, in the network namespace of the calling thread
 (`nsmail.netns.HostNetwork` enters its own first). The text comes from `nsmail.firewall`;

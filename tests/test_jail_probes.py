@@ -355,9 +355,10 @@ def test_the_host_namespace_loopback_is_out_of_reach(jails: Jails) -> None:
 
 
 def host_addresses(jails: Jails, domain: str) -> dict[str, str]:
-    """Every address of the host namespace that `domain`'s worker could aim at, as the
-    worker writes it -> as the host namespace writes it: all but loopback, and of the
-    IPv6 link-local ones only those on the tenant's own link (with its scope)."""
+    """Every address of the host namespace that `domain`'s worker could aim at: all but
+    loopback, and of the IPv6 link-local ones those on the tenant's link. Each maps to
+    itself as the host namespace writes it (a link-local one names the host's link, not
+    the tenant's eth0)."""
     if jails.config.network.mode == "bridge":
         link = BRIDGE
         named = [jails.config.network.gateway4, jails.config.network.gateway6]
@@ -420,7 +421,7 @@ def test_the_host_namespace_own_addresses_are_out_of_reach(jails: Jails) -> None
         seen = jails.lab.run(jails.lab.host, [sys.executable, "-c", HOST_CHECK, json.dumps(here)])
         assert set(json.loads(seen.stdout).values()) == {"ok"}, seen.stdout
         # ...a tenant's worker none: the host turns it away as administratively
-        # prohibited (ICMP), which ends connect() at once.
+        # prohibited (ICMP), which ends its connect() rather than letting it time out.
         refused = {"4": "EHOSTUNREACH", "6": "EACCES"}
         expected = {f"{a} {port}": refused["6" if ":" in a else "4"] for a, port in targets(mine)}
         assert jails.run(spec.domain, probe_host_addresses, targets(mine)) == expected, spec
