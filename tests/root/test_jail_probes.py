@@ -2,7 +2,8 @@
 
 Each probe runs in a child made by `nsmail.root.spawn.spawn`, the same call (namespace,
 preparation, `nsmail.root.jail.enter`) the supervisor uses for a tenant's worker; only the
-code run after the jail differs. Every probe asserts the specific refusal.
+code run after the jail differs. Every probe asserts the specific refusal, in both
+network modes.
 """
 
 from __future__ import annotations
@@ -17,24 +18,36 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from ipaddress import ip_address
 from typing import Any
 
 import prctl
 import pytest
 from hosting import DUAL, THREE, V4_ONLY, Hosting
-from lab import BRIDGE_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
+from lab import BRIDGE, BRIDGE_V4, HOST_V4, HOST_V6, MX_V4, MX_V6, Lab
 from pyroute2 import netns
 
 from nsmail.core.config import Config, Tenant
 from nsmail.host.configfile import load
 from nsmail.root.jail import Identity, check_status
-from nsmail.root.netns import NETNS_DIR, HostNetwork, TenantNames, inside
+from nsmail.root.netns import (
+    NETNS_DIR,
+    ROUTED_NEXT_HOP4,
+    ROUTED_NEXT_HOP6,
+    TENANT_IFNAME,
+    HostNetwork,
+    TenantNames,
+    inside,
+)
 from nsmail.root.spawn import SpawnError, Target, Zygote
 
 REMOTE_PORT = 2525
-HOST_LOOPBACK_PORT = 2626
+# Listeners in the host namespace: on `::` (IPv4 too, as mapped addresses) and `0.0.0.0`.
+HOST_PORT_ANY = 2626
+HOST_PORT_ANY4 = 2727
 Probe = Callable[..., Any]
 
 
@@ -110,10 +123,11 @@ def _sleeper_target(fds: list[int]) -> Callable[[], None]:
     return lambda: time.sleep(60)
 
 
-@pytest.fixture(scope="module")
-def jails() -> Iterator[Jails]:
-    with Lab() as lab:
-        hosting = Hosting(lab)
+@pytest.fixture(scope="module", params=["bridge", "routed"])
+def jails(request: pytest.FixtureRequest) -> Iterator[Jails]:
+    mode = request.param
+    with Lab(bridge=mode == "bridge") as lab:
+        hosting = Hosting(lab, mode=mode)
         config = load(hosting.write_config(THREE))
         with inside(NETNS_DIR / lab.host):
             host = HostNetwork(config.network)
@@ -123,8 +137,9 @@ def jails() -> Iterator[Jails]:
             names[tenant.domain] = host.create(tenant)
             lab.defer(lambda n=names[tenant.domain]: host.remove(n))
         (hosting.home(V4_ONLY.domain) / "secret").write_text("cde's mail")
-        lab.popen(lab.net, [sys.executable, "-c", LISTENER, str(REMOTE_PORT)])
-        lab.popen(lab.host, [sys.executable, "-c", LISTENER, str(HOST_LOOPBACK_PORT)])
+        lab.popen(lab.net, [sys.executable, "-c", LISTENER, "::", str(REMOTE_PORT)])
+        lab.popen(lab.host, [sys.executable, "-c", LISTENER, "::", str(HOST_PORT_ANY)])
+        lab.popen(lab.host, [sys.executable, "-c", LISTENER, "0.0.0.0", str(HOST_PORT_ANY4)])
         zygote = Zygote()
         zygote.start()
         lab.defer(lambda: _end_zygote(zygote))
@@ -139,13 +154,17 @@ def _end_zygote(zygote: Zygote) -> None:
         os.waitpid(pid, 0)
 
 
-# A listener that answers each connection with the peer address it saw.
+# A listener on address argv[1], port argv[2] that answers each connection with the peer
+# address it saw.
 LISTENER = """
 import socket, sys
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+if sys.argv[1] == "::":
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+else:
+    s = socket.socket(socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[1])))
+s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen()
 while True:
     c, peer = s.accept()
@@ -164,11 +183,13 @@ def outcome(action: Callable[[], object]) -> str:
 
 def seen_from(address: str, port: int, source: str | None = None) -> str:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    host, _, link = address.partition("%")  # a link-local address names its link
+    where = (host, port, 0, socket.if_nametoindex(link)) if link else (host, port)
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         if source:
             s.bind((source, 0))
-        s.connect((address, port))
+        s.connect(where)
         return s.recv(100).decode()
 
 
@@ -317,19 +338,92 @@ def test_no_raw_or_packet_sockets(jails: Jails) -> None:
 
 def probe_loopback(fds: list[int]) -> dict[str, str]:
     return {
-        "v4": outcome(lambda: seen_from("127.0.0.1", HOST_LOOPBACK_PORT)),
-        "v6": outcome(lambda: seen_from("::1", HOST_LOOPBACK_PORT)),
+        "v4": outcome(lambda: seen_from("127.0.0.1", HOST_PORT_ANY)),
+        "v6": outcome(lambda: seen_from("::1", HOST_PORT_ANY)),
     }
 
 
 def test_the_host_namespace_loopback_is_out_of_reach(jails: Jails) -> None:
     # A listener on 127.0.0.1 of the hosting machine's namespace answers there...
     code = f"import socket\n{inspect.getsource(seen_from)}\n"
-    code += f"print(seen_from('127.0.0.1', {HOST_LOOPBACK_PORT}))"
+    code += f"print(seen_from('127.0.0.1', {HOST_PORT_ANY}))"
     here = jails.lab.run(jails.lab.host, [sys.executable, "-c", code])
     assert here.stdout.strip() == "127.0.0.1"
     # ...but a tenant's 127.0.0.1 is its own namespace's loopback, where nothing listens.
     assert jails.run(DUAL.domain, probe_loopback) == {"v4": "ECONNREFUSED", "v6": "ECONNREFUSED"}
+
+
+def host_addresses(jails: Jails, domain: str) -> dict[str, str]:
+    """Every address of the host namespace that `domain`'s worker could aim at: all but
+    loopback, and of the IPv6 link-local ones those on the tenant's link. Each maps to
+    itself as the host namespace writes it (a link-local one names the host's link, not
+    the tenant's eth0)."""
+    if jails.config.network.mode == "bridge":
+        link = BRIDGE
+        named = [jails.config.network.gateway4, jails.config.network.gateway6]
+    else:
+        link = jails.names[domain].host_ifname
+        named = [ROUTED_NEXT_HOP4, ROUTED_NEXT_HOP6]
+    found = {}
+    listed = jails.lab.run(jails.lab.host, ["ip", "-j", "addr"])
+    for each in json.loads(listed.stdout):
+        for record in each.get("addr_info", []):
+            address = ip_address(record["local"])
+            if address.is_loopback:
+                continue
+            if address.version == 6 and address.is_link_local:
+                if each["ifname"] == link:
+                    found[f"{address}%{TENANT_IFNAME}"] = f"{address}%{link}"
+            else:
+                found[str(address)] = str(address)
+    # The uplink's addresses, and the tenants' gateways (the bridge's, or routed mode's
+    # next hops): the list above is no shorter than what the host is known to have.
+    wanted = {HOST_V4, HOST_V6, *(str(a) for a in named if a)}
+    assert wanted <= {a.partition("%")[0] for a in found}, found
+    return found
+
+
+def targets(addresses: list[str]) -> list[tuple[str, int]]:
+    """Each address with each host listener that takes it: `::` all, `0.0.0.0` IPv4."""
+    return [
+        (address, port)
+        for address in addresses
+        for port in (HOST_PORT_ANY, HOST_PORT_ANY4)
+        if port == HOST_PORT_ANY or ":" not in address
+    ]
+
+
+def probe_host_addresses(fds: list[int], aims: list[tuple[str, int]]) -> dict[str, str]:
+    # At once: over IPv6 the host's first ICMP error meets a socket that connect() still
+    # holds, and only the retransmitted SYN's, a second later, ends it.
+    with ThreadPoolExecutor(len(aims)) as pool:
+        done = pool.map(lambda aim: outcome(lambda: seen_from(*aim)), aims)
+        return {f"{a} {port}": result for (a, port), result in zip(aims, done, strict=True)}
+
+
+HOST_CHECK = f"""
+from __future__ import annotations
+import errno, json, socket, sys
+{inspect.getsource(outcome)}
+{inspect.getsource(seen_from)}
+aims = json.loads(sys.argv[1])
+print(json.dumps({{f"{{a}} {{port}}": outcome(lambda: seen_from(a, port)) for a, port in aims}}))
+"""
+
+
+def test_the_host_namespace_own_addresses_are_out_of_reach(jails: Jails) -> None:
+    for spec in THREE:
+        addresses = host_addresses(jails, spec.domain)
+        mine = [a for a in addresses if (":" in a and spec.ipv6) or (":" not in a and spec.ipv4)]
+        # The host namespace reaches its own listeners on every one of these addresses...
+        here = [(addresses[a], port) for a, port in targets(mine)]
+        seen = jails.lab.run(jails.lab.host, [sys.executable, "-c", HOST_CHECK, json.dumps(here)])
+        assert set(json.loads(seen.stdout).values()) == {"ok"}, seen.stdout
+        # ...a tenant's worker none: the host turns it away as administratively
+        # prohibited (ICMP), which ends its connect() rather than letting it time out.
+        refused = {"4": "EHOSTUNREACH", "6": "EACCES"}
+        expected = {f"{a} {port}": refused["6" if ":" in a else "4"] for a, port in targets(mine)}
+        assert jails.run(spec.domain, probe_host_addresses, targets(mine)) == expected, spec
 
 
 def probe_other_worker(fds: list[int], victim: int) -> dict[str, str]:
