@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 # The lab and the hosting harness are shared with the end-to-end tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 from bench.tenants import measure_tenants
 from bench.throughput import Options, measure_throughput, submit_main, table

@@ -22,7 +22,7 @@ the default instance. Nothing is mounted in the machine's own mount namespace.
 
 The master.cf is Debian's without chroot (which would need copies of resolv.conf and
 friends in the queue directory) and without smtpd (this instance only sends). Start-up
-is `master -w` directly, as in `tests/lab/postfix.py`, whose queue directory table is
+is `master -w` directly, as in `tests/support/lab/postfix.py`, whose queue directory table is
 reused.
 
 Security: benchmark infrastructure, runs as root; creates only its own prefixed

@@ -3,6 +3,7 @@
 # README.md "Running it as a service" says) with three tenants, one IPv6 only.
 . /nsmail/vagrant/lib.sh
 common_setup hosting
+ensure_packages nftables  # nft: the supervisor's firewall table
 
 # As scripts/bootstrap: the host's own worker runs as nsmail, the DNS relay as nsmail-dns.
 for user in nsmail nsmail-dns; do

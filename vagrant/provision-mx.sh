@@ -2,7 +2,8 @@
 # Provision `mx` (mx.test): the lab DNS server (nsmail.lab.dnsserver) with A/AAAA/MX/PTR for
 # every name, and Postfix accepting mail for the recipient domain only from clients whose
 # name is forward-confirmed, with a HELO that resolves and equals that name (the policy of
-# tests/lab/helo_policy.py), the way tests/lab/postfix.py configures the namespace lab's.
+# tests/support/lab/helo_policy.py), the way tests/support/lab/postfix.py configures the
+# namespace lab's.
 . /nsmail/vagrant/lib.sh
 common_setup mx
 
@@ -27,7 +28,7 @@ systemctl enable nsmail-rig-dns.service >/dev/null 2>&1
 systemctl restart nsmail-rig-dns.service
 echo "nameserver $RIG_MX_V4" >/etc/resolv.conf
 
-install -m 644 /nsmail/tests/lab/helo_policy.py /etc/postfix/helo_policy.py
+install -m 644 /nsmail/tests/support/lab/helo_policy.py /etc/postfix/helo_policy.py
 install -d -m 755 -o nobody -g nogroup /var/mail/rig
 policy="check_policy_service unix:private/helo-policy"
 policy_argv="argv=/usr/bin/python3 -I /etc/postfix/helo_policy.py"

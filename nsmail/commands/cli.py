@@ -12,22 +12,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nsmail.commands import tenants as tenantadmin
-from nsmail.core import config as configuration
+from nsmail.core.addresses import same_domain
+from nsmail.core.config import Config, ConfigError
+from nsmail.core.exitcodes import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+)
+from nsmail.core.layout import locate
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
+from nsmail.core.text import printable
+from nsmail.host.configfile import load, run_dir_of
 from nsmail.root import control, tenant_exec
 from nsmail.root.jail import run_as
 from nsmail.root.systemd import log_formatter
-from nsmail.submit.paths import locate
 from nsmail.tenant.spool import Spool
 
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 WATCH_EVERY = 2.0
 
 
@@ -130,16 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return queuetool.main(path, args.args)
     if args.command == "status":
         try:
-            run_dir = configuration.run_dir_of(path)
-        except configuration.ConfigError as e:
+            run_dir = run_dir_of(path)
+        except ConfigError as e:
             print(f"nsmail: {e}", file=sys.stderr)
             return EX_CONFIG
         if not args.watch:
             return _status(run_dir, args.tenant, args.json)
         return _watch(run_dir, args.tenant, args.json)
     try:
-        config = configuration.load(path)
-    except configuration.ConfigError as e:
+        config = load(path)
+    except ConfigError as e:
         print(f"nsmail: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check":
@@ -165,34 +170,37 @@ def _root_only(args: argparse.Namespace) -> bool:
     return args.command in ("supervise", "flush", "dkim")  # exec checks for itself
 
 
-def _check(path: Path, config: configuration.Config, args: argparse.Namespace) -> int:
+def _check(path: Path, config: Config, args: argparse.Namespace) -> int:
     """Also reads every DKIM key, as the workers will, and checks DNS publishes it."""
-    from nsmail.tenant import dkim  # cryptography only where keys are used
+    from nsmail.core.dkim import DkimError  # cryptography only where keys are used
+    from nsmail.tenant.dkim import load_signer
 
     signers = []
     for tenant in config.tenants:
         if tenant.dkim_selector is None or tenant.dkim_key is None:
             continue
         try:
-            signers.append(dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key))
-        except dkim.DkimError as e:
+            signers.append(load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key))
+        except DkimError as e:
             print(f"nsmail: {tenant.source}: {tenant.domain}: dkim_key: {e}", file=sys.stderr)
             return EX_CONFIG
     if args.dns:
         from nsmail.commands import preflight  # pyspf loads only for --dns
+        from nsmail.core.preflight import DkimKey
 
-        keys = {s.domain: [preflight.DkimKey(s.selector, s.public_key())] for s in signers}
+        keys = {s.domain: [DkimKey(s.selector, s.public_key())] for s in signers}
         return preflight.main(config, args.tenant, args.json, keys)
     print(f"{path}: OK, {len(config.tenants)} tenants")
     return EX_OK
 
 
 def _dkim_keygen(path: Path, args: argparse.Namespace) -> int:
-    from nsmail.tenant import dkim
+    from nsmail.commands.keygen import keygen
+    from nsmail.core.dkim import DkimError
 
     try:
-        print(dkim.keygen(path, args.tenant, args.selector, args.kind), end="")
-    except dkim.DkimError as e:
+        print(keygen(path, args.tenant, args.selector, args.kind), end="")
+    except DkimError as e:
         print(f"nsmail: {e}", file=sys.stderr)
         return EX_DATAERR
     except OSError as e:
@@ -201,7 +209,7 @@ def _dkim_keygen(path: Path, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _exec(config: configuration.Config, args: argparse.Namespace) -> int:
+def _exec(config: Config, args: argparse.Namespace) -> int:
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     tenant = config.tenant(args.tenant)
     if tenant is None or not command:
@@ -241,11 +249,11 @@ def _tenant(path: Path, args: argparse.Namespace) -> int:
         return e.code
 
 
-def _flush(config: configuration.Config, domains: list[str]) -> int:
+def _flush(config: Config, domains: list[str]) -> int:
     tenants = [t for t in config.tenants if not domains or t.domain in domains]
     unknown = set(domains) - {t.domain for t in tenants}
     if unknown:
-        print(f"nsmail: no such tenant: {', '.join(sorted(unknown))}", file=sys.stderr)
+        print(f"nsmail: no such tenant: {printable(', '.join(sorted(unknown)))}", file=sys.stderr)
         return EX_USAGE
     failed = 0
     for tenant in tenants:
@@ -279,9 +287,9 @@ def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
     if not reply.get("ok"):
         print(f"nsmail: {reply.get('error', 'status refused')}", file=sys.stderr)
         return EX_NOPERM if reply.get("denied") else EX_UNAVAILABLE
-    workers = [w for w in reply["workers"] if tenant is None or w["domain"] == tenant.lower()]
+    workers = [w for w in reply["workers"] if tenant is None or same_domain(w["domain"], tenant)]
     if not workers and tenant is not None:
-        print(f"nsmail: no such tenant: {tenant}", file=sys.stderr)
+        print(f"nsmail: no such tenant: {printable(tenant)}", file=sys.stderr)
         return EX_USAGE
     relay, refusal = reply.get("relay"), reply.get("reload_refused")
     if as_json:
@@ -291,6 +299,7 @@ def _status(run_dir: Path, tenant: str | None, as_json: bool) -> int:
         print(
             render_table(
                 [WorkerStatus.from_json(w) for w in workers],
+                time.time(),
                 relay=RelayStatus.from_json(relay) if relay else None,
                 refusal=ReloadRefusal.from_json(refusal) if refusal else None,
             )

@@ -41,52 +41,53 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import os
-import re
 import sys
-import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from nsmail.core import config as configuration
-from nsmail.core.config import Config, Tenant, host_identity
-from nsmail.core.headers import MAX_HEADER_BYTES
-from nsmail.core.queuefile import Deferral, Envelope, QueueFileError, envelope_of, valid_queue_id
-from nsmail.root.jail import run_as
-from nsmail.tenant.spool import (
-    ACTIVE,
-    CORRUPT,
-    DEFERRED,
-    HOLD,
-    INCOMING,
-    MAILDROP,
-    STATES,
-    Spool,
+from nsmail.core.addresses import same_domain
+from nsmail.core.config import Config, ConfigError, Tenant, host_identity
+from nsmail.core.exitcodes import (
+    EX_CONFIG,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
 )
+from nsmail.core.headers import MAX_HEADER_BYTES
+from nsmail.core.layout import STATES
+from nsmail.core.queuefile import envelope_of, valid_queue_id
+from nsmail.core.queueplan import (
+    IN_WORKERS_HANDS,
+    VERBS,
+    Change,
+    Entry,
+    Index,
+    Outcome,
+    Verb,
+    entry_json,
+    format_outcome,
+    missing,
+    outcome_json,
+    plan_all,
+    plan_named,
+    split_message,
+    worst,
+)
+from nsmail.core.text import printable, printable_lines
+from nsmail.host import configfile
+from nsmail.root.jail import run_as
+from nsmail.submit.maildrop import write_all
+from nsmail.tenant.queuelist import describe, format_entry, format_listing, load, scan
+from nsmail.tenant.spool import Spool
 
 PROG = "nsmail queue"
 MAX_SHOWN = 256 << 20  # `show --body` reads the message into memory up to this size
-WIDTH = 79  # of `list`'s reason lines
-EX_OK = os.EX_OK
-EX_USAGE = os.EX_USAGE
-EX_NOINPUT = os.EX_NOINPUT  # no such message, or none in a state the command applies to
-EX_SOFTWARE = os.EX_SOFTWARE
-EX_TEMPFAIL = os.EX_TEMPFAIL
-EX_NOPERM = os.EX_NOPERM
-EX_CONFIG = os.EX_CONFIG
-# When several things failed, the exit status names the one a retry cannot fix first.
-_PRECEDENCE = (EX_USAGE, EX_NOPERM, EX_CONFIG, EX_SOFTWARE, EX_NOINPUT, EX_TEMPFAIL)
-
-# States whose messages the worker is about to move: an operator's rename could race it.
-_IN_WORKERS_HANDS = {
-    MAILDROP: "not yet taken in by the worker, try again",
-    ACTIVE: "being delivered, try again",
-}
-_BLANK_LINE = re.compile(rb"(?:^|(?<=\n))\r?\n")
 
 
 class QueueError(Exception):
@@ -98,368 +99,7 @@ class QueueError(Exception):
         self.message = message
 
 
-# --- pure core: queue entries ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One queue file as listed."""
-
-    tenant: str
-    queue_id: str
-    state: str
-    size: int  # of the message; of the file when it does not decode
-    envelope: Envelope | None  # None: damaged or unreadable, see `error`
-    next_attempt: float | None = None  # deferred mail only: the file's mtime
-    error: str = ""
-
-
-def entry_json(entry: Entry) -> dict[str, Any]:
-    """The JSON object of one message: `postqueue -j`'s fields, then nsmail's own."""
-    env = entry.envelope
-    return {
-        "queue_name": entry.state,
-        "queue_id": entry.queue_id,
-        "arrival_time": None if env is None else int(env.arrival),
-        "message_size": entry.size,
-        "sender": None if env is None else env.sender,
-        "recipients": [] if env is None else _recipients_json(env),
-        "tenant": entry.tenant,
-        "attempts": None if env is None else env.attempts,
-        "next_attempt": None if entry.next_attempt is None else int(entry.next_attempt),
-        "delay_warned": None if env is None else env.warned,
-        "submitter": None if env is None else env.submitter,
-        "recipients_from_headers": env is not None and env.extract and not env.cleaned,
-        "error": entry.error or None,
-    }
-
-
-def _recipients_json(envelope: Envelope) -> list[dict[str, Any]]:
-    """`postqueue -j`'s address and delay_reason per recipient, then nsmail's own fields."""
-    deferrals = _deferrals(envelope)
-    listed: list[dict[str, Any]] = []
-    for address in envelope.recipients:
-        deferral = deferrals.get(address)
-        if deferral is None:
-            listed.append({"address": address})
-            continue
-        listed.append(
-            {
-                "address": address,
-                "delay_reason": deferral.reason,
-                "enhanced_status": deferral.status,
-                "reply_code": deferral.code,
-                "relay": deferral.relay or None,
-                "last_attempt": int(deferral.at),
-            }
-        )
-    return listed
-
-
-def _deferrals(envelope: Envelope) -> dict[str, Deferral]:
-    """Why each recipient waits, by address (the first word, should a file say it twice)."""
-    found: dict[str, Deferral] = {}
-    for deferral in envelope.deferrals:
-        found.setdefault(deferral.recipient, deferral)
-    return found
-
-
-def format_listing(entries: Sequence[Entry]) -> str:
-    """mailq(1)-style text: a block per message, grouped under its tenant, then a total."""
-    if not entries:
-        return "Mail queue is empty\n"
-    header = f"{'-Queue ID-':<22} {'--Size--':>8} {'----Arrival Time----':<20} {'-State-':<8}"
-    indent = " " * (len(header) + 1)
-    blocks = [header + " -Sender/Recipient-------\n"]
-    tenant = None
-    for entry in entries:
-        if entry.tenant != tenant:
-            tenant = entry.tenant
-            blocks.append(f"{printable(tenant)}:\n")
-        env = entry.envelope
-        arrival = "?" if env is None else _short_time(env.arrival)
-        if env is None:
-            sender = f"(unreadable: {printable(entry.error)})"
-        else:
-            sender = printable(env.sender) or "<>"
-        lines = [f"{entry.queue_id:<22} {entry.size:>8} {arrival:<20} {entry.state:<8} {sender}"]
-        if entry.next_attempt is not None and env is not None:
-            when = _short_time(entry.next_attempt)
-            tries = f"{env.attempts} attempt{'s' if env.attempts != 1 else ''}"
-            lines.append(f"{indent}({tries}, next {when})")
-        if env is not None and env.deferrals:
-            lines.append(_reason_line(env))
-        lines += [indent + printable(r) for r in (() if env is None else env.recipients)]
-        if env is not None and env.extract and not env.cleaned:
-            lines.append(indent + "(recipients from the headers, -t)")
-        blocks.append("\n".join(lines) + "\n\n")
-    total_kib = (sum(e.size for e in entries) + 1023) // 1024
-    count = len(entries)
-    blocks.append(f"-- {total_kib} Kbytes in {count} Request{'s' if count != 1 else ''}.\n")
-    return "".join(blocks)
-
-
-def _reason_line(envelope: Envelope) -> str:
-    """postqueue -p's parenthesised line: why the message waits, one reason, cut short."""
-    reasons = list(dict.fromkeys(d.reason for d in _deferrals(envelope).values()))
-    more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
-    reason = printable(reasons[0])
-    room = WIDTH - len(more) - 2
-    if len(reason) > room:
-        reason = reason[: room - 3] + "..."
-    return f"({reason}){more}"
-
-
-def format_entry(entry: Entry) -> str:
-    """`show`'s envelope part: one `Field: value` line each, like postcat's."""
-    fields = [("Queue ID", entry.queue_id), ("Tenant", entry.tenant), ("State", entry.state)]
-    fields.append(("Size", str(entry.size)))
-    env = entry.envelope
-    if env is None:
-        fields.append(("Error", entry.error))
-    else:
-        fields += [("Arrival", _long_time(env.arrival)), ("Sender", f"<{env.sender}>")]
-        deferrals = _deferrals(env)
-        for address in env.recipients:
-            fields.append(("Recipient", address))
-            if address in deferrals:
-                fields.append(("Delay reason", deferrals[address].reason))
-        if env.extract and not env.cleaned:
-            fields.append(("Recipients", "from the headers (-t), not yet read"))
-        fields.append(("Attempts", str(env.attempts)))
-        if deferrals:
-            fields.append(("Last attempt", _long_time(max(d.at for d in deferrals.values()))))
-        if env.warned:
-            fields.append(("Delay notice", "sent"))
-        fields += [(k, v) for k, v in (("Submitter", env.submitter), ("Name", env.full_name)) if v]
-    if entry.next_attempt is not None:
-        fields.append(("Next attempt", _long_time(entry.next_attempt)))
-    return "".join(f"{name + ':':<14}{printable(value)}\n" for name, value in fields)
-
-
-def split_message(message: bytes) -> tuple[bytes, bytes]:
-    """The header section and the body (RFC 5322 2.1: an empty line separates them)."""
-    blank = _BLANK_LINE.search(message)
-    if blank is None:
-        return message, b""
-    return message[: blank.start()], message[blank.end() :]
-
-
-def printable_text(data: bytes) -> str:
-    """Tenant-written message bytes for a terminal: line by line, control characters escaped."""
-    lines = data.decode("utf-8", "replace").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return "".join(printable(line.removesuffix("\r"), keep="\t") + "\n" for line in lines)
-
-
-def printable(text: str, keep: str = "") -> str:
-    """`text` safe for one line of a terminal: unprintable characters escaped."""
-    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
-
-
-def _short_time(when: float) -> str:
-    return _local_time("%a %b %e %H:%M:%S", when)
-
-
-def _long_time(when: float) -> str:
-    return _local_time("%Y-%m-%d %H:%M:%S %z", when)
-
-
-def _local_time(layout: str, when: float) -> str:
-    try:
-        return time.strftime(layout, time.localtime(when))
-    except (OverflowError, OSError, ValueError):  # a tenant-written arrival time
-        return "?"
-
-
-# --- pure core: planning changes -------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Verb:
-    """A command that moves or removes messages."""
-
-    name: str
-    sources: tuple[str, ...]  # the states it takes messages from
-    target: str | None  # None: the message is removed
-    # With --all, is mail still in the worker's hands left undone (and so reported)?
-    waits_for_worker: bool
-    help: str
-
-
-VERBS = {
-    verb.name: verb
-    for verb in (
-        Verb("hold", (INCOMING, DEFERRED), HOLD, True, "keep messages from delivery"),
-        Verb("release", (HOLD,), INCOMING, False, "let held messages go (delivered now)"),
-        Verb("requeue", (DEFERRED, HOLD), INCOMING, False, "retry messages now"),
-        Verb("delete", (INCOMING, DEFERRED, HOLD, CORRUPT), None, True, "remove messages"),
-    )
-}
-
-Index = Mapping[str, Sequence[str]]  # queue id -> the states it is in, in one queue
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One message to move (or remove, with no target) in one queue."""
-
-    tenant: str
-    queue_id: str
-    source: str
-    target: str | None  # None: remove it; the source itself: nothing to do
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one message: done (code 0), or why not."""
-
-    queue_id: str
-    tenant: str | None = None
-    source: str | None = None
-    target: str | None = None
-    code: int = EX_OK
-    reason: str = ""
-
-
-def plan_named(
-    verb: Verb, indexes: Mapping[str, Index], ids: Iterable[str], *, own_queue_only: bool
-) -> tuple[list[Change], list[Outcome]]:
-    """The changes for named messages, and the refusals; any refusal means none is made.
-
-    `indexes` maps each queue the caller may act on to where its messages are. A caller
-    limited to its own queue cannot tell another queue's message from no message: both are
-    not permitted.
-    """
-    changes: list[Change] = []
-    refusals: list[Outcome] = []
-    for queue_id in dict.fromkeys(ids):
-        holders = [tenant for tenant, index in indexes.items() if queue_id in index]
-        if not holders:
-            refusals.append(_missing(queue_id, own_queue_only))
-        elif len(holders) > 1:
-            where = ", ".join(holders)
-            reason = f"is in the queues of {where}: name one with --tenant"
-            refusals.append(Outcome(queue_id, code=EX_USAGE, reason=reason))
-        else:
-            _add(changes, refusals, _changes_for(verb, holders[0], queue_id, indexes[holders[0]]))
-    return changes, refusals
-
-
-def _missing(queue_id: str, own_queue_only: bool) -> Outcome:
-    if own_queue_only:
-        return Outcome(queue_id, code=EX_NOPERM, reason="not in your queue")
-    return Outcome(queue_id, code=EX_NOINPUT, reason="no such message")
-
-
-def plan_all(verb: Verb, indexes: Mapping[str, Index]) -> tuple[list[Change], list[Outcome]]:
-    """The changes `--all` makes, and the messages it must leave (reported, not blocking)."""
-    changes: list[Change] = []
-    refusals: list[Outcome] = []
-    for tenant, index in indexes.items():
-        for queue_id, states in index.items():
-            busy = any(s in _IN_WORKERS_HANDS for s in states)
-            if any(s in verb.sources for s in states) or (busy and verb.waits_for_worker):
-                _add(changes, refusals, _changes_for(verb, tenant, queue_id, index))
-    return changes, refusals
-
-
-def _add(changes: list[Change], refusals: list[Outcome], result: list[Change] | Outcome) -> None:
-    if isinstance(result, Outcome):
-        refusals.append(result)
-    else:
-        changes += result
-
-
-def _changes_for(verb: Verb, tenant: str, queue_id: str, index: Index) -> list[Change] | Outcome:
-    states = index[queue_id]
-    busy = next((s for s in states if s in _IN_WORKERS_HANDS), None)
-    if busy is not None:
-        return Outcome(queue_id, tenant, busy, code=EX_TEMPFAIL, reason=_IN_WORKERS_HANDS[busy])
-    if verb.target is None:
-        return [Change(tenant, queue_id, state, None) for state in states]
-    if len(states) > 1:  # a crash between two steps, or the tenant's doing
-        where = ", ".join(f"{s}/" for s in states)
-        reason = f"has copies in {where}: delete it instead"
-        return Outcome(queue_id, tenant, code=EX_NOINPUT, reason=reason)
-    (state,) = states
-    if state != verb.target and state not in verb.sources:
-        applies = ", ".join(f"{s}/" for s in verb.sources)
-        reason = f"is in {state}/; {verb.name} applies to mail in {applies}"
-        return Outcome(queue_id, tenant, state, code=EX_NOINPUT, reason=reason)
-    return [Change(tenant, queue_id, state, verb.target)]
-
-
-def worst(codes: Iterable[int]) -> int:
-    """The exit status for several outcomes (see `_PRECEDENCE`)."""
-    present = set(codes)
-    return next((code for code in _PRECEDENCE if code in present), EX_OK)
-
-
-def format_outcome(outcome: Outcome) -> str:
-    where = (
-        f"{outcome.queue_id} ({printable(outcome.tenant)})" if outcome.tenant else outcome.queue_id
-    )
-    if outcome.code != EX_OK:
-        return f"{where}: {outcome.reason}"
-    if outcome.target is None:
-        return f"{where}: deleted from {outcome.source}/"
-    if outcome.target == outcome.source:
-        return f"{where}: already in {outcome.target}/"
-    return f"{where}: {outcome.source}/ -> {outcome.target}/"
-
-
-def outcome_json(verb: Verb, outcome: Outcome) -> dict[str, Any]:
-    return {
-        "action": verb.name,
-        "queue_id": outcome.queue_id,
-        "tenant": outcome.tenant,
-        "from": outcome.source,
-        "to": outcome.target,
-        "code": outcome.code,
-        "error": outcome.reason or None,
-    }
-
-
 # --- in a queue, with its owner's rights -----------------------------------------------
-
-
-def scan(spool: Spool, tenant: str) -> list[Entry]:
-    """Every message in the queue, state by state, oldest first in each."""
-    entries = []
-    for state in STATES:
-        for queue_id in spool.ids(state):
-            loaded = load(spool, tenant, state, queue_id)
-            if loaded is not None:
-                entries.append(loaded[0])
-    return entries
-
-
-def load(
-    spool: Spool, tenant: str, state: str, queue_id: str, keep: int = 0
-) -> tuple[Entry, bytes] | None:
-    """One queue file's entry and the first `keep` bytes of its message (none if it is
-    unreadable); None if it is not there."""
-    try:
-        with spool.open_message(state, queue_id) as (envelope, body, mtime):
-            next_attempt = mtime if state == DEFERRED else None
-            entry = Entry(tenant, queue_id, state, body.length, envelope, next_attempt)
-            return entry, body.read(0, keep)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return Entry(tenant, queue_id, state, 0, None, error=_os_error(e)), b""
-    except QueueFileError as e:
-        size = _size(spool, state, queue_id)
-        return Entry(tenant, queue_id, state, size, None, None, str(e)), b""
-
-
-def _size(spool: Spool, state: str, queue_id: str) -> int:
-    try:
-        return spool.path(state, queue_id).lstat().st_size
-    except OSError:
-        return 0
 
 
 def index(spool: Spool, wanted: Collection[str] | None) -> dict[str, list[str]]:
@@ -490,17 +130,11 @@ def apply(spool: Spool, change: Change) -> Outcome:
         if not now:
             reason = "no longer in the queue (delivered or removed meanwhile)"
             return dataclasses.replace(done, target=None, code=EX_NOINPUT, reason=reason)
-        reason = _IN_WORKERS_HANDS.get(now[0], f"moved to {now[0]}/ meanwhile, try again")
+        reason = IN_WORKERS_HANDS.get(now[0], f"moved to {now[0]}/ meanwhile, try again")
         return dataclasses.replace(done, source=now[0], code=EX_TEMPFAIL, reason=reason)
     except OSError as e:
-        return dataclasses.replace(done, code=EX_TEMPFAIL, reason=_os_error(e))
+        return dataclasses.replace(done, code=EX_TEMPFAIL, reason=describe(e))
     return done
-
-
-def _os_error(error: OSError) -> str:
-    if error.errno == errno.ELOOP:
-        return "a symbolic link (not followed)"
-    return error.strerror or str(error)
 
 
 # --- running in a queue: as its owner, from root or as the caller ----------------------
@@ -527,7 +161,7 @@ def _as_owner(queue: Tenant, work: Work) -> bytes:
     # A memfd, not a pipe: the child may write more than a pipe holds before run_as reaps it.
     fd = os.memfd_create("nsmail-queue", os.MFD_CLOEXEC)
     try:
-        code = run_as(queue.uid, queue.gid, lambda: _write_all(fd, _framed(work, queue)))
+        code = run_as(queue.uid, queue.gid, lambda: write_all(fd, _framed(work, queue)))
         if code != 0:
             raise QueueError(
                 EX_SOFTWARE, f"{queue.domain}: the helper as uid {queue.uid} failed ({code})"
@@ -546,14 +180,8 @@ def _framed(work: Work, queue: Tenant) -> bytes:
         head: dict[str, Any] = {"ok": value}
     except OSError as e:
         where = f" ({printable(str(e.filename))})" if e.filename else ""
-        head, payload = {"error": _os_error(e) + where}, b""
+        head, payload = {"error": describe(e) + where}, b""
     return json.dumps(head).encode("ascii") + b"\n" + payload
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _entry_to_wire(entry: Entry) -> dict[str, Any]:
@@ -574,14 +202,14 @@ def select_queues(config: Config, caller_uid: int, wanted: str | None) -> list[T
     if caller_uid == 0:
         if wanted is None:
             return every
-        named = [q for q in every if q.domain == wanted.lower()]
+        named = [q for q in every if same_domain(q.domain, wanted)]
         if not named:
             raise QueueError(EX_USAGE, f"no such tenant: {printable(wanted)}")
         return named
     mine = next((q for q in every if q.uid == caller_uid), None)
     if mine is None:
         raise QueueError(EX_NOPERM, f"uid {caller_uid} is neither root nor a tenant's user")
-    if wanted is not None and wanted.lower() != mine.domain:
+    if wanted is not None and not same_domain(wanted, mine.domain):
         raise QueueError(EX_NOPERM, f"you may act only on the queue of {mine.domain}")
     return [mine]
 
@@ -625,8 +253,8 @@ def _show(queues: Sequence[Tenant], uid: int, queue_id: str, body: bool, as_json
         if wire is not None:
             found.append((_entry_from_wire(wire), message))
     if not found:
-        missing = _missing(queue_id, own_queue_only=uid != 0)
-        raise QueueError(missing.code, format_outcome(missing))
+        refusal = missing(queue_id, own_queue_only=uid != 0)
+        raise QueueError(refusal.code, format_outcome(refusal))
     if len(found) > 1:
         where = ", ".join(e.tenant for e, _ in found)
         raise QueueError(
@@ -640,9 +268,9 @@ def _show(queues: Sequence[Tenant], uid: int, queue_id: str, body: bool, as_json
             shown["body"] = text.decode("utf-8", "replace")
         _out(json.dumps(shown) + "\n")
     else:
-        parts = [format_entry(entry), "\n", printable_text(headers)]
+        parts = [format_entry(entry), "\n", printable_lines(headers)]
         if body:
-            parts += ["\n", printable_text(text)]
+            parts += ["\n", printable_lines(text)]
         _out("".join(parts))
     return EX_OK
 
@@ -753,7 +381,7 @@ def main(config_path: Path, argv: Sequence[str]) -> int:
     except QueueError as e:
         _complain(e.message)
         return e.code
-    except configuration.ConfigError as e:
+    except ConfigError as e:
         _complain(str(e))
         return EX_CONFIG
     except BrokenPipeError:  # `| head`
@@ -774,7 +402,7 @@ def _run(config_path: Path, argv: Sequence[str], uid: int) -> int:
     verb = VERBS.get(args.verb)
     if verb is not None and args.all == bool(queue_ids):
         raise QueueError(EX_USAGE, f"{verb.name}: name messages by ID, or use --all")
-    queues = select_queues(configuration.load(config_path), uid, args.tenant)
+    queues = select_queues(configfile.load(config_path), uid, args.tenant)
     if args.verb == "list":
         return _list(queues, uid, args.json)
     if args.verb == "show":

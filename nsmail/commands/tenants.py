@@ -18,15 +18,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from nsmail.core import config as configuration
+from nsmail.core.config import ConfigError, parse
+from nsmail.core.exitcodes import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_TEMPFAIL
+from nsmail.core.layout import DROPIN_DIR
+from nsmail.host.configfile import load, read_documents, run_dir_of, system_lookup
 from nsmail.root import control
-from nsmail.submit.paths import DROPIN_DIR
-
-EX_OK = 0
-EX_DATAERR = 65
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 
 class AdminError(Exception):
@@ -67,17 +63,17 @@ def add(path: Path, tenant: NewTenant) -> str:
     dropin = _dropin(path, tenant.domain)
     if dropin.exists():
         raise AdminError(EX_DATAERR, f"{dropin} exists already")
-    documents = [*configuration.read_documents(path), (str(dropin), tenant.toml())]
+    documents = [*read_documents(path), (str(dropin), tenant.toml())]
     try:
-        configuration.parse(documents, configuration.system_lookup())
-    except configuration.ConfigError as e:
+        parse(documents, system_lookup())
+    except ConfigError as e:
         raise AdminError(EX_CONFIG, str(e)) from None
     _write(dropin, tenant.toml())
     return f"added {tenant.domain} ({dropin}); " + _apply(path)
 
 
 def remove(path: Path, domain: str) -> str:
-    config = configuration.load(path)
+    config = load(path)
     tenant = config.tenant(domain)
     if tenant is None:
         raise AdminError(EX_DATAERR, f"no tenant {domain!r} in {path}")
@@ -102,7 +98,7 @@ def listing(path: Path) -> list[dict[str, object]]:
             "home": str(t.home),
             "source": t.source,
         }
-        for t in configuration.load(path).tenants
+        for t in load(path).tenants
     ]
 
 
@@ -137,7 +133,7 @@ def _sync_dir(directory: Path) -> None:
 
 
 def _apply(path: Path) -> str:
-    run_dir = configuration.run_dir_of(path)
+    run_dir = run_dir_of(path)
     try:
         reply = control.request(run_dir, "reload")
     except control.Unavailable:

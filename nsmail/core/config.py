@@ -1,7 +1,7 @@
 """Configuration: TOML documents in, one validated frozen `Config` out, or one `ConfigError`.
 
-`parse` is pure: the files' text and a `SystemLookup` (passwd, `lstat`, resolv.conf)
-are passed in. `load` and `system_lookup` are the thin IO shell around it.
+Pure: the files' text and a `SystemLookup` (passwd, `lstat`, resolv.conf, the bridge)
+are passed in; `nsmail.host.configfile` is the thin IO shell that reads them.
 
 Security: read by the root supervisor. The files are trusted as the administrator's
 word, but they decide which uid, home and address each tenant gets, so everything is
@@ -18,10 +18,7 @@ in an error, so errors escape unprintable characters and stay on one line.
 from __future__ import annotations
 
 import fnmatch
-import grp
 import ipaddress
-import os
-import pwd
 import re
 import stat
 import tomllib
@@ -32,8 +29,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
-from nsmail.submit.paths import DROPIN_DIR
-from nsmail.tenant.spool import SPOOL_IN_HOME
+from nsmail.core.addresses import same_domain
+from nsmail.core.layout import SPOOL_IN_HOME
+from nsmail.core.text import printable
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -43,7 +41,6 @@ _Subnet = TypeVar("_Subnet", IPv4Network, IPv6Network)
 DEFAULT_RUN_DIR = Path("/run/nsmail")
 DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
 HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
-RESOLV_CONF = Path("/etc/resolv.conf")
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
@@ -136,9 +133,9 @@ class ConfigError(Exception):
     """The first problem found, as one line: "<file>: <field>: <message>"."""
 
     def __init__(self, file: str, field: str, message: str) -> None:
-        self.file = _one_line(file)
-        self.field = _one_line(field)
-        self.message = _one_line(message)
+        self.file = printable(file)
+        self.field = printable(field)
+        self.message = printable(message)
         super().__init__(f"{self.file}: {self.field}: {self.message}")
 
 
@@ -275,7 +272,7 @@ class Tenant:
     initial_destination_concurrency: int | None = None
     destination_concurrency_limit: int | None = None
     max_sessions: int | None = None
-    # DKIM signing (nsmail.tenant.dkim), both or neither; the key file is root's, 0600, and
+    # DKIM signing (nsmail.core.dkim), both or neither; the key file is root's, 0600, and
     # outside every tenant home.
     dkim_selector: str | None = None
     dkim_key: Path | None = None
@@ -327,8 +324,7 @@ class Config:
     tenants: tuple[Tenant, ...]
 
     def tenant(self, domain: str) -> Tenant | None:
-        wanted = domain.lower()
-        return next((t for t in self.tenants if t.domain == wanted), None)
+        return next((t for t in self.tenants if same_domain(t.domain, domain)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,69 +397,6 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
     return Config(Path(main_file), host, network, delivery, tuple(registry.tenants))
 
 
-def load(path: Path) -> Config:
-    """Read the main file and its tenants.d/*.toml drop-ins and `parse` them."""
-    return parse(read_documents(path), system_lookup())
-
-
-def read_documents(path: Path) -> list[tuple[str, str]]:
-    """(file name, text) of the main file, then of its drop-ins in name order."""
-    documents = [(str(path), _read(path))]
-    dropin_dir = path.parent / DROPIN_DIR
-    if dropin_dir.is_dir():
-        # Hidden names are editor droppings (emacs' .#x.toml lock links), never config.
-        names = sorted(p.name for p in dropin_dir.glob("*.toml") if not p.name.startswith("."))
-        documents += [(str(dropin_dir / n), _read(dropin_dir / n)) for n in names]
-    return documents
-
-
-def run_dir_of(path: Path) -> Path:
-    """Where the supervisor's control socket is, even when the configuration is broken.
-
-    `nsmail status` must still reach a running supervisor after someone broke the file
-    it was started with; only `[host] run_dir` is read, and only if it is usable. A file
-    that cannot be read at all (a mistyped --config) is a ConfigError naming it.
-    """
-    data = _read_bytes(path)
-    try:
-        host = tomllib.loads(data.decode("utf-8")).get("host", {})
-    except (ValueError, RecursionError):  # see _decode for RecursionError
-        return DEFAULT_RUN_DIR
-    run_dir = host.get("run_dir") if isinstance(host, dict) else None
-    if isinstance(run_dir, str) and run_dir.startswith("/"):
-        return Path(run_dir)
-    return DEFAULT_RUN_DIR
-
-
-def system_lookup() -> SystemLookup:
-    """The real machine: passwd, the filesystem, /etc/resolv.conf and the bridge."""
-    return SystemLookup(
-        user=_passwd_user,
-        lstat=_lstat,
-        default_resolvers=_resolv_conf,
-        group=_group_id,
-        bridge_subnets=_bridge_subnets,
-    )
-
-
-def _bridge_subnets(name: str) -> tuple[IPNetwork, ...]:
-    from pyroute2 import IPRoute  # only bridge mode without subnets needs netlink
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        with IPRoute() as ipr:
-            (index,) = ipr.link_lookup(ifname=name) or [None]
-            if index is None:
-                return ()
-            found = [
-                ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network
-                for a in ipr.get_addr(index=index)
-            ]
-    except (OSError, NetlinkError):
-        return ()
-    return tuple(n for n in found if not n.is_link_local)
-
-
 def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
     """The `nameserver` addresses of a resolv.conf(5), skipping what does not parse."""
     found: list[IPAddress] = []
@@ -475,54 +408,6 @@ def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:
             except ValueError:
                 continue
     return tuple(found)
-
-
-# --- IO shell helpers ---------------------------------------------------------------
-
-
-def _read(path: Path) -> str:
-    data = _read_bytes(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(str(path), "file", f"not UTF-8 at byte {exc.start}") from exc
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
-
-
-def _passwd_user(name: str) -> Account | None:
-    try:
-        entry = pwd.getpwnam(name)
-    except (KeyError, ValueError):  # ValueError: an embedded NUL
-        return None
-    return Account(entry.pw_uid, entry.pw_gid, entry.pw_dir)
-
-
-def _lstat(path: str) -> Inode | None:
-    try:
-        found = os.lstat(path)
-    except (OSError, ValueError):  # ValueError: an embedded NUL
-        return None
-    return Inode(found.st_uid, found.st_mode)
-
-
-def _group_id(name: str) -> int | None:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except (KeyError, ValueError):  # ValueError: an embedded NUL
-        return None
-
-
-def _resolv_conf() -> tuple[IPAddress, ...]:
-    try:
-        return parse_resolv_conf(RESOLV_CONF.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return ()
 
 
 # --- tables --------------------------------------------------------------------------
@@ -1252,7 +1137,3 @@ def _toml_type(value: object) -> str:
         ((datetime, date, time), "date/time"),
     )
     return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
-
-
-def _one_line(text: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

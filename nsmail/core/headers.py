@@ -37,6 +37,7 @@ from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses
 
+from nsmail.core.addresses import with_domain
 from nsmail.core.message import MAX_LINE, boundary, break_line
 
 MAX_HEADER_BYTES = 1 << 20
@@ -230,7 +231,7 @@ def _recipients(fields: list[list[bytes]], domain: str) -> tuple[str, ...]:
     for field in fields:
         if _name(field[0]).lower() in _RECIPIENT_FIELDS:
             for address in _addresses(field):
-                found.setdefault(address if "@" in address else f"{address}@{domain}")
+                found.setdefault(with_domain(address, domain))
     return tuple(found)
 
 

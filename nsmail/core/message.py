@@ -1,20 +1,18 @@
 """A message on its way out, read in chunks: never held whole in memory, whatever its size.
 
-A `Message` is a header section held in memory (completed by `nsmail.core.headers`, and signed)
-followed by the rest of the submitted bytes, which stay in the queue file (`FileBody`) or,
-for mail made here such as bounces, in memory (`MemoryBody`). Agents stream it with
-`wire`: CRLF line ends, no NUL, no line over 998 octets (RFC 5321 2.3.8 and 4.5.3.1.6,
-RFC 5322 2.1.1), the same bytes `nsmail.core.headers.complete` gives for a whole message, so the
-result does not depend on where chunks were cut. `dot_stuffed` adds the SMTP DATA
-transparency of RFC 5321 4.5.2.
+A `Message` is a header section held in memory (completed by `nsmail.core.headers`, and
+signed) followed by the rest of the submitted bytes, which stay in the queue file
+(`nsmail.tenant.spool.FileBody`) or, for mail made here such as bounces, in memory
+(`MemoryBody`). Agents stream it with `wire`: CRLF line ends, no NUL, no line over 998
+octets (RFC 5321 2.3.8 and 4.5.3.1.6, RFC 5322 2.1.1), the same bytes
+`nsmail.core.headers.complete` gives for a whole message, so the result does not depend on
+where chunks were cut. `dot_stuffed` adds the SMTP DATA transparency of RFC 5321 4.5.2.
 
-Pure apart from `FileBody`, which reads with pread(2) and so never moves a file offset.
+Pure: the `Body` that reads a queue file is the spool's.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,26 +48,6 @@ class MemoryBody:
 
     def after(self, offset: int) -> MemoryBody:
         return MemoryBody(self.data[offset:])
-
-
-@dataclass(frozen=True, slots=True)
-class FileBody:
-    """Bytes [start, start + length) of an open file; the caller owns the descriptor."""
-
-    fd: int
-    start: int
-    length: int
-
-    def read(self, offset: int, size: int) -> bytes:
-        size = max(0, min(size, self.length - offset))
-        data = os.pread(self.fd, size, self.start + offset)
-        if len(data) != size:  # the file shrank under us: never send a torn message
-            raise OSError(errno.EIO, f"queue file changed while read ({len(data)} of {size})")
-        return data
-
-    def after(self, offset: int) -> FileBody:
-        offset = min(offset, self.length)
-        return FileBody(self.fd, self.start + offset, self.length - offset)
 
 
 def chunks(body: Body) -> Iterator[bytes]:

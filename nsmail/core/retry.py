@@ -1,10 +1,16 @@
-"""The retry schedule of a deferred message: backoff, delay warning, and expiry.
+"""Backoff after failures in a row: a deferred message's retries, a dead process's restarts.
 
-Like Postfix's minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime and
+One doubling (`backoff`) under two schedules. A deferred message's (`RetryPolicy`) is like
+Postfix's minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime and
 delay_warning_time. Times are seconds on the caller's clock (arrival and now from the
 same one); randomness comes in as `jitter`. The caller tries a due message, and after a
 temporary failure bounces it if `expired`, else records `next_attempt` before anything
 else. So the last try happens at expiry, not one backoff before it.
+
+A supervised process's (`RestartPolicy`, the supervisor's workers and DNS relay) is like
+Postfix master's throttle after abnormal exits: it grows only with quick deaths in a
+row, so one that ran long before it died comes back at once, and one that cannot start
+(or dies at once) is tried ever more rarely. It has no jitter: each process has its own.
 """
 
 from __future__ import annotations
@@ -35,6 +41,25 @@ class RetryPolicy:
             raise ValueError("queue lifetime and delay warning cannot be negative")
 
 
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """Seconds: first restart delay, largest one, and the run after which a death is no
+    quick death (the count starts afresh)."""
+
+    first: float
+    maximum: float
+    stable_after: float
+
+
+def backoff(first: float, maximum: float, failures: int) -> float:
+    """The wait after `failures` failures in a row: `first`, doubling up to `maximum`.
+
+    None yet counts as one, not less.
+    """
+    doublings = min(max(failures - 1, 0), _MAX_DOUBLINGS)
+    return min(first * 2.0**doublings, maximum)
+
+
 def next_attempt(
     policy: RetryPolicy, arrival: float, attempts: int, now: float, jitter: float
 ) -> float:
@@ -46,9 +71,8 @@ def next_attempt(
     """
     if not 0 <= jitter < 1:
         raise ValueError(f"jitter must be in [0, 1), not {jitter}")
-    doublings = min(max(attempts - 1, 0), _MAX_DOUBLINGS)
-    backoff = min(policy.first * 2.0**doublings, policy.maximum)
-    planned = now + backoff * (1 + _JITTER * (2 * jitter - 1))
+    wait = backoff(policy.first, policy.maximum, attempts)
+    planned = now + wait * (1 + _JITTER * (2 * jitter - 1))
     return max(now, min(planned, arrival + policy.lifetime))
 
 
@@ -78,3 +102,13 @@ def warn_delay(policy: RetryPolicy, arrival: float, now: float, already_warned: 
         and now >= arrival + policy.delay_warning
         and not expired(policy, arrival, now)
     )
+
+
+def quick_deaths(policy: RestartPolicy, before: int, ran: float) -> int:
+    """Quick deaths in a row, counting one that ran `ran` seconds (0: it never started)."""
+    return before + 1 if ran < policy.stable_after else 1
+
+
+def restart_delay(policy: RestartPolicy, crashes: int) -> float:
+    """Seconds before the next start after `crashes` quick deaths in a row."""
+    return backoff(policy.first, policy.maximum, crashes)

@@ -1,10 +1,9 @@
 """Status records (workers, the DNS relay, a refused reload) and their two renderings: JSON
-for programs, a table for people."""
+for programs, a table for people (the time passed in)."""
 
 from __future__ import annotations
 
 import textwrap
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -104,14 +103,13 @@ def _uptime(started: float | None, now: float) -> str:
 
 def render_table(
     records: list[WorkerStatus],
-    now: float | None = None,
+    now: float,
     relay: RelayStatus | None = None,
     refusal: ReloadRefusal | None = None,
 ) -> str:
     """Two lines per worker (more for kept mail and errors), then the DNS relay's, within
-    80 columns, and a refused reload under the header. Long names are cut, not wrapped;
-    the refusal is wrapped."""
-    now = time.time() if now is None else now
+    80 columns, and a refused reload under the header; uptimes and ages as of `now` (wall
+    clock). Long names are cut, not wrapped; the refusal is wrapped."""
     head = (
         f"{'DOMAIN':<20} {'ADDRESS':<19} {'PID':>7} {'STATE':<11} {'UP':>6} {'RST':>3} "
         f"{'QUEUED':>6}"
@@ -142,8 +140,8 @@ def render_table(
         lines.append(_cut(details, 79))
         for held_back in r.destinations or ():
             until = held_back.get("until")
-            when = f" until {time.strftime('%H:%M:%S', time.localtime(until))}" if until else ""
-            lines.append(_cut(f"  {held_back['state']}: {held_back['name']}{when}", 79))
+            left = f" for {_uptime(now, until)}" if isinstance(until, int | float) else ""
+            lines.append(_cut(f"  {held_back['state']}{left}: {held_back['name']}", 79))
         # Held mail waits for an operator; quarantined files (corrupt/) will never go.
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
         if kept:

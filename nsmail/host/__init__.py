@@ -1,5 +1,5 @@
-"""Unprivileged processes on the host side of the jails: the DNS relay.
+"""Host-side code that needs no privilege: the DNS relay, and reading the configuration.
 
-Runs as a system user of its own, chrooted to an empty directory; it trusts the resolvers
-the operator configured and nothing the workers send but well-formed DNS queries.
+Runs as a user of its own (the relay, chrooted, trusting the configured resolvers and only
+well-formed queries) or as its caller (configfile, trusting the administrator's files).
 """

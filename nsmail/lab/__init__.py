@@ -1,6 +1,7 @@
-"""The embedded receiving side of ``nsmail demo``: a lab DNS server and a judging SMTP receiver.
+"""The lab of `nsmail demo` and the tests: one network topology, a DNS server, a judging MTA.
 
-Security: test and demo infrastructure; see each module for what it trusts.
+Run as root by the demo and the tests, only inside namespaces of their own; the servers trust
+their records and nothing the network sends (see each module for what it trusts).
 """
 
 from .dnsserver import DnsServer

@@ -74,6 +74,17 @@ class Zones:
         return any(owner.is_subdomain(name) for owner, _ in self.rrsets)
 
 
+def reverse_name(address: str) -> str:
+    """The PTR owner name of an IPv4 or IPv6 address, without the final dot."""
+    return ipaddress.ip_address(address).reverse_pointer
+
+
+def forward_and_reverse(name: str, address: str) -> list[Record]:
+    """The A or AAAA record of `name` and the PTR record pointing `address` back to it."""
+    rtype = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
+    return [(name, rtype, address), (reverse_name(address), "PTR", name)]
+
+
 def load(records: Iterable[Record], zones: Iterable[str] = LAB_ZONES) -> Zones:
     """The zones holding `records`; raises ValueError for a record outside them or malformed."""
     origins = tuple(sorted((dns.name.from_text(z) for z in zones), key=len, reverse=True))
@@ -97,7 +108,7 @@ def load(records: Iterable[Record], zones: Iterable[str] = LAB_ZONES) -> Zones:
 def _owner(name: str, rdtype: dns.rdatatype.RdataType) -> dns.name.Name:
     if rdtype == dns.rdatatype.PTR:
         with contextlib.suppress(ValueError):
-            return dns.name.from_text(ipaddress.ip_address(name).reverse_pointer)
+            return dns.name.from_text(reverse_name(name))
     return dns.name.from_text(name)
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import prctl
 
-EX_SOFTWARE = 70
+from nsmail.core.exitcodes import EX_SOFTWARE
+
 ADOPTION_TIMEOUT = 5.0
 _NEXT_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -3,11 +3,14 @@
 Every tenant gets a named namespace `{prefix}-{domain}` holding `lo` and one veth end
 (`eth0`) with exactly the tenant's addresses. The host end of the veth is
 `{prefix}{hash}`: plugged into an existing bridge (bridge mode), or given link-local
-next-hop addresses and host routes to the tenant's /32 and /128 (routed mode).
+next-hop addresses and host routes to the tenant's /32 and /128 (routed mode). A
+tenant's addresses are in nsmail's firewall table (`nsmail.core.firewall`) before its
+namespace exists, so nothing in it ever reaches the host's own services.
 
 Security: runs as root in the supervisor. It reads no tenant-written data: everything
 comes from the validated configuration. It only ever deletes namespaces and links whose
-names carry the configured prefix, so teardown never touches what nsmail did not make.
+names carry the configured prefix, and the nftables table `inet nsmail`, so teardown
+never touches what nsmail did not make.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -29,8 +33,11 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nsmail.core import firewall
 from nsmail.core.config import IPAddress, NetworkConfig, Tenant
-from nsmail.root import rtnetlink
+from nsmail.root import nft, rtnetlink
+
+log = logging.getLogger("nsmail.root.netns")
 
 NETNS_DIR = Path("/run/netns")
 TENANT_IFNAME = "eth0"
@@ -183,19 +190,40 @@ def _is_ours(prefix: str, name: str) -> bool:
 
 
 class HostNetwork:
-    """The host side of tenant networking, held open by the supervisor."""
+    """The host side of tenant networking, held open by the supervisor.
+
+    It acts on the namespace it was made in, whichever namespace the calling thread is
+    in later: its netlink sockets were opened there, and nft runs there.
+
+    The firewall's sets gain a tenant's addresses in `create`, before anything of the
+    tenant exists; if nft is missing or fails, `create` fails and the tenant's worker
+    never starts. They lose the addresses of removed tenants with the next `create`, in
+    the same transaction, and the table goes in `close`: removing set members makes the
+    kernel wait for an RCU grace period, 10-20 ms per transaction, which would add 10 s
+    or more to stopping 1000 tenants one by one. Meanwhile an address in the sets only
+    blocks, and no tenant of ours uses it (a process left in a removed namespace, such as
+    an `nsmail exec`, stays blocked).
+    """
 
     def __init__(self, network: NetworkConfig) -> None:
         self.network = network
         share_netns_dir()
         self.ipr = IPRoute()  # for the rare lookups: listing and removing links
         self.rtnl = rtnetlink.open_socket()  # for building tenants, in batches
+        self._home = os.open(OWN_NAMESPACE, os.O_RDONLY | os.O_CLOEXEC)  # where nft runs
         self._bridge_index: int | None = None
         self._guarded: dict[Path, tuple[IPAddress, ...]] = {}  # namespace -> its addresses
+        # What the firewall's sets hold; None when unknown (not made by us, or a change
+        # failed): the next change then replaces the whole table.
+        self._blocked: frozenset[IPAddress] | None = None
+        self._table_made = False  # whether our table may be in the kernel, for `close`
         if network.mode == "routed":
             _enable_forwarding()
 
     def close(self) -> None:
+        if self._table_made:
+            self._remove_firewall("cannot remove the firewall table")
+        os.close(self._home)
         self.ipr.close()
         self.rtnl.close()
 
@@ -205,12 +233,13 @@ class HostNetwork:
     def create(self, tenant: Tenant) -> TenantNames:
         """Build the tenant's namespace and wire it; on any failure nothing is left."""
         names = self.names(tenant)
+        self._guarded[names.path] = tenant.addresses
         try:
+            self._block_guarded()
             with _new_namespace(names.path):
                 inner = rtnetlink.open_socket()
             with inner:
                 self._add_veth(names)
-                self._guarded[names.path] = tenant.addresses
                 guards = [
                     rtnetlink.local_source_rule(a, SOURCE_RULE_PRIORITY) for a in tenant.addresses
                 ]
@@ -223,6 +252,8 @@ class HostNetwork:
 
     def remove(self, names: TenantNames) -> None:
         """Remove the tenant's namespace; missing pieces are not an error.
+
+        Its addresses stay in the firewall's sets until the next `create` (see the class).
 
         Deleting a veth explicitly waits for several RCU grace periods (about 40 ms);
         once the namespace's last user is gone the kernel destroys its devices, the veth
@@ -243,7 +274,9 @@ class HostNetwork:
         ]
 
     def remove_stale(self) -> list[str]:
-        """Remove every namespace, link and source rule of ours, e.g. left by a crashed run."""
+        """Remove every namespace, link and source rule of ours, and the firewall table,
+        e.g. left by a crashed run."""
+        self._remove_firewall("cannot remove the firewall table left by an earlier run")
         for address in self._source_rules():
             unguard = rtnetlink.local_source_rule(address, SOURCE_RULE_PRIORITY, add=False)
             with suppress(FileNotFoundError):
@@ -265,6 +298,38 @@ class HostNetwork:
                 if rule.get_attr("FRA_PRIORITY") == SOURCE_RULE_PRIORITY and source:
                     found.append(ip_address(source))
         return found
+
+    def _block_guarded(self) -> None:
+        """Make the firewall's sets hold exactly the guarded addresses, in one transaction."""
+        wanted = frozenset(a for addresses in self._guarded.values() for a in addresses)
+        if self._blocked is not None:
+            try:
+                if change := firewall.changes(self._blocked, wanted):
+                    self._nft(change)
+            except nft.NftError:
+                pass  # the table is not as we made it (`nft flush ruleset`, say): remake it
+            else:
+                self._blocked = wanted
+                return
+        self._blocked = None  # until nft has applied it
+        self._table_made = True
+        self._nft(firewall.table(wanted))
+        self._blocked = wanted
+
+    def _remove_firewall(self, failure: str) -> None:
+        # A table left behind only blocks; the next start removes it, or `create`
+        # replaces it whole (and says why if it cannot).
+        self._blocked = None
+        self._table_made = False
+        try:
+            self._nft(firewall.deletion())
+        except nft.NftError as e:
+            log.warning("%s: %s", failure, e)
+
+    def _nft(self, text: str) -> None:
+        with _coming_back():
+            _setns(self._home, "the host namespace")
+            nft.apply(text)
 
     def wait_all_gone(self, timeout: float) -> list[str]:
         """Wait for the kernel to finish destroying removed namespaces; return leftovers."""

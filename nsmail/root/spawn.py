@@ -33,8 +33,9 @@ from pathlib import Path
 
 import prctl
 
+from nsmail.core.exitcodes import EX_SOFTWARE
 from nsmail.root import netns
-from nsmail.root.jail import EX_SOFTWARE, Identity, enter
+from nsmail.root.jail import Identity, enter
 
 MAX_REQUEST = 1 << 20
 MAX_FDS = 16

@@ -7,7 +7,9 @@ changes on SIGHUP or `nsmail tenant add/remove` without disturbing tenants whose
 configuration did not change, and on SIGTERM stops every worker and removes everything
 it made. A worker for the machine's own users' mail runs beside the tenants', and one
 unprivileged DNS relay process serves them all (`nsmail.host.dnsrelay`), pinged and replaced
-when it does not answer.
+when it does not answer. Each tenant's slot moves along one table (`nsmail.core.slots`):
+this module turns what happens into its events and carries out the steps; workers and the
+relay are restarted by one back-off (`nsmail.core.retry.RestartPolicy`).
 
 Security: runs as root and stays single-threaded so that setns() and fork() act on the
 whole process. It reads only its own configuration; it never opens files in tenant
@@ -36,10 +38,9 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec
+from typing import Any, Concatenate, ParamSpec, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -50,12 +51,14 @@ from nsmail.core.config import (
     IPAddress,
     Tenant,
     host_identity,
-    load,
 )
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
+from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
+from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
+from nsmail.host.configfile import load
 from nsmail.root import control, metrics, serving
 from nsmail.root.jail import Identity
 from nsmail.root.netns import HostNetwork, TenantNames
@@ -68,8 +71,9 @@ from nsmail.tenant.worker import HostQueue
 log = logging.getLogger("nsmail.root.supervisor")
 
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a worker
-STABLE_AFTER = 60.0  # a worker that ran this long before dying starts back-off afresh
-MAX_BACKOFF = 60.0
+# Workers and the DNS relay alike: 1, 2, 4 ... 60 s after quick deaths in a row; one that
+# ran 60 s before it died starts back-off afresh.
+RESTARTS = RestartPolicy(first=1.0, maximum=60.0, stable_after=60.0)
 STATUS_EVERY = 1.0  # seconds between updates of systemd's STATUS= line
 # A running worker reports at least every 10 s (worker.REPORT_EVERY) between deliveries;
 # one that said nothing for this long is stopped (SIGSTOP), hung, or in a very long
@@ -85,32 +89,19 @@ PING_EVERY = 10.0
 PING_TIMEOUT = 3.0
 
 
-def restart_delay(crashes: int) -> float:
-    """Seconds to wait before restart after `crashes` quick deaths in a row: 1, 2, 4 ... 60."""
-    return float(min(MAX_BACKOFF, 2 ** max(0, crashes - 1)))
-
-
-class State(StrEnum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    ASLEEP = "asleep"  # the worker exited for want of work: its watch or its time wakes it
-
-
 @dataclass
 class Slot:
-    """One tenant as the supervisor tracks it."""
+    """One tenant as the supervisor tracks it; its state changes only along its table."""
 
     tenant: Tenant
     names: TenantNames | None = None
     pid: int | None = None
-    state: State = State.STARTING
+    state: State = State.NEW
     started: float | None = None
     started_mono: float = 0.0
     restarts: int = 0
     crashes: int = 0
-    due: float = 0.0  # monotonic time of the next start, or of SIGKILL while stopping
+    due: float = 0.0  # monotonic: the next start, or SIGKILL while stopping (waits_for_time)
     last_error: str | None = None
     last_error_at: float | None = None
     relay_end: socket.socket | None = None
@@ -120,8 +111,7 @@ class Slot:
     reported_mono: float = 0.0  # when it came (monotonic)
     refused_reports: int = 0
     refused_logged: float = 0.0
-    after_stop: Literal["remove", "restart"] = "remove"
-    replacement: Tenant | None = None
+    replacement: Tenant | None = None  # what starts when a stop ends: None removes the slot
 
 
 _P = ParamSpec("_P")
@@ -252,8 +242,7 @@ class Supervisor:
         return control.respond(peer, request, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
-        waiting = (State.BACKOFF, State.STOPPING, State.ASLEEP)
-        dues = [s.due for s in self.slots.values() if s.state in waiting]
+        dues = [s.due for s in self.slots.values() if waits_for_time(s.state)]
         dues.append(self._status_due)
         dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
@@ -272,18 +261,8 @@ class Supervisor:
         for server in self._servers:
             server.expire(now)
         for slot in list(self.slots.values()):
-            if slot.due > now:
-                continue
-            if slot.state == State.BACKOFF:
-                self._start(slot)
-            elif slot.state == State.ASLEEP:
-                self._wake(slot)
-            elif slot.state == State.STOPPING and slot.pid is not None:
-                log.warning(
-                    "%s: worker %d ignored SIGTERM, killing it", slot.tenant.domain, slot.pid
-                )
-                self._signal(slot.pid, signal.SIGKILL)
-                slot.due = now + STOP_GRACE
+            if waits_for_time(slot.state) and slot.due <= now:
+                self._feed(slot, Event.DUE)
         self._tend_relay(now)
 
     def _tend_relay(self, now: float) -> None:
@@ -304,13 +283,75 @@ class Supervisor:
         return self.relay.pid is None and not self.relay.starting
 
     # -- tenants ---------------------------------------------------------------------
+    # Each slot's state changes only along its table (`nsmail.core.slots`): the handlers
+    # below turn what happened into an event, `_take` looks up the step, and `_do`
+    # carries out its actions.
 
     def _add(self, tenant: Tenant) -> None:
         slot = Slot(tenant)
         self.slots[tenant.domain] = slot
-        self._start(slot)
+        self._feed(slot, Event.ADDED)
 
     @_for_one_tenant
+    def _feed(self, slot: Slot, event: Event, why: str = "", tenant: Tenant | None = None) -> None:
+        """Take the step `event` leads to; whatever goes wrong on the way is contained."""
+        self._take(slot, event, why, tenant)
+
+    def _take(self, slot: Slot, event: Event, why: str, tenant: Tenant | None) -> None:
+        """The state changes first: an action's outcome may come back at once as the
+        slot's next event (START's SPAWN_FAILED). `why` is the error an event brings,
+        `tenant` the configuration that replaces the slot's when its stop is over."""
+        found = step(slot.state, event)
+        slot.state = found.state
+        for action in found.actions:
+            self._do(slot, action, why, tenant)
+
+    def _do(self, slot: Slot, action: Action, why: str, tenant: Tenant | None) -> None:
+        """Carry out one action of a step (`nsmail.core.slots.Action` says what each is)."""
+        now = time.monotonic()
+        match action:
+            case Action.START:
+                self._start(slot)
+            case Action.STARTED:
+                slot.started, slot.started_mono = time.time(), now
+                log.info("%s: worker %d started", slot.tenant.domain, slot.pid)
+            case Action.SLEEP:
+                self._sleep(slot)
+            case Action.TERMINATE:
+                self._signal_worker(slot, signal.SIGTERM)
+                slot.due = now + STOP_GRACE
+            case Action.FORCE:
+                log.warning(
+                    "%s: worker %d ignored SIGTERM, killing it", slot.tenant.domain, slot.pid
+                )
+                self._signal_worker(slot, signal.SIGKILL)
+                slot.due = now + STOP_GRACE
+            case Action.KILL:
+                self._signal_worker(slot, signal.SIGKILL)
+            case Action.CLOSE_CHANNELS:
+                self._close_channels(slot)
+            case Action.DROP_WATCH:
+                self._drop_watch(slot)
+            case Action.COUNT_DEATH:
+                slot.crashes = quick_deaths(RESTARTS, slot.crashes, now - slot.started_mono)
+                slot.restarts += 1
+                slot.started = None
+            case Action.COUNT_FAILURE:
+                slot.crashes = quick_deaths(RESTARTS, slot.crashes, 0.0)
+            case Action.BACK_OFF:
+                delay = restart_delay(RESTARTS, slot.crashes)
+                slot.last_error, slot.last_error_at = why, time.time()
+                slot.due = now + delay
+                log.error("%s: %s; next start in %.0f s", slot.tenant.domain, why, delay)
+            case Action.SET_REPLACEMENT:
+                slot.replacement = tenant
+            case Action.STOPPED:
+                log.info("%s: %s; stopped", slot.tenant.domain, why)
+            case Action.FINISH:
+                self._finish(slot)
+            case _:
+                assert_never(action)
+
     def _start(self, slot: Slot) -> None:
         tenant = slot.tenant
         try:
@@ -319,10 +360,8 @@ class Supervisor:
             elif slot.names is None:
                 slot.names = self.host.create(tenant)
         except (OSError, NetlinkError) as e:
-            slot.crashes += 1
-            self._back_off(slot, f"cannot prepare its namespace or queue: {e}")
+            self._feed(slot, Event.SPAWN_FAILED, f"cannot prepare its namespace or queue: {e}")
             return
-        slot.state = State.STARTING
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot.reports.setblocking(False)
@@ -353,7 +392,6 @@ class Supervisor:
         # main loop, and a full reply queue would stall the zygote.
         self._collect_spawns()
 
-    @_for_one_tenant
     def _spawned(self, slot: Slot, reports: socket.socket | None, result: int | SpawnError) -> None:
         """The zygote's answer to the request `_start` made with the channel `reports`."""
         if reports is not slot.reports:
@@ -361,56 +399,24 @@ class Supervisor:
             # channels are closed, and a newer start may be on its way.
             if not isinstance(result, SpawnError):
                 self._signal(result, signal.SIGKILL)
-            return
-        if isinstance(result, SpawnError):
-            self._close_channels(slot)
-            if slot.state == State.STOPPING:
-                self._finish_stop(slot)
-            else:
-                slot.crashes += 1
-                self._back_off(slot, f"cannot start: {result}")
-            return
-        slot.pid = result
-        if slot.state == State.STOPPING:
-            self._signal(result, signal.SIGTERM)  # stopped while it was being forked
-            return
-        slot.state = State.RUNNING
-        slot.started = time.time()
-        slot.started_mono = time.monotonic()
-        log.info("%s: worker %d started", slot.tenant.domain, result)
+        elif isinstance(result, SpawnError):
+            self._feed(slot, Event.SPAWN_FAILED, f"cannot start: {result}")
+        else:
+            slot.pid = result
+            self._feed(slot, Event.SPAWNED)
 
-    def _back_off(self, slot: Slot, error: str) -> None:
-        delay = restart_delay(slot.crashes)
-        slot.state = State.BACKOFF
-        slot.last_error = error
-        slot.last_error_at = time.time()
-        slot.due = time.monotonic() + delay
-        log.error("%s: %s; next start in %.0f s", slot.tenant.domain, error, delay)
-
-    @_for_one_tenant
-    def _stop(
-        self, slot: Slot, then: Literal["remove", "restart"], replacement: Tenant | None
-    ) -> None:
-        slot.after_stop = then
-        slot.replacement = replacement
-        if slot.pid is None and slot.state != State.STARTING:
-            self._finish_stop(slot)
-            return
-        slot.state = State.STOPPING
-        slot.due = time.monotonic() + STOP_GRACE
-        if slot.pid is not None:
-            self._signal(slot.pid, signal.SIGTERM)
-
-    def _finish_stop(self, slot: Slot) -> None:
-        self._close_channels(slot)
-        self._drop_watch(slot)
+    def _finish(self, slot: Slot) -> None:
+        """The slot's stop is over: forget it, remove its namespace, then start its
+        replacement, or at shutdown end the relay after the last slot. Forgotten first:
+        were the removal to raise, no slot would linger that nothing ever ends (what is
+        left of the namespace goes when the supervisor exits)."""
+        del self.slots[slot.tenant.domain]
         if slot.names is not None:
             self.host.remove(slot.names)
-        del self.slots[slot.tenant.domain]
         if self.stopping:
             if not self.slots:
                 self._end_relay()
-        elif slot.after_stop == "restart" and slot.replacement is not None:
+        elif slot.replacement is not None:
             self._add(slot.replacement)
 
     def _reap(self) -> None:
@@ -431,46 +437,34 @@ class Supervisor:
                 self._start_zygote()
             return
         if pid == self.relay.pid:
-            self._relay_exited(how)
+            self._relay_exited(how, ran=time.monotonic() - self.relay.started_mono)
             return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is not None:
             self._worker_exited(slot, pid, how)
 
-    @_for_one_tenant
     def _worker_exited(self, slot: Slot, pid: int, how: str) -> None:
         slot.pid = None
-        if slot.state == State.STOPPING:
-            log.info("%s: worker %d stopped (%s)", slot.tenant.domain, pid, how)
-            self._finish_stop(slot)
-            return
         self._on_report(slot)  # what it said last, "asleep" perhaps, may not be read yet
-        self._close_channels(slot)
-        if slot.watch is not None and how == _describe(0):
-            self._sleep(slot)
-            return
-        self._drop_watch(slot)
-        ran = time.monotonic() - slot.started_mono
-        slot.crashes = slot.crashes + 1 if ran < STABLE_AFTER else 1
-        slot.restarts += 1
-        slot.started = None
-        self._back_off(slot, f"worker {pid} {how}")
+        retired = slot.watch is not None and how == _describe(0)
+        self._feed(slot, Event.RETIRED if retired else Event.EXITED, f"worker {pid} {how}")
 
     def _sleep(self, slot: Slot) -> None:
         """The worker retired: start the next one when its watch fires or mail falls due."""
         assert slot.report is not None and slot.watch is not None  # they come together
-        slot.state = State.ASLEEP
         slot.started = None
         slot.crashes = 0
-        self.selector.register(slot.watch, selectors.EVENT_READ, partial(self._wake, slot))
+        fired = partial(self._feed, slot, Event.WATCH_FIRED)
+        self.selector.register(slot.watch, selectors.EVENT_READ, fired)
         due = slot.report.next_due
         slot.due = float("inf") if due is None else time.monotonic() + max(0.0, due - time.time())
         log.info("%s: worker asleep until mail arrives or falls due", slot.tenant.domain)
 
-    @_for_one_tenant
-    def _wake(self, slot: Slot) -> None:
-        self._drop_watch(slot)
-        self._start(slot)
+    def _signal_worker(self, slot: Slot, sig: int) -> None:
+        # None between reaping and the event it brings: a bug contained then has no
+        # worker left to kill.
+        if slot.pid is not None:
+            self._signal(slot.pid, sig)
 
     def _drop_watch(self, slot: Slot) -> None:
         if slot.watch is not None:
@@ -500,18 +494,12 @@ class Supervisor:
         readable socket whose handler keeps raising would spin the loop); the worker is
         killed, and reaping restarts it after back-off or ends its stop. Without a worker
         the slot backs off now; a worker still being forked is killed when it comes
-        (`_spawned`). What the last report said (toward `hourly_limit`) is kept.
+        (`_spawned`). What the last report said (toward `hourly_limit`) is kept. The
+        table says so (`Event.CONTAINED`); taken here outside `_feed`, so that a step
+        that raises again ends in `_dispatch` instead of coming back here.
         """
         log.exception("%s: internal error; restarting its worker", slot.tenant.domain)
-        self._close_channels(slot)
-        self._drop_watch(slot)
-        if slot.pid is not None:
-            self._signal(slot.pid, signal.SIGKILL)
-        elif slot.state == State.STOPPING:
-            self._finish_stop(slot)
-        else:
-            slot.crashes += 1
-            self._back_off(slot, "internal error in the supervisor (see its log)")
+        self._take(slot, Event.CONTAINED, "internal error in the supervisor (see its log)", None)
 
     @_for_one_tenant
     def _on_report(self, slot: Slot) -> None:
@@ -619,7 +607,7 @@ class Supervisor:
     def _relay_spawned(self, result: int | SpawnError) -> None:
         self.relay.starting = False
         if isinstance(result, SpawnError):
-            self._relay_exited(f"could not start: {result}")
+            self._relay_exited(f"could not start: {result}", ran=0.0)
             return
         self.relay.pid = result
         self.relay.started = time.time()
@@ -682,7 +670,8 @@ class Supervisor:
             self.relay.control.close()
             self.relay.control = None
 
-    def _relay_exited(self, how: str) -> None:
+    def _relay_exited(self, how: str, ran: float) -> None:
+        """The relay ended, or never started (`ran` 0): restart it after back-off."""
         self.relay.pid = None
         self.relay.started = None
         self.relay.starting = False
@@ -690,10 +679,9 @@ class Supervisor:
         self._close_relay_control()
         if self.stopping:
             return
-        ran = time.monotonic() - self.relay.started_mono
-        self.relay.crashes = self.relay.crashes + 1 if ran < STABLE_AFTER else 1
+        self.relay.crashes = quick_deaths(RESTARTS, self.relay.crashes, ran)
         self.relay.restarts += 1
-        delay = restart_delay(self.relay.crashes)
+        delay = restart_delay(RESTARTS, self.relay.crashes)
         self.relay.due = time.monotonic() + delay
         self.relay.last_error, self.relay.last_error_at = self.relay.replaced or how, time.time()
         self.relay.replaced = None
@@ -737,15 +725,14 @@ class Supervisor:
         wanted = {t.domain: t for t in _identities(new)}
         for domain, slot in list(self.slots.items()):
             tenant = wanted.get(domain)
-            if slot.state == State.STOPPING:
-                slot.after_stop = "restart" if tenant else "remove"
-                slot.replacement = tenant
-            elif tenant is None:
+            if tenant is None:
                 log.info("%s: removed from the configuration", domain)
-                self._stop(slot, "remove", None)
+                self._feed(slot, Event.REMOVED)
             elif everything_changed or tenant != slot.tenant:
                 log.info("%s: configuration changed, restarting", domain)
-                self._stop(slot, "restart", tenant)
+                self._feed(slot, Event.CHANGED, tenant=tenant)
+            else:
+                self._feed(slot, Event.KEPT, tenant=tenant)
         for domain, tenant in wanted.items():
             if domain not in self.slots:
                 log.info("%s: added to the configuration", domain)
@@ -758,7 +745,7 @@ class Supervisor:
         notify(STOPPING="1")
         self.stopping = True
         for slot in list(self.slots.values()):
-            self._stop(slot, "remove", None)
+            self._feed(slot, Event.REMOVED)
         if not self.slots:
             self._end_relay()
 
@@ -869,7 +856,12 @@ def _is_inotify(fd: int) -> bool:
 def _status_of(slot: Slot, now: float) -> WorkerStatus:
     report = slot.report
     tenant = slot.tenant
-    state = {State.BACKOFF: "crashed", State.STOPPING: "stopping"}.get(slot.state, str(slot.state))
+    shown = {
+        State.BACKOFF: "crashed",
+        State.STOPPING: "stopping",
+        State.STOPPING_WHILE_FORKING: "stopping",
+    }
+    state = shown.get(slot.state, str(slot.state))
     if slot.state == State.RUNNING and report is not None:
         state = "silent" if now - slot.reported_mono > SILENT_AFTER else report.state
     # The latest of the worker's last delivery error and the supervisor's last crash.

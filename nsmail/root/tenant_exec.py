@@ -38,13 +38,9 @@ from pathlib import Path
 from types import FrameType
 
 from nsmail.core.config import Config, Tenant
+from nsmail.core.exitcodes import EX_NOPERM, EX_NOTFOUND, EX_SOFTWARE, EX_UNAVAILABLE, SIGNAL_BASE
 from nsmail.root import jail, netns
 
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = jail.EX_SOFTWARE
-EX_NOPERM = 77
-EX_NOTFOUND = 127
-SIGNAL_BASE = 128  # a command killed by signal n exits 128 + n, as shells report it
 STDIO = (0, 1, 2)
 PATH = "/usr/local/bin:/usr/bin:/bin"
 NO_HOME = "/nonexistent"  # Debian Policy 9.2.1: the home of a user who has none

@@ -19,6 +19,7 @@ import site
 import sys
 
 import nsmail
+from nsmail.core.exitcodes import EX_CANTCREAT, EX_OK, EX_USAGE
 from nsmail.submit.maildrop import write_all
 
 
@@ -54,13 +55,13 @@ def install(path: str) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m nsmail.submit.launcher PATH", file=sys.stderr)
-        return os.EX_USAGE
+        return EX_USAGE
     try:
         install(argv[0])
     except OSError as e:
         print(f"nsmail.submit.launcher: cannot write {argv[0]}: {e.strerror}", file=sys.stderr)
-        return os.EX_CANTCREAT
-    return os.EX_OK
+        return EX_CANTCREAT
+    return EX_OK
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 `nsmail-sendmail` runs once per message, and a Python start is mostly imports: this module
 (and the rest of the submission path, see `nsmail.submit.sendmail`) uses only modules built into
 the interpreter, never pathlib, dataclasses, typing or re, which cost more than the
-submission's own work. `nsmail.tenant.spool` builds the rest of the queue on these functions and
-names; paths here are plain strings.
+submission's own work. `nsmail.tenant.spool` builds the rest of the queue on these functions;
+the state names are `nsmail.core.layout`'s; paths here are plain strings.
 
 Security: run by the tenant's sendmail (as the tenant user, no chroot) and by its worker.
 Files are created with O_EXCL and O_NOFOLLOW, so a name planted by the tenant is never
@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import os
 
+from nsmail.core.layout import FLUSH_TRIGGER, MAILDROP, STATES, TMP
+
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than this module
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-MAILDROP = "maildrop"
-INCOMING = "incoming"
-ACTIVE = "active"
-DEFERRED = "deferred"
-HOLD = "hold"
-CORRUPT = "corrupt"
-TMP = "tmp"
-STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
-FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
 WRITE_BUFFER = 1 << 20  # a message streamed in small pieces is written in pieces this big
 
 

@@ -1,13 +1,15 @@
 """`nsmail-sendmail`: the sendmail(1)-compatible command that queues one message for a tenant.
 
 It runs once per message (PHP `mail()`, cron, MUAs), and a Python start is mostly
-imports, so submitting imports only this module, `nsmail.submit.paths`, `nsmail.submit.submission`,
-`nsmail.submit.maildrop` and `nsmail.core.queueframe`, and through them only modules built into the
-interpreter (`tests/test_sendmail.py` holds it to that list). It finds its caller's tenant
-in the cache root keeps beside the configuration, and imports the configuration parser
-only when that cache is missing or out of date (a configuration that is not valid leaves
-the last good cache serving: see `nsmail.submit.submission`); listing the queue (-bp) and SMTP on
-stdin (-bs, `nsmail.submit.sendmail_smtp`) import more. The tenant is chosen by the caller's real
+imports, so submitting imports only this module, `nsmail.submit.submission`,
+`nsmail.submit.maildrop` and the small modules of `nsmail.core` that import nothing
+(layout, addresses, text, exitcodes) or built-ins only (queueframe), and through them only
+modules built into the interpreter (`tests/loopback/test_sendmail.py` holds it to that list). It
+finds its caller's tenant in the cache root keeps beside the configuration, and imports
+the configuration parser only when that cache is missing or out of date (a configuration
+that is not valid leaves the last good cache serving: see `nsmail.submit.submission`);
+listing the queue (-bp, `nsmail.tenant.queuelist`) and SMTP on stdin (-bs,
+`nsmail.submit.sendmail_smtp`) import more. The tenant is chosen by the caller's real
 uid; the message is streamed into the tenant's `maildrop` as it is read, never held whole
 in memory, and exit status 0 means it is on disk (fsynced). Exit codes are sysexits(3):
 64 usage (-t finding no recipient in the header included), 65 message over the tenant's
@@ -31,10 +33,20 @@ import pwd
 import sys
 import time
 
-from nsmail.core import queueframe
+from nsmail.core import addresses, queueframe
+from nsmail.core.exitcodes import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_NOPERM,
+    EX_NOUSER,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_USAGE,
+)
+from nsmail.core.layout import MAILDROP, locate
+from nsmail.core.text import printable
 from nsmail.submit import maildrop
-from nsmail.submit.maildrop import MAILDROP
-from nsmail.submit.paths import locate
 from nsmail.submit.submission import Profile, Profiles, cached, profiles_of
 
 TYPE_CHECKING = False  # typing and collections.abc cost a start more than a submission
@@ -150,7 +162,7 @@ def parse_args(argv: Sequence[str]) -> Options:
 def _long_option(arg: str, rest: list[str]) -> str:
     name, has_value, value = arg[2:].partition("=")
     if name != "tenant":
-        raise _usage(f"unknown option {_show(arg)}")
+        raise _usage(f"unknown option {printable(arg)}")
     if has_value:
         return value
     if not rest:
@@ -179,23 +191,23 @@ def _flag(options: Options, letter: str, glued: str) -> None:
         options.verbose = True
     elif letter == "q":
         if glued:  # -q30m: a queue-run interval, for a daemon this is not
-            raise _usage(f"-q{_show(glued)}: only a plain -q (flush the queue) is supported")
+            raise _usage(f"-q{printable(glued)}: only a plain -q (flush the queue) is supported")
         options.mode = FLUSH
     elif letter != "U":  # -U, "initial user submission", is what every use of this is
-        raise _usage(f"unknown option -{_show(letter)}")
+        raise _usage(f"unknown option -{printable(letter)}")
 
 
 def _with_value(options: Options, letter: str, value: str) -> None:
     if letter == "b":
         modes = {"m": DELIVER, "p": LIST, "s": SMTP, "v": VERIFY}
         if value not in modes:
-            raise _usage(f"-b{_show(value)} is not supported (only -bm, -bp, -bs and -bv)")
+            raise _usage(f"-b{printable(value)} is not supported (only -bm, -bp, -bs and -bv)")
         options.mode = modes[value]
     elif letter in "fr":
         options.sender = value
     elif letter == "F":
         if not value.isprintable():  # it may end up in a From: header line
-            raise _usage(f"full name {_show(value)} contains control characters")
+            raise _usage(f"full name {printable(value)} contains control characters")
         options.full_name = value
     elif letter == "o" and value == "i":  # -oi, the old spelling of -i
         options.dot_ends = False
@@ -209,14 +221,14 @@ def qualify(address: str, domain: str) -> str:
     control characters, angle brackets, an empty local part or domain, or excess length.
     """
     if not address or any(c.isspace() or not c.isprintable() or c in "<>" for c in address):
-        raise _usage(f"bad address {_show(address)}")
-    local, at, host = address.rpartition("@")
-    if not at:
-        address = f"{address}@{domain}"
-    elif not local or not host or host.startswith(".") or host.endswith(".") or ".." in host:
-        raise _usage(f"bad address {_show(address)}")
+        raise _usage(f"bad address {printable(address)}")
+    if "@" in address:
+        local, host = addresses.split(address)
+        if not local or not host or host.startswith(".") or host.endswith(".") or ".." in host:
+            raise _usage(f"bad address {printable(address)}")
+    address = addresses.with_domain(address, domain)
     if len(address) > _MAX_ADDRESS:
-        raise _usage(f"address {_show(address[:40])}... is longer than {_MAX_ADDRESS} octets")
+        raise _usage(f"address {printable(address[:40])}... is longer than {_MAX_ADDRESS} octets")
     return address
 
 
@@ -229,11 +241,11 @@ def envelope_sender(given: str | None, login: str, tenant: Profile) -> str:
     if not given:
         return ""  # the null sender (RFC 5321 4.5.5) claims no domain
     sender = qualify(given, tenant.domain)
-    domain = sender.rpartition("@")[2]
-    if domain.lower() != tenant.domain and not tenant.foreign_senders:
+    domain = addresses.split(sender)[1]
+    if not addresses.same_domain(domain, tenant.domain) and not tenant.foreign_senders:
         raise SendmailError(
-            os.EX_NOPERM,
-            f"sender {_show(sender)} is not in {tenant.domain}"
+            EX_NOPERM,
+            f"sender {printable(sender)} is not in {tenant.domain}"
             " (the tenant's configuration does not allow foreign_senders)",
         )
     return sender
@@ -247,7 +259,7 @@ def read_message(stream: BinaryIO, *, dot_ends: bool, limit: int) -> Iterator[by
         size += len(piece)
         if limit and size > limit:
             raise SendmailError(
-                os.EX_DATAERR, f"message too large: the limit is {limit} bytes for this domain"
+                EX_DATAERR, f"message too large: the limit is {limit} bytes for this domain"
             )
         yield piece
 
@@ -271,14 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _complain(e.message)
         return e.code
     except Exception as e:  # a bug: still one line, as PHP and cron log whatever we print
-        _complain(f"internal error: {type(e).__name__}: {_show(str(e))}")
-        return os.EX_SOFTWARE
+        _complain(f"internal error: {type(e).__name__}: {printable(str(e))}")
+        return EX_SOFTWARE
 
 
 def _run(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     if options.tenant is not None and os.getuid() != 0:
-        raise SendmailError(os.EX_NOPERM, "only root may use --tenant")
+        raise SendmailError(EX_NOPERM, "only root may use --tenant")
     if options.mode == SMTP and (options.recipients or options.extract or options.sender):
         raise _usage("-bs takes the sender and the recipients from MAIL and RCPT only")
     try:
@@ -308,7 +320,7 @@ def _run(argv: Sequence[str]) -> int:
         queue_id = _submit(options, tenant)
         if options.verbose:
             _complain(f"queued as {queue_id}")
-    return os.EX_OK
+    return EX_OK
 
 
 def _verify(options: Options, tenant: Profile) -> int:
@@ -321,13 +333,13 @@ def _verify(options: Options, tenant: Profile) -> int:
     mailboxes = {user.casefold(): user for user in tenant.users}
     verdicts = [_verdict(given, tenant, mailboxes) for given in options.recipients]
     for given, (_, verdict) in zip(options.recipients, verdicts, strict=True):
-        print(f"{_show(given)}... {verdict}")
+        print(f"{printable(given)}... {verdict}")
     failed = sum(not ok for ok, _ in verdicts)
     if not failed:
-        return os.EX_OK
+        return EX_OK
     sys.stdout.flush()
     _complain(f"{failed} of {len(verdicts)} addresses undeliverable")
-    return os.EX_NOUSER
+    return EX_NOUSER
 
 
 def _verdict(given: str, tenant: Profile, mailboxes: dict[str, str]) -> tuple[bool, str]:
@@ -335,9 +347,9 @@ def _verdict(given: str, tenant: Profile, mailboxes: dict[str, str]) -> tuple[bo
         address = qualify(given, tenant.domain)
     except SendmailError as e:
         return False, f"undeliverable: {e.message}"
-    local, _, domain = address.rpartition("@")
-    if domain.lower() != tenant.domain:
-        return True, f"deliverable: mailer smtp, host {_show(domain)}"
+    local, domain = addresses.split(address)
+    if not addresses.same_domain(domain, tenant.domain):
+        return True, f"deliverable: mailer smtp, host {printable(domain)}"
     user = mailboxes.get(local.casefold())  # as the worker's local delivery matches it
     if user is None:
         return False, "undeliverable: no such user here"
@@ -348,12 +360,12 @@ def _list(tenant: Profile) -> None:
     # Imported here only: a submission imports none of them (the module's first paragraph).
     from pathlib import Path
 
-    from nsmail.commands import queue as queuetool
+    from nsmail.tenant import queuelist
     from nsmail.tenant.spool import Spool
 
     try:
-        listing = queuetool.scan(Spool(Path(tenant.spool)), tenant.domain)
-        sys.stdout.write(queuetool.format_listing(listing))
+        listing = queuelist.scan(Spool(Path(tenant.spool)), tenant.domain)
+        sys.stdout.write(queuelist.format_listing(listing))
         sys.stdout.flush()
     except OSError as e:
         raise _tempfail("cannot list the queue", e) from e
@@ -396,7 +408,7 @@ def make_room(tenant: Profile) -> None:
         raise _tempfail("cannot queue the message", e) from e
     if queued > limit:
         raise SendmailError(
-            os.EX_TEMPFAIL,
+            EX_TEMPFAIL,
             f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
             f"{limit}; try again later",
         )
@@ -515,27 +527,28 @@ def _profile(config_path: str, domain: str | None) -> Profile:
         return profiles.of_uid(os.getuid())
     named = profiles.of_domain(domain)
     if named is None:
-        raise _usage(f"--tenant {_show(domain)}: no such tenant in {config_path}")
+        raise _usage(f"--tenant {printable(domain)}: no such tenant in {config_path}")
     return named
 
 
 def _configured(config_path: str, last_good: Profiles | None) -> Profiles:
     from pathlib import Path
 
-    from nsmail.core import config as configuration  # only without a current cache
+    from nsmail.core.config import ConfigError  # only without a current cache
+    from nsmail.host.configfile import load
 
     try:
-        return profiles_of(configuration.load(Path(config_path)))
-    except configuration.ConfigError as e:
+        return profiles_of(load(Path(config_path)))
+    except ConfigError as e:
         if last_good is not None:
             return last_good
         # A drop-in, or a [[tenant]] table, is some tenant's: its name and its problem
         # are for root and `nsmail check`, not for another tenant's web app.
         main_file_unusable = e.file == str(Path(config_path)) and e.field in ("file", "toml")
         if main_file_unusable or os.getuid() == 0:
-            raise SendmailError(os.EX_CONFIG, str(e)) from e
+            raise SendmailError(EX_CONFIG, str(e)) from e
         raise SendmailError(
-            os.EX_CONFIG,
+            EX_CONFIG,
             f"{config_path} is not a valid configuration (`nsmail check` names the problem)",
         ) from e
 
@@ -547,7 +560,7 @@ def _become(tenant: Profile) -> None:
     os.setresuid(tenant.uid, tenant.uid, tenant.uid)
     ids = (os.getresuid(), os.getresgid(), os.getgroups())
     if ids != ((tenant.uid,) * 3, (tenant.gid,) * 3, []):
-        raise SendmailError(os.EX_SOFTWARE, f"could not become uid {tenant.uid}: {ids}")
+        raise SendmailError(EX_SOFTWARE, f"could not become uid {tenant.uid}: {ids}")
 
 
 def _login(uid: int) -> str:
@@ -558,17 +571,12 @@ def _login(uid: int) -> str:
 
 
 def _tempfail(action: str, error: OSError) -> SendmailError:
-    where = f" ({_show(str(error.filename))})" if error.filename else ""
-    return SendmailError(os.EX_TEMPFAIL, f"{action}: {error.strerror or error}{where}")
+    where = f" ({printable(str(error.filename))})" if error.filename else ""
+    return SendmailError(EX_TEMPFAIL, f"{action}: {error.strerror or error}{where}")
 
 
 def _usage(message: str) -> SendmailError:
-    return SendmailError(os.EX_USAGE, message)
-
-
-def _show(text: str) -> str:
-    """`text` safe for one line of a terminal: unprintable characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return SendmailError(EX_USAGE, message)
 
 
 def _complain(message: str) -> None:

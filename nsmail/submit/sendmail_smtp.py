@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from nsmail.core.exitcodes import EX_NOPERM, EX_TEMPFAIL, EX_USAGE
 from nsmail.core.smtp import server as smtp
 from nsmail.submit.maildrop import write_all
 from nsmail.submit.sendmail import SendmailError, envelope_sender, make_room, qualify, store
@@ -120,7 +121,7 @@ def _mail(event: smtp.Mail, login: str, tenant: Profile) -> smtp.Reply | None:
         envelope_sender(event.sender, login, tenant)
         make_room(tenant)
     except SendmailError as e:
-        return _refusal(e, {os.EX_USAGE: "501 5.1.7", os.EX_NOPERM: "553 5.7.1"})
+        return _refusal(e, {EX_USAGE: "501 5.1.7", EX_NOPERM: "553 5.7.1"})
     return None
 
 
@@ -128,7 +129,7 @@ def _recipient(event: smtp.Recipient, tenant: Profile) -> smtp.Reply | None:
     try:
         qualify(event.address, tenant.domain)
     except SendmailError as e:
-        return _refusal(e, {os.EX_USAGE: "501 5.1.3"})
+        return _refusal(e, {EX_USAGE: "501 5.1.3"})
     return None
 
 
@@ -162,7 +163,7 @@ def _message(
 
 def _refusal(error: SendmailError, replies: dict[int, str]) -> smtp.Reply:
     """The reply for a refusal of nsmail.submit.sendmail's, by its exit status."""
-    if error.code == os.EX_TEMPFAIL:
+    if error.code == EX_TEMPFAIL:
         cause = error.__cause__
         full = not isinstance(cause, OSError) or cause.errno in _FULL  # a full queue, or disk
         code, status = ("452", "4.3.1") if full else ("451", "4.3.0")

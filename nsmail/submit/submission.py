@@ -33,8 +33,9 @@ import marshal
 import os
 import stat
 
+from nsmail.core.addresses import same_domain
+from nsmail.core.layout import DROPIN_DIR
 from nsmail.submit.maildrop import write_all
-from nsmail.submit.paths import DROPIN_DIR
 
 TYPE_CHECKING = False  # the submission command must not import typing or the parser
 if TYPE_CHECKING:
@@ -139,9 +140,8 @@ class Profiles:
 
     def of_domain(self, domain: str) -> Profile | None:
         """The tenant (never the host) of that domain, as `--tenant` names it."""
-        wanted = domain.lower()
         tenants = (Profile(*fields) for fields in self.uids.values())
-        return next((p for p in tenants if p.domain == wanted and not p.is_host), None)
+        return next((p for p in tenants if same_domain(p.domain, domain) and not p.is_host), None)
 
 
 def profiles_of(config: Config) -> Profiles:
@@ -177,12 +177,13 @@ def refresh(config_path: str) -> bool:
     good cache then stays)."""
     from pathlib import Path
 
-    from nsmail.core import config as configuration  # root's side only
+    from nsmail.core.config import ConfigError  # root's side only
+    from nsmail.host.configfile import load
 
     before = stamp(config_path)
     try:
-        config = configuration.load(Path(config_path))
-    except configuration.ConfigError:
+        config = load(Path(config_path))
+    except ConfigError:
         return False
     if stamp(config_path) != before:
         return False

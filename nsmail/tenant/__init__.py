@@ -1,4 +1,5 @@
-"""Code that runs as the tenant, inside its namespace and chroot, with no capabilities.
+"""Code that runs with a tenant's rights: its jailed delivery worker, and reading its queue.
 
-It trusts neither the tenant's queue files nor the remote servers it talks to.
+Runs as the tenant (the worker jailed after a root-only prepare, the queue tools as the queue's
+owner); it trusts neither the tenant's queue files nor the remote servers it talks to.
 """

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from nsmail.core import addresses
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.scheduler import (
     Action,
@@ -213,10 +214,10 @@ class Engine:
         groups: dict[str, list[str]] = {}
         sender_bad = bad_address(message.taken.envelope.sender)
         for recipient in dict.fromkeys(recipients):
-            local, at, domain = recipient.rpartition("@")
+            local, domain = addresses.split(recipient)
             if sender_bad:
                 text = "5.1.7 bad sender address"
-            elif not at or not local or not domain or bad_address(recipient):
+            elif not local or not domain or bad_address(recipient):
                 text = "5.1.3 bad recipient address"
             else:
                 groups.setdefault(domain.lower(), []).append(recipient)

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsmail.core import addresses
 from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Envelope
@@ -27,13 +28,13 @@ class LocalAgent:
     home: Path  # "/" inside the jail
 
     def is_local(self, recipient: str) -> bool:
-        return recipient.rpartition("@")[2].lower() == self.domain.lower()
+        return addresses.same_domain(addresses.split(recipient)[1], self.domain)
 
     def deliver(self, queue_id: str, envelope: Envelope, message: Message) -> list[Outcome]:
         mailboxes = {user.casefold(): user for user in self.users}
         outcomes = []
         for recipient in envelope.recipients:
-            user = mailboxes.get(recipient.rpartition("@")[0].casefold())
+            user = mailboxes.get(addresses.split(recipient)[0].casefold())
             if user is None:
                 outcome = Outcome(recipient, Status.PERMANENT, None, "5.1.1 no such user here", "")
             else:

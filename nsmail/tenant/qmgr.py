@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from nsmail.core import dsn, headers, retry
+from nsmail.core import addresses, dkim, dsn, headers, retry
 from nsmail.core.message import MAX_LINE, Body, Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Deferral, Envelope, QueueFileError, frame
@@ -37,8 +37,7 @@ from nsmail.core.report import (
     Report,
     Tally,
 )
-from nsmail.tenant import dkim
-from nsmail.tenant.remote import printable
+from nsmail.core.text import printable
 from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
@@ -480,8 +479,12 @@ class QueueManager:
     def _sender_allowed(self, state: str, queue_id: str, envelope: Envelope) -> bool:
         # The tenant owns its spool and can write queue files without sendmail: its
         # sender rule is enforced here, where the tenant cannot skip it.
-        domain = envelope.sender.rpartition("@")[2].lower()
-        if envelope.sender and domain != self.domain.lower() and not self.foreign_senders:
+        domain = addresses.split(envelope.sender)[1]
+        if (
+            envelope.sender
+            and not addresses.same_domain(domain, self.domain)
+            and not self.foreign_senders
+        ):
             self._quarantine(state, queue_id, f"sender <{envelope.sender}> is not in {self.domain}")
             return False
         return True

@@ -376,8 +376,3 @@ def smtp_timeouts(configured: SmtpTimeouts) -> Timeouts:
         dot=configured.data_done,
         tls=configured.starttls,
     )
-
-
-def printable(text: str) -> str:
-    """`text` safe for one log line: no control characters."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -27,12 +27,10 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from nsmail.core.message import Body, FileBody, MemoryBody, chunks
-from nsmail.core.queuefile import HEAD_BYTES, TRAILER_BYTES, Envelope, parse, valid_queue_id
-from nsmail.submit import maildrop
-from nsmail.submit.maildrop import (
+from nsmail.core.layout import (
     ACTIVE,
     CORRUPT,
     DEFERRED,
@@ -40,14 +38,16 @@ from nsmail.submit.maildrop import (
     HOLD,
     INCOMING,
     MAILDROP,
+    SPOOL_IN_HOME,
     STATES,
     TMP,
-    new_queue_id,
-    unlink_quietly,
-    write_pieces,
 )
+from nsmail.core.message import Body, MemoryBody, chunks
+from nsmail.core.queuefile import HEAD_BYTES, TRAILER_BYTES, Envelope, parse, valid_queue_id
+from nsmail.submit import maildrop
+from nsmail.submit.maildrop import new_queue_id, unlink_quietly, write_pieces
 
-# The state names are maildrop's, and are part of this module's interface too.
+# The state names are the layout's, and are part of this module's interface too.
 __all__ = [
     "ACTIVE",
     "CORRUPT",
@@ -58,12 +58,33 @@ __all__ = [
     "SPOOL_IN_HOME",
     "STATES",
     "TMP",
+    "FileBody",
     "Spool",
     "new_queue_id",
 ]
 
-SPOOL_IN_HOME = "var/spool/nsmail"  # the spool's place in a tenant home (and jail)
 _SMALL = 1 << 20  # files up to this size are read in one go; larger ones are streamed
+
+
+@dataclass(frozen=True, slots=True)
+class FileBody:
+    """Bytes [start, start + length) of an open queue file (a `Body` kept out of memory),
+    read with pread(2), which never moves the file offset; the caller owns the descriptor."""
+
+    fd: int
+    start: int
+    length: int
+
+    def read(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.length - offset))
+        data = os.pread(self.fd, size, self.start + offset)
+        if len(data) != size:  # the file shrank under us: never send a torn message
+            raise OSError(errno.EIO, f"queue file changed while read ({len(data)} of {size})")
+        return data
+
+    def after(self, offset: int) -> FileBody:
+        offset = min(offset, self.length)
+        return FileBody(self.fd, self.start + offset, self.length - offset)
 
 
 class Spool:
