@@ -143,8 +143,9 @@ class Engine:
     def next_wakeup(self) -> float | None:
         return self.scheduler.next_wakeup()
 
-    def tick(self) -> None:
-        self._apply(self.scheduler.tick(time.time()))
+    def tick(self, now: float | None = None) -> None:
+        """Carry out what the scheduler's timers say at `now` (default: the clock's)."""
+        self._apply(self.scheduler.tick(time.time() if now is None else now))
 
     def fill(self, *, flush: bool = False, scan: bool = False) -> int:
         """Take what is due while there is room: new mail first, then deferred mail whose
