@@ -44,6 +44,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,7 +71,9 @@ from nsmail.core.queueplan import (
     Index,
     Outcome,
     Verb,
+    destination_json,
     entry_json,
+    format_by_destination,
     format_outcome,
     missing,
     outcome_json,
@@ -78,6 +81,9 @@ from nsmail.core.queueplan import (
     plan_named,
     split_message,
     worst,
+)
+from nsmail.core.queueplan import (
+    by_destination as by_destination_rows,
 )
 from nsmail.core.text import printable, printable_lines
 from nsmail.host import configfile
@@ -214,7 +220,7 @@ def select_queues(config: Config, caller_uid: int, wanted: str | None) -> list[T
     return [mine]
 
 
-def _list(queues: Sequence[Tenant], uid: int, as_json: bool) -> int:
+def _list(queues: Sequence[Tenant], uid: int, as_json: bool, by_destination: bool) -> int:
     def work(spool: Spool, tenant: str) -> tuple[Any, bytes]:
         return [_entry_to_wire(e) for e in scan(spool, tenant)], b""
 
@@ -228,7 +234,13 @@ def _list(queues: Sequence[Tenant], uid: int, as_json: bool) -> int:
             codes.append(e.code)
             continue
         entries += [_entry_from_wire(w) for w in wires]
-    if as_json:
+    if by_destination:
+        rows, now = by_destination_rows(entries), time.time()
+        if as_json:
+            _out("".join(json.dumps(destination_json(r, now)) + "\n" for r in rows))
+        else:
+            _out(format_by_destination(rows, now))
+    elif as_json:
         _out("".join(json.dumps(entry_json(e)) + "\n" for e in entries))
     else:
         _out(format_listing(entries))
@@ -362,7 +374,12 @@ def _parser() -> argparse.ArgumentParser:
     tenant.add_argument("--tenant", metavar="DOMAIN", help="only this tenant's queue")
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="JSON Lines, like postqueue -j")
-    verbs.add_parser("list", parents=[tenant, as_json], help="list queued mail")
+    listing = verbs.add_parser("list", parents=[tenant, as_json], help="list queued mail")
+    listing.add_argument(
+        "--by-destination",
+        action="store_true",
+        help="per recipient domain: messages, oldest, states, why (like qshape)",
+    )
     show = verbs.add_parser("show", parents=[tenant, as_json], help="show one message")
     show.add_argument("queue_id", metavar="ID")
     show.add_argument("--body", action="store_true", help="the body too, not only headers")
@@ -404,7 +421,7 @@ def _run(config_path: Path, argv: Sequence[str], uid: int) -> int:
         raise QueueError(EX_USAGE, f"{verb.name}: name messages by ID, or use --all")
     queues = select_queues(configfile.load(config_path), uid, args.tenant)
     if args.verb == "list":
-        return _list(queues, uid, args.json)
+        return _list(queues, uid, args.json, args.by_destination)
     if args.verb == "show":
         return _show(queues, uid, args.queue_id, args.body, args.json)
     if args.verb == "flush":

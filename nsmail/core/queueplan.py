@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nsmail.core.addresses import split
 from nsmail.core.exitcodes import (
     EX_CONFIG,
     EX_NOINPUT,
@@ -258,3 +259,93 @@ def outcome_json(verb: Verb, outcome: Outcome) -> dict[str, Any]:
         "code": outcome.code,
         "error": outcome.reason or None,
     }
+
+
+# --- by destination (like Postfix's qshape) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRow:
+    """The queued mail of one tenant for one recipient domain."""
+
+    tenant: str
+    domain: str
+    messages: int
+    recipients: int
+    oldest: float  # arrival of the oldest of its messages
+    states: Mapping[str, int]  # messages per queue state
+    reason: str  # why the latest attempt left a recipient waiting, "" if none did
+
+
+def by_destination(entries: Iterable[Entry]) -> list[DestinationRow]:
+    """Queued mail grouped by tenant and recipient domain, the most messages first."""
+    groups: dict[tuple[str, str], list[tuple[Entry, list[str]]]] = {}
+    for entry in entries:
+        if entry.envelope is None:
+            continue
+        domains: dict[str, list[str]] = {}
+        for recipient in entry.envelope.recipients:
+            domains.setdefault(split(recipient)[1].lower(), []).append(recipient)
+        for domain, recipients in domains.items():
+            groups.setdefault((entry.tenant, domain), []).append((entry, recipients))
+    rows = [_row(tenant, domain, found) for (tenant, domain), found in groups.items()]
+    return sorted(rows, key=lambda r: (-r.messages, r.tenant, r.domain))
+
+
+def _row(tenant: str, domain: str, found: list[tuple[Entry, list[str]]]) -> DestinationRow:
+    states: dict[str, int] = {}
+    latest: Deferral | None = None
+    for entry, recipients in found:
+        states[entry.state] = states.get(entry.state, 0) + 1
+        assert entry.envelope is not None
+        for recipient, why in deferrals(entry.envelope).items():
+            if recipient in recipients and (latest is None or why.at > latest.at):
+                latest = why
+    return DestinationRow(
+        tenant=tenant,
+        domain=domain,
+        messages=len(found),
+        recipients=sum(len(r) for _, r in found),
+        oldest=min(entry.envelope.arrival for entry, _ in found if entry.envelope),
+        states=states,
+        reason="" if latest is None else latest.reason,
+    )
+
+
+def destination_json(row: DestinationRow, now: float) -> dict[str, Any]:
+    return {
+        "tenant": row.tenant,
+        "domain": row.domain,
+        "messages": row.messages,
+        "recipients": row.recipients,
+        "oldest_age": max(0.0, now - row.oldest),
+        "states": dict(row.states),
+        "reason": row.reason,
+    }
+
+
+def format_by_destination(rows: Sequence[DestinationRow], now: float) -> str:
+    """A table per tenant, a line per domain, and the last reason under it if there is one."""
+    lines: list[str] = []
+    for tenant in sorted({row.tenant for row in rows}):
+        lines += [
+            f"{printable(tenant)}:",
+            f"  {'DOMAIN':<28} {'MSGS':>5} {'RCPTS':>5} {'OLDEST':>7}  STATES",
+        ]
+        for row in (r for r in rows if r.tenant == tenant):
+            states = ", ".join(f"{n} {state}" for state, n in sorted(row.states.items()))
+            lines.append(
+                f"  {printable(row.domain)[:28]:<28} {row.messages:>5} {row.recipients:>5} "
+                f"{_age(now - row.oldest):>7}  {states}"
+            )
+            if row.reason:
+                lines.append(f"    ({printable(row.reason)[:73]})")
+    return "".join(line + "\n" for line in lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

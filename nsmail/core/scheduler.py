@@ -13,14 +13,16 @@ A destination that fails `dead_after` times in a row (refused, timed out, droppe
 its waiting jobs are deferred at once, and so is every job that comes for it until a probe
 is due; then one job goes as the probe. Its success revives the destination; its failure
 doubles the wait for the next probe. A server that asks to slow down (421, rate-limit
-replies) halves the window and pauses the destination: its jobs wait here, in order,
-instead of each going back to the queue to retry on its own. No destination holds more
-than `backlog` waiting jobs: beyond that they are deferred, so the messages in memory are
-never all one destination's.
+replies) halves the window and pauses the destination, longer at each repeat: its waiting
+jobs, and those that come meanwhile, are deferred to the end of the pause, so they come
+back together at the destination's time instead of each on its own backoff, and memory
+does not fill with mail for a server that keeps saying no. No destination holds more than
+`backlog` waiting jobs: beyond that they are deferred, so the messages in memory are never
+all one destination's.
 
 Pure: events and the time come in, actions go out; a job is the caller's value, opaque
 here. A job submitted ends in exactly one Defer, or in an Open or Send that the caller
-finishes as DELIVERED or UNREACHABLE; after THROTTLED or STALE it is the scheduler's again.
+finishes as DELIVERED, UNREACHABLE or THROTTLED; after STALE it is the scheduler's again.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class Result(StrEnum):
     # Not opened, or broke (refused, timed out, dropped): the caller has settled the job as
     # a temporary failure.
     UNREACHABLE = "unreachable"
-    # The server asked to slow down before it took the message: the job waits again here.
+    # The server asked to slow down: the caller has settled the job (it was an attempt).
     THROTTLED = "throttled"
     # A kept session turned out closed when reused: no one's fault, the job goes again.
     STALE = "stale"
@@ -80,6 +82,7 @@ class Reason(StrEnum):
     """Why a job is deferred without an attempt."""
 
     DEAD = "dead"  # its destination is dead and no probe is due
+    THROTTLED = "throttled"  # its destination asked to slow down: it pauses until `until`
     BACKLOG = "backlog"  # its destination has `backlog` jobs waiting already
     STOPPING = "stopping"  # the worker is stopping
 
@@ -115,7 +118,7 @@ class Defer(Generic[Job]):
     job: Job
     reason: Reason
     destination: str
-    until: float | None  # DEAD: when the next probe is due
+    until: float | None  # DEAD: when the next probe is due; THROTTLED: the end of the pause
 
 
 Action = Open[Job] | Send[Job] | Close | Defer[Job]
@@ -196,6 +199,8 @@ class Scheduler(Generic[Job]):
             return [Defer(job, Reason.STOPPING, destination, None)]
         if place.dead_until is not None and (place.probing or now < place.dead_until):
             return [Defer(job, Reason.DEAD, destination, place.dead_until)]
+        if place.state(now) == State.THROTTLED:
+            return [Defer(job, Reason.THROTTLED, destination, place.throttled_until)]
         if len(place.waiting) >= place.policy.backlog:
             return [Defer(job, Reason.BACKLOG, destination, None)]
         place.waiting.append(job)
@@ -218,8 +223,7 @@ class Scheduler(Generic[Job]):
         else:
             self._reached(place, delivered=result == Result.DELIVERED)
             if result == Result.THROTTLED:
-                place.waiting.appendleft(job)
-                self._throttled(place, now)
+                actions += self._throttled(place, now)
         if result == Result.DELIVERED and reusable:
             actions += self._after_use(session, state, place, now)
         else:
@@ -347,17 +351,18 @@ class Scheduler(Generic[Job]):
 
     @staticmethod
     def _defer_waiting(place: _Destination[Job], reason: Reason) -> list[Action[Job]]:
-        until = place.dead_until if reason == Reason.DEAD else None
+        until = {Reason.DEAD: place.dead_until, Reason.THROTTLED: place.throttled_until}.get(reason)
         deferred: list[Action[Job]] = [
             Defer(job, reason, place.name, until) for job in place.waiting
         ]
         place.waiting.clear()
         return deferred
 
-    def _throttled(self, place: _Destination[Job], now: float) -> None:
+    def _throttled(self, place: _Destination[Job], now: float) -> list[Action[Job]]:
         place.window = max(1.0, place.window / 2)
         place.throttled_until = now + place.throttle_delay
         place.throttle_delay = min(place.policy.throttle_max, place.throttle_delay * 2)
+        return self._defer_waiting(place, Reason.THROTTLED)
 
     def _after_use(
         self, session: int, state: _Session, place: _Destination[Job], now: float

@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from nsmail.core.report import LATENCY_BOUNDS
+from nsmail.core.report import DESTINATION_STATES, LATENCY_BOUNDS
 from nsmail.core.status import WorkerStatus
 
 MAX_REQUEST = 4096
@@ -53,7 +53,19 @@ class _Workers(Collector):
             "From acceptance to delivery, per delivered recipient",
             labels=["tenant"],
         )
+        sessions = GaugeMetricFamily(
+            "nsmail_smtp_sessions", "SMTP sessions the worker has open", labels=["tenant"]
+        )
+        held_back = GaugeMetricFamily(
+            "nsmail_destinations_held_back",
+            "Destinations the worker holds mail back from (as its report names them)",
+            labels=["tenant", "state"],
+        )
         for s in self.statuses:
+            sessions.add_metric([s.domain], s.sessions or 0)
+            for state in DESTINATION_STATES:
+                count = sum(1 for d in s.destinations or () if d.get("state") == state)
+                held_back.add_metric([s.domain, state], count)
             restarts.add_metric([s.domain], s.restarts)
             up.add_metric([s.domain], 1 if s.pid else 0)
             for outcome, count in (s.total or {}).items():
@@ -64,7 +76,7 @@ class _Workers(Collector):
                 latency.add_metric(
                     [s.domain], list(_cumulative(s.latency_counts)), s.latency_sum or 0.0
                 )
-        yield from (messages, queue, restarts, up, latency)
+        yield from (messages, queue, restarts, up, latency, sessions, held_back)
 
 
 def _cumulative(counts: Sequence[int]) -> Iterator[tuple[str, float]]:

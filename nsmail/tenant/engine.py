@@ -84,7 +84,7 @@ class _Message:
     delays: dict[str, Delays] = field(default_factory=dict)
     jobs: int = 0  # not yet finished
     attempted: bool = False  # any job got as far as an attempt (counts toward backoff)
-    backlogged: bool = False
+    not_before: float | None = None  # not attempted: when its destination takes mail again
 
 
 @dataclass(eq=False)
@@ -271,12 +271,9 @@ class Engine:
             self._apply(self.scheduler.finished(session, job, Result.DELIVERED, False, time.time()))
             return
         except Unreached as e:
-            if e.throttled:
-                result = Result.THROTTLED  # the job waits for the destination again
-            else:
-                result = Result.UNREACHABLE
-                outcomes = [_failed(r, Status.TEMPORARY, e.text, e.relay) for r in job.recipients]
-                self._finish(job, outcomes, Delays(waiting=waited))
+            outcomes = [_failed(r, Status.TEMPORARY, e.text, e.relay) for r in job.recipients]
+            self._finish(job, outcomes, Delays(waiting=waited))
+            result = Result.THROTTLED if e.throttled else Result.UNREACHABLE
             self._apply(self.scheduler.finished(session, job, result, False, time.time()))
             return
         self._sessions[session] = opened
@@ -307,16 +304,18 @@ class Engine:
         if not reusable:
             opened.session.abort()
             del self._sessions[session]
-        if sent.result in (Result.STALE, Result.THROTTLED):
+        if sent.result == Result.STALE:
             job.created = time.monotonic()  # it waits again, from now
-            if reusable:  # a throttled session is not used again: it goes
-                self._spawn(self._quit(opened), None)
-                del self._sessions[session]
             self._apply(self.scheduler.finished(session, job, sent.result, False, time.time()))
             return
+        if sent.result == Result.THROTTLED and reusable:  # not used again: it goes
+            self._spawn(self._quit(opened), None)
+            del self._sessions[session]
+            reusable = False
         outcomes = list(sent.outcomes)
         if sent.other_family and job.family is None and job.route is not None:
             outcomes = [o for o in outcomes if o.recipient not in sent.other_family]
+            job.recipients = tuple(r for r in job.recipients if r not in sent.other_family)
             self._submit(Job(message, job.domain, sent.other_family, family=_other(opened)))
         delays = Delays(waited, connecting, time.monotonic() - started)
         self._finish(job, outcomes, delays)
@@ -331,17 +330,24 @@ class Engine:
         await opened.session.quit()
 
     def _deferred_job(self, defer: Defer[Job]) -> None:
-        job = defer.job
+        job, message = defer.job, defer.job.message
+        until = defer.until or time.time()
+        when = datetime.fromtimestamp(until).strftime("%H:%M:%S")
         if defer.reason == Reason.DEAD:
-            until = datetime.fromtimestamp(defer.until or time.time()).strftime("%H:%M:%S")
             text = (
                 f"4.4.1 the mail hosts of {job.domain} are not answering; they are tried "
-                f"again from {until} (the destination is marked dead)"
+                f"again from {when} (the destination is marked dead)"
             )
-            job.message.attempted = True
+            message.attempted = True
+        elif defer.reason == Reason.THROTTLED:
+            text = (
+                f"4.7.0 the mail hosts of {job.domain} asked to slow down; mail for them "
+                f"waits until {when}"
+            )
+            message.not_before = max(message.not_before or 0.0, until)
         elif defer.reason == Reason.BACKLOG:
             text = f"4.4.5 too much mail is waiting for {job.domain}; it goes in turn"
-            job.message.backlogged = True
+            message.not_before = max(message.not_before or 0.0, time.time() + BACKLOG_RETRY)
         else:
             text = "4.3.2 the worker is stopping; the message goes when it is back"
         self._finish(job, [_failed(r, Status.TEMPORARY, text) for r in job.recipients])
@@ -355,6 +361,11 @@ class Engine:
         job.done = True
         message = job.message
         message.jobs -= 1
+        missing = set(job.recipients) - {o.recipient for o in outcomes}
+        if missing:  # never a message that cannot be settled, whatever went wrong
+            outcomes = outcomes + [
+                _failed(r, Status.TEMPORARY, "4.3.0 the attempt gave no outcome") for r in missing
+            ]
         for outcome in outcomes:
             message.outcomes[outcome.recipient] = outcome
             if delays is not None:
@@ -369,9 +380,12 @@ class Engine:
         taken = message.taken
         del self._messages[taken.queue_id]
         outcomes = [message.outcomes[r] for r in taken.envelope.recipients]
-        retry_at = time.time() + BACKLOG_RETRY if message.backlogged else None
         self.queue.settle(
-            taken, outcomes, message.delays, attempted=message.attempted, retry_at=retry_at
+            taken,
+            outcomes,
+            message.delays,
+            attempted=message.attempted,
+            retry_at=message.not_before,
         )
         self.wake()
 

@@ -374,7 +374,7 @@ class QueueManager:
         }
         pending = tuple(waiting)
         failed = [o for o in outcomes if o.status == Status.PERMANENT]
-        if pending and attempted and retry.expired(self.policy, envelope.arrival, now):
+        if pending and retry.expired(self.policy, envelope.arrival, now):
             failed += [_expired(o, waiting[o.recipient]) for o in temporary]
             pending = ()
         if failed:

@@ -55,6 +55,8 @@ def leftovers() -> list[str]:
             uid = int((entry / "status").read_text().split("\nUid:")[1].split()[0])
         except (OSError, IndexError, ValueError):
             continue
+        if not cmdline:
+            continue  # exiting (or a zombie its parent has not reaped yet)
         if demo.TEMP_PREFIX.encode() in cmdline or uid in tenant_uids:
             found.append(f"process {entry.name} uid {uid}: {cmdline!r}")
     return found

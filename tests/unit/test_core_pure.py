@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nsmail.core.retry import restart_delay
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
+from nsmail.root import metrics
 from nsmail.root.jail import check_status
 from nsmail.root.netns import names_for
 from nsmail.root.supervisor import RESTARTS
@@ -90,6 +91,35 @@ def test_status_table_fits_80_columns() -> None:
     table = render_table([record], now=200000.0)
     assert "a-rather-long-hoste~" in table
     assert all(len(line) <= 80 for line in table.splitlines())
+
+
+def test_status_and_metrics_show_sessions_and_destinations_held_back() -> None:
+    held_back = [
+        {"name": "mx1.typo.test,mx2.typo.test", "state": "dead", "until": 1090.0},
+        {"name": "aspmx.l.google.test", "state": "throttled", "until": 1030.0},
+    ]
+    record = WorkerStatus(
+        **{
+            **{f: None for f in WorkerStatus.__dataclass_fields__},
+            "domain": "bcd.test",
+            "role": "tenant",
+            "uid": 61000,
+            "state": "delivering",
+            "restarts": 0,
+            "refused_reports": 0,
+            "sessions": 12,
+            "destinations": held_back,
+        }
+    )
+    lines = render_table([record], now=1000.0).splitlines()
+    assert "12 sessions" in lines[2]
+    assert lines[3:5] == [
+        "  dead for 1m30s: mx1.typo.test,mx2.typo.test",
+        "  throttled for 0m30s: aspmx.l.google.test",
+    ]
+    page = metrics.render([record]).decode()
+    assert 'nsmail_smtp_sessions{tenant="bcd.test"} 12.0' in page
+    assert 'nsmail_destinations_held_back{state="dead",tenant="bcd.test"} 1.0' in page
 
 
 def test_status_table_shows_a_refused_reload_and_the_relay() -> None:

@@ -87,7 +87,11 @@ class FakeRemote:
         self.sent.append((domain, tuple(recipients)))
         if domain.startswith("throttle") and domain not in self.throttled:
             self.throttled.add(domain)
-            return Sent((), Result.THROTTLED)
+            slow = "4.7.28 rate limited (in reply to RCPT TO)"
+            return Sent(
+                tuple(_outcome(r, Status.TEMPORARY, 421, slow) for r in recipients),
+                Result.THROTTLED,
+            )
         if domain.startswith("v6refused") and opened.session.peer[0].version == 6:
             refused = tuple(
                 Outcome(r, Status.PERMANENT, 550, "5.7.25 no PTR", opened.relay) for r in recipients
@@ -276,19 +280,24 @@ def test_a_dead_destination_defers_its_mail_at_once(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_a_throttled_job_waits_and_goes_without_a_deferral(tmp_path: Path) -> None:
+def test_a_throttle_defers_the_destinations_mail_to_the_end_of_its_pause(
+    tmp_path: Path,
+) -> None:
     async def run() -> None:
-        engine, queue, remote = make_engine(tmp_path)
-        queue.add("m", ("x@throttle.test",))
+        engine, queue, _ = make_engine(tmp_path)
+        queue.add("first", ("x@throttle.test",))
         engine.fill()
-        await asyncio.sleep(0.01)
-        assert "m" not in queue.settled  # back in line, paused: no outcome, no retry of its own
+        await queue.until("first")
+        assert statuses(queue.settled["first"]) == {"x@throttle.test": Status.TEMPORARY}
+        assert queue.attempted["first"]  # the slow-down was the answer to an attempt
         (status,) = engine.destinations()
         assert status.state == "throttled"
-        engine.tick(status.until)  # the pause ends
-        await queue.until("m")
-        assert statuses(queue.settled["m"]) == {"x@throttle.test": Status.DELIVERED}
-        assert remote.sent == [("throttle.test", ("x@throttle.test",))] * 2
+        queue.add("next", ("y@throttle.test",))
+        engine.fill()
+        await queue.until("next")
+        (waits,) = queue.settled["next"]
+        assert waits.text.startswith("4.7.0 the mail hosts of throttle.test asked to slow down")
+        assert not queue.attempted["next"]  # not tried: it comes back when the pause ends
         await engine.stop()
 
     asyncio.run(run())

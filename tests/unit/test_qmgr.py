@@ -173,12 +173,11 @@ def test_mail_not_attempted_keeps_its_count_and_comes_back_when_told(
     later = on_disk(queue, DEFERRED, "q1")
     assert later.attempts == 3
     assert queue.spool.path(DEFERRED, "q1").stat().st_mtime == NOW + 60
-    # Not attempted is not expired either: a message waiting for its turn is not bounced.
+    # Expired is expired, tried this time or not: it bounces, quoting why it waited.
     taken = take(queue, put(queue, "q2", arrival=NOW - POLICY.lifetime))
-    queue.settle(
-        taken, [outcome("a@rcpt.test", Status.TEMPORARY, "4.3.2 stopping")], attempted=False
-    )
-    assert "q2" in queue.spool.ids(DEFERRED)
+    stopping = outcome("a@rcpt.test", Status.TEMPORARY, "4.3.2 stopping")
+    queue.settle(taken, [stopping], attempted=False)
+    assert "q2" not in queue.spool.ids(DEFERRED) and len(queue.spool.ids(INCOMING)) == 1
 
 
 def test_due_lists_what_falls_due_and_remembers_the_next(queue: QueueManager, clock: Clock) -> None:

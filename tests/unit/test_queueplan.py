@@ -13,7 +13,10 @@ from nsmail.core.queueplan import (
     VERBS,
     Change,
     Entry,
+    by_destination,
+    destination_json,
     entry_json,
+    format_by_destination,
     plan_all,
     plan_named,
     split_message,
@@ -204,3 +207,37 @@ def test_split_message_and_printable_lines() -> None:
     assert split_message(b"\nbody") == (b"", b"body")
     shown = printable_lines(b"Subject: \x1b]0;pwned\x07\r\n\tfolded\n\xff\n")
     assert shown == "Subject: \\x1b]0;pwned\\x07\n\tfolded\n\ufffd\n"
+
+
+def test_queued_mail_by_destination() -> None:
+    waiting = Deferral("b@slow.test", "4.4.1", "4.4.1 mx.slow.test: timed out", None, "", 150.0)
+    older = Deferral("c@slow.test", "4.2.0", "4.2.0 busy", 451, "", 120.0)
+    entries = [
+        Entry(
+            "t.test",
+            "q1",
+            DEFERRED,
+            10,
+            Envelope("a@t.test", ("b@slow.test", "x@ok.test"), arrival=100.0, deferrals=(waiting,)),
+        ),
+        Entry(
+            "t.test",
+            "q2",
+            DEFERRED,
+            10,
+            Envelope("a@t.test", ("c@slow.test",), arrival=110.0, deferrals=(older,)),
+        ),
+        Entry("t.test", "q3", HOLD, 10, Envelope("a@t.test", ("d@SLOW.test",), arrival=90.0)),
+        Entry("t.test", "bad", CORRUPT, 10, None, error="not a queue file"),
+    ]
+    rows = by_destination(entries)
+    assert [(r.domain, r.messages, r.recipients, r.oldest, dict(r.states)) for r in rows] == [
+        ("slow.test", 3, 3, 90.0, {DEFERRED: 2, HOLD: 1}),
+        ("ok.test", 1, 1, 100.0, {DEFERRED: 1}),
+    ]
+    assert rows[0].reason == waiting.reason  # the latest attempt's
+    shown = format_by_destination(rows, now=100.0 + 3600).splitlines()
+    assert shown[0] == "t.test:"
+    assert shown[2].split() == ["slow.test", "3", "3", "1h", "2", "deferred,", "1", "hold"]
+    assert shown[3].startswith("    (4.4.1 mx.slow.test: timed out")
+    assert destination_json(rows[1], now=160.0)["oldest_age"] == 60.0
