@@ -29,7 +29,7 @@ from nsmail.tenant.spool import SPOOL_IN_HOME, STATES
 
 MESSAGES = 1000
 KILLS = 5
-TIMEOUT = 60.0  # for every message to arrive; the back-offs alone take 31 s
+TIMEOUT = 120.0  # for every message to arrive; the back-offs alone take 31 s
 # States of a worker process that is up: "running" until its first report, then its own.
 LIVE = ("running", "idle", "delivering", "backing off")
 
