@@ -4,7 +4,9 @@ What nsmail echoes in a log line, an error, the status table or a listing may co
 tenant, a remote server, a DNS zone or a command line: a control character in it could
 start a forged log line, drive the terminal (escape sequences) or hide what follows. So
 each such string is shown through `printable` (one line) or `printable_lines` (message
-text). `nsmail-sendmail` imports this at every start, so it imports nothing.
+text); text that goes back onto the SMTP wire or into a header field, where only ASCII may
+go, through `wire_text`. `nsmail-sendmail` imports this at every start, so it imports
+nothing.
 """
 
 from __future__ import annotations
@@ -27,3 +29,9 @@ def printable_lines(data: bytes) -> str:
         "\t".join(printable(part) for part in line.removesuffix("\r").split("\t")) + "\n"
         for line in lines
     )
+
+
+def wire_text(text: str) -> str:
+    """`text` for an SMTP reply line or a header field: printable ASCII only (RFC 5321 4.2,
+    RFC 5322 2.2), anything else as "?"."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)

@@ -50,6 +50,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from nsmail.core.exitcodes import EX_NOPERM
 from nsmail.lab import topology
 from nsmail.lab.receiver import VERDICTS
 from nsmail.lab.scenario import (
@@ -97,7 +98,6 @@ GRACES = {
     "mx": SERVER_GRACE,
 }
 CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-EX_NOPERM = 77
 UNKNOWN = Proc("unknown", 0, 0)
 
 

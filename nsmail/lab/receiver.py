@@ -42,6 +42,8 @@ import dns.exception
 import dns.name
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from nsmail.core.text import wire_text
+
 from .serving import Endpoint, LabServer, parse_endpoint
 
 UNKNOWN = "unknown"
@@ -78,7 +80,7 @@ def address_literal(address: str) -> str:
 
 def received_from(helo: str, verified: str, address: str) -> str:
     """Sendmail's ``from`` clause: the HELO name, then the verified name and address."""
-    return f"from {_printable(helo)} ({verified} [{address_literal(address)}])"
+    return f"from {wire_text(helo)} ({verified} [{address_literal(address)}])"
 
 
 def received_header(
@@ -86,7 +88,7 @@ def received_header(
 ) -> str:
     """The Received header (RFC 5321 4.4), folded, ending in a newline."""
     # Sendmail names the recipient only when there is one, so no list of them leaks.
-    recipient = f"\n\tfor <{_printable(rcpts[0])}>" if len(rcpts) == 1 else ""
+    recipient = f"\n\tfor <{wire_text(rcpts[0])}>" if len(rcpts) == 1 else ""
     protocol = "ESMTP" if esmtp else "SMTP"
     return (
         f"Received: {from_clause}\n\tby {by} ({IDENT}) with {protocol} id {queue_id}"
@@ -100,16 +102,12 @@ def refusal(helo: str, verified: str, require_fcrdns: bool, helo_must_match: boo
         # RFC 7372 3.3: X.7.25, reverse DNS validation failed.
         return "550 5.7.25 Client address has no forward-confirmed name"
     if helo_must_match and _normal(helo) != verified:
-        return f"550 5.7.1 HELO name {_printable(helo)} is not the client name {verified}"
+        return f"550 5.7.1 HELO name {wire_text(helo)} is not the client name {verified}"
     return None
 
 
 def _normal(name: str) -> str:
     return name.rstrip(".").lower()
-
-
-def _printable(text: str) -> str:
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 async def verified_name(resolver: dns.asyncresolver.Resolver, address: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.core.text import printable, printable_lines
+from nsmail.core.text import printable, printable_lines, wire_text
 
 
 def test_printable_escapes_what_could_forge_a_line_or_drive_a_terminal() -> None:
@@ -34,3 +34,8 @@ def test_printable_lines_keeps_lines_and_tabs() -> None:
 def test_printable_lines_are_printable_but_for_tabs(data: bytes) -> None:
     for line in printable_lines(data).splitlines():
         assert line.replace("\t", " ").isprintable()
+
+
+def test_wire_text_is_printable_ascii_only() -> None:
+    assert wire_text("HELO bücher\r\n\x1b[2J.test") == "HELO b?cher????[2J.test"
+    assert wire_text("plain 250 ok") == "plain 250 ok"

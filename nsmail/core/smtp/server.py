@@ -43,6 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from nsmail.core.text import wire_text
+
 # RFC 5321 4.5.3.1.4: 512 octets with CRLF, and the room MAIL's parameters add (RFC 1870
 # 3: 26 for SIZE; RFC 6531 3.4: 10 for SMTPUTF8; " BODY=8BITMIME": 14).
 MAX_COMMAND = 512 + 26 + 10 + 14
@@ -62,7 +64,7 @@ class Reply:
         lines = self.text.split("\n")
         last = len(lines) - 1
         return b"".join(
-            f"{self.code}{' ' if i == last else '-'}{_printable(line)}".encode("ascii")[
+            f"{self.code}{' ' if i == last else '-'}{wire_text(line)}".encode("ascii")[
                 : MAX_REPLY_LINE - 2
             ]
             + b"\r\n"
@@ -490,7 +492,3 @@ def _line_end_length(data: bytearray) -> int:
     if data.endswith(b"\r\n"):
         return 2
     return 1 if data.endswith((b"\r", b"\n")) else 0
-
-
-def _printable(text: str) -> str:
-    return "".join(c if " " <= c <= "~" else "?" for c in text)
