@@ -6,8 +6,9 @@ venv=/opt/nsmail/venv
 fail() { echo "provision: $*" >&2; exit 1; }
 
 # The rig's names and addresses (from rig.rb via the Vagrantfile) for later runs, the network
-# unit and the checks; the mail network's addresses and routes, now and at every boot; nsmail
-# in a venv (the mx runs its lab DNS server).
+# unit and the checks; the mail network's addresses and routes, now and at every boot. Each
+# role then installs nsmail its own way: hosting the Debian package, mx a venv (for its lab
+# DNS server, beside Postfix, which the package would replace).
 common_setup() {
   local role=$1
   local v
@@ -33,8 +34,6 @@ UNIT
   systemctl restart nsmail-rig-net.service || fail "the $role network setup failed"
   # The management network's DHCP must not replace the resolver the rig sets.
   printf 'make_resolv_conf() { :; }\n' >/etc/dhcp/dhclient-enter-hooks.d/nsmail-rig
-  ensure_packages postfix python3-venv
-  install_nsmail
 }
 
 # The offline box has them; a stock box needs a route out (NSMAIL_VAGRANT_MGMT=nat).
@@ -51,7 +50,20 @@ ensure_packages() {
     fail "cannot install ${missing[*]}: the box lacks them and the guest has no route out"
 }
 
-install_nsmail() {
+# The package from the host's scripts/build-deb (in /wheels), as an admin would install it;
+# its dependencies are in the offline box (vagrant/build-box), or come by NAT.
+install_nsmail_package() {
+  local deb
+  deb=$(ls /wheels/nsmail_*_all.deb 2>/dev/null | head -n1)
+  [ -n "$deb" ] || fail "no nsmail package in /wheels (scripts/build-deb makes it)"
+  if [ -n "$(ls /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null)" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" \
+    >/dev/null || fail "cannot install $deb"
+}
+
+install_nsmail_venv() {
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   if compgen -G "/wheels/nsmail-*.whl" >/dev/null; then
     # Offline: the guests have no route out.
@@ -61,6 +73,4 @@ install_nsmail() {
   else
     "$venv/bin/pip" install -q /nsmail
   fi
-  "$venv/bin/python" -m nsmail.submit.launcher "$venv/bin/nsmail-sendmail"
-  ln -sf "$venv/bin/nsmail" "$venv/bin/nsmail-sendmail" /usr/local/bin/
 }

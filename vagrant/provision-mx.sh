@@ -6,6 +6,8 @@
 # namespace lab's.
 . /nsmail/vagrant/lib.sh
 common_setup mx
+ensure_packages postfix python3-venv
+install_nsmail_venv
 
 install -d -m 755 /etc/nsmail-rig
 /opt/nsmail/venv/bin/python /nsmail/vagrant/records.py >/etc/nsmail-rig/records.json

@@ -36,10 +36,28 @@ from nsmail.tenant.spool import Spool
 WATCH_EVERY = 2.0
 
 
-def _setup_logging() -> None:
+def _setup_logging(log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_formatter(os.environ))
+    handler.setFormatter(log_formatter(os.environ, log_format))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def global_options(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--config PATH` (or `--config=PATH`) wherever it stands, before the verb or after
+    it, up to a `--` (after which the words are a command's own: `nsmail exec`); and the
+    other words. The last one given wins, as with any option (pure)."""
+    config, rest = None, []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            rest += [word, *words]
+        elif word == "--config":
+            config = next(words, "")
+        elif word.startswith("--config="):
+            config = word.partition("=")[2]
+        else:
+            rest.append(word)
+    return config, rest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--type", dest="kind", choices=("rsa", "ed25519"), default="rsa")
     flush = commands.add_parser("flush", help="retry deferred mail now (root)")
     flush.add_argument("tenant", nargs="*", help="only these domains (default: all)")
+    history = commands.add_parser(
+        "log", help="delivery history, one line per recipient and attempt (a tenant's own)"
+    )
+    history.add_argument("tenant", nargs="?", help="only this domain (a tenant's user: its own)")
+    history.add_argument(
+        "--since", metavar="TIME", help="from this date and time, or a span back (30m, 2h, 7d)"
+    )
+    history.add_argument("--to", metavar="ADDRESS", help="only attempts for this recipient")
+    history.add_argument("--json", action="store_true", help="JSON Lines, one event each")
+    completion = commands.add_parser("completion", help="print the shell completion script")
+    completion.add_argument("shell", choices=("bash",))
     commands.add_parser(
         "sendmail", help="submit a message, like sendmail(1)", add_help=False
     ).add_argument("args", nargs=argparse.REMAINDER)
@@ -112,10 +141,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    config_option, argv = global_options(sys.argv[1:] if argv is None else argv)
+    if config_option == "":
+        print("nsmail: --config needs a PATH", file=sys.stderr)
+        return EX_USAGE
     if "sendmail" in argv[:1]:
         from nsmail.submit import sendmail  # its own options, and kept lean
 
+        if config_option:  # sendmail's own way to be told
+            os.environ["NSMAIL_CONFIG"] = config_option
         return sendmail.main(argv[1:])
     if "demo" in argv[:1]:
         from nsmail.lab import demo  # its own options
@@ -126,7 +160,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Refused up front: later, a missing privilege shows as a misleading error.
         print(f"nsmail {args.command}: only root may do this", file=sys.stderr)
         return EX_NOPERM
-    path = Path(locate(args.config, os.environ))
+    path = Path(locate(config_option, os.environ))
+    if args.command == "completion":
+        print(completion_script(), end="")
+        return EX_OK
+    if args.command == "log":
+        from nsmail.commands import history
+
+        return history.main(path, args.tenant, args.since, args.to, args.json, os.getuid())
     if args.command == "queue":
         from nsmail.commands import (
             queue as queuetool,  # run by tenants' users too: it loads the config itself
@@ -158,10 +199,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "exec":
         return _exec(config, args)
     assert args.command == "supervise", args.command  # every other verb returned above
-    _setup_logging()
+    _setup_logging(config.log_format)
     from nsmail.root.supervisor import Supervisor  # root-only imports stay out of `status`
 
     return Supervisor(config).run()
+
+
+def mailq() -> int:
+    """`mailq`: the queue, as `nsmail queue list` shows it to the caller."""
+    return main(["queue", "list", *sys.argv[1:]])
+
+
+def newaliases() -> int:
+    """`newaliases`: Debian's tools run it after changing /etc/aliases; nsmail keeps no
+    aliases database to rebuild, so there is nothing to do."""
+    return EX_OK
+
+
+def completion_script() -> str:
+    from nsmail.commands import completion
+    from nsmail.commands import queue as queuetool
+
+    parser = _parser()
+    inner = {"queue": queuetool.parser()}
+    found = list(completion.levels(parser, inner))
+    return completion.bash(
+        found, {**completion.valued(parser), **completion.valued(inner["queue"])}
+    )
 
 
 def _root_only(args: argparse.Namespace) -> bool:

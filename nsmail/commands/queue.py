@@ -367,7 +367,8 @@ class _Parser(argparse.ArgumentParser):
         raise QueueError(EX_USAGE, message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The parser of `nsmail queue`'s words (also read by the completion and man page tests)."""
     parser = _Parser(prog=PROG, description="List and manage queued mail.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     tenant = _Parser(add_help=False)
@@ -409,7 +410,7 @@ def main(config_path: Path, argv: Sequence[str]) -> int:
 
 
 def _run(config_path: Path, argv: Sequence[str], uid: int) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     queue_ids: list[str] = (
         [args.queue_id] if args.verb == "show" else getattr(args, "queue_ids", [])
     )

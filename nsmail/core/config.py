@@ -42,7 +42,7 @@ DEFAULT_RUN_DIR = Path("/run/nsmail")
 DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
 HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
 
-_MAIN_TABLES = frozenset({"host", "network", "delivery", "tenant"})
+_MAIN_TABLES = frozenset({"host", "network", "delivery", "log", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset(
     {"name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group", "metrics"}
@@ -81,6 +81,8 @@ _DELIVERY_KEYS = frozenset(
 _DESTINATION_KEYS = frozenset(
     {"match", "initial_destination_concurrency", "destination_concurrency_limit", "family"}
 )
+_LOG_KEYS = frozenset({"format"})
+LOG_FORMATS = ("text", "json")  # the delivery events as Postfix's lines, or JSON objects
 TLS_POLICIES = ("may", "verify")
 FAMILIES = ("any", "ipv4", "ipv6")
 _TENANT_KEYS = frozenset(
@@ -113,6 +115,7 @@ TABLE_KEYS = {
     "network": _NETWORK_KEYS,
     "delivery": _DELIVERY_KEYS,
     "delivery.destination": _DESTINATION_KEYS,
+    "log": _LOG_KEYS,
     "tenant": _TENANT_KEYS,
 }
 
@@ -322,6 +325,7 @@ class Config:
     network: NetworkConfig
     delivery: DeliveryConfig
     tenants: tuple[Tenant, ...]
+    log_format: Literal["text", "json"] = "text"  # [log] format (nsmail.root.systemd)
 
     def tenant(self, domain: str) -> Tenant | None:
         return next((t for t in self.tenants if same_domain(t.domain, domain)), None)
@@ -394,7 +398,18 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
     registry.check_dkim_keys()
     _check_gateways(main, network, registry.tenants)
     registry.check_homes(lookup)
-    return Config(Path(main_file), host, network, delivery, tuple(registry.tenants))
+    log_format = _log_format(main.table("log", required=False))
+    return Config(Path(main_file), host, network, delivery, tuple(registry.tenants), log_format)
+
+
+def _log_format(table: _Table) -> Literal["text", "json"]:
+    table.reject_unknown(TABLE_KEYS["log"])
+    chosen = table.string_or("format", "text")
+    if chosen == "json":
+        return "json"
+    if chosen != "text":
+        raise table.error("format", f"{chosen!r} is not one of {', '.join(LOG_FORMATS)}")
+    return "text"
 
 
 def parse_resolv_conf(text: str) -> tuple[IPAddress, ...]:

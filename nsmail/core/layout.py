@@ -25,6 +25,7 @@ CORRUPT = "corrupt"
 STATES = (MAILDROP, INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
 TMP = "tmp"  # the worker's files while they are written, before their rename
 FLUSH_TRIGGER = "flush"  # created by `sendmail -q`: retry deferred mail now
+HISTORY = "history"  # the tenant's delivery events (`nsmail.tenant.history`), not a state
 
 
 def locate(cli_path: str | None, environ: Mapping[str, str]) -> str:

@@ -901,7 +901,10 @@ def _identities(config: Config) -> list[Tenant]:
 def _prepare_host_spool(host: Tenant) -> None:
     # A path of root's configuration, not a tenant's: root may make it, for host.user.
     host.spool.mkdir(mode=0o755, parents=True, exist_ok=True)
-    os.chown(host.spool, host.uid, host.gid)
+    owner = host.spool.stat()
+    if (owner.st_uid, owner.st_gid) != (host.uid, host.gid):
+        # Only then: nsmail.service keeps no CAP_CHOWN (the package makes the spool).
+        os.chown(host.spool, host.uid, host.gid)
 
 
 def _taken(slot: Slot) -> tuple[int, float]:

@@ -1,15 +1,17 @@
 """`python -m nsmail.submit.launcher PATH`: install the `nsmail-sendmail` command at PATH.
 
-The command starts once per message, so it is not pip's console script: that runs
-`site` first (every .pth file of the venv, 2-3 ms of a 12 ms submission). The launcher
+The command starts once per message, so it is not pip's console script (which a plain
+`pip install` still gives, working but slower): that runs `site` first (every .pth file
+of the venv, 2-3 ms of a 12 ms submission) and imports `re`. The launcher
 starts the interpreter with -I -S instead and puts nsmail's own directory first on
 sys.path, which is all a submission needs (it uses built-in modules only; see
 `nsmail.submit.sendmail`), and the installation's site-packages last, for the rarer modes (-bp)
 that import more. -I also keeps a caller's PYTHONPATH, PYTHONSTARTUP and the like,
 set by a tenant's web app or shell, out of the command.
 
-`scripts/bootstrap` and the Vagrant rig's provisioning run it after installing nsmail:
-the launcher names this interpreter and this installation of nsmail.
+`scripts/bootstrap` runs it after installing nsmail: the launcher names this interpreter
+and this installation of nsmail. The Debian package writes one for every console script
+(`debian/launchers`), naming the paths it installs to.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ import nsmail
 from nsmail.core.exitcodes import EX_CANTCREAT, EX_OK, EX_USAGE
 from nsmail.submit.maildrop import write_all
 
+SENDMAIL = "nsmail.submit.sendmail:main"
 
-def launcher(python: str, home: str, packages: list[str]) -> str:
+
+def launcher(python: str, home: str, packages: list[str], entry: str = SENDMAIL) -> str:
     """The launcher's text: `python` with -I -S, importing nsmail from `home` and anything
-    else from `packages` (pure)."""
+    else from `packages`, calling `entry` ("module:function", as a console script's) (pure)."""
+    module, _, function = entry.partition(":")
     return (
         f"#!{python} -IS\n"
-        "# nsmail-sendmail, written by `python -m nsmail.submit.launcher`.\n"
+        "# Written by nsmail.submit.launcher.\n"
         "import sys\n"
         f"sys.path.insert(0, {home!r})\n"
         f"sys.path += {packages!r}\n"
-        "from nsmail.submit.sendmail import main\n"
-        "sys.exit(main())\n"
+        f"from {module} import {function}\n"
+        f"sys.exit({function}())\n"
     )
 
 

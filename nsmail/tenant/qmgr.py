@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from nsmail.core import addresses, dkim, dsn, headers, retry
+from nsmail.core import addresses, dkim, dsn, events, headers, retry
 from nsmail.core.message import MAX_LINE, Body, Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Deferral, Envelope, QueueFileError, frame
@@ -38,6 +38,7 @@ from nsmail.core.report import (
     Tally,
 )
 from nsmail.core.text import printable
+from nsmail.tenant.history import History
 from nsmail.tenant.spool import (
     ACTIVE,
     CORRUPT,
@@ -103,6 +104,7 @@ class QueueManager:
     _taken_in: deque[float] = field(default_factory=deque)  # when, in the last hour
     next_due: float = 0.0  # earliest next attempt among deferred messages
     progress: Callable[[], None] = lambda: None  # told after every attempt (status reports)
+    history: History | None = None  # where each attempt's event is kept, for `nsmail log`
     # What the worker reports to the supervisor (nsmail.core.report).
     tally: Tally = field(default_factory=Tally)
     last_error: str | None = None
@@ -402,38 +404,39 @@ class QueueManager:
     def _log(
         self, taken: Taken, outcomes: list[Outcome], delays: Mapping[str, Delays], now: float
     ) -> None:
-        """One line per recipient and attempt, like Postfix's smtp(8) lines; and counted.
+        """One event per recipient and attempt (nsmail.core.events), logged as Postfix's
+        smtp(8) lines are, kept in the history and counted.
         `delays` splits the time as Postfix's delays=a/b/c/d does: in the queue before this
         attempt, waiting here for a session, opening it, transferring."""
         envelope = taken.envelope
         queued = max(0.0, taken.taken_at - envelope.arrival)
         for o in outcomes:
             self.tally.add(str(o.status), now)
+            reply = f"{o.code or ''} {o.text}".strip()
             if o.status == Status.DELIVERED:
                 self.last_delivery_at = now
                 self.tally.observe_latency(now - envelope.arrival)
             else:
-                reply = f"{o.code or ''} {o.text}".strip()
                 self.last_error = printable(f"<{o.recipient}>: {reply}")[:MAX_TEXT]
                 self.last_error_at = now
             split = delays.get(o.recipient, Delays())
-            log.info(
-                "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f"
-                " delays=%.2g/%.2g/%.2g/%.2g dsn=%s status=%s (%s)",
-                taken.queue_id,
-                self.domain,
-                printable(envelope.sender),
-                printable(o.recipient),
-                o.relay or "none",
-                max(0.0, now - envelope.arrival),
-                queued,
-                split.waiting,
-                split.connecting,
-                split.transferring,
-                _enhanced_status(o),
-                o.status,
-                printable(f"{o.code or ''} {o.text}".strip()),
+            event = events.Event(
+                time=now,
+                tenant=self.domain,
+                queue_id=taken.queue_id,
+                sender=envelope.sender,
+                recipient=o.recipient,
+                relay=o.relay or "none",
+                delay=max(0.0, now - envelope.arrival),
+                delays=(queued, split.waiting, split.connecting, split.transferring),
+                dsn=_enhanced_status(o),
+                status=str(o.status),
+                reply=reply,
             )
+            # The JSON log format (nsmail.root.systemd) writes the event itself.
+            log.info("%s", events.text(event), extra={"event": event})
+            if self.history is not None:
+                self.history.record(event)
 
     # -- bounces ------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from nsmail.core.report import encode as encode_report
 from nsmail.core.scheduler import State
 from nsmail.tenant import dkim, inotify
 from nsmail.tenant.engine import Engine
+from nsmail.tenant.history import History
 from nsmail.tenant.local import LocalAgent
 from nsmail.tenant.qmgr import QueueManager
 from nsmail.tenant.remote import Remote
@@ -121,6 +122,7 @@ def prepare(
     limits = tenant.limits(delivery)
     queue = QueueManager(
         spool=Spool(home / tenant.spool_in_home),
+        history=History(home / tenant.spool_in_home),
         domain=tenant.domain,
         foreign_senders=tenant.foreign_senders,
         reporting_mta=tenant.ehlo,
