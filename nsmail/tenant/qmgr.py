@@ -417,14 +417,16 @@ class QueueManager:
                 self.last_error = printable(f"<{o.recipient}>: {reply}")[:MAX_TEXT]
                 self.last_error_at = now
             split = delays.get(o.recipient, Delays())
+            # tls= only where a session was tried: which policy applied, what came of it.
             log.info(
-                "%s: tenant=%s from=<%s> to=<%s> relay=%s delay=%.1f"
+                "%s: tenant=%s from=<%s> to=<%s> relay=%s%s delay=%.1f"
                 " delays=%.2g/%.2g/%.2g/%.2g dsn=%s status=%s (%s)",
                 taken.queue_id,
                 self.domain,
                 printable(envelope.sender),
                 printable(o.recipient),
                 o.relay or "none",
+                f" tls={o.tls}" if o.tls else "",
                 max(0.0, now - envelope.arrival),
                 queued,
                 split.waiting,

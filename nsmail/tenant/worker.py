@@ -47,6 +47,7 @@ from nsmail.core.scheduler import State
 from nsmail.tenant import dkim, inotify
 from nsmail.tenant.engine import Engine
 from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.policies import CACHE_DIR as POLICY_CACHE
 from nsmail.tenant.qmgr import QueueManager
 from nsmail.tenant.remote import Remote
 from nsmail.tenant.resolver import make_resolver, use_relay
@@ -143,7 +144,14 @@ def prepare(
     engine = Engine(
         queue,
         LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
-        Remote(tenant, delivery, shared.resolver, shared.tls, shared.rng),
+        Remote(
+            tenant,
+            delivery,
+            shared.resolver,
+            shared.tls,
+            shared.rng,
+            policy_cache=queue.spool.root / POLICY_CACHE,
+        ),
         delivery.active_limit,
     )
     return Worker(queue, engine, delivery.scan_interval, report_channel, delivery.idle_exit)
