@@ -97,6 +97,7 @@ class Policies:
     cache_dir: Path | None  # where policies are kept between workers; None: memory only
     clock: Callable[[], float] = time.time
     fetch_timeout: float = FETCH_TIMEOUT
+    https_port: int = HTTPS_PORT  # RFC 8461 3.3 names none but HTTPS's; tests move it
     _cached: dict[str, Cached | None] = field(default_factory=dict)
     _fetching: dict[str, asyncio.Task[Cached | None]] = field(default_factory=dict)
 
@@ -205,7 +206,9 @@ class Policies:
         last = FetchError(f"{host} could not be reached")
         for address in addresses:
             try:
-                sock = await connect(address, HTTPS_PORT, self.source(address), self.fetch_timeout)
+                sock = await connect(
+                    address, self.https_port, self.source(address), self.fetch_timeout
+                )
             except SessionError as e:  # this address, then the next
                 last = FetchError(f"{host}[{address}]: {e.failure.words}")
                 continue
