@@ -33,7 +33,6 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import dns.resolver
 
 from nsmail.core import dane, mtasts
 from nsmail.core.mtasts import Cached, FetchError, Mode, Policy, Step
+from nsmail.core.tlspolicy import TlsPolicy
 from nsmail.tenant.resolver import BACKEND, validated
 from nsmail.tenant.smtp import SessionError, connect
 
@@ -57,19 +57,6 @@ CACHE_DIR = "mta-sts"  # in the tenant's spool
 _READ = mtasts.MAX_POLICY + 16 * 1024  # the body's bound, and room for the header
 # A cache file is named by its domain: LDH labels only (the domain comes from an address).
 _FILE_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)+")
-
-
-class TlsPolicy(StrEnum):
-    """What governs a session's TLS; a log line's `tls=` when it demands more than `may`."""
-
-    MAY = "may"  # opportunistic (RFC 7435): whatever the server offers
-    VERIFIED = "verified"  # the operator's `tls = "verify"`: a certificate valid for the host
-    DANE = "dane"  # the host's TLSA records (RFC 7672)
-    MTA_STS = "mta-sts"  # the domain's MTA-STS policy in enforce mode (RFC 8461)
-    MTA_STS_TESTING = "mta-sts-testing"  # ... in testing mode: failures only reported
-
-
-DEMANDING = tuple(p for p in TlsPolicy if p is not TlsPolicy.MAY)
 
 
 @dataclass(frozen=True, slots=True)

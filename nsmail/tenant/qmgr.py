@@ -33,6 +33,7 @@ from nsmail.core.report import (
     MAX_DESTINATIONS,
     MAX_TEXT,
     QUEUE_STATES,
+    TLS_POLICIES,
     Destination,
     Report,
     Tally,
@@ -119,10 +120,12 @@ class QueueManager:
         *,
         sessions: int = 0,
         destinations: tuple[Destination, ...] = (),
+        tls_failures: Mapping[str, int] | None = None,
     ) -> Report:
         return Report(
             sessions=sessions,
             destinations=destinations[:MAX_DESTINATIONS],
+            tls_failures={p: (tls_failures or {}).get(p, 0) for p in TLS_POLICIES},
             domain=self.domain,
             state=state,
             queue=self.counts(),

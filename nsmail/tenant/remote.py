@@ -51,7 +51,8 @@ from nsmail.core.routing import NullMX, route
 from nsmail.core.scheduler import Policy, Result
 from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
 from nsmail.core.smtp.reply import tls_failed
-from nsmail.tenant.policies import DEMANDING, MAY, Demand, Policies, TlsPolicy
+from nsmail.core.tlspolicy import DEMANDING, TlsPolicy
+from nsmail.tenant.policies import MAY, Demand, Policies
 from nsmail.tenant.resolver import BACKEND, validated
 from nsmail.tenant.smtp import (
     Dane,

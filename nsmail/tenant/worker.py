@@ -226,7 +226,13 @@ class Worker:
             for d in engine.destinations()
             if d.state != State.ACTIVE
         )
-        return self.queue.report(state, now, sessions=engine.sessions, destinations=unavailable)
+        return self.queue.report(
+            state,
+            now,
+            sessions=engine.sessions,
+            destinations=unavailable,
+            tls_failures=engine.remote.tls_failures,
+        )
 
     def _woken(self) -> None:
         if self._wake is not None:
