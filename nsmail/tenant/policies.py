@@ -25,9 +25,7 @@ with bounds; a cache file that does not parse counts as none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import re
 import ssl
 import time
@@ -42,9 +40,10 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from nsmail.core import dane, mtasts
+from nsmail.core import dane, mtasts, tlsrpt
 from nsmail.core.mtasts import Cached, FetchError, Mode, Policy, Step
 from nsmail.core.tlspolicy import TlsPolicy
+from nsmail.tenant import statefile
 from nsmail.tenant.resolver import BACKEND, validated
 from nsmail.tenant.smtp import SessionError, connect
 
@@ -68,6 +67,7 @@ class Demand:
     # Why the host cannot be used as the policy wants (not allowed by the MTA-STS policy,
     # its TLSA lookup failed): enforced, no connection; in testing mode, only reported.
     problem: str | None = None
+    report: tlsrpt.Policy | None = None  # the policy as a TLS report names it (RFC 8460)
 
 
 MAY = Demand(TlsPolicy.MAY)
@@ -96,13 +96,13 @@ class Policies:
         policy = await self.mta_sts(domain)
         found = []
         for host in hosts:
-            by_dane = await self.dane(host, port) if mx_validated else None
-            found.append(by_dane or _by_mta_sts(policy, host))
+            by_dane = await self.dane(domain, host, port) if mx_validated else None
+            found.append(by_dane or _by_mta_sts(domain, policy, host))
         return tuple(found)
 
     # -- DANE -----------------------------------------------------------------------------
 
-    async def dane(self, host: str, port: int) -> Demand | None:
+    async def dane(self, domain: str, host: str, port: int) -> Demand | None:
         """What the host's TLSA records demand (the MX answer being validated), or None
         when DANE does not apply to it."""
         name = dane.base_name(host, port)
@@ -114,15 +114,13 @@ class Policies:
             return None  # RFC 7672 2.2: no TLSA records, no DANE
         except dns.exception.DNSException as e:
             why = f"the TLSA lookup of {name} failed ({e}): DANE cannot be checked"
-            return Demand(TlsPolicy.DANE, problem=why)
+            return Demand(TlsPolicy.DANE, problem=why, report=tlsrpt.Policy(domain, "tlsa"))
         if not validated(answer):
             return None  # an unvalidated answer is as good as none (RFC 7672 2.1)
-        records = tuple(
-            dane.Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
-            for r in answer
-            if r.rdtype == dns.rdatatype.TLSA
-        )
-        return Demand(TlsPolicy.DANE, dane.usable(records))
+        tlsa = [r for r in answer if r.rdtype == dns.rdatatype.TLSA]
+        records = tuple(dane.Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in tlsa)
+        described = tlsrpt.Policy(domain, "tlsa", tuple(r.to_text() for r in tlsa))
+        return Demand(TlsPolicy.DANE, dane.usable(records), report=described)
 
     # -- MTA-STS --------------------------------------------------------------------------
 
@@ -223,12 +221,8 @@ class Policies:
         if domain in self._cached:
             return self._cached[domain]
         path = self._path(domain)
-        found = None
-        if path is not None:
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                with os.fdopen(fd, "rb") as f:
-                    found = mtasts.load(f.read(_READ))
+        data = None if path is None else statefile.read(path, _READ)
+        found = None if data is None else mtasts.load(data)
         self._cached[domain] = found
         return found
 
@@ -237,23 +231,18 @@ class Policies:
         path = self._path(domain)
         if path is None:
             return
-        temporary = path.with_name(f".{domain}.tmp")
         try:
-            path.parent.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(mtasts.dump(cached))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
+            statefile.replace(path, mtasts.dump(cached))
         except OSError as e:  # a full disk: the policy still applies from memory
             log.warning("MTA-STS policy of %s not cached on disk: %s", domain, e)
 
 
-def _by_mta_sts(policy: Policy | None, host: str) -> Demand:
-    """What `policy` demands of `host` (RFC 8461 4.1, 5)."""
+def _by_mta_sts(domain: str, policy: Policy | None, host: str) -> Demand:
+    """What `domain`'s MTA-STS `policy` demands of `host` (RFC 8461 4.1, 5)."""
     if policy is None:
-        return MAY
+        return Demand(TlsPolicy.MAY, report=tlsrpt.Policy(domain, "no-policy-found"))
     problem = None if policy.allows(host) else f"{host} is not an MX host of its MTA-STS policy"
     testing = policy.mode is Mode.TESTING
-    return Demand(TlsPolicy.MTA_STS_TESTING if testing else TlsPolicy.MTA_STS, problem=problem)
+    described = tlsrpt.Policy(domain, "sts", tuple(policy.text().splitlines()), policy.mx)
+    kind = TlsPolicy.MTA_STS_TESTING if testing else TlsPolicy.MTA_STS
+    return Demand(kind, problem=problem, report=described)

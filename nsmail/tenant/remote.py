@@ -44,6 +44,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from nsmail.core import tlsrpt
 from nsmail.core.config import DeliveryConfig, DestinationRule, SmtpTimeouts, Tenant
 from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome, Status
@@ -62,6 +63,7 @@ from nsmail.tenant.smtp import (
     TlsContexts,
     open_session,
 )
+from nsmail.tenant.tlsreports import TlsReports, result_of
 
 Address = IPv4Address | IPv6Address
 
@@ -108,8 +110,15 @@ class Route:
     @property
     def destination(self) -> str:
         """The scheduler's name for it: the hosts, and the TLS policies and family when
-        they narrow what a session to those hosts may carry."""
-        name = ",".join(sorted(self.hosts))
+        they narrow what a session to those hosts may carry. A host the policy forbids
+        is marked "!": a domain whose policy forbids it never shares the session of one
+        whose policy allows it."""
+        forbidden = {
+            host
+            for host, demand in zip(self.hosts, self.demands, strict=True)
+            if demand.problem is not None and demand.policy is not TlsPolicy.MTA_STS_TESTING
+        }
+        name = ",".join(sorted(f"!{h}" if h in forbidden else h for h in self.hosts))
         policies = sorted({d.policy for d in self.demands} - {TlsPolicy.MAY})
         if policies:
             name += "/" + "+".join(policies)
@@ -151,6 +160,8 @@ class Remote:
     policy_cache: Path | None = None  # the tenant's MTA-STS policies on disk
     # Sessions each policy failed to have as it demands (TLS, or a host it does not allow).
     tls_failures: Counter[str] = field(default_factory=Counter)
+    # Told of each session under a receiver's policy, for TLS reports (RFC 8460); None: off.
+    reports: TlsReports | None = None
     _tls_broken: dict[Address, float] = field(default_factory=dict)
     policies: Policies = field(init=False)
 
@@ -227,7 +238,8 @@ class Remote:
     ) -> tuple[Demand, ...]:
         policy = self.tenant.tls or self.config.tls
         if policy == "verify" or domain in self.config.tls_verify:
-            return tuple(Demand(TlsPolicy.VERIFIED) for _ in hosts)
+            described = tlsrpt.Policy(domain, "no-policy-found")  # the operator's, not theirs
+            return tuple(Demand(TlsPolicy.VERIFIED, report=described) for _ in hosts)
         return await self.policies.demands(
             domain, hosts, mx_validated=mx_validated, port=self.config.port
         )
@@ -249,6 +261,7 @@ class Remote:
                 # A host the policy does not allow: never connected to, unless the policy
                 # is only being tested (RFC 8461 5: then delivered as without it).
                 self.tls_failures[demand.policy] += 1
+                self._report(demand, host, None, tls_failed(Stage.TLS, demand.problem))
                 if demand.policy is not TlsPolicy.MTA_STS_TESTING:
                     found, relay = True, host
                     last = tls_failed(Stage.TLS, demand.problem)
@@ -268,9 +281,12 @@ class Remote:
                     last = e.failure
                     if last.kind is Kind.TLS and demand.policy in DEMANDING:
                         self.tls_failures[demand.policy] += 1
+                        self._report(demand, host, address, last)
                     if last.kind is Kind.REPLY:
                         throttled = throttled is not False and last.slow_down
                     continue
+                if demand.policy is not TlsPolicy.MTA_STS_TESTING or label == TlsPolicy.MTA_STS:
+                    self._report(demand, host, address, None)  # (a fallback is a failure)
                 return Opened(session, relay, self.clock() - started, label)
         if not found:
             if route.implicit and not temporary_lookup:
@@ -299,6 +315,7 @@ class Remote:
                 if e.failure.kind is not Kind.TLS:
                     raise
                 self.tls_failures[policy] += 1  # RFC 8461 5: reported, delivered as before
+                self._report(demand, host, address, e.failure)
         elif policy is not TlsPolicy.MAY:
             return await self._connect(host, address, TlsMode.VERIFY), policy
         session = await self._opportunistic(host, address)
@@ -333,6 +350,19 @@ class Remote:
             server_name=host,
             dane=dane,
         )
+
+    def _report(
+        self, demand: Demand, host: str, address: Address | None, failure: Failure | None
+    ) -> None:
+        """Tell the TLS reports of one session under a receiver's policy."""
+        if self.reports is None or demand.report is None:
+            return
+        detail = None
+        if failure is not None:
+            source = self._source(address) if address is not None else None
+            sending = source or self.tenant.ipv6 or self.tenant.ipv4
+            detail = tlsrpt.Detail(result_of(failure), str(sending or ""), host, str(address or ""))
+        self.reports.record(demand.report, detail)
 
     def _source(self, address: Address) -> Address | None:
         """The tenant's address of the family of `address` (None: the host's own mail)."""

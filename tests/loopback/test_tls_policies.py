@@ -7,8 +7,6 @@ fetch failing): nothing is sent in clear or to a server the policy forbids."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from dns_servers import dns_stack
 from engine_harness import Harness
 from loopback_tenant import make_tenant
 from pki import Issued, Pki
+from policy_server import serving
 from smtp_servers import Recorder, free_port
 
 from nsmail.core.config import DeliveryConfig
@@ -26,7 +25,6 @@ from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Envelope
 
-POLICY_SERVER = Path(__file__).parents[1] / "support" / "policy_server.py"
 BODY = Message.of(b"Subject: test\n\nhello\n")
 MX = "mx.rcpt.test"
 ENFORCE = "version: STSv1\nmode: enforce\nmx: mx.rcpt.test\nmax_age: 86400\n"
@@ -37,22 +35,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-@contextlib.contextmanager
-def policy_server(pki: Pki, directory: Path, policy: str | None) -> Iterator[int]:
+def policy_server(pki: Pki, directory: Path, policy: str | None) -> Any:
     """The HTTPS server of rcpt.test's policy (none: it answers 404); yields its port."""
-    issued = pki.issue("mta-sts.rcpt.test")
-    (directory / "rcpt.test.crt").write_bytes(issued.cert.read_bytes())
-    (directory / "rcpt.test.key").write_bytes(issued.key.read_bytes())
-    if policy is not None:
-        (directory / "rcpt.test.txt").write_text(policy)
-    port = free_port()
-    command = [sys.executable, str(POLICY_SERVER), "127.0.0.1", str(port), str(directory)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
-        try:
-            assert server.stdout is not None and server.stdout.readline() == "ready\n"
-            yield port
-        finally:
-            server.kill()
+    return serving(pki, directory, {"rcpt.test": policy})
 
 
 def zone(mx_port: int, *, mta_sts: str | None = None, tlsa: str | None = None) -> Any:

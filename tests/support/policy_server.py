@@ -3,7 +3,8 @@ that a test can start it in any network namespace:
 
     python policy_server.py ADDRESS PORT DIRECTORY
 
-It serves `/.well-known/mta-sts.txt` for the host `mta-sts.<domain>` from
+`serving` runs it on loopback for the tests of that tier. It serves
+`/.well-known/mta-sts.txt` for the host `mta-sts.<domain>` from
 `DIRECTORY/<domain>.txt` (text/plain), with the certificate `DIRECTORY/<domain>.crt` and
 key `.key` chosen by SNI (so one server can stand for many domains, and a test can give
 one a wrong certificate); 404 for anything else. It prints "ready" once it listens.
@@ -14,12 +15,19 @@ LDH characters.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import re
 import socket
 import ssl
+import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pki import Pki
 
 _DOMAIN = re.compile(r"mta-sts\.([a-z0-9-]+(\.[a-z0-9-]+)+)")
 
@@ -64,6 +72,32 @@ def main(address: str, port: int, directory: Path) -> None:
     server.socket = default.wrap_socket(server.socket, server_side=True)
     print("ready", flush=True)
     server.serve_forever()
+
+
+def publish(pki: Pki, directory: Path, policies: Mapping[str, str | None]) -> None:
+    """Policies (None: a 404) and certificates for `mta-sts.<domain>` into `directory`."""
+    for domain, policy in policies.items():
+        issued = pki.issue(f"mta-sts.{domain}")
+        (directory / f"{domain}.crt").write_bytes(issued.cert.read_bytes())
+        (directory / f"{domain}.key").write_bytes(issued.key.read_bytes())
+        if policy is not None:
+            (directory / f"{domain}.txt").write_text(policy)
+
+
+@contextlib.contextmanager
+def serving(pki: Pki, directory: Path, policies: Mapping[str, str | None]) -> Iterator[int]:
+    """The server on 127.0.0.1 for `policies` (see `publish`); yields its port."""
+    publish(pki, directory, policies)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    command = [sys.executable, __file__, "127.0.0.1", str(port), str(directory)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            assert server.stdout is not None and server.stdout.readline() == "ready\n"
+            yield port
+        finally:
+            server.kill()
 
 
 if __name__ == "__main__":
