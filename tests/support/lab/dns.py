@@ -176,7 +176,7 @@ class Nsd:
             path = self.dir / f"{zone}.zone"
             path.write_text(text)
             if zone == "test" and self._key is not None:
-                unsigned, path = path, path.with_suffix(".signed")
+                unsigned, path = path, path.with_name(f"{path.name}.signed")
                 subprocess.run(
                     ["ldns-signzone", "-f", str(path), str(unsigned), str(self._key)],
                     capture_output=True,

@@ -87,8 +87,10 @@ class Unbound:
             "  control-enable: no",
         ]
         stubs = [f'stub-zone:\n  name: "{zone}."\n  stub-addr: {DNS_V4}' for zone in ZONES]
-        # Outside the trust anchor (the reverse zones): insecure, never bogus.
+        # Outside the trust anchor (the reverse zones): insecure, never bogus. And none of
+        # them answered by Unbound itself (RFC 6761 and 6303 names are, by default).
         insecure = [f'  domain-insecure: "{zone}."' for zone in ZONES if zone != "test"]
+        insecure += [f'  local-zone: "{zone}." nodefault' for zone in ZONES]
         return "\n".join(server[:-2] + insecure + server[-2:] + stubs) + "\n"
 
     def _wait_started(self) -> None:
