@@ -1,10 +1,10 @@
 """A real receiving side for end-to-end tests: namespaces, NSD and a strict Postfix.
 
 Use it as ``from lab import Lab, Nsd, Postfix, forward_and_reverse`` (tests/support is
-on sys.path); ``Unbound`` validates a signed NSD for the TLS policy tests. The network,
-its addresses and names are ``nsmail.lab.topology``'s, the one
-the demo builds too; ``topology`` here gives each test its own, ``dns`` and ``postfix``
-are the servers. Everything needs root.
+on sys.path). The network, its addresses and names are ``nsmail.lab.topology``'s, the one
+the demo builds too; ``topology`` here gives each test its own, ``dns``, ``postfix`` and
+``unbound`` (validating a signed NSD, for the TLS policy tests) are the servers.
+Everything needs root.
 
 Security: test infrastructure, runs as root; creates only prefixed namespaces and
 documentation addresses inside them.
