@@ -169,7 +169,7 @@ class Remote:
         self.policies = Policies(
             self.resolver,
             self.contexts.verifying,
-            lambda host: self._reachable(host),
+            self._reachable,
             self._source,
             self.policy_cache,
         )
@@ -260,11 +260,11 @@ class Remote:
             if demand.problem is not None:
                 # A host the policy does not allow: never connected to, unless the policy
                 # is only being tested (RFC 8461 5: then delivered as without it).
+                forbidden = tls_failed(Stage.TLS, demand.problem)
                 self.tls_failures[demand.policy] += 1
-                self._report(demand, host, None, tls_failed(Stage.TLS, demand.problem))
+                self._report(demand, host, None, forbidden)
                 if demand.policy is not TlsPolicy.MTA_STS_TESTING:
-                    found, relay = True, host
-                    last = tls_failed(Stage.TLS, demand.problem)
+                    found, relay, last = True, host, forbidden
                     continue
                 demand = MAY
             addresses, lookup_failed = await self._addresses(host, route.family)
@@ -305,8 +305,7 @@ class Remote:
         policy = demand.policy
         if policy is TlsPolicy.DANE:
             # RFC 7672 3.2.3: a DANE-TA chain names the MX host or the recipient domain.
-            names = (host, domain)
-            dane = Dane(demand.tlsa, names)
+            dane = Dane(demand.tlsa, (host, domain))
             return await self._connect(host, address, TlsMode.VERIFY, dane), policy
         if policy is TlsPolicy.MTA_STS_TESTING:
             try:

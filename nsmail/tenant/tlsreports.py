@@ -74,16 +74,19 @@ class TlsReports:
         self._resolver = resolver
         self._signer = signer
         self._clock = clock
-        today = tlsrpt.day_of(clock())
-        self.tally = self._load(self._dir / today) or tlsrpt.Tally(today)
+        # Read at the first session, in the jail: made before it, the spool's path would
+        # be read on the host's file system.
+        self._tally: tlsrpt.Tally | None = None
         self._saved = clock()
 
     def record(self, policy: tlsrpt.Policy, failure: tlsrpt.Detail | None) -> None:
-        now = self._clock()
-        if tlsrpt.day_of(now) != self.tally.day:
+        today = tlsrpt.day_of(self._clock())
+        if self._tally is not None and self._tally.day != today:
             self.save()
-            self.tally = tlsrpt.Tally(tlsrpt.day_of(now))
-        self.tally.add(policy, failure)
+            self._tally = None
+        if self._tally is None:
+            self._tally = self._load(self._dir / today) or tlsrpt.Tally(today)
+        self._tally.add(policy, failure)
 
     def save_if_due(self) -> None:
         if self._clock() - self._saved >= SAVE_EVERY:
@@ -91,10 +94,11 @@ class TlsReports:
 
     def save(self) -> None:
         self._saved = self._clock()
-        if not self.tally.policies:
+        tally = self._tally
+        if tally is None or not tally.policies:
             return
         try:
-            statefile.replace(self._dir / self.tally.day, tlsrpt.dump(self.tally))
+            statefile.replace(self._dir / tally.day, tlsrpt.dump(tally))
         except OSError as e:
             log.warning("%s: the TLS report tally was not saved: %s", self._domain, e)
 
