@@ -44,7 +44,7 @@ from nsmail.core import dane, mtasts, tlsrpt
 from nsmail.core.mtasts import Cached, FetchError, Mode, Policy, Step
 from nsmail.core.tlspolicy import TlsPolicy
 from nsmail.tenant import statefile
-from nsmail.tenant.resolver import BACKEND, validated
+from nsmail.tenant.resolver import BACKEND, texts, validated
 from nsmail.tenant.smtp import SessionError, connect
 
 log = logging.getLogger("nsmail.tenant.policies")
@@ -143,17 +143,8 @@ class Policies:
         return cached.policy
 
     async def _record(self, domain: str) -> mtasts.Record | None:
-        try:
-            answer = await self.resolver.resolve(
-                dns.name.from_text(f"_mta-sts.{domain}"),
-                dns.rdatatype.TXT,
-                search=False,
-                backend=BACKEND,
-            )
-        except dns.exception.DNSException:
-            return None  # none, or not known now: a cached policy still applies
-        texts = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
-        return mtasts.parse_record(texts)
+        # None when there is none, or it is not known now: a cached policy still applies.
+        return mtasts.parse_record(await texts(self.resolver, f"_mta-sts.{domain}"))
 
     async def _fetch_once(self, domain: str, record_id: str) -> Cached | None:
         """One fetch per domain at a time, however many messages wait for it."""

@@ -31,6 +31,7 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 
 # The relay answers over a datagram socket, so a response is never truncated to 512 or a
@@ -165,6 +166,18 @@ def make_resolver() -> dns.asyncresolver.Resolver:
     resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.use_edns(0, dns.flags.DO, MAX_MESSAGE)
     return resolver
+
+
+async def texts(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    """The TXT records of `name`, each its strings joined (RFC 7208 3.3's way); none when
+    there are none, or the lookup failed."""
+    try:
+        answer = await resolver.resolve(
+            dns.name.from_text(name), dns.rdatatype.TXT, search=False, backend=BACKEND
+        )
+    except dns.exception.DNSException:
+        return []
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
 
 def validated(answer: dns.resolver.Answer) -> bool:

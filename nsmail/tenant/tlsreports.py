@@ -31,7 +31,7 @@ from nsmail.core.message import Message
 from nsmail.core.queuefile import Envelope, frame
 from nsmail.core.smtp import Failure, Stage
 from nsmail.tenant import statefile
-from nsmail.tenant.resolver import BACKEND
+from nsmail.tenant.resolver import texts
 from nsmail.tenant.spool import INCOMING, Spool, new_queue_id
 
 log = logging.getLogger("nsmail.tenant.tlsreports")
@@ -152,17 +152,7 @@ class TlsReports:
         log.info("%s: TLS report %s for %s to %s", queue_id, tally.day, domain, recipients)
 
     async def _rua(self, domain: str) -> tuple[str, ...]:
-        try:
-            answer = await self._resolver.resolve(
-                dns.name.from_text(f"_smtp._tls.{domain}"),
-                dns.rdatatype.TXT,
-                search=False,
-                backend=BACKEND,
-            )
-        except dns.exception.DNSException:
-            return ()
-        texts = [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
-        return tlsrpt.parse_record(texts) or ()
+        return tlsrpt.parse_record(await texts(self._resolver, f"_smtp._tls.{domain}")) or ()
 
     def _load(self, path: Path) -> tlsrpt.Tally | None:
         data = statefile.read(path, MAX_FILE)
