@@ -59,8 +59,9 @@ MAX_REPLY = 1 << 20
 
 
 def render(findings: Sequence[Finding]) -> str:
-    """The text report: one line per problem, or "all clear"."""
-    return "\n".join([f.line() for f in findings if not f.ok] or ["all clear"])
+    """The text report: one line per problem, or "all clear"; then one per advice."""
+    problems = [f.line() for f in findings if not f.ok] or ["all clear"]
+    return "\n".join(problems + [f.line() for f in findings if f.advice])
 
 
 def exit_code(findings: Iterable[Finding]) -> int:
@@ -254,6 +255,9 @@ def gather(tenant: Tenant, resolver: dns.resolver.Resolver, dkim: Sequence[DkimK
         dkim=tuple(
             (key, _lookup(resolver, dkim_name(tenant.domain, key.selector), "TXT")) for key in dkim
         ),
+        dmarc=_lookup(resolver, f"_dmarc.{tenant.domain}", "TXT"),
+        mta_sts=_lookup(resolver, f"_mta-sts.{tenant.domain}", "TXT"),
+        tls_rpt=_lookup(resolver, f"_smtp._tls.{tenant.domain}", "TXT"),
     )
 
 

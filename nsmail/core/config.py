@@ -62,6 +62,7 @@ _DELIVERY_KEYS = frozenset(
         "delay_warning",
         "tls",
         "tls_verify",
+        "tls_reports",
         "hourly_limit",
         "recipient_limit",
         "message_size_limit",
@@ -226,6 +227,8 @@ class DeliveryConfig:
     # valid for the MX name. tls_verify lists destination domains that always demand it.
     tls: str = "may"
     tls_verify: tuple[str, ...] = ()
+    # TLS reports (RFC 8460): each tenant's daily report to the receivers that ask for one.
+    tls_reports: bool = False
     # Sending limits of every tenant (0: none); a tenant may set its own. Mail over a
     # limit is held, not lost: an operator releases it (nsmail queue release).
     hourly_limit: int = 0  # messages taken in per hour
@@ -697,6 +700,7 @@ def _delivery(table: _Table) -> DeliveryConfig:
         lifetime=_seconds(table, "lifetime", defaults.lifetime),
         delay_warning=_seconds(table, "delay_warning", defaults.delay_warning),
         tls=_tls_policy(table) or defaults.tls,
+        tls_reports=table.flag("tls_reports"),
         hourly_limit=_limit(table, "hourly_limit") or 0,
         recipient_limit=_limit(table, "recipient_limit") or 0,
         message_size_limit=_size(table, "message_size_limit", defaults.message_size_limit),

@@ -42,15 +42,19 @@ class Event:
     dsn: str  # RFC 3463 enhanced status code
     status: str  # sent, deferred or bounced
     reply: str  # what the server replied, or nsmail's own words
+    # The TLS policy that applied and what came of it (nsmail.core.tlspolicy); "" where no
+    # session was tried.
+    tls: str = ""
 
 
 def text(event: Event) -> str:
     """The log line, like Postfix's: every tenant-given string escaped."""
     a, b, c, d = event.delays
+    tls = f" tls={printable(event.tls)}" if event.tls else ""
     return (
         f"{event.queue_id}: tenant={event.tenant} from=<{printable(event.sender)}>"
         f" to=<{printable(event.recipient)}> relay={printable(event.relay)}"
-        f" delay={event.delay:.1f} delays={a:.2g}/{b:.2g}/{c:.2g}/{d:.2g}"
+        f"{tls} delay={event.delay:.1f} delays={a:.2g}/{b:.2g}/{c:.2g}/{d:.2g}"
         f" dsn={printable(event.dsn)} status={event.status} ({printable(event.reply)})"
     )
 
@@ -70,6 +74,7 @@ def to_json(event: Event) -> dict[str, Any]:
         "dsn": event.dsn,
         "status": event.status,
         "reply": event.reply,
+        "tls": event.tls,
     }
 
 
@@ -83,7 +88,17 @@ def encode(event: Event) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
-_STRINGS = ("tenant", "queue_id", "sender", "recipient", "relay", "dsn", "status", "reply")
+_STRINGS = (
+    "tenant",
+    "queue_id",
+    "sender",
+    "recipient",
+    "relay",
+    "dsn",
+    "status",
+    "reply",
+    "tls",
+)
 
 
 def decode(line: bytes) -> Event | None:
@@ -96,6 +111,7 @@ def decode(line: bytes) -> Event | None:
         return None
     if not isinstance(fields, dict):
         return None
+    fields.setdefault("tls", "")  # an event from before TLS policies were recorded
     strings = [v for v in map(fields.get, _STRINGS) if isinstance(v, str) and len(v) <= MAX_FIELD]
     delays, delay = fields.get("delays"), fields.get("delay")
     if len(strings) != len(_STRINGS) or not isinstance(delay, int | float) or not _seconds(delay):
@@ -103,7 +119,7 @@ def decode(line: bytes) -> Event | None:
     if not (isinstance(delays, list) and len(delays) == 4 and all(map(_seconds, delays))):
         return None
     when = _instant(fields.get("time"))
-    tenant, queue_id, sender, recipient, relay, dsn, status, reply = strings
+    tenant, queue_id, sender, recipient, relay, dsn, status, reply, tls = strings
     if when is None or status not in STATUSES:
         return None
     return Event(
@@ -118,6 +134,7 @@ def decode(line: bytes) -> Event | None:
         dsn=dsn,
         status=status,
         reply=reply,
+        tls=tls,
     )
 
 

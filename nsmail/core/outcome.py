@@ -23,3 +23,6 @@ class Outcome:
     code: int | None
     text: str
     relay: str  # host[address]:port, "local", or "" when no connection was made
+    # The TLS policy that applied to the attempt and what came of it: none, may, verified,
+    # dane, mta-sts (nsmail.tenant.remote's Opened.tls); "" when no session was tried.
+    tls: str = ""

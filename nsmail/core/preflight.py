@@ -3,10 +3,15 @@
 For every tenant and each of its address families, what receivers demand: the address
 has a PTR naming the EHLO host, the EHLO host resolves back to the address
 (forward-confirmed reverse DNS), SPF of the domain and of the EHLO host authorises the
-address; for the domain, that it has an MX and that each DKIM selector's key in DNS is
-the configured one. `evaluate` and `check_dkim` take the answers (`TenantFacts`) and give
-`Finding`s, each problem with the record to publish to fix it. Asking DNS is
-`nsmail.commands.preflight`'s (`nsmail check --dns`).
+address; for the domain, that it has an MX, that each DKIM selector's key in DNS is the
+configured one, and a DMARC record (RFC 7489), with which nsmail's mail aligns: its
+envelope sender and its DKIM signature are both of the tenant's domain, as its From is.
+Advice (a finding that is fine, with a fix) says what would make it better still:
+signing with DKIM, so that DMARC holds for forwarded mail too; publishing an MTA-STS
+policy (RFC 8461) and a TLS-RPT record (RFC 8460), as large receivers do. `evaluate` and
+`check_dkim` take the answers (`TenantFacts`) and give `Finding`s, each problem with the
+record to publish to fix it. Asking DNS is `nsmail.commands.preflight`'s (`nsmail check
+--dns`).
 
 Security: the answers are written by whoever controls the tenants' zones; they arrive as
 text already escaped by the shell, and findings only quote them.
@@ -29,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from nsmail.core import mtasts, tlsrpt
 from nsmail.core.addresses import same_domain
 from nsmail.core.config import IPAddress
 
@@ -84,6 +90,10 @@ class TenantFacts:
     mx: Answer
     spf_records: Mapping[str, Answer]  # identity -> its v=spf1 TXT records
     dkim: tuple[tuple[DkimKey, Answer], ...] = ()  # each key with its selector's TXT
+    # The TXT records of _dmarc, _mta-sts and _smtp._tls of the domain (None: not asked).
+    dmarc: Answer | None = None
+    mta_sts: Answer | None = None
+    tls_rpt: Answer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +102,18 @@ class Finding:
 
     tenant: str
     family: str | None  # "ipv4", "ipv6", or None for the domain as a whole
-    check: str  # ptr, fcrdns, spf, spf-helo, mx, dkim, lookup
+    check: str  # ptr, fcrdns, spf, spf-helo, mx, dkim, dmarc, mta-sts, tls-rpt, lookup
     ok: bool
-    problem: str | None = None
+    problem: str | None = None  # for advice (ok, with a fix): what could be better
     fix: str | None = None
+
+    @property
+    def advice(self) -> bool:
+        return self.ok and self.fix is not None
 
     def line(self) -> str:
         fix = f": {self.fix}" if self.fix else ""
-        return f"{self.tenant}: {self.problem}{fix}"
+        return f"{self.tenant}: {'advice: ' if self.advice else ''}{self.problem}{fix}"
 
 
 def evaluate(facts: TenantFacts) -> list[Finding]:
@@ -112,7 +126,82 @@ def evaluate(facts: TenantFacts) -> list[Finding]:
         findings += [_check_spf(facts, address, v, all_addresses) for v in address.spf]
     findings.append(_check_mx(facts))
     findings += [check_dkim(facts.domain, k.selector, k.public_key, a) for k, a in facts.dkim]
+    if facts.dmarc is not None:
+        findings.append(_check_dmarc(facts, facts.dmarc))
+    if facts.mta_sts is not None:
+        findings.append(_check_mta_sts(facts.domain, facts.mta_sts))
+    if facts.tls_rpt is not None:
+        findings.append(_check_tls_rpt(facts.domain, facts.tls_rpt))
     return findings
+
+
+def _check_dmarc(facts: TenantFacts, txt: Answer) -> Finding:
+    """RFC 7489 6.3: one record, "v=DMARC1" first, a policy (p=) of none, quarantine or
+    reject. nsmail's mail aligns by construction (6.2: the envelope sender's domain and
+    the DKIM d= are the tenant's, as its From is); without DKIM only SPF carries it."""
+    domain = facts.domain
+    name = f"_dmarc.{domain}"
+    wanted = f'{name}. TXT "v=DMARC1; p=none; rua=mailto:postmaster@{domain}"'
+    if txt.error:
+        return _lookup_failed(facts, None, "dmarc", f"TXT {name}", txt.error)
+    records = [r for r in txt.records if r.startswith("v=DMARC1")]
+    if not records:
+        problem = f"{domain} has no DMARC record, which Gmail, Yahoo and Microsoft require"
+        return Finding(domain, None, "dmarc", False, problem, f"publish {wanted}")
+    if len(records) > 1:
+        # RFC 7489 6.6.3: with more than one record, receivers apply none.
+        problem = f"{domain} has {len(records)} DMARC records, so receivers apply none"
+        return Finding(domain, None, "dmarc", False, problem, f"keep only one, e.g. {wanted}")
+    tags = _dkim_tags(records[0])
+    if tags is None or tags.get("v") != "DMARC1" or tags.get("p") not in _DMARC_POLICIES:
+        problem = f"the DMARC record of {domain} is malformed (no valid p=)"
+        return Finding(domain, None, "dmarc", False, problem, f"replace it with {wanted}")
+    if not facts.dkim:
+        problem = (
+            f"DMARC of {domain} passes on SPF alone, which mail forwarded by a recipient fails"
+        )
+        fix = "sign with DKIM: give the tenant dkim_selector and dkim_key (nsmail keygen)"
+        return Finding(domain, None, "dmarc", True, problem, fix)
+    return Finding(domain, None, "dmarc", ok=True)
+
+
+_DMARC_POLICIES = ("none", "quarantine", "reject")
+
+
+def _check_mta_sts(domain: str, txt: Answer) -> Finding:
+    """RFC 8461 3.1: a malformed record is a problem; none at all, advice."""
+    name = f"_mta-sts.{domain}"
+    if txt.error or mtasts.parse_record(txt.records) is not None:
+        return Finding(domain, None, "mta-sts", ok=True)
+    if any(r.startswith("v=STSv1") for r in txt.records):
+        problem = f"the MTA-STS record {name} is not valid, so senders ignore the policy"
+        return Finding(
+            domain,
+            None,
+            "mta-sts",
+            False,
+            problem,
+            f'publish one {name}. TXT "v=STSv1; id=<1-32 letters or digits>;"',
+        )
+    problem = f"{domain} publishes no MTA-STS policy: senders may deliver to it in clear"
+    fix = (
+        f'publish {name}. TXT "v=STSv1; id=1;" and https://mta-sts.{domain}'
+        f"{mtasts.WELL_KNOWN} (mode: testing, then enforce)"
+    )
+    return Finding(domain, None, "mta-sts", True, problem, fix)
+
+
+def _check_tls_rpt(domain: str, txt: Answer) -> Finding:
+    """RFC 8460 3: a malformed record is a problem; none at all, advice."""
+    name = f"_smtp._tls.{domain}"
+    wanted = f'{name}. TXT "v=TLSRPTv1; rua=mailto:tls-reports@{domain}"'
+    if txt.error or tlsrpt.parse_record(txt.records):
+        return Finding(domain, None, "tls-rpt", ok=True)
+    if any(r.startswith("v=TLSRPTv1") for r in txt.records):
+        problem = f"the TLS-RPT record {name} is not valid, so no sender reports to it"
+        return Finding(domain, None, "tls-rpt", False, problem, f"replace it with {wanted}")
+    problem = f"{domain} publishes no TLS-RPT record: senders' TLS failures go unreported"
+    return Finding(domain, None, "tls-rpt", True, problem, f"publish {wanted}")
 
 
 def _family(address: IPAddress) -> str:

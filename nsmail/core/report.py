@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from nsmail.core.tlspolicy import DEMANDING
+
 MAX_REPORT = 4096
 MAX_TEXT = 300
 MAX_DESTINATIONS = 4  # dead or throttled destinations a report names (the first ones)
@@ -29,6 +31,7 @@ QUEUE_STATES = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 # "asleep": the worker's last report before it exits for want of work (worker.idle_exit).
 WORKER_STATES = ("idle", "delivering", "backing off", "asleep")
 OUTCOMES = ("sent", "deferred", "bounced")
+TLS_POLICIES = tuple(str(p) for p in DEMANDING)  # failures are counted per each
 # Upper bounds (seconds) of the delivery latency histogram: arrival to delivery.
 LATENCY_BOUNDS = (1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 86400.0)
 _MAX_COUNT = 2**53
@@ -68,6 +71,8 @@ class Report:
     latency_sum: float
     sessions: int = 0  # SMTP sessions open
     destinations: tuple[Destination, ...] = ()  # at most MAX_DESTINATIONS
+    # Sessions each TLS policy failed to have as it demands, since the worker started.
+    tls_failures: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_POLICIES, 0))
 
 
 def encode(report: Report) -> bytes:
@@ -122,6 +127,7 @@ def decode(data: bytes, domain: str) -> Report:
         latency_sum=_sum(fields["latency_sum"]),
         sessions=_count(fields["sessions"]),
         destinations=_destinations(fields["destinations"]),
+        tls_failures=_counts(fields["tls_failures"], TLS_POLICIES),
     )
 
 

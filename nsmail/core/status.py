@@ -39,6 +39,8 @@ class WorkerStatus:
     sessions: int | None = None  # SMTP sessions open
     # Destinations held back: [{"name", "state" (throttled, dead), "until"}], a few at most.
     destinations: list[dict[str, Any]] | None = None
+    # Sessions each TLS policy failed (verified, dane, mta-sts, mta-sts-testing).
+    tls_failures: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +144,9 @@ def render_table(
             until = held_back.get("until")
             left = f" for {_uptime(now, until)}" if isinstance(until, int | float) else ""
             lines.append(_cut(f"  {held_back['state']}{left}: {held_back['name']}", 79))
+        failed = [f"{policy} {n}" for policy, n in (r.tls_failures or {}).items() if n]
+        if failed:
+            lines.append(_cut("  TLS policy failures: " + ", ".join(failed), 79))
         # Held mail waits for an operator; quarantined files (corrupt/) will never go.
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
         if kept:

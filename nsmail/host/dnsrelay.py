@@ -3,15 +3,21 @@
 Workers cannot reach the host resolver from their namespaces, and must not get a general
 path to host services. Each worker instead holds one end of a SEQPACKET socketpair whose
 other end the supervisor passes here over the control socket (SCM_RIGHTS). The relay reads
-one DNS query per datagram, rebuilds it from its question alone, asks the configured
-resolvers (UDP, TCP on truncation, each resolver in turn) and answers with the response,
-SERVFAIL on failure and REFUSED for anything that is not a plain IN query. The supervisor
-pings it over the control socket (`ping`), and replaces a relay that does not answer.
+one DNS query per datagram, rebuilds it from its question and its DNSSEC wishes alone (the
+AD and DO bits: RFC 6840 5.7, RFC 3225), asks the configured resolvers (UDP, TCP on
+truncation, each resolver in turn) and answers with the response, SERVFAIL on failure and
+REFUSED for anything that is not a plain IN query. A response's AD bit (the resolver
+validated it with DNSSEC) is passed on only from a resolver on the loopback: a stub may
+trust AD only over a path nobody else can write to (RFC 6840 5.7, RFC 4035 4.9.3), and
+DANE (nsmail.tenant.policies) relies on it; from any other resolver it is cleared. The
+supervisor pings the relay over the control socket (`ping`), and replaces one that does
+not answer.
 
 Security: runs in the host network namespace as a system user of its own (`[host]
 dns_user`: no other process, the host's worker included, may signal it). Every byte on a
 channel is tenant-written: a query is size-bounded, parsed by dnspython and never
-forwarded verbatim (no tunnelled flags, options or extra records reach the resolver).
+forwarded verbatim (no tunnelled flags, options or extra records reach the resolver: the
+question, RD, AD and DO are all that is kept).
 Each channel has a bounded number of queries in flight and stops being read while it is
 at the bound; a failing or closed channel is dropped on its own, never the relay.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -29,6 +36,7 @@ from ipaddress import IPv4Address, IPv6Address
 import dns.asyncbackend
 import dns.asyncquery
 import dns.exception
+import dns.flags
 import dns.message
 import dns.opcode
 import dns.rcode
@@ -187,10 +195,7 @@ async def respond(
         return _header_only(wire, dns.rcode.FORMERR)
     if not _acceptable(query):
         return _error(query, dns.rcode.REFUSED)
-    question = query.question[0]
-    upstream = dns.message.make_query(
-        question.name, question.rdtype, use_edns=0, payload=UPSTREAM_PAYLOAD
-    )
+    upstream = _rebuilt(query)
     for resolver in resolvers:
         try:
             response, _ = await dns.asyncquery.udp_with_fallback(
@@ -203,11 +208,35 @@ async def respond(
         if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             continue
         response.id = query.id
+        if not trusts_ad(resolver):
+            response.flags &= ~dns.flags.AD
         try:
             return response.to_wire()
         except dns.exception.DNSException:
             break
     return _error(query, dns.rcode.SERVFAIL)
+
+
+def _rebuilt(query: dns.message.Message) -> dns.message.QueryMessage:
+    """The query to ask upstream: the worker's question, and whether it wants to know if
+    the answer was validated (AD, RFC 6840 5.7) and its signatures (DO, RFC 3225)."""
+    question = query.question[0]
+    wants_dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
+    upstream = dns.message.make_query(
+        question.name,
+        question.rdtype,
+        use_edns=0,
+        payload=UPSTREAM_PAYLOAD,
+        want_dnssec=wants_dnssec,
+    )
+    if query.flags & dns.flags.AD:
+        upstream.flags |= dns.flags.AD
+    return upstream
+
+
+def trusts_ad(resolver: str) -> bool:
+    """Whether `resolver`'s AD bit is believed: only over the loopback (RFC 6840 5.7)."""
+    return ipaddress.ip_address(resolver).is_loopback
 
 
 def _acceptable(query: dns.message.Message) -> bool:

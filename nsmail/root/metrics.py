@@ -61,7 +61,14 @@ class _Workers(Collector):
             "Destinations the worker holds mail back from (as its report names them)",
             labels=["tenant", "state"],
         )
+        tls_failures = CounterMetricFamily(
+            "nsmail_tls_failures",
+            "Sessions a TLS policy failed to have as it demands, since the worker started",
+            labels=["tenant", "policy"],
+        )
         for s in self.statuses:
+            for policy, count in (s.tls_failures or {}).items():
+                tls_failures.add_metric([s.domain, policy], count)
             sessions.add_metric([s.domain], s.sessions or 0)
             for state in DESTINATION_STATES:
                 count = sum(1 for d in s.destinations or () if d.get("state") == state)
@@ -76,7 +83,7 @@ class _Workers(Collector):
                 latency.add_metric(
                     [s.domain], list(_cumulative(s.latency_counts)), s.latency_sum or 0.0
                 )
-        yield from (messages, queue, restarts, up, latency, sessions, held_back)
+        yield from (messages, queue, restarts, up, latency, sessions, held_back, tls_failures)
 
 
 def _cumulative(counts: Sequence[int]) -> Iterator[tuple[str, float]]:

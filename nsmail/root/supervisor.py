@@ -890,6 +890,7 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
         latency_sum=report.latency_sum if report else None,
         sessions=report.sessions if report else None,
         destinations=[asdict(d) for d in report.destinations] if report else None,
+        tls_failures=dict(report.tls_failures) if report else None,
     )
 
 

@@ -271,7 +271,9 @@ class Engine:
             self._apply(self.scheduler.finished(session, job, Result.DELIVERED, False, time.time()))
             return
         except Unreached as e:
-            outcomes = [_failed(r, Status.TEMPORARY, e.text, e.relay) for r in job.recipients]
+            outcomes = [
+                _failed(r, Status.TEMPORARY, e.text, e.relay, e.tls) for r in job.recipients
+            ]
             self._finish(job, outcomes, Delays(waiting=waited))
             result = Result.THROTTLED if e.throttled else Result.UNREACHABLE
             self._apply(self.scheduler.finished(session, job, result, False, time.time()))
@@ -411,8 +413,8 @@ class Engine:
                 self._finish(job, [_failed(r, Status.TEMPORARY, text) for r in job.recipients])
 
 
-def _failed(recipient: str, status: Status, text: str, relay: str = "") -> Outcome:
-    return Outcome(recipient, status, None, text, relay)
+def _failed(recipient: str, status: Status, text: str, relay: str = "", tls: str = "") -> Outcome:
+    return Outcome(recipient, status, None, text, relay, tls)
 
 
 def _other(opened: Opened) -> str:

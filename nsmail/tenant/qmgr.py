@@ -33,6 +33,7 @@ from nsmail.core.report import (
     MAX_DESTINATIONS,
     MAX_TEXT,
     QUEUE_STATES,
+    TLS_POLICIES,
     Destination,
     Report,
     Tally,
@@ -121,10 +122,12 @@ class QueueManager:
         *,
         sessions: int = 0,
         destinations: tuple[Destination, ...] = (),
+        tls_failures: Mapping[str, int] | None = None,
     ) -> Report:
         return Report(
             sessions=sessions,
             destinations=destinations[:MAX_DESTINATIONS],
+            tls_failures={p: (tls_failures or {}).get(p, 0) for p in TLS_POLICIES},
             domain=self.domain,
             state=state,
             queue=self.counts(),
@@ -432,6 +435,7 @@ class QueueManager:
                 dsn=_enhanced_status(o),
                 status=str(o.status),
                 reply=reply,
+                tls=o.tls,
             )
             # The JSON log format (nsmail.root.systemd) writes the event itself.
             log.info("%s", events.text(event), extra={"event": event})

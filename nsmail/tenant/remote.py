@@ -2,16 +2,24 @@
 per recipient. The scheduler (nsmail.core.scheduler) decides when and over which session;
 this module does what it decides.
 
-`route` looks up the domain's MX (RFC 5321 5.1, RFC 7505 null MX) and names the
-destination: the set of mail hosts, with the TLS policy and address family when they
-narrow it, so that domains served by the same hosts share sessions and one concurrency
-window. `open` tries at most `mx_address_limit` addresses in preference order, the
-tenant's other address family right after a failure of one (a receiver refusing an IPv6
-client without PTR takes the same mail over IPv4), and with opportunistic TLS retries an
-address in the clear at once when its handshake fails, as Postfix's `may` does (and
-remembers the address for a while: no handshake to wait out for every message). A policy
-that demands TLS (`verify`) never falls back. `send` runs one transaction and says what
-it came to for the destination (nsmail.core.scheduler.Result).
+`route` looks up the domain's MX (RFC 5321 5.1, RFC 7505 null MX) and what each mail host
+demands of TLS (`nsmail.tenant.policies`: the operator's `verify`, else DANE where the
+host has validated TLSA records, else the domain's MTA-STS policy, else opportunistic),
+and names the destination: the set of mail hosts, with the TLS policies and address
+family when they narrow it, so that domains served by the same hosts share sessions and
+one concurrency window, and a session opened for less is never used for more.
+
+`open` tries at most `mx_address_limit` addresses in preference order, the tenant's other
+address family right after a failure of one (a receiver refusing an IPv6 client without
+PTR takes the same mail over IPv4), and with opportunistic TLS retries an address in the
+clear at once when its handshake fails, as Postfix's `may` does (and remembers the
+address for a while: no handshake to wait out for every message). A policy that demands
+TLS (`verify`, DANE, MTA-STS in enforce mode) never falls back, and a host it does not
+allow (not in the MTA-STS policy, its TLSA lookup failed) is not connected to; MTA-STS in
+testing mode falls back to opportunistic TLS. Each outcome says which policy applied
+(`Outcome.tls`), and `tls_failures` counts the sessions each policy failed. `send` runs
+one transaction and says what it came to for the destination
+(nsmail.core.scheduler.Result).
 
 Security: runs as the tenant inside its namespace and chroot. Envelope addresses come from
 tenant-written queue files and replies from remote servers; neither is trusted: addresses
@@ -24,9 +32,11 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 
 import dns.asyncresolver
 import dns.exception
@@ -34,14 +44,26 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from nsmail.core import tlsrpt
 from nsmail.core.config import DeliveryConfig, DestinationRule, SmtpTimeouts, Tenant
 from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.routing import NullMX, route
 from nsmail.core.scheduler import Policy, Result
 from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
-from nsmail.tenant.resolver import BACKEND
-from nsmail.tenant.smtp import Session, SessionError, Timeouts, TlsContexts, open_session
+from nsmail.core.smtp.reply import tls_failed
+from nsmail.core.tlspolicy import DEMANDING, TlsPolicy
+from nsmail.tenant.policies import MAY, Demand, Policies
+from nsmail.tenant.resolver import BACKEND, validated
+from nsmail.tenant.smtp import (
+    Dane,
+    Session,
+    SessionError,
+    Timeouts,
+    TlsContexts,
+    open_session,
+)
+from nsmail.tenant.tlsreports import TlsReports, result_of
 
 Address = IPv4Address | IPv6Address
 
@@ -64,12 +86,15 @@ class Unroutable(Exception):
 class Unreached(Exception):
     """No session could be opened: `failure` is the last one met (None: no address)."""
 
-    def __init__(self, text: str, relay: str, failure: Failure | None, throttled: bool) -> None:
+    def __init__(
+        self, text: str, relay: str, failure: Failure | None, throttled: bool, tls: str = ""
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.relay = relay
         self.failure = failure
         self.throttled = throttled  # every server that answered asked to slow down
+        self.tls = tls  # the TLS policy of the last try (see Opened.tls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +104,24 @@ class Route:
     domain: str
     hosts: tuple[str, ...]  # mail hosts in the order to try
     implicit: bool  # no MX: the domain is its own mail host
-    tls: TlsMode
+    demands: tuple[Demand, ...]  # what each host demands of TLS, in the order of `hosts`
     family: str  # "any", "ipv4" or "ipv6"
 
     @property
     def destination(self) -> str:
-        """The scheduler's name for it: the hosts, and the TLS policy and family when
-        they narrow what a session to those hosts may carry."""
-        name = ",".join(sorted(self.hosts))
-        if self.tls is TlsMode.VERIFY:
-            name += "/verify"
+        """The scheduler's name for it: the hosts, and the TLS policies and family when
+        they narrow what a session to those hosts may carry. A host the policy forbids
+        is marked "!": a domain whose policy forbids it never shares the session of one
+        whose policy allows it."""
+        forbidden = {
+            host
+            for host, demand in zip(self.hosts, self.demands, strict=True)
+            if demand.problem is not None and demand.policy is not TlsPolicy.MTA_STS_TESTING
+        }
+        name = ",".join(sorted(f"!{h}" if h in forbidden else h for h in self.hosts))
+        policies = sorted({d.policy for d in self.demands} - {TlsPolicy.MAY})
+        if policies:
+            name += "/" + "+".join(policies)
         return name if self.family == "any" else f"{name}/{self.family}"
 
 
@@ -99,6 +132,9 @@ class Opened:
     session: Session
     relay: str  # host[address]:port
     seconds: float  # how long opening it took (connection, greeting, EHLO, TLS)
+    # The log's tls=: the policy it met (verified, dane, mta-sts), else what it is (may,
+    # none: opportunistic, or MTA-STS in testing mode that fell back).
+    tls: str = TlsPolicy.MAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +157,22 @@ class Remote:
     contexts: TlsContexts
     rng: random.Random
     clock: Callable[[], float] = time.monotonic
+    policy_cache: Path | None = None  # the tenant's MTA-STS policies on disk
+    # Sessions each policy failed to have as it demands (TLS, or a host it does not allow).
+    tls_failures: Counter[str] = field(default_factory=Counter)
+    # Told of each session under a receiver's policy, for TLS reports (RFC 8460); None: off.
+    reports: TlsReports | None = None
     _tls_broken: dict[Address, float] = field(default_factory=dict)
+    policies: Policies = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.policies = Policies(
+            self.resolver,
+            self.contexts.verifying,
+            self._reachable,
+            self._source,
+            self.policy_cache,
+        )
 
     @property
     def timeouts(self) -> Timeouts:
@@ -167,8 +218,9 @@ class Remote:
                 name, dns.rdatatype.MX, search=False, backend=BACKEND
             )
             mx = [(r.preference, r.exchange.to_text()) for r in answer]
+            mx_validated = validated(answer)
         except dns.resolver.NoAnswer:
-            mx = None
+            mx, mx_validated = None, False
         except dns.resolver.NXDOMAIN:
             raise Unroutable(Status.PERMANENT, f"5.1.2 domain {domain} does not exist") from None
         except dns.exception.DNSException as e:
@@ -178,12 +230,19 @@ class Remote:
             raise Unroutable(Status.PERMANENT, f"5.1.10 domain {domain} accepts no mail (null MX)")
         rule = self._rule(domain, targets.hosts)
         chosen = family or (rule.family if rule is not None and rule.family else "any")
-        return Route(domain, targets.hosts, targets.implicit, self._tls_mode(domain), chosen)
+        demands = await self._demands(domain, targets.hosts, mx_validated)
+        return Route(domain, targets.hosts, targets.implicit, demands, chosen)
 
-    def _tls_mode(self, domain: str) -> TlsMode:
+    async def _demands(
+        self, domain: str, hosts: tuple[str, ...], mx_validated: bool
+    ) -> tuple[Demand, ...]:
         policy = self.tenant.tls or self.config.tls
-        verify = policy == "verify" or domain in self.config.tls_verify
-        return TlsMode.VERIFY if verify else TlsMode.MAY
+        if policy == "verify" or domain in self.config.tls_verify:
+            described = tlsrpt.Policy(domain, "no-policy-found")  # the operator's, not theirs
+            return tuple(Demand(TlsPolicy.VERIFIED, report=described) for _ in hosts)
+        return await self.policies.demands(
+            domain, hosts, mx_validated=mx_validated, port=self.config.port
+        )
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -195,7 +254,19 @@ class Remote:
         tried = 0
         found = temporary_lookup = False
         throttled: bool | None = None  # whether every server that answered said slow down
-        for host in route.hosts:
+        label = ""
+        for host, demand in zip(route.hosts, route.demands, strict=True):
+            label = str(demand.policy)
+            if demand.problem is not None:
+                # A host the policy does not allow: never connected to, unless the policy
+                # is only being tested (RFC 8461 5: then delivered as without it).
+                forbidden = tls_failed(Stage.TLS, demand.problem)
+                self.tls_failures[demand.policy] += 1
+                self._report(demand, host, None, forbidden)
+                if demand.policy is not TlsPolicy.MTA_STS_TESTING:
+                    found, relay, last = True, host, forbidden
+                    continue
+                demand = MAY
             addresses, lookup_failed = await self._addresses(host, route.family)
             temporary_lookup = temporary_lookup or lookup_failed
             for address in addresses:
@@ -205,13 +276,18 @@ class Remote:
                 tried += 1
                 relay = f"{host}[{address}]:{self.config.port}"
                 try:
-                    session = await self._open_one(host, address, route.tls)
+                    session, label = await self._open_one(host, address, demand, route.domain)
                 except SessionError as e:
                     last = e.failure
+                    if last.kind is Kind.TLS and demand.policy in DEMANDING:
+                        self.tls_failures[demand.policy] += 1
+                        self._report(demand, host, address, last)
                     if last.kind is Kind.REPLY:
                         throttled = throttled is not False and last.slow_down
                     continue
-                return Opened(session, relay, self.clock() - started)
+                if demand.policy is not TlsPolicy.MTA_STS_TESTING or label == TlsPolicy.MTA_STS:
+                    self._report(demand, host, address, None)  # (a fallback is a failure)
+                return Opened(session, relay, self.clock() - started, label)
         if not found:
             if route.implicit and not temporary_lookup:
                 # RFC 5321 5.1: neither MX nor address records: the domain takes no mail.
@@ -220,10 +296,33 @@ class Remote:
             text = f"4.4.4 no address found for the mail hosts of {route.domain}"
             raise Unreached(text, "", None, throttled=False)
         assert last is not None
-        raise Unreached(failure_text(last, relay), relay, last, throttled is True)
+        raise Unreached(failure_text(last, relay), relay, last, throttled is True, label)
 
-    async def _open_one(self, host: str, address: Address, tls: TlsMode) -> Session:
-        if tls is TlsMode.MAY and self._tls_broken.get(address, 0.0) > self.clock():
+    async def _open_one(
+        self, host: str, address: Address, demand: Demand, domain: str
+    ) -> tuple[Session, str]:
+        """A session to `address` as `demand` wants it, and its label (`Opened.tls`)."""
+        policy = demand.policy
+        if policy is TlsPolicy.DANE:
+            # RFC 7672 3.2.3: a DANE-TA chain names the MX host or the recipient domain.
+            dane = Dane(demand.tlsa, (host, domain))
+            return await self._connect(host, address, TlsMode.VERIFY, dane), policy
+        if policy is TlsPolicy.MTA_STS_TESTING:
+            try:
+                return await self._connect(host, address, TlsMode.VERIFY), TlsPolicy.MTA_STS
+            except SessionError as e:
+                if e.failure.kind is not Kind.TLS:
+                    raise
+                self.tls_failures[policy] += 1  # RFC 8461 5: reported, delivered as before
+                self._report(demand, host, address, e.failure)
+        elif policy is not TlsPolicy.MAY:
+            return await self._connect(host, address, TlsMode.VERIFY), policy
+        session = await self._opportunistic(host, address)
+        return session, session.tls
+
+    async def _opportunistic(self, host: str, address: Address) -> Session:
+        tls = TlsMode.MAY
+        if self._tls_broken.get(address, 0.0) > self.clock():
             tls = TlsMode.NONE
         try:
             return await self._connect(host, address, tls)
@@ -236,19 +335,41 @@ class Remote:
         self._tls_broken[address] = self.clock() + TLS_BROKEN_FOR
         return await self._connect(host, address, TlsMode.NONE)
 
-    async def _connect(self, host: str, address: Address, tls: TlsMode) -> Session:
-        tenant = self.tenant
-        source = tenant.ipv6 if address.version == 6 else tenant.ipv4
+    async def _connect(
+        self, host: str, address: Address, tls: TlsMode, dane: Dane | None = None
+    ) -> Session:
         return await open_session(
             address,
             self.config.port,
-            source=source,
-            ehlo=tenant.ehlo,
+            source=self._source(address),
+            ehlo=self.tenant.ehlo,
             tls=tls,
             contexts=self.contexts,
             timeouts=self.timeouts,
             server_name=host,
+            dane=dane,
         )
+
+    def _report(
+        self, demand: Demand, host: str, address: Address | None, failure: Failure | None
+    ) -> None:
+        """Tell the TLS reports of one session under a receiver's policy."""
+        if self.reports is None or demand.report is None:
+            return
+        detail = None
+        if failure is not None:
+            source = self._source(address) if address is not None else None
+            sending = source or self.tenant.ipv6 or self.tenant.ipv4
+            detail = tlsrpt.Detail(result_of(failure), str(sending or ""), host, str(address or ""))
+        self.reports.record(demand.report, detail)
+
+    def _source(self, address: Address) -> Address | None:
+        """The tenant's address of the family of `address` (None: the host's own mail)."""
+        return self.tenant.ipv6 if address.version == 6 else self.tenant.ipv4
+
+    async def _reachable(self, host: str) -> list[Address]:
+        addresses, _ = await self._addresses(host, "any")
+        return addresses
 
     async def _addresses(self, host: str, family: str) -> tuple[list[Address], bool]:
         """Addresses of `host` the tenant can reach in `family`, IPv6 first; and whether a
@@ -290,7 +411,7 @@ class Remote:
         """One transaction on `opened` (`kept`: a session that carried mail before)."""
         session = opened.session
         results = await session.deliver(sender, recipients, message)
-        outcomes = tuple(_outcome(r, results[r], opened.relay) for r in recipients)
+        outcomes = tuple(_outcome(r, results[r], opened.relay, opened.tls) for r in recipients)
         failures = [f for f in results.values() if isinstance(f, Failure)]
         delivered = len(failures) < len(results)
         other = self._other_family(session, results)
@@ -340,15 +461,16 @@ def _alternate(addresses: list[Address]) -> list[Address]:
     return mixed + longer[min(len(six), len(four)) :]
 
 
-def _outcome(recipient: str, result: Delivered | Failure, relay: str) -> Outcome:
+def _outcome(recipient: str, result: Delivered | Failure, relay: str, tls: str) -> Outcome:
     if isinstance(result, Delivered):
-        return Outcome(recipient, Status.DELIVERED, result.reply.code, result.reply.text, relay)
+        reply = result.reply
+        return Outcome(recipient, Status.DELIVERED, reply.code, reply.text, relay, tls)
     # A 5yz in the transaction is about this mail; one before it (greeting, EHLO) is about
     # the session, and another host or a later try may do better.
     final = result.permanent and (result.stage in _TRANSACTION or result.kind is Kind.UNSENDABLE)
     status = Status.PERMANENT if final else Status.TEMPORARY
     code = result.reply.code if result.reply is not None else None
-    return Outcome(recipient, status, code, failure_text(result, relay), relay)
+    return Outcome(recipient, status, code, failure_text(result, relay), relay, tls)
 
 
 def failure_text(failure: Failure, relay: str) -> str:

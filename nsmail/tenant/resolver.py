@@ -8,6 +8,11 @@ datagram. Many lookups share the channel at once (every destination of a busy wo
 `RelayChannel` sends each query as it comes and hands each answer to the query it
 answers, by id and question, whatever the order the relay answers in.
 
+Every query asks whether the answer was validated (AD, RFC 6840 5.7) and for its
+signatures (DO, RFC 3225); `validated` says whether an answer was. The worker trusts AD
+from its relay alone, which is the only DNS it can reach: the relay passes on AD only from
+resolvers it trusts to validate (nsmail.host.dnsrelay).
+
 Security: runs as the tenant inside its namespace and chroot. Responses come from the relay
 (an unprivileged host process) and are parsed by dnspython, which bounds its own work; a
 response that answers no query in flight is dropped.
@@ -22,9 +27,11 @@ import dns._asyncbackend
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 
 # The relay answers over a datagram socket, so a response is never truncated to 512 or a
@@ -156,7 +163,26 @@ def make_resolver() -> dns.asyncresolver.Resolver:
     resolver.search = []
     resolver.use_search_by_default = False
     resolver.cache = dns.resolver.LRUCache()
+    resolver.flags = dns.flags.RD | dns.flags.AD
+    resolver.use_edns(0, dns.flags.DO, MAX_MESSAGE)
     return resolver
+
+
+async def texts(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+    """The TXT records of `name`, each its strings joined (RFC 7208 3.3's way); none when
+    there are none, or the lookup failed."""
+    try:
+        answer = await resolver.resolve(
+            dns.name.from_text(name), dns.rdatatype.TXT, search=False, backend=BACKEND
+        )
+    except dns.exception.DNSException:
+        return []
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
+
+def validated(answer: dns.resolver.Answer) -> bool:
+    """Whether the relay vouches that `answer` was validated with DNSSEC (its AD bit)."""
+    return bool(answer.response.flags & dns.flags.AD)
 
 
 def use_relay(resolver: dns.asyncresolver.Resolver, channel: socket.socket, timeout: float) -> None:

@@ -16,6 +16,11 @@ be given by hand: a deadline per await (`asyncio.timeout`), TLS on an open conne
 has one `asyncio.Protocol` that feeds the core as bytes arrive, so a reply nobody asked
 for is caught when it comes, even on an idle session.
 
+DANE (RFC 7672): given `Dane` records, the handshake checks no CA at all; the chain the
+server sent must match one of the records instead (nsmail.core.dane), or the session
+fails as a failed handshake would. Without usable records, TLS is still required, but
+authenticates nothing (RFC 7672 2.2: TLSA records published, none usable).
+
 Deadlines are per stage (RFC 5321 4.5.3.2), never per read: a server trickling one byte a
 second of an endless reply still fails at the stage's deadline.
 
@@ -27,6 +32,7 @@ source the tenant's own (or the kernel's choice, for the host's own mail).
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import os
 import socket
@@ -34,9 +40,11 @@ import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+from nsmail.core import dane
 from nsmail.core.message import CHUNK, Message, dot_stuffed
 from nsmail.core.smtp import (
     Client,
@@ -108,12 +116,21 @@ class TlsContexts:
             raise ValueError("the verifying TLS context must check certificates and names")
 
 
+@dataclass(frozen=True, slots=True)
+class Dane:
+    """A session authenticated by DANE: what the server's chain must match."""
+
+    records: tuple[dane.Tlsa, ...]  # the usable ones; none: encrypted, not authenticated
+    names: tuple[str, ...]  # what a DANE-TA chain must name: the MX host, the domain
+
+
 class TlsState(StrEnum):
     """What a session's TLS turned out to be."""
 
     NONE = "none"  # in clear
     MAY = "may"  # encrypted, the certificate unchecked
     VERIFIED = "verified"  # encrypted, the certificate valid for the server's name
+    DANE = "dane"  # encrypted, the certificate matches the server's TLSA records
 
 
 class SessionError(Exception):
@@ -134,15 +151,19 @@ async def open_session(
     contexts: TlsContexts,
     timeouts: Timeouts,
     server_name: str,
+    dane: Dane | None = None,
 ) -> Session:
     """A session with `address`, greeted and as encrypted as `tls` asks.
 
     `source` is the tenant's address of the same family (None: the kernel picks, for the
     host's own mail); `server_name` the MX host's name, for SNI and certificate checks.
-    Raises `SessionError`; a failure of kind TLS at stage TLS means the handshake failed
-    and, for `TlsMode.MAY`, a new session without TLS may succeed at once.
+    With `dane` (and `tls` VERIFY), the certificate is checked against its records, not
+    the CA store. Raises `SessionError`; a failure of kind TLS at stage TLS means the
+    handshake failed and, for `TlsMode.MAY`, a new session without TLS may succeed at once.
     """
-    sock = await _connect(address, port, source, timeouts.connect)
+    if dane is not None and tls is not TlsMode.VERIFY:
+        raise ValueError("DANE requires TLS")
+    sock = await connect(address, port, source, timeouts.connect)
     client = Client(ehlo, tls)
     wire = _Wire(client)
     try:
@@ -150,7 +171,7 @@ async def open_session(
     except BaseException:
         sock.close()
         raise
-    session = Session(client, wire, transport, sock, server_name, contexts, timeouts)
+    session = Session(client, wire, transport, sock, server_name, contexts, timeouts, dane)
     try:
         await session._open()
     except BaseException:
@@ -177,8 +198,10 @@ class Session:
         server_name: str,
         contexts: TlsContexts,
         timeouts: Timeouts,
+        dane: Dane | None = None,
     ) -> None:
         self._client = client
+        self._dane = dane
         self._wire = wire
         self._transport = transport
         self._server_name = server_name
@@ -192,6 +215,8 @@ class Session:
     def tls(self) -> TlsState:
         if not self._client.encrypted:
             return TlsState.NONE
+        if self._dane is not None:
+            return TlsState.DANE if self._dane.records else TlsState.MAY
         return TlsState.VERIFIED if self._client.mode is TlsMode.VERIFY else TlsState.MAY
 
     @property
@@ -289,11 +314,8 @@ class Session:
 
     async def _handshake(self) -> None:
         client = self._client
-        context = (
-            self._contexts.verifying
-            if client.mode is TlsMode.VERIFY
-            else self._contexts.opportunistic
-        )
+        verifying = client.mode is TlsMode.VERIFY and self._dane is None
+        context = self._contexts.verifying if verifying else self._contexts.opportunistic
         seconds = self._timeouts.tls
         self._wire.handshaking = True  # a failed handshake closes the connection: not a drop
         try:
@@ -312,11 +334,23 @@ class Session:
         else:
             if transport is None:
                 client.tls_failed("connection closed by the server")
-            else:
-                self._transport = transport
+                return
+            self._transport = transport
+            mismatch = self._dane_mismatch(transport)
+            if mismatch is None:
                 client.tls_started()
+            else:
+                client.tls_failed(f"DANE: {mismatch}")
         finally:
             self._wire.handshaking = False
+
+    def _dane_mismatch(self, transport: asyncio.Transport) -> str | None:
+        """Why the server's chain fails its TLSA records; None when it matches, or when
+        DANE does not apply (RFC 7672 3.1: names and dates only as the usage says)."""
+        if self._dane is None or not self._dane.records:
+            return None
+        chain = _chain(transport.get_extra_info("ssl_object"))
+        return dane.check(self._dane.records, chain, self._dane.names, datetime.now(UTC))
 
     async def _send_message(self, message: Message) -> None:
         """The message after a 354, streamed from the queue file in CHUNK-sized writes."""
@@ -398,7 +432,19 @@ class _Wire(asyncio.Protocol):
             self._changed.set_result(None)
 
 
-async def _connect(
+def _chain(tls: ssl.SSLObject | None) -> list[bytes]:
+    """The certificates the server sent, DER, its own first. Python 3.11 has the chain
+    only under a private name (public from 3.13): without it, the server's own alone."""
+    if tls is None:
+        return []
+    sent = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", lambda: None)()
+    if sent:
+        return [certificate.public_bytes(_ssl.ENCODING_DER) for certificate in sent]
+    own = tls.getpeercert(binary_form=True)
+    return [own] if own else []
+
+
+async def connect(
     address: Address, port: int, source: Address | None, seconds: float
 ) -> socket.socket:
     """A connected non-blocking socket from `source` to `address`; raises `SessionError`."""

@@ -48,11 +48,13 @@ from nsmail.tenant import dkim, inotify
 from nsmail.tenant.engine import Engine
 from nsmail.tenant.history import History
 from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.policies import CACHE_DIR as POLICY_CACHE
 from nsmail.tenant.qmgr import QueueManager
 from nsmail.tenant.remote import Remote
 from nsmail.tenant.resolver import make_resolver, use_relay
 from nsmail.tenant.smtp import TlsContexts
 from nsmail.tenant.spool import INCOMING, MAILDROP, Spool
+from nsmail.tenant.tlsreports import TlsReports
 
 log = logging.getLogger("nsmail.tenant.worker")
 REPORT_EVERY = 10.0  # seconds: a report at least this often
@@ -142,10 +144,21 @@ def prepare(
     if host_queue is not None:
         queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
         queue.tenant_uids = host_queue.tenant_uids
+    reports = None
+    if delivery.tls_reports:
+        reports = TlsReports(queue.spool, tenant.domain, shared.resolver, signer)
     engine = Engine(
         queue,
         LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
-        Remote(tenant, delivery, shared.resolver, shared.tls, shared.rng),
+        Remote(
+            tenant,
+            delivery,
+            shared.resolver,
+            shared.tls,
+            shared.rng,
+            policy_cache=queue.spool.root / POLICY_CACHE,
+            reports=reports,
+        ),
         delivery.active_limit,
     )
     return Worker(queue, engine, delivery.scan_interval, report_channel, delivery.idle_exit)
@@ -220,7 +233,13 @@ class Worker:
             for d in engine.destinations()
             if d.state != State.ACTIVE
         )
-        return self.queue.report(state, now, sessions=engine.sessions, destinations=unavailable)
+        return self.queue.report(
+            state,
+            now,
+            sessions=engine.sessions,
+            destinations=unavailable,
+            tls_failures=engine.remote.tls_failures,
+        )
 
     def _woken(self) -> None:
         if self._wake is not None:
@@ -242,6 +261,8 @@ class Worker:
             loop.remove_reader(watch.fd)
             await self.engine.stop()
             loop.remove_signal_handler(signal.SIGTERM)
+            if self.engine.remote.reports is not None:
+                self.engine.remote.reports.save()
 
     def _on_watch(self, watch: inotify.Watch) -> None:
         watch.drain()
@@ -259,6 +280,8 @@ class Worker:
             if scan:
                 next_scan = now + self.scan_interval
             engine.tick()
+            if scan:
+                await self._tls_reports()
             if engine.fill(flush=flush, scan=scan) or engine.busy:
                 busy_at = time.time()
             if engine.busy:
@@ -285,6 +308,18 @@ class Worker:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    async def _tls_reports(self) -> None:
+        """Save the day's TLS tally now and then; queue earlier days' reports (at each
+        scan: they are put in incoming/, taken by the fill that follows)."""
+        reports = self.engine.remote.reports
+        if reports is None:
+            return
+        reports.save_if_due()
+        try:
+            await reports.send_due()
+        except OSError as e:  # a full disk: the tally stays, the next scan tries again
+            log.error("%s: TLS reports not queued: %s", self.queue.domain, e)
 
     def _may_retire(self, busy_at: float) -> bool:
         """Whether there has been nothing to do since `busy_at` for `idle_exit` seconds,

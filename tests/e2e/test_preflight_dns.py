@@ -21,6 +21,13 @@ from lab import DNS_V4, Lab, Nsd, Record, reverse_name
 from nsmail.core.preflight import Finding
 
 SPF = "v=spf1 ip4:198.51.100.0/24 ip6:2001:db8:51::/64 -all"
+DMARC = "v=DMARC1; p=reject"
+# Only bcd.test signs with DKIM: the others' DMARC rests on SPF, which is advice, not a fault.
+ADVICE = "".join(
+    f"{domain}: advice: DMARC of {domain} passes on SPF alone, which mail forwarded by a "
+    "recipient fails: sign with DKIM: give the tenant dkim_selector and dkim_key (nsmail keygen)\n"
+    for domain in ("cde.test", "def.test")
+)
 
 
 # Run in the lab's host namespace, never in the machine's own: a tenant without a namespace
@@ -50,6 +57,11 @@ class Site:
         records = [*dns_records(THREE), self.dkim_record]
         for t in THREE:
             records += [(t.domain, "MX", "10 mx.test"), (t.domain, "TXT", SPF)]
+            records += [
+                (f"_dmarc.{t.domain}", "TXT", DMARC),
+                (f"_mta-sts.{t.domain}", "TXT", "v=STSv1; id=1;"),
+                (f"_smtp._tls.{t.domain}", "TXT", f"v=TLSRPTv1; rua=mailto:tls@{t.domain}"),
+            ]
         return records
 
     def check(
@@ -102,7 +114,24 @@ def test_a_correct_setup_reports_all_clear(site: Site) -> None:
     findings = [Finding(**f) for f in json.loads(site.check().stdout)]
     assert Finding("bcd.test", None, "dkim", True) in findings  # selector s1 was looked up
     text = site.check(mode="text")
-    assert (text.returncode, text.stdout, text.stderr) == (0, "all clear\n", "")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "all clear\n" + ADVICE, "")
+
+
+def test_a_domain_without_dmarc_nor_mta_sts(site: Site) -> None:
+    unwanted = [(f"_dmarc.{DUAL.domain}", "TXT", DMARC)]
+    unwanted.append((f"_mta-sts.{DUAL.domain}", "TXT", "v=STSv1; id=1;"))
+    site.nsd.restart(without(site.records(), *unwanted))
+    assert site.problems() == [
+        (
+            "bcd.test",
+            None,
+            "dmarc",
+            "bcd.test: bcd.test has no DMARC record, which Gmail, Yahoo and Microsoft require: "
+            'publish _dmarc.bcd.test. TXT "v=DMARC1; p=none; rua=mailto:postmaster@bcd.test"',
+        )
+    ]
+    text = site.check(mode="text").stdout
+    assert "bcd.test: advice: bcd.test publishes no MTA-STS policy" in text
 
 
 def ptr(spec_address: str, name: str) -> Record:
@@ -202,6 +231,9 @@ def test_an_ipv6_only_tenant_is_checked_as_its_worker_resolves(site: Site) -> No
         ("ipv6", "fcrdns", True),
         ("ipv6", "spf", True),
         (None, "mx", True),
+        (None, "dmarc", True),
+        (None, "mta-sts", True),
+        (None, "tls-rpt", True),
     }
     assert ("ipv4", "ptr", True) in checked
 
@@ -215,4 +247,4 @@ def test_without_a_supervisor_the_check_is_the_same(site: Site) -> None:
     config = site.hosting.etc / "no-supervisor.toml"
     config.write_text(text.replace(f'prefix = "{prefix}"', f'prefix = "{elsewhere}"'))
     result = site.check(config, mode="text")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "all clear\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "all clear\n" + ADVICE, "")

@@ -19,7 +19,7 @@ import pytest
 from dns_servers import DNSStack, dns_stack, resolve
 
 from nsmail.host import dnsrelay
-from nsmail.tenant.resolver import BACKEND
+from nsmail.tenant.resolver import BACKEND, validated
 
 
 @pytest.fixture
@@ -162,3 +162,20 @@ def test_a_ping_is_answered_on_the_control_socket(stack: DNSStack) -> None:
         dnsrelay.ping(stack.control)
         assert stack.control.recv(16) == dnsrelay.PING
         assert resolve(resolver, "rcpt.test.", "MX")[0].preference == 10
+
+
+@pytest.mark.parametrize("validating", [True, False])
+def test_dnssec_wishes_go_upstream_and_ad_comes_back_from_a_loopback_resolver(
+    validating: bool,
+) -> None:
+    with dns_stack(validating=validating) as stack:
+        answer = resolve(stack.resolver(), "rcpt.test.", "MX")
+        # The worker asks for AD and DO; the relay asks the resolver for both.
+        assert stack.server.dnssec_wishes == [(True, True)]
+        assert validated(answer) is validating
+
+
+def test_ad_is_believed_only_from_resolvers_on_the_loopback() -> None:
+    # RFC 6840 5.7: only over a path nobody else can write to; elsewhere it is cleared.
+    assert dnsrelay.trusts_ad("127.0.0.1") and dnsrelay.trusts_ad("::1")
+    assert not dnsrelay.trusts_ad("203.0.113.53") and not dnsrelay.trusts_ad("2001:db8::53")

@@ -47,6 +47,7 @@ GOOD = Report(
     taken=0,
     latency_counts=(3, 2, 0, 0, 0, 0, 0, 0, 0, 0),
     latency_sum=4.5,
+    tls_failures={"verified": 0, "dane": 3, "mta-sts": 1, "mta-sts-testing": 0},
 )
 
 
@@ -68,6 +69,8 @@ def test_a_report_round_trips() -> None:
         (encode(GOOD).replace(b"1500000000.0", b"1e300"), "time"),
         (encode(GOOD).replace(b"1500000000.0", b"253402300800.0"), "time"),  # past MAX_TIME
         (encode(GOOD).replace(b"try later", b"try\\u0007later"), "text"),
+        (encode(GOOD).replace(b'"dane":3', b'"tlsa":3'), "counts"),  # no such policy
+        (encode(GOOD).replace(b'"dane":3', b'"dane":-3'), "count"),
     ],
 )
 def test_lies_are_refused(data: bytes, why: str) -> None:

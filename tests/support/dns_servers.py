@@ -100,6 +100,9 @@ class AuthServer:
 
     zone: Zone
     queries: list[tuple[str, str, bool]] = field(default_factory=list)
+    # Answers as a validating resolver gives them (RFC 6840 5.7): AD set when asked for.
+    validating: bool = False
+    dnssec_wishes: list[tuple[bool, bool]] = field(default_factory=list)  # (AD, DO) asked
 
     def __post_init__(self) -> None:
         udp, tcp = udp_and_tcp(_UDPServer, _TCPServer, _AuthHandler)
@@ -126,8 +129,12 @@ class AuthServer:
         name = question.name.to_text().lower()
         rdtype = dns.rdatatype.to_text(question.rdtype)
         self.queries.append((name, rdtype, udp))
+        wants = (bool(query.flags & dns.flags.AD), bool(query.ednsflags & dns.flags.DO))
+        self.dnssec_wishes.append(wants)
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        if self.validating and any(wants):
+            response.flags |= dns.flags.AD
         records = self.zone.get((name, rdtype))
         if records:
             response.answer.append(
@@ -194,8 +201,9 @@ def dns_stack(
     zone: Zone = RCPT_ZONE,
     resolvers: Sequence[IPv4Address | IPv6Address] = (IPv4Address("127.0.0.1"),),
     timeout: float = 1.0,
+    validating: bool = False,
 ) -> Iterator[DNSStack]:
-    server = AuthServer(zone)
+    server = AuthServer(zone, validating=validating)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with tempfile.TemporaryDirectory() as empty:
         pid = os.fork()

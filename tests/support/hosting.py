@@ -160,13 +160,17 @@ class Hosting:
 
     # -- the supervisor ------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start `nsmail supervise` in the lab's host namespace and wait for READY=1."""
+    def start(self, timeout: float = 30.0, ca_file: Path | None = None) -> None:
+        """Start `nsmail supervise` in the lab's host namespace and wait for READY=1.
+        `ca_file`: the CA store its workers trust instead of the machine's (OpenSSL's
+        SSL_CERT_FILE), for a lab CA."""
         notify_path = self.root / "notify"
         if self._notify is None:
             self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
+        if ca_file is not None:
+            env["SSL_CERT_FILE"] = str(ca_file)
         self.proc = self.lab.popen(
             self.lab.host,
             [NSMAIL, "--config", str(self.config_path), "supervise"],

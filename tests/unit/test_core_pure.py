@@ -122,6 +122,26 @@ def test_status_and_metrics_show_sessions_and_destinations_held_back() -> None:
     assert 'nsmail_destinations_held_back{state="dead",tenant="bcd.test"} 1.0' in page
 
 
+def test_status_and_metrics_count_tls_failures_per_policy() -> None:
+    record = WorkerStatus(
+        **{
+            **{f: None for f in WorkerStatus.__dataclass_fields__},
+            "domain": "bcd.test",
+            "role": "tenant",
+            "uid": 61000,
+            "state": "delivering",
+            "restarts": 0,
+            "refused_reports": 0,
+            "tls_failures": {"verified": 0, "dane": 2, "mta-sts": 1, "mta-sts-testing": 0},
+        }
+    )
+    lines = render_table([record], now=1000.0).splitlines()
+    assert lines[3] == "  TLS policy failures: dane 2, mta-sts 1"
+    page = metrics.render([record]).decode()
+    assert 'nsmail_tls_failures_total{policy="dane",tenant="bcd.test"} 2.0' in page
+    assert 'nsmail_tls_failures_total{policy="verified",tenant="bcd.test"} 0.0' in page
+
+
 def test_status_table_shows_a_refused_reload_and_the_relay() -> None:
     relay = RelayStatus(
         pid=4194303,

@@ -20,10 +20,10 @@ from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.queuefile import Envelope
 from nsmail.core.scheduler import Policy, Result
-from nsmail.core.smtp import TlsMode
 from nsmail.tenant import engine as engine_module
 from nsmail.tenant.engine import Engine
 from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.policies import MAY
 from nsmail.tenant.qmgr import Taken
 from nsmail.tenant.remote import Route, Sent, Unreached
 from nsmail.tenant.spool import INCOMING
@@ -65,7 +65,7 @@ class FakeRemote:
         return Policy(initial_concurrency=2, concurrency_limit=4, dead_after=2)
 
     async def route(self, domain: str, family: str | None = None) -> Route:
-        return Route(domain, (f"mx.{domain}",), False, TlsMode.MAY, family or "any")
+        return Route(domain, (f"mx.{domain}",), False, (MAY,), family or "any")
 
     async def open(self, route: Route) -> FakeOpened:
         kind = route.domain.split(".")[0]

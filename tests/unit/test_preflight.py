@@ -16,6 +16,7 @@ from nsmail.commands import preflight
 from nsmail.core.preflight import (
     AddressFacts,
     Answer,
+    DkimKey,
     Finding,
     SpfVerdict,
     TenantFacts,
@@ -314,3 +315,84 @@ def test_dkim_problems(rsa_key: rsa.RSAPublicKey) -> None:
     assert twice.problem == "DKIM selector s1 has 2 TXT records, verifiers pick any"
     with pytest.raises(ValueError):
         check_dkim("bcd.test", "s1", b"not a key", Answer((record,)))
+
+
+DMARC = "v=DMARC1; p=none; rua=mailto:postmaster@bcd.test"
+WANTED_DMARC = '_dmarc.bcd.test. TXT "v=DMARC1; p=none; rua=mailto:postmaster@bcd.test"'
+
+
+def receiving(**answers: Answer) -> TenantFacts:
+    """Facts of a tenant whose receiving side publishes what `answers` say (else: all)."""
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    key = DkimKey("s1", public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    published = {
+        "dmarc": Answer((DMARC,)),
+        "mta_sts": Answer(("v=STSv1; id=1;",)),
+        "tls_rpt": Answer(("v=TLSRPTv1; rua=mailto:tls@bcd.test",)),
+        **answers,
+    }
+    return dataclasses.replace(facts(), dkim=((key, Answer()),), **published)  # type: ignore[arg-type]
+
+
+def findings_of(tenant: TenantFacts, *checks: str) -> list[tuple[bool, str]]:
+    return [(f.ok, f.line()) for f in evaluate(tenant) if f.check in checks]
+
+
+def test_dmarc_mta_sts_and_tls_rpt_all_published() -> None:
+    assert findings_of(receiving(), "dmarc", "mta-sts", "tls-rpt") == [
+        (True, "bcd.test: None"),
+        (True, "bcd.test: None"),
+        (True, "bcd.test: None"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "line"),
+    [
+        (
+            Answer(),
+            f"bcd.test: bcd.test has no DMARC record, which Gmail, Yahoo and Microsoft require: "
+            f"publish {WANTED_DMARC}",
+        ),
+        (
+            Answer((DMARC, "v=DMARC1; p=reject")),
+            f"bcd.test: bcd.test has 2 DMARC records, so receivers apply none: keep only one, "
+            f"e.g. {WANTED_DMARC}",
+        ),
+        (
+            Answer(("v=DMARC1; p=maybe",)),
+            f"bcd.test: the DMARC record of bcd.test is malformed (no valid p=): replace it with "
+            f"{WANTED_DMARC}",
+        ),
+    ],
+)
+def test_dmarc_problems(answer: Answer, line: str) -> None:
+    assert findings_of(receiving(dmarc=answer), "dmarc") == [(False, line)]
+
+
+def test_dmarc_without_dkim_is_advice_to_sign() -> None:
+    tenant = dataclasses.replace(receiving(), dkim=())
+    ((ok, line),) = findings_of(tenant, "dmarc")
+    assert ok and line.startswith("bcd.test: advice: DMARC of bcd.test passes on SPF alone")
+    assert preflight.exit_code(evaluate(tenant)) == 0
+    assert "advice: DMARC" in preflight.render(evaluate(tenant)).splitlines()[1]
+
+
+def test_no_mta_sts_nor_tls_rpt_is_advice_a_broken_one_a_problem() -> None:
+    absent = receiving(mta_sts=Answer(), tls_rpt=Answer(("v=spf1 -all",)))
+    found = findings_of(absent, "mta-sts", "tls-rpt")
+    assert [ok for ok, _ in found] == [True, True]
+    assert found[0][1] == (
+        "bcd.test: advice: bcd.test publishes no MTA-STS policy: senders may deliver to it in "
+        'clear: publish _mta-sts.bcd.test. TXT "v=STSv1; id=1;" and '
+        "https://mta-sts.bcd.test/.well-known/mta-sts.txt (mode: testing, then enforce)"
+    )
+    assert found[1][1] == (
+        "bcd.test: advice: bcd.test publishes no TLS-RPT record: senders' TLS failures go "
+        'unreported: publish _smtp._tls.bcd.test. TXT "v=TLSRPTv1; rua=mailto:tls-reports@bcd.test"'
+    )
+    broken = receiving(
+        mta_sts=Answer(("v=STSv1; id=no-dashes;",)), tls_rpt=Answer(("v=TLSRPTv1;",))
+    )
+    assert [ok for ok, _ in findings_of(broken, "mta-sts", "tls-rpt")] == [False, False]
+    assert preflight.exit_code(evaluate(broken)) == 1

@@ -2,8 +2,9 @@
 
 Use it as ``from lab import Lab, Nsd, Postfix, forward_and_reverse`` (tests/support is
 on sys.path). The network, its addresses and names are ``nsmail.lab.topology``'s, the one
-the demo builds too; ``topology`` here gives each test its own, ``dns`` and ``postfix``
-are the servers. Everything needs root.
+the demo builds too; ``topology`` here gives each test its own, ``dns``, ``postfix`` and
+``unbound`` (validating a signed NSD, for the TLS policy tests) are the servers.
+Everything needs root.
 
 Security: test infrastructure, runs as root; creates only prefixed namespaces and
 documentation addresses inside them.
@@ -30,6 +31,7 @@ from nsmail.lab.topology import (
 from .dns import Nsd
 from .postfix import DEFAULT_RECIPIENT_STATUS, DOMAINS, Postfix
 from .topology import Lab, LabError, sweep_dead_labs
+from .unbound import Unbound
 
 __all__ = [
     "BRIDGE",
@@ -52,6 +54,7 @@ __all__ = [
     "Nsd",
     "Postfix",
     "Record",
+    "Unbound",
     "forward_and_reverse",
     "lab_records",
     "reverse_name",

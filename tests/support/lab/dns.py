@@ -16,6 +16,11 @@ A PTR record may name its address instead of its reverse name. Each zone is chec
 ``restart``, not later as a mysterious SERVFAIL. TTLs are 1 s so a restart with new
 records shows at once to any caching client.
 
+``signed=True`` signs the ``test.`` zone with DNSSEC (``ldns-signzone`` from Debian's
+ldnsutils, one ECDSA P-256 key made by ``ldns-keygen`` for the lab, at every restart), and
+``trust_anchor`` is its DS record, for a validating resolver (``Unbound``). The reverse
+zones stay unsigned: outside the anchor, a validator calls them insecure.
+
 NSD runs in the foreground (``-d``) as root without chroot; its config, zone files, pid
 and log live in a lab temporary directory and it keeps no database (``database: ""``).
 Readiness is the "nsd started" log line, written after the sockets are bound and the
@@ -106,12 +111,29 @@ def zone_texts(records: Iterable[Record]) -> dict[str, str]:
 class Nsd:
     """NSD serving ``records`` in ``lab.net``; started by the constructor, stopped with the lab."""
 
-    def __init__(self, lab: Lab, records: Iterable[Record] = ()) -> None:
+    def __init__(self, lab: Lab, records: Iterable[Record] = (), *, signed: bool = False) -> None:
         self._lab = lab
         self.dir = lab.tempdir("nsd")
         self._proc: subprocess.Popen[Any] | None = None
+        self._key = self._keygen() if signed else None
         lab.defer(self.stop)
         self.restart(records)
+
+    @property
+    def trust_anchor(self) -> str:
+        """The DS record of the signed ``test.`` zone, as zone-file text."""
+        assert self._key is not None, "the zones are not signed"
+        return self._key.with_suffix(self._key.suffix + ".ds").read_text().strip()
+
+    def _keygen(self) -> Path:
+        made = subprocess.run(
+            ["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "test"],
+            cwd=self.dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return self.dir / made.stdout.strip()
 
     @property
     def _log(self) -> Path:
@@ -153,6 +175,13 @@ class Nsd:
         for zone, text in zone_texts(records).items():
             path = self.dir / f"{zone}.zone"
             path.write_text(text)
+            if zone == "test" and self._key is not None:
+                unsigned, path = path, path.with_name(f"{path.name}.signed")
+                subprocess.run(
+                    ["ldns-signzone", "-f", str(path), str(unsigned), str(self._key)],
+                    capture_output=True,
+                    check=True,
+                )
             check = subprocess.run(
                 ["nsd-checkzone", zone, str(path)], capture_output=True, text=True, check=False
             )
@@ -185,7 +214,11 @@ class Nsd:
             "remote-control:",
             "  control-enable: no",
         ]
-        zones = [f"zone:\n  name: {zone}\n  zonefile: {zone}.zone" for zone in ZONES]
+        signed = {"test"} if self._key is not None else set()
+        zones = [
+            f"zone:\n  name: {zone}\n  zonefile: {zone}.zone{'.signed' if zone in signed else ''}"
+            for zone in ZONES
+        ]
         return "\n".join(server + zones) + "\n"
 
     def _wait_started(self) -> None:

@@ -13,7 +13,9 @@ checks accept "HELO bcd.test" from a client verified as abc.test (the mismatch o
 in the Received header, ``from bcd.test (abc.test [...])``); the policy refuses it.
 ``recipient_status`` maps recipient addresses to the reply Postfix gives them at RCPT TO
 (``check_recipient_access``), by default ``reject@rcpt.test`` (550) and
-``tempfail@rcpt.test`` (451).
+``tempfail@rcpt.test`` (451). ``certificate=(cert, key)`` offers STARTTLS with that
+certificate (PEM files), and says in each Received header whether TLS carried the mail;
+without it, STARTTLS is not offered at all (as when a man in the middle strips it).
 
 Resolver: Postfix uses glibc's resolver, which only reads /etc/resolv.conf, so it is
 started with ``lab.run(..., resolver=True)`` (a private bind mount of the lab's
@@ -138,13 +140,14 @@ class Postfix:
         *,
         helo_must_match: bool = False,
         recipient_status: Mapping[str, str] = DEFAULT_RECIPIENT_STATUS,
+        certificate: tuple[Path, Path] | None = None,
     ) -> None:
         self._lab = lab
         self.dir = lab.tempdir("postfix")
         self.maildir = self.dir / "mail" / "Maildir"
         self._running = False
         lab.defer(self.stop)
-        self._write_config(helo_must_match, recipient_status)
+        self._write_config(helo_must_match, recipient_status, certificate)
         self._start()
 
     # -- reading what arrived ----------------------------------------------------------
@@ -202,7 +205,12 @@ class Postfix:
         if result.returncode != 0:
             raise LabError(f"postfix start: {result.stdout}{result.stderr}\n{self.log()}")
 
-    def _write_config(self, helo_must_match: bool, recipient_status: Mapping[str, str]) -> None:
+    def _write_config(
+        self,
+        helo_must_match: bool,
+        recipient_status: Mapping[str, str],
+        certificate: tuple[Path, Path] | None,
+    ) -> None:
         d = self.dir
         postfix = pwd.getpwnam("postfix")
         nobody = pwd.getpwnam("nobody")
@@ -263,6 +271,11 @@ class Postfix:
             "unknown_client_reject_code": "550",
             "unknown_hostname_reject_code": "550",
         }
+        if certificate is not None:
+            main_cf["smtpd_tls_cert_file"], main_cf["smtpd_tls_key_file"] = map(str, certificate)
+            main_cf["smtpd_tls_security_level"] = "may"
+            main_cf["smtpd_tls_received_header"] = "yes"
+            master_cf += "tlsmgr unix - - n 1000? 1 tlsmgr\n"
         (d / "etc" / "main.cf").write_text(
             "".join(f"{key} = {value}\n" for key, value in main_cf.items())
         )
