@@ -68,6 +68,8 @@ class Report:
     latency_sum: float
     sessions: int = 0  # SMTP sessions open
     destinations: tuple[Destination, ...] = ()  # at most MAX_DESTINATIONS
+    # Bounces that found no one to take them, told to the host's postmaster instead.
+    double_bounces: int = 0  # since the worker started
 
 
 def encode(report: Report) -> bytes:
@@ -122,6 +124,7 @@ def decode(data: bytes, domain: str) -> Report:
         latency_sum=_sum(fields["latency_sum"]),
         sessions=_count(fields["sessions"]),
         destinations=_destinations(fields["destinations"]),
+        double_bounces=_count(fields["double_bounces"]),
     )
 
 

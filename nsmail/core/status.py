@@ -39,6 +39,7 @@ class WorkerStatus:
     sessions: int | None = None  # SMTP sessions open
     # Destinations held back: [{"name", "state" (throttled, dead), "until"}], a few at most.
     destinations: list[dict[str, Any]] | None = None
+    double_bounces: int | None = None  # bounces nobody took, told to the host's postmaster
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +145,8 @@ def render_table(
             lines.append(_cut(f"  {held_back['state']}{left}: {held_back['name']}", 79))
         # Held mail waits for an operator; quarantined files (corrupt/) will never go.
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
+        if r.double_bounces:
+            kept.append(f"{r.double_bounces} double bounces (told the postmaster)")
         if kept:
             lines.append("  " + ", ".join(kept))
         if r.last_error:

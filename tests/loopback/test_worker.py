@@ -275,7 +275,8 @@ def test_a_deferred_file_dated_far_ahead_is_due_within_the_largest_backoff(
     file dated far in the past is simply due now."""
     home = spool.root.parents[2]
     config = DeliveryConfig(retry_max=4000)
-    queue = worker.prepare(make_tenant(home), config, dns.channel(), home=home).queue
+    tenant = make_tenant(home)
+    queue = worker.prepare(tenant, config, dns.channel(), home=home, host_name="abc.test").queue
     ahead, past = new_queue_id(time.time()), new_queue_id(time.time())
     for queue_id, when in ((ahead, time.time() + 30 * 86400), (past, 1.0)):
         spool.put(DEFERRED, queue_id, [b"planted"])
