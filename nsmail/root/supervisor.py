@@ -16,12 +16,15 @@ whole process. It reads only its own configuration; it never opens files in tena
 homes, and it hears from workers only through the descriptors it handed them: status
 reports are bounded and validated (`nsmail.core.report`), and the one descriptor a worker may
 hand over, with its last report, is kept only if it is an inotify instance, and is only
-polled, never read. The control socket serves root and the admin group
-(`nsmail.root.control`); metrics are off unless configured; both are served without blocking
-the loop (`nsmail.root.serving`). No wait exceeds MAX_WAIT, whatever time a report names, and
-an event handler that raises ends only that event: work for one tenant is contained to
-it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
-the others' workers and namespaces depend on.
+polled, never read. Hand-off requests (mail a worker may not write itself: to /var/mail,
+to the host's postmaster) are checked by `nsmail.root.handoff`, at most a few at once per
+worker; their descriptors go unread to a child the zygote jails as the one who may write.
+The control socket serves root and the admin group (`nsmail.root.control`); metrics are
+off unless configured; both are served without blocking the loop (`nsmail.root.serving`).
+No wait exceeds MAX_WAIT, whatever time a report names, and an event handler that raises
+ends only that event: work for one tenant is contained to it (`_for_one_tenant`: its
+worker is restarted), so no tenant can end the loop that all the others' workers and
+namespaces depend on.
 """
 
 from __future__ import annotations
