@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from nsmail.core.outcome import Status
+from nsmail.core.records import fields_of
 
 MAILBOX = "mailbox"
 POSTMASTER = "postmaster"
@@ -54,14 +55,7 @@ def encode_request(request: Request) -> bytes:
 
 
 def decode_request(data: bytes) -> Request:
-    if len(data) > MAX_REQUEST:
-        raise HandoffError(f"{len(data)} bytes, more than {MAX_REQUEST}")
-    try:
-        fields = json.loads(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise HandoffError(f"not JSON: {e}") from None
-    if not isinstance(fields, dict) or set(fields) != set(Request.__dataclass_fields__):
-        raise HandoffError("fields missing or unknown")
+    fields = fields_of(data, MAX_REQUEST, Request, HandoffError)
     kind, user, sender = fields["kind"], fields["user"], fields["sender"]
     if kind not in KINDS:
         raise HandoffError("unknown kind")

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from nsmail.core.records import fields_of
+
 MAX_REPORT = 4096
 MAX_TEXT = 300
 MAX_DESTINATIONS = 4  # dead or throttled destinations a report names (the first ones)
@@ -97,14 +99,7 @@ def _json(report: Report) -> bytes:
 
 def decode(data: bytes, domain: str) -> Report:
     """The report in `data` from the worker of `domain`; ReportError if it is not one."""
-    if len(data) > MAX_REPORT:
-        raise ReportError(f"{len(data)} bytes, more than {MAX_REPORT}")
-    try:
-        fields = json.loads(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ReportError(f"not JSON: {e}") from None
-    if not isinstance(fields, dict) or set(fields) != set(Report.__dataclass_fields__):
-        raise ReportError("fields missing or unknown")
+    fields = fields_of(data, MAX_REPORT, Report, ReportError)
     if fields["domain"] != domain:
         raise ReportError(f"claims to be {str(fields['domain'])[:100]!r}")
     if fields["state"] not in WORKER_STATES:
