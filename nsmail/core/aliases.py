@@ -41,6 +41,7 @@ POSTMASTER = "postmaster"  # RFC 5321 4.5.1: every domain has one, matched in an
 Table = tuple[tuple[str, tuple[str, ...]], ...]
 # aliases(5): targets are separated by commas or white space; one holding either (a
 # command with arguments) is double-quoted.
+REFUSAL = "nsmail delivers no mail to commands, files or :include: lists"
 _TARGET = re.compile(r'"(?:[^"\\]|\\.)*"|[^",\s]+')
 _NAME = re.compile(r"[^\s:,\"\\]{1,64}")
 
@@ -88,7 +89,6 @@ class Book:
     aliases: Mapping[str, tuple[str, ...]]  # by folded name
     mailbox: Callable[[str], str | None]  # a user's own name for a name, if one has a mailbox
     forward: Callable[[str], Forward] = lambda user: None
-    source: str = "aliases"  # where the aliases are, for errors
 
 
 def refused(target: str) -> str | None:
@@ -126,7 +126,7 @@ def parse_aliases(text: str, known: Callable[[str], bool] = lambda name: False) 
             problems.append(Problem(number, f"{name!r} has no target"))
             continue
         problems += [
-            Problem(number, f"{target!r} is {kind}: {_REFUSAL}")
+            Problem(number, f"{target!r} is {kind}: {REFUSAL}")
             for target in targets
             if (kind := refused(target))
         ]
@@ -168,9 +168,6 @@ def resolve(local_part: str, book: Book) -> Delivery | Undeliverable:
     return walk.result()
 
 
-_REFUSAL = "nsmail delivers no mail to commands, files or :include: lists"
-
-
 class _Walk:
     """One expansion: the mailboxes and addresses found, and the first failures."""
 
@@ -206,7 +203,7 @@ class _Walk:
             self.fail(False, f"5.4.6 aliases nested more than {MAX_DEPTH} deep at {key}")
             return
         targets = self.book.aliases.get(key)
-        source = f"{self.book.source}: {key}"
+        source = f"aliases: {key}"
         if targets is None:
             if user is None:
                 where = f": {key} (from {path[-1]})" if path else ""
@@ -226,7 +223,7 @@ class _Walk:
     def _target(self, target: str, path: tuple[str, ...], source: str) -> None:
         kind = refused(target)
         if kind is not None:
-            self.fail(True, f"4.3.5 {source}: {target!r} is {kind}: {_REFUSAL}")
+            self.fail(True, f"4.3.5 {source}: {target!r} is {kind}: {REFUSAL}")
         elif target.startswith("\\"):
             user = self.book.mailbox(target[1:])
             if user is None:

@@ -30,7 +30,15 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 from nsmail.core.addresses import same_domain, split
-from nsmail.core.aliases import POSTMASTER, AliasFile, Problem, Table, parse_aliases, refused
+from nsmail.core.aliases import (
+    POSTMASTER,
+    REFUSAL,
+    AliasFile,
+    Problem,
+    Table,
+    parse_aliases,
+    refused,
+)
 from nsmail.core.layout import SPOOL_IN_HOME
 from nsmail.core.text import printable
 
@@ -1058,9 +1066,7 @@ def _check_alias_target(
 ) -> None:
     kind = refused(target)
     if kind is not None:
-        raise names.error(
-            field, f"{target!r} is {kind}: nsmail delivers no mail to commands, files or lists"
-        )
+        raise names.error(field, f"{target!r} is {kind}: {REFUSAL}")
     local_part, target_domain = split(target)
     if "@" not in target or same_domain(target_domain, domain):
         if local_part.lower() not in local:
