@@ -10,8 +10,9 @@ Security: runs as root in the supervisor and parses no mail. A request is decode
 strict, bounded `decode_request`; its two descriptors must be a regular file and a
 socket, and are never read here, only passed to the child; the mailbox's owner is looked
 up in passwd now. Root's own mailbox is written as uid 0 with no capability at all
-(nsmail.root.jail.drop), chrooted into the mail spool: it can touch nothing but what root
-owns there.
+(nsmail.root.jail.drop), chrooted into the mail spool: it can write nothing but what root
+owns there (as uid 0 it could still signal root's processes; it runs only the writer, on
+bytes it copies and does not parse).
 """
 
 from __future__ import annotations
