@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nsmail.commands import tenants as tenantadmin
 from nsmail.core.addresses import same_domain
-from nsmail.core.config import Config, ConfigError
+from nsmail.core.config import Config, ConfigError, Tenant
 from nsmail.core.exitcodes import (
     EX_CANTCREAT,
     EX_CONFIG,
@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("tenant", nargs="*", help="with --dns: only these domains")
     check.add_argument("--json", action="store_true", help="with --dns: machine-readable output")
+    commands.add_parser(
+        "newaliases",
+        help="check the host's aliases file and have the supervisor apply it (as newaliases(1))",
+    )
     tenant = commands.add_parser("tenant", help="add, remove or list hosted domains (root)")
     verbs = tenant.add_subparsers(dest="verb", required=True, metavar="VERB")
     add = verbs.add_parser("add", help="add a tenant as tenants.d/DOMAIN.toml and apply it")
@@ -190,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     if args.command == "check":
         return _check(path, config, args)
+    if args.command == "newaliases":
+        return _newaliases(path, config)
     if args.command == "dkim":
         return _dkim_keygen(path, args)
     if args.command == "flush":
@@ -208,12 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def mailq() -> int:
     """`mailq`: the queue, as `nsmail queue list` shows it to the caller."""
     return main(["queue", "list", *sys.argv[1:]])
-
-
-def newaliases() -> int:
-    """`newaliases`: Debian's tools run it after changing /etc/aliases; nsmail keeps no
-    aliases database to rebuild, so there is nothing to do."""
-    return EX_OK
 
 
 def completion_script() -> str:
@@ -255,7 +255,49 @@ def _check(path: Path, config: Config, args: argparse.Namespace) -> int:
         keys = {s.domain: [DkimKey(s.selector, s.public_key())] for s in signers}
         return preflight.main(config, args.tenant, args.json, keys)
     print(f"{path}: OK, {len(config.tenants)} tenants")
+    for tenant in config.tenants:
+        print(f"{tenant.domain}: {_local_delivery(tenant)}")
+    _warn_about_aliases(config)
     return EX_OK
+
+
+def _local_delivery(tenant: Tenant) -> str:
+    if tenant.local_delivery == "mx":
+        return 'local_delivery = "mx": its own mail goes to its MX, as any other domain\'s'
+    users = ", ".join(tenant.users) or "none"
+    aliases = ", ".join(f"{name} -> {', '.join(targets)}" for name, targets in tenant.aliases)
+    return f'local_delivery = "maildir": users {users}; aliases {aliases}'
+
+
+def _warn_about_aliases(config: Config) -> None:
+    """The host's aliases file's problems: mail for those names waits (see nsmail.core.aliases)."""
+    for problem in config.host_aliases.problems:
+        where = (
+            f"{config.host.aliases}:{problem.line}" if problem.line else str(config.host.aliases)
+        )
+        print(f"nsmail: warning: {where}: {printable(problem.text)}", file=sys.stderr)
+
+
+def _newaliases(path: Path, config: Config) -> int:
+    """newaliases(1): nothing to build (the supervisor reads the file itself), but its
+    problems are shown, and a running supervisor applies it now (root, the admin group)."""
+    _warn_about_aliases(config)
+    count = len(config.host_aliases.table)
+    try:
+        applied = tenantadmin.apply(path)
+    except tenantadmin.AdminError as e:
+        print(f"nsmail: {e}", file=sys.stderr)
+        return e.code
+    except control.Denied as e:
+        print(f"nsmail: not applied: {e}", file=sys.stderr)
+        return EX_NOPERM
+    print(f"{config.host.aliases}: {count} aliases; {applied}")
+    return EX_OK
+
+
+def newaliases() -> int:
+    """The `newaliases` command that Debian's tools run after they change /etc/aliases."""
+    return main(["newaliases"])
 
 
 def _dkim_keygen(path: Path, args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ def add(path: Path, tenant: NewTenant) -> str:
     except ConfigError as e:
         raise AdminError(EX_CONFIG, str(e)) from None
     _write(dropin, tenant.toml())
-    return f"added {tenant.domain} ({dropin}); " + _apply(path)
+    return f"added {tenant.domain} ({dropin}); " + apply(path)
 
 
 def remove(path: Path, domain: str) -> str:
@@ -85,7 +85,7 @@ def remove(path: Path, domain: str) -> str:
         raise AdminError(EX_DATAERR, f"{source} also holds {', '.join(others)}: edit that file")
     source.unlink()
     _sync_dir(source.parent)
-    return f"removed {domain} ({source}); " + _apply(path)
+    return f"removed {domain} ({source}); " + apply(path)
 
 
 def listing(path: Path) -> list[dict[str, object]]:
@@ -132,7 +132,8 @@ def _sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _apply(path: Path) -> str:
+def apply(path: Path) -> str:
+    """Have a running supervisor reload the configuration; what came of it, in words."""
     run_dir = run_dir_of(path)
     try:
         reply = control.request(run_dir, "reload")

@@ -23,13 +23,22 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
-from nsmail.core.addresses import same_domain
+from nsmail.core.addresses import same_domain, split
+from nsmail.core.aliases import (
+    POSTMASTER,
+    REFUSAL,
+    AliasFile,
+    Problem,
+    Table,
+    parse_aliases,
+    refused,
+)
 from nsmail.core.layout import SPOOL_IN_HOME
 from nsmail.core.text import printable
 
@@ -40,12 +49,17 @@ _Subnet = TypeVar("_Subnet", IPv4Network, IPv6Network)
 
 DEFAULT_RUN_DIR = Path("/run/nsmail")
 DEFAULT_HOST_SPOOL = Path("/var/spool/nsmail")
+DEFAULT_ALIASES = Path("/etc/aliases")
+DEFAULT_MAIL_SPOOL = Path("/var/mail")  # Debian's: drwxrwsr-x root:mail, one mbox per user
 HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
 
 _MAIN_TABLES = frozenset({"host", "network", "delivery", "log", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset(
-    {"name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group", "metrics"}
+    {
+        *("name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group"),
+        *("metrics", "aliases", "mail_spool"),
+    }
 )
 _NETWORK_KEYS = frozenset(
     {"mode", "bridge", "gateway4", "gateway6", "subnet4", "subnet6", "prefix"}
@@ -85,6 +99,9 @@ _DESTINATION_KEYS = frozenset(
 _LOG_KEYS = frozenset({"format"})
 LOG_FORMATS = ("text", "json")  # the delivery events as Postfix's lines, or JSON objects
 TLS_POLICIES = ("may", "verify")
+# Where a tenant's own domain's mail goes: its users' Maildirs here, or its MX like any
+# other domain's (mailboxes at another provider, the web site here).
+LOCAL_DELIVERY = ("maildir", "mx")
 FAMILIES = ("any", "ipv4", "ipv6")
 _TENANT_KEYS = frozenset(
     {
@@ -97,6 +114,8 @@ _TENANT_KEYS = frozenset(
         "gid",
         "home",
         "users",
+        "local_delivery",
+        "aliases",
         "foreign_senders",
         "tls",
         "hourly_limit",
@@ -158,6 +177,8 @@ class HostConfig:
     spool: Path = DEFAULT_HOST_SPOOL
     admin_gid: int | None = None  # members may use the control socket (nsmail status)
     metrics: str | None = None  # "address:port" of the Prometheus endpoint; None: off
+    aliases: Path = DEFAULT_ALIASES  # the machine's aliases(5), for its own users' mail
+    mail_spool: Path = DEFAULT_MAIL_SPOOL  # their mailboxes, mbox(5) files named by login
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +288,10 @@ class Tenant:
     home: Path
     users: tuple[str, ...]
     source: str
+    local_delivery: str = "maildir"  # one of LOCAL_DELIVERY
+    # Names of its domain and where their mail goes (nsmail.core.aliases), postmaster
+    # always among them with local_delivery = "maildir"; for the host, /etc/aliases'.
+    aliases: Table = ()
     # Whether the tenant may submit mail with an envelope sender outside its domain.
     foreign_senders: bool = False
     tls: str | None = None  # this tenant's STARTTLS policy; None: [delivery] tls
@@ -329,6 +354,9 @@ class Config:
     delivery: DeliveryConfig
     tenants: tuple[Tenant, ...]
     log_format: Literal["text", "json"] = "text"  # [log] format (nsmail.root.systemd)
+    # The host's aliases file as read, with its problems (for `nsmail check`); apart from
+    # `host`, so that editing it restarts only the host's own worker.
+    host_aliases: AliasFile = field(default_factory=AliasFile)
 
     def tenant(self, domain: str) -> Tenant | None:
         return next((t for t in self.tenants if same_domain(t.domain, domain)), None)
@@ -350,6 +378,14 @@ class Inode:
 
 
 @dataclass(frozen=True, slots=True)
+class FileText:
+    """A file's text, or why it could not be read; a missing file is an empty one."""
+
+    text: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SystemLookup:
     """The facts about this machine that validation needs, injected so `parse` stays pure."""
 
@@ -360,11 +396,13 @@ class SystemLookup:
     # The on-link subnets of a bridge of this namespace, for bridge mode without
     # subnet4/subnet6; () when there is no such bridge or it has no address.
     bridge_subnets: Callable[[str], tuple[IPNetwork, ...]] = lambda name: ()
+    file_text: Callable[[str], FileText] = lambda path: FileText()  # the aliases file
 
 
 def host_identity(config: Config) -> Tenant:
     """The machine's own users' mail, sent as the host: a tenant without a namespace
-    (the kernel picks the source address), run as `host.user`, its queue `host.spool`."""
+    (the kernel picks the source address), run as `host.user`, its queue `host.spool`;
+    its domain's mail goes to the machine's users' mailboxes, after `host.aliases`."""
     host = config.host
     return Tenant(
         domain=host.name,
@@ -376,6 +414,7 @@ def host_identity(config: Config) -> Tenant:
         home=host.spool,
         users=(),
         source=HOST_SOURCE,
+        aliases=config.host_aliases.table,
         spool_in_home=".",
     )
 
@@ -402,7 +441,15 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
     _check_gateways(main, network, registry.tenants)
     registry.check_homes(lookup)
     log_format = _log_format(main.table("log", required=False))
-    return Config(Path(main_file), host, network, delivery, tuple(registry.tenants), log_format)
+    return Config(
+        Path(main_file),
+        host,
+        network,
+        delivery,
+        tuple(registry.tenants),
+        log_format,
+        _host_aliases(host, lookup),
+    )
 
 
 def _log_format(table: _Table) -> Literal["text", "json"]:
@@ -492,6 +539,20 @@ class _Table:
         assert value is None or isinstance(value, int | float)
         return None if value is None else float(value)
 
+    def names(self) -> list[str]:
+        """The keys this table holds."""
+        return list(self._data)
+
+    def string_or_strings(self, key: str) -> tuple[str, ...]:
+        """A string or a non-empty array of strings, as a tuple."""
+        value = self._data.get(key)
+        if isinstance(value, str):
+            return (value,)
+        value = self.strings(key)
+        if not value:
+            raise self.error(key, "must be an address or an array of addresses")
+        return value
+
     def strings(self, key: str) -> tuple[str, ...] | None:
         value = self._typed(key, (list,), "an array of strings")
         if value is None:
@@ -563,6 +624,8 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
 
     run_dir = _absolute_path(table, "run_dir", DEFAULT_RUN_DIR)
     spool = _absolute_path(table, "spool", DEFAULT_HOST_SPOOL)
+    aliases_file = _absolute_path(table, "aliases", DEFAULT_ALIASES)
+    mail_spool = _absolute_path(table, "mail_spool", DEFAULT_MAIL_SPOOL)
     admin_gid = None
     if (group := table.string("admin_group")) is not None:
         admin_gid = lookup.group(group)
@@ -584,14 +647,36 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
         spool,
         admin_gid,
         metrics,
+        aliases_file,
+        mail_spool,
     )
 
 
+def _host_name_known(name: str, lookup: SystemLookup) -> bool:
+    return name.lower() == POSTMASTER or lookup.user(name) is not None
+
+
+def _host_aliases(host: HostConfig, lookup: SystemLookup) -> AliasFile:
+    """The host's aliases file; postmaster goes to root unless it says otherwise. Its
+    problems are warnings: an unusable entry makes only the mail for that name wait."""
+    read = lookup.file_text(str(host.aliases))
+    parsed = parse_aliases(read.text, lambda name: _host_name_known(name, lookup))
+    table = parsed.table
+    if not any(name == POSTMASTER for name, _ in table):
+        table += ((POSTMASTER, ("root",)),)
+    unread = (Problem(0, f"cannot be read: {read.error}"),) if read.error else ()
+    return AliasFile(table, unread + parsed.problems)
+
+
 def _check_host_jails(main: _Table, host: HostConfig, lookup: SystemLookup) -> None:
-    """The DNS relay's jail (in run_dir) and the host worker's (spool) are entered without
-    following symlinks too: a symlink on the way is refused now, not at every start. The
-    supervisor makes what does not exist yet."""
-    for key, path in (("run_dir", host.run_dir), ("spool", host.spool)):
+    """The DNS relay's jail (in run_dir), the host worker's (spool) and the mailbox
+    writers' (mail_spool) are entered without following symlinks too: a symlink on the way
+    is refused now, not at every start. The supervisor makes what does not exist yet."""
+    for key, path in (
+        ("run_dir", host.run_dir),
+        ("spool", host.spool),
+        ("mail_spool", host.mail_spool),
+    ):
         for part in (*reversed(path.parents), path):
             inode = lookup.lstat(str(part))
             if inode is None:
@@ -825,6 +910,8 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
     ehlo = domain if ehlo_text is None else _domain(table, "ehlo", ehlo_text)
     uid, gid, passwd_home = _identity(table, lookup)
     dkim_selector, dkim_key = _dkim(table)
+    users = _users(table)
+    local_delivery, alias_table = _local_delivery(table, domain, users)
     return Tenant(
         domain=domain,
         ipv4=ipv4,
@@ -833,8 +920,10 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         uid=uid,
         gid=gid,
         home=_home(table, passwd_home),
-        users=_users(table),
+        users=users,
         source=table.file,
+        local_delivery=local_delivery,
+        aliases=alias_table,
         foreign_senders=table.flag("foreign_senders"),
         tls=_tls_policy(table),
         hourly_limit=_limit(table, "hourly_limit"),
@@ -953,6 +1042,61 @@ def _users(table: _Table) -> tuple[str, ...]:
     return users
 
 
+def _local_delivery(table: _Table, domain: str, users: tuple[str, ...]) -> tuple[str, Table]:
+    """The tenant's local_delivery (default: "maildir" with users, else "mx") and its
+    aliases, postmaster among them (RFC 5321 4.5.1): its own, else the first user."""
+    mode = table.string("local_delivery")
+    if mode is not None and mode not in LOCAL_DELIVERY:
+        raise table.error("local_delivery", f"{mode!r} is neither 'maildir' nor 'mx'")
+    mode = mode or ("maildir" if users else "mx")
+    names = table.table("aliases", required=False)
+    if mode == "mx":
+        for key, given in (("users", users), ("aliases", names.names())):
+            if given:
+                raise table.error(
+                    key,
+                    'needs local_delivery = "maildir": with "mx" (the default without users) '
+                    "the domain's mail goes to its MX",
+                )
+        return mode, ()
+    local = {user.lower() for user in users} | {name.lower() for name in names.names()}
+    found: dict[str, tuple[str, ...]] = {}
+    for name in names.names():
+        if not _DOT_ATOM.fullmatch(name) or len(name) > 64:
+            raise names.error(name, f"{name!r} is not a dot-atom local part of 1-64 characters")
+        if name.lower() in found:
+            raise names.error(name, f"{name!r} is listed twice")
+        targets = names.string_or_strings(name)
+        for index, target in enumerate(targets):
+            _check_alias_target(names, f"{name}[{index}]", target, domain, local)
+        found[name.lower()] = targets
+    if POSTMASTER not in local:
+        if not users:
+            raise table.error(
+                "aliases",
+                f"postmaster@{domain} must be deliverable (RFC 5321 4.5.1): "
+                "give aliases.postmaster or list a user",
+            )
+        found[POSTMASTER] = (users[0],)
+    return mode, tuple(found.items())
+
+
+def _check_alias_target(
+    names: _Table, field: str, target: str, domain: str, local: set[str]
+) -> None:
+    kind = refused(target)
+    if kind is not None:
+        raise names.error(field, f"{target!r} is {kind}: {REFUSAL}")
+    local_part, target_domain = split(target)
+    if "@" not in target or same_domain(target_domain, domain):
+        if local_part.lower() not in local:
+            raise names.error(field, f"{target!r} is neither a user nor an alias of {domain}")
+        return
+    if not local_part or any(c.isspace() or not c.isprintable() or c in "<>" for c in target):
+        raise names.error(field, f"{target!r} is not an address")
+    _domain(names, field, target_domain)
+
+
 # --- cross-checks ----------------------------------------------------------------------
 
 
@@ -996,7 +1140,7 @@ class _Registry:
         self._claim(table, id_key, tenant.uid, here, kind="uid")
         self._claim(table, "home", tenant.home, here)
         # A home inside another can be replaced by the tenant of the outer one.
-        homes = [(self._host.spool, "host.spool")]
+        homes = [(self._host.spool, "host.spool"), (self._host.mail_spool, "host.mail_spool")]
         homes += [(t.home, f"the home of {t.domain}") for t in self.tenants]
         for home, what in homes:
             if tenant.home.is_relative_to(home) or home.is_relative_to(tenant.home):

@@ -73,12 +73,15 @@ def bounce(
     now: datetime,
     unique: str,
     delayed: bool = False,
+    double: bool = False,
     include_body: bool = True,
     max_original: int = MAX_ORIGINAL,
 ) -> bytes:
     """The notification to `original_sender` about `failures` of the message `original`.
 
     `delayed` makes it a warning (the message is still queued) rather than a bounce;
+    `double` a notice to the postmaster (`original_sender` then) that `original`, itself
+    a bounce, could not be delivered, with `original`'s header only (a double bounce);
     `unique` is the left-hand side of its Message-ID and part of its MIME boundary.
     """
     if not original_sender:
@@ -86,12 +89,14 @@ def bounce(
         raise ValueError("no notification for the null sender")
     if not failures:
         raise ValueError("a notification needs at least one recipient")
-    subject = (
-        "Delayed Mail (still being retried)" if delayed else ("Undelivered Mail Returned to Sender")
-    )
-    text = _text_part(reporting_mta, failures, delayed)
+    subject = "Undelivered Mail Returned to Sender"
+    if delayed:
+        subject = "Delayed Mail (still being retried)"
+    elif double:
+        subject = "Postmaster Warning: Undelivered Bounce"  # Postfix's 2bounce words
+    text = _text_part(reporting_mta, failures, delayed, double)
     status = _status_part(reporting_mta, failures, arrival, now)
-    returned = _returned_part(original, include_body, max_original)
+    returned = _returned_part(original, include_body and not double, max_original)
     boundary = _boundary(unique, reporting_mta, [text, status, returned])
     eight_bit = any(byte > 0x7F for byte in returned)
     header = [
@@ -116,8 +121,15 @@ def bounce(
     return out + b"--" + boundary.encode() + b"--\r\n"
 
 
-def _text_part(reporting_mta: str, failures: Sequence[Failure], delayed: bool) -> bytes:
-    if delayed:
+def _text_part(
+    reporting_mta: str, failures: Sequence[Failure], delayed: bool, double: bool
+) -> bytes:
+    if double:
+        opening = [
+            "A notice of non-delivery could not be delivered to the sender of the",
+            "undelivered message, below. Nobody else was told; its header is attached.",
+        ]
+    elif delayed:
         opening = [
             "Your message has not been delivered yet to the recipients below.",
             "This is only a warning: the mail system keeps trying, and will tell you",

@@ -41,6 +41,8 @@ from nsmail.core.addresses import with_domain
 from nsmail.core.message import MAX_LINE, boundary, break_line
 
 MAX_HEADER_BYTES = 1 << 20
+# RFC 5321 6.3: a message that went through this many hops is in a loop ("at least 100").
+MAX_HOPS = 100
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # RFC 5322 2.2: field-name = 1*ftext, printable US-ASCII except colon.
@@ -139,6 +141,29 @@ def _header_length(raw: bytes) -> int:
             return start
         start = end.end()
     return len(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Where a message has been, as its header section tells."""
+
+    hops: int  # Received and Delivered-To fields (RFC 5321 6.3; Postfix's hopcount)
+    delivered_to: frozenset[str]  # the addresses of its Delivered-To fields, lower-cased
+
+
+def trace(head: bytes) -> Trace:
+    """The trace of the header section `head` (a completed one: nothing is repaired)."""
+    try:
+        fields, _ = _split(_lines(head))
+    except HeaderError:  # over MAX_HEADER_BYTES: a header that long has looped, or lies
+        return Trace(MAX_HOPS, frozenset())
+    names = [_name(field[0]).lower() for field in fields]
+    delivered = frozenset(
+        _value(field).strip().lower()
+        for name, field in zip(names, fields, strict=True)
+        if name == b"delivered-to"
+    )
+    return Trace(sum(name in (b"received", b"delivered-to") for name in names), delivered)
 
 
 def body_lines(data: bytes) -> list[bytes]:

@@ -132,8 +132,11 @@ class Lines:
         whole, self._carry = data[:cut], data[cut:]
         out = _normal(whole) if whole else b""
         if len(self._carry) > MAX_LINE + 3:  # enough to choose a boundary (see `boundary`)
-            broken = break_line(self._carry)
-            self._carry = broken.pop()
+            # A CR kept at the end is a line end, not the line's content: it is not counted
+            # when the line is broken (or a line of exactly n * MAX_LINE gains an empty one).
+            held = b"\r" if self._carry.endswith(b"\r") else b""
+            broken = break_line(self._carry.removesuffix(held))
+            self._carry = broken.pop() + held
             out += b"".join(line + b"\r\n" for line in broken)
         return out
 

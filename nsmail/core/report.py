@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from nsmail.core.records import fields_of
 from nsmail.core.tlspolicy import DEMANDING
 
 MAX_REPORT = 4096
@@ -73,6 +74,8 @@ class Report:
     destinations: tuple[Destination, ...] = ()  # at most MAX_DESTINATIONS
     # Sessions each TLS policy failed to have as it demands, since the worker started.
     tls_failures: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(TLS_POLICIES, 0))
+    # Bounces that found no one to take them, told to the host's postmaster instead.
+    double_bounces: int = 0  # since the worker started
 
 
 def encode(report: Report) -> bytes:
@@ -100,14 +103,7 @@ def _json(report: Report) -> bytes:
 
 def decode(data: bytes, domain: str) -> Report:
     """The report in `data` from the worker of `domain`; ReportError if it is not one."""
-    if len(data) > MAX_REPORT:
-        raise ReportError(f"{len(data)} bytes, more than {MAX_REPORT}")
-    try:
-        fields = json.loads(data.decode("ascii"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ReportError(f"not JSON: {e}") from None
-    if not isinstance(fields, dict) or set(fields) != set(Report.__dataclass_fields__):
-        raise ReportError("fields missing or unknown")
+    fields = fields_of(data, MAX_REPORT, Report, ReportError)
     if fields["domain"] != domain:
         raise ReportError(f"claims to be {str(fields['domain'])[:100]!r}")
     if fields["state"] not in WORKER_STATES:
@@ -128,6 +124,7 @@ def decode(data: bytes, domain: str) -> Report:
         sessions=_count(fields["sessions"]),
         destinations=_destinations(fields["destinations"]),
         tls_failures=_counts(fields["tls_failures"], TLS_POLICIES),
+        double_bounces=_count(fields["double_bounces"]),
     )
 
 

@@ -41,6 +41,7 @@ class WorkerStatus:
     destinations: list[dict[str, Any]] | None = None
     # Sessions each TLS policy failed (verified, dane, mta-sts, mta-sts-testing).
     tls_failures: dict[str, int] | None = None
+    double_bounces: int | None = None  # bounces nobody took, told to the host's postmaster
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +150,8 @@ def render_table(
             lines.append(_cut("  TLS policy failures: " + ", ".join(failed), 79))
         # Held mail waits for an operator; quarantined files (corrupt/) will never go.
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
+        if r.double_bounces:
+            kept.append(f"{r.double_bounces} double bounces (told the postmaster)")
         if kept:
             lines.append("  " + ", ".join(kept))
         if r.last_error:

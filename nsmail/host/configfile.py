@@ -2,9 +2,10 @@
 against (passwd, group, the file system, /etc/resolv.conf, the bridge) looked up.
 
 The thin IO shell around `nsmail.core.config.parse`: `load` is what every command and the
-supervisor call; `read_documents` and `system_lookup` are its two halves, for
-`nsmail tenant add`, which validates a drop-in before it writes it; `run_dir_of` finds the
-control socket even when the configuration no longer parses.
+supervisor call (it reads the host's aliases file too, `[host] aliases`); `read_documents`
+and `system_lookup` are its two halves, for `nsmail tenant add`, which validates a drop-in
+before it writes it; `run_dir_of` finds the control socket even when the configuration no
+longer parses.
 
 Security: run by root (the supervisor, the commands), by tenants' users (`nsmail queue`,
 and `nsmail-sendmail` without a current cache) and by no jailed process: none of them
@@ -27,6 +28,7 @@ from nsmail.core.config import (
     Account,
     Config,
     ConfigError,
+    FileText,
     Inode,
     IPAddress,
     IPNetwork,
@@ -37,6 +39,7 @@ from nsmail.core.config import (
 from nsmail.core.layout import DROPIN_DIR
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+MAX_ALIASES = 1 << 20  # bytes of an aliases file: Debian's holds a few hundred
 
 
 def load(path: Path) -> Config:
@@ -81,6 +84,7 @@ def system_lookup() -> SystemLookup:
         default_resolvers=_resolv_conf,
         group=_group_id,
         bridge_subnets=_bridge_subnets,
+        file_text=_file_text,
     )
 
 
@@ -97,6 +101,19 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), "file", exc.strerror or str(exc)) from exc
+
+
+def _file_text(path: str) -> FileText:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ALIASES + 1)
+    except FileNotFoundError:
+        return FileText()
+    except OSError as exc:
+        return FileText(error=exc.strerror or str(exc))
+    if len(data) > MAX_ALIASES:
+        return FileText(error=f"over {MAX_ALIASES} bytes")
+    return FileText(data.decode("utf-8", "replace"))
 
 
 def _passwd_user(name: str) -> Account | None:

@@ -124,6 +124,10 @@ def drop(uid: int, gid: int, last_cap: int | None = None) -> None:
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # A uid that stays 0 keeps its capabilities (the writer of root's mailbox is jailed as
+    # uid 0): none are left, and with the bounding set empty no program brings them back.
+    prctl.cap_effective.limit()
+    prctl.cap_permitted.limit()
     # No core dumps and no ptrace by the same uid (a tenant's own shell, say): said
     # explicitly, not left to the fs.suid_dumpable setting.
     prctl.set_dumpable(0)

@@ -56,6 +56,11 @@ class _Workers(Collector):
         sessions = GaugeMetricFamily(
             "nsmail_smtp_sessions", "SMTP sessions the worker has open", labels=["tenant"]
         )
+        double_bounces = CounterMetricFamily(
+            "nsmail_double_bounces",
+            "Bounces that found no one to take them, told to the host's postmaster instead",
+            labels=["tenant"],
+        )
         held_back = GaugeMetricFamily(
             "nsmail_destinations_held_back",
             "Destinations the worker holds mail back from (as its report names them)",
@@ -74,6 +79,7 @@ class _Workers(Collector):
                 count = sum(1 for d in s.destinations or () if d.get("state") == state)
                 held_back.add_metric([s.domain, state], count)
             restarts.add_metric([s.domain], s.restarts)
+            double_bounces.add_metric([s.domain], s.double_bounces or 0)
             up.add_metric([s.domain], 1 if s.pid else 0)
             for outcome, count in (s.total or {}).items():
                 messages.add_metric([s.domain, outcome], count)
@@ -83,7 +89,17 @@ class _Workers(Collector):
                 latency.add_metric(
                     [s.domain], list(_cumulative(s.latency_counts)), s.latency_sum or 0.0
                 )
-        yield from (messages, queue, restarts, up, latency, sessions, held_back, tls_failures)
+        yield from (
+            messages,
+            queue,
+            restarts,
+            up,
+            latency,
+            sessions,
+            held_back,
+            tls_failures,
+            double_bounces,
+        )
 
 
 def _cumulative(counts: Sequence[int]) -> Iterator[tuple[str, float]]:

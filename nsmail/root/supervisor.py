@@ -16,12 +16,15 @@ whole process. It reads only its own configuration; it never opens files in tena
 homes, and it hears from workers only through the descriptors it handed them: status
 reports are bounded and validated (`nsmail.core.report`), and the one descriptor a worker may
 hand over, with its last report, is kept only if it is an inotify instance, and is only
-polled, never read. The control socket serves root and the admin group
-(`nsmail.root.control`); metrics are off unless configured; both are served without blocking
-the loop (`nsmail.root.serving`). No wait exceeds MAX_WAIT, whatever time a report names, and
-an event handler that raises ends only that event: work for one tenant is contained to
-it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
-the others' workers and namespaces depend on.
+polled, never read. Hand-off requests (mail a worker may not write itself: to /var/mail,
+to the host's postmaster) are checked by `nsmail.root.handoff`, at most a few at once per
+worker; their descriptors go unread to a child the zygote jails as the one who may write.
+The control socket serves root and the admin group (`nsmail.root.control`); metrics are
+off unless configured; both are served without blocking the loop (`nsmail.root.serving`).
+No wait exceeds MAX_WAIT, whatever time a report names, and an event handler that raises
+ends only that event: work for one tenant is contained to it (`_for_one_tenant`: its
+worker is restarted), so no tenant can end the loop that all the others' workers and
+namespaces depend on.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from nsmail.core.config import (
     Tenant,
     host_identity,
 )
+from nsmail.core.handoff import MAX_REQUEST as MAX_HANDOFF
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
 from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
@@ -59,7 +63,7 @@ from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
 from nsmail.host.configfile import load
-from nsmail.root import control, metrics, serving
+from nsmail.root import control, handoff, metrics, serving
 from nsmail.root.jail import Identity
 from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
@@ -106,6 +110,7 @@ class Slot:
     last_error_at: float | None = None
     relay_end: socket.socket | None = None
     reports: socket.socket | None = None  # the supervisor's end of the worker's reports
+    handoffs: socket.socket | None = None  # ... of its hand-off requests (nsmail.root.handoff)
     watch: int | None = None  # the inotify descriptor the worker handed over as it retired
     report: Report | None = None  # the worker's latest valid report
     reported_mono: float = 0.0  # when it came (monotonic)
@@ -166,6 +171,7 @@ class Supervisor:
         self._status_due = float("inf")  # when STATUS= is next brought up to date
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
         self._worker_files = 0  # the open files limit of workers: the one we started with
+        self.handing_off = handoff.InFlight()
 
     # -- main loop -------------------------------------------------------------------
 
@@ -364,11 +370,15 @@ class Supervisor:
             return
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        handoff_end, slot.handoffs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         slot.reports.setblocking(False)
+        slot.handoffs.setblocking(False)
         taken = _taken(slot)  # the new worker goes on counting toward hourly_limit
         slot.report = None
         self.selector.register(slot.reports, selectors.EVENT_READ, partial(self._on_report, slot))
-        with worker_end, reporting_end:
+        on_handoff = partial(self._on_handoff, slot)
+        self.selector.register(slot.handoffs, selectors.EVENT_READ, on_handoff)
+        with worker_end, reporting_end, handoff_end:
             self._hand_to_relay(slot.relay_end)
             host_queue = (
                 HostQueue(frozenset(t.uid for t in self.config.tenants)) if tenant.is_host else None
@@ -377,11 +387,12 @@ class Supervisor:
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
-                [worker_end.fileno(), reporting_end.fileno()],
+                [worker_end.fileno(), reporting_end.fileno(), handoff_end.fileno()],
                 partial(
                     _worker_main,
                     tenant,
                     self.config.delivery,
+                    self.config.host.name,
                     host_queue,
                     taken,
                     self._worker_files,
@@ -439,6 +450,10 @@ class Supervisor:
         if pid == self.relay.pid:
             self._relay_exited(how, ran=time.monotonic() - self.relay.started_mono)
             return
+        if self.handing_off.ended(pid):
+            if how != _describe(0):
+                log.warning("hand-off child %d %s", pid, how)
+            return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is not None:
             self._worker_exited(slot, pid, how)
@@ -476,10 +491,11 @@ class Supervisor:
         if slot.relay_end is not None:
             slot.relay_end.close()
             slot.relay_end = None
-        if slot.reports is not None:
-            self._unregister(slot.reports)
-            slot.reports.close()
-            slot.reports = None
+        for channel in (slot.reports, slot.handoffs):
+            if channel is not None:
+                self._unregister(channel)
+                channel.close()
+        slot.reports = slot.handoffs = None
 
     def _unregister(self, fileobj: socket.socket | int) -> None:
         """Take `fileobj` out of the selector if it is in (`_contain` cannot know)."""
@@ -536,6 +552,54 @@ class Supervisor:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    @_for_one_tenant
+    def _on_handoff(self, slot: Slot) -> None:
+        """Carry out what the worker asks to be handed off (`nsmail.root.handoff`), at
+        most MAX_IN_FLIGHT at once; a refusal is answered, and logged."""
+        for _ in range(handoff.MAX_IN_FLIGHT * 2):  # bounded work per wake-up
+            if slot.handoffs is None:
+                return
+            try:
+                data, fds, flags, _ = socket.recv_fds(
+                    slot.handoffs, MAX_HANDOFF + 1, 2, socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds, flags = b"", [], 0
+            if not data and not fds and not flags:
+                self._unregister(slot.handoffs)  # the worker is gone; reaping tells the rest
+                return
+            try:
+                self._hand_off(slot, data, fds, flags)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _hand_off(self, slot: Slot, data: bytes, fds: list[int], flags: int) -> None:
+        domain = slot.tenant.domain
+        limit = self.config.delivery.message_size_limit
+        job: handoff.Job | str = "4.3.0 a hand-off request is one datagram with two descriptors"
+        if not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            job = handoff.plan(data, fds, slot.tenant, self.config.host, limit)
+        if isinstance(job, handoff.Job) and self.handing_off.full(domain):
+            job = f"4.3.2 {handoff.MAX_IN_FLIGHT} hand-offs are under way; try again later"
+        if isinstance(job, str):
+            log.warning("%s: refused a hand-off: %s", domain, job)
+            handoff.refuse(fds, job)
+            return
+        self.handing_off.asked(domain)
+        self.zygote.request(
+            job.title, job.identity, None, fds, job.target, partial(self._handoff_spawned, domain)
+        )
+
+    def _handoff_spawned(self, domain: str, result: int | SpawnError) -> None:
+        if isinstance(result, SpawnError):  # its descriptors are gone: the worker sees EOF
+            log.error("%s: cannot start a hand-off: %s", domain, result)
+            self.handing_off.failed(domain)
+        else:
+            self.handing_off.forked(domain, result)
 
     def _refuse_report(self, slot: Slot, why: str) -> None:
         slot.refused_reports += 1
@@ -891,6 +955,7 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
         sessions=report.sessions if report else None,
         destinations=[asdict(d) for d in report.destinations] if report else None,
         tls_failures=dict(report.tls_failures) if report else None,
+        double_bounces=report.double_bounces if report else None,
     )
 
 
@@ -918,6 +983,7 @@ def _taken(slot: Slot) -> tuple[int, float]:
 def _worker_main(
     tenant: Tenant,
     delivery: DeliveryConfig,
+    host_name: str,
     host_queue: HostQueue | None,
     taken: tuple[int, float],
     open_files: int,
@@ -927,8 +993,18 @@ def _worker_main(
     # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
     # cannot hold as many as the supervisor may.
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-    dns, reports = (socket.socket(fileno=fd) for fd in fds)
-    return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue, taken=taken).run
+    dns, reports, handoffs = (socket.socket(fileno=fd) for fd in fds)
+    handoffs.setblocking(False)
+    return worker.prepare(
+        tenant,
+        delivery,
+        dns,
+        reports,
+        host_queue=host_queue,
+        taken=taken,
+        host_name=host_name,
+        handoffs=handoffs,
+    ).run
 
 
 def _raise_open_files() -> int:

@@ -2,12 +2,12 @@
 
 The queue manager (nsmail.tenant.qmgr) takes a message, its next attempt recorded first,
 and settles it once every recipient has an outcome; in between, the engine delivers.
-Local recipients go into their Maildirs at once, never behind remote mail. Remote ones
-are split by domain into jobs, delivered in parallel: each job is routed (MX), given to
-its destination in the scheduler (nsmail.core.scheduler), which decides when it goes and
-over which session, and sent by nsmail.tenant.remote. A slow or dead destination holds
-up only its own jobs. At most `active_limit` messages are held at once; the rest wait on
-disk.
+Local recipients (nsmail.tenant.local) are delivered at once, never behind remote mail.
+Remote ones are split by domain into jobs, delivered in parallel: each job is routed (MX),
+given to its destination in the scheduler (nsmail.core.scheduler), which decides when it
+goes and over which session, and sent by nsmail.tenant.remote. A slow or dead destination
+holds up only its own jobs. At most `active_limit` messages are held at once; the rest
+wait on disk.
 
 On stop, no session is started, jobs not yet under way are deferred at once, and those in
 flight have `STOP_GRACE` seconds to finish; then they are cut off and deferred. Nothing is
@@ -194,17 +194,14 @@ class Engine:
         message = _Message(taken)
         self._messages[taken.queue_id] = message
         envelope = taken.envelope
-        local = [r for r in envelope.recipients if self.local.is_local(r)]
+        local = tuple(r for r in envelope.recipients if self.local.is_local(r))
         if local:
-            # Maildir delivery takes milliseconds: done now, never behind remote mail.
+            # Started now, never behind remote mail (a Maildir write takes milliseconds).
             message.attempted = True
-            delivered = self.local.deliver(
-                taken.queue_id,
-                dataclasses.replace(envelope, recipients=tuple(local)),
-                taken.message,
-            )
-            message.outcomes.update((o.recipient, o) for o in delivered)
-        remote = [r for r in envelope.recipients if r not in message.outcomes]
+            job = Job(message, self.local.domain, local)
+            message.jobs += 1
+            self._spawn(self._deliver_locally(job), job)
+        remote = [r for r in envelope.recipients if r not in local]
         for domain, recipients in self._by_domain(message, remote).items():
             self._submit(Job(message, domain, tuple(recipients)))
         self._settle_if_done(message)
@@ -226,6 +223,11 @@ class Engine:
             message.attempted = True
             message.outcomes[recipient] = Outcome(recipient, Status.PERMANENT, None, text, "")
         return groups
+
+    async def _deliver_locally(self, job: Job) -> None:
+        taken = job.message.taken
+        envelope = dataclasses.replace(taken.envelope, recipients=job.recipients)
+        self._finish(job, await self.local.deliver(taken.queue_id, envelope, taken.message))
 
     def _submit(self, job: Job) -> None:
         job.message.jobs += 1

@@ -5,8 +5,11 @@ delivers in between, many messages at once, and brings back one outcome per reci
 `take` records the next attempt time first (as the file's mtime) and moves the message to
 active/, so a crash at any moment ends in a retry at that time, never in a loss or a hot
 loop; `settle` logs each outcome, bounces what failed for good (an RFC 3464 report to the
-envelope sender, queued as a new message with the null sender; null-sender mail never
-bounces) and defers the rest.
+envelope sender, queued as a new message with the null sender) and defers the rest.
+Null-sender mail never bounces (RFC 3464 / RFC 5321 6.1): when a bounce finds no one to
+take it, a notice goes to the host's postmaster instead (a double bounce, as Postfix's
+2bounce_notice_recipient), counted and logged; and a notice to the postmaster that
+cannot be delivered is held for an operator. Nothing taken in ends as a log line only.
 
 Security: runs as the tenant in its jail. Every queue file is tenant-written: a file that
 does not decode, or a message whose headers cannot be completed, goes to `corrupt/` with
@@ -91,6 +94,7 @@ class QueueManager:
     domain: str
     foreign_senders: bool  # may the envelope sender be outside `domain`?
     reporting_mta: str  # the name bounces come from: the tenant's EHLO name
+    postmaster: str  # the host's postmaster (postmaster@<host name>), who gets double bounces
     policy: retry.RetryPolicy
     rng: random.Random
     clock: Callable[[], float]
@@ -111,6 +115,7 @@ class QueueManager:
     last_error: str | None = None
     last_error_at: float | None = None
     last_delivery_at: float | None = None
+    double_bounces: int = 0  # since the worker started
 
     def counts(self) -> dict[str, int]:
         return {state: len(self.spool.ids(state)) for state in QUEUE_STATES}
@@ -140,6 +145,7 @@ class QueueManager:
             taken=self.taken_in_last_hour(now),
             latency_counts=tuple(self.tally.latency_counts),
             latency_sum=self.tally.latency_sum,
+            double_bounces=self.double_bounces,
         )
 
     def counting_toward_a_limit(self, now: float) -> bool:
@@ -382,6 +388,9 @@ class QueueManager:
         if pending and retry.expired(self.policy, envelope.arrival, now):
             failed += [_expired(o, waiting[o.recipient]) for o in temporary]
             pending = ()
+        if failed and not envelope.sender and self._to_postmaster(envelope):
+            self._hold_notice(queue_id, failed)
+            return
         if failed:
             self._bounce(queue_id, envelope, message, failed, now, delayed=False)
         if not pending:
@@ -454,12 +463,15 @@ class QueueManager:
         *,
         delayed: bool,
     ) -> None:
-        if not envelope.sender:
-            return  # RFC 3464 / RFC 5321 6.1: never bounce a bounce
+        # RFC 3464 / RFC 5321 6.1: never bounce a bounce; the postmaster hears of it.
+        double = not envelope.sender
+        if double and delayed:
+            return
         bounce_id = new_queue_id(now)
+        to = self.postmaster if double else envelope.sender
         report = dsn.bounce(
             reporting_mta=self.reporting_mta,
-            original_sender=envelope.sender,
+            original_sender=to,
             failures=[_failure(o, delayed) for o in outcomes],
             # One byte over the limit is enough for dsn to return the header only.
             original=message.prefix(dsn.MAX_ORIGINAL + 1),
@@ -467,19 +479,32 @@ class QueueManager:
             now=datetime.fromtimestamp(now).astimezone(),
             unique=bounce_id,
             delayed=delayed,
+            double=double,
         )
         notice = Message.of(report)
         if self.signer is not None:
             notice = self.signer.sign(notice, now)
-        to_sender = Envelope(sender="", recipients=(envelope.sender,), arrival=now, cleaned=True)
-        self.spool.put(INCOMING, bounce_id, frame(to_sender, notice.raw()))
-        log.info(
-            "%s: %s notice %s to <%s>",
-            queue_id,
-            "delay" if delayed else "non-delivery",
-            bounce_id,
-            envelope.sender,
+        notified = Envelope(sender="", recipients=(to,), arrival=now, cleaned=True)
+        self.spool.put(INCOMING, bounce_id, frame(notified, notice.raw()))
+        if double:
+            self.double_bounces += 1
+            log.warning("%s: double bounce: notice %s to <%s>", queue_id, bounce_id, to)
+        else:
+            kind = "delay" if delayed else "non-delivery"
+            log.info("%s: %s notice %s to <%s>", queue_id, kind, bounce_id, to)
+
+    def _to_postmaster(self, envelope: Envelope) -> bool:
+        return [r.lower() for r in envelope.recipients] == [self.postmaster]
+
+    def _hold_notice(self, queue_id: str, failed: list[Outcome]) -> None:
+        """A notice to the postmaster that cannot be delivered: with no one left to tell,
+        it waits in hold/ for an operator (`nsmail queue list`), never dropped."""
+        why = printable(failed[0].text)[:MAX_TEXT]
+        self.last_error, self.last_error_at = f"{queue_id} held: postmaster: {why}", self.clock()
+        log.error(
+            "%s: held: the notice to <%s> cannot be delivered: %s", queue_id, self.postmaster, why
         )
+        self.spool.move(queue_id, ACTIVE, HOLD)
 
     # -- files ----------------------------------------------------------------------------
 

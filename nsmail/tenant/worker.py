@@ -44,16 +44,16 @@ from nsmail.core.config import DeliveryConfig, Tenant
 from nsmail.core.report import MAX_NAME, Destination, Report
 from nsmail.core.report import encode as encode_report
 from nsmail.core.scheduler import State
-from nsmail.tenant import dkim, inotify
+from nsmail.tenant import dkim, inotify, local
 from nsmail.tenant.engine import Engine
+from nsmail.tenant.handoff import Handoffs
 from nsmail.tenant.history import History
-from nsmail.tenant.local import LocalAgent
 from nsmail.tenant.policies import CACHE_DIR as POLICY_CACHE
 from nsmail.tenant.qmgr import QueueManager
 from nsmail.tenant.remote import Remote
 from nsmail.tenant.resolver import make_resolver, use_relay
 from nsmail.tenant.smtp import TlsContexts
-from nsmail.tenant.spool import INCOMING, MAILDROP, Spool
+from nsmail.tenant.spool import INCOMING, MAILDROP, TMP, Spool
 from nsmail.tenant.tlsreports import TlsReports
 
 log = logging.getLogger("nsmail.tenant.worker")
@@ -104,6 +104,9 @@ def prepare(
     home: Path = Path("/"),
     host_queue: HostQueue | None = None,
     taken: tuple[int, float] = (0, 0.0),
+    *,
+    host_name: str,
+    handoffs: socket.socket | None = None,
 ) -> Worker:
     """Load everything the worker needs from files, before the chroot takes them away.
 
@@ -111,6 +114,8 @@ def prepare(
     process: the shared resolver and random generator become this worker's own here.
     `host_queue` makes this the worker of the machine's own users' mail. `taken`: how
     many messages the previous worker had taken in within the hour, and when it said so.
+    `host_name` is the machine's (its postmaster's domain); `handoffs` the channel for
+    what the worker may not write itself (nsmail.tenant.handoff): without it, none.
     """
     shared = preload()
     time.tzset()
@@ -122,12 +127,15 @@ def prepare(
         # Still root and outside the jail: the key file is out of reach after it.
         signer = dkim.load_signer(tenant.domain, tenant.dkim_selector, tenant.dkim_key)
     limits = tenant.limits(delivery)
+    spool = Spool(home / tenant.spool_in_home)
+    postmaster = f"postmaster@{host_name}"
     queue = QueueManager(
-        spool=Spool(home / tenant.spool_in_home),
-        history=History(home / tenant.spool_in_home),
+        spool=spool,
+        history=History(spool.root),
         domain=tenant.domain,
         foreign_senders=tenant.foreign_senders,
         reporting_mta=tenant.ehlo,
+        postmaster=postmaster,
         policy=retry.RetryPolicy(
             first=delivery.retry_first,
             maximum=delivery.retry_max,
@@ -141,15 +149,23 @@ def prepare(
         signer=signer,
     )
     queue.carry_over(*taken)
+    channel = None if handoffs is None else Handoffs(handoffs, spool.root / TMP)
     if host_queue is not None:
-        queue.owners = {entry.pw_uid: entry.pw_name for entry in pwd.getpwall()}
+        if channel is None:
+            raise ValueError("the host's worker hands its users' mail to their mailboxes")
+        accounts = pwd.getpwall()
+        queue.owners = {entry.pw_uid: entry.pw_name for entry in accounts}
         queue.tenant_uids = host_queue.tenant_uids
+        logins = [entry.pw_name for entry in accounts]
+        agent = local.for_host(tenant, logins, spool, channel)
+    else:
+        agent = local.for_tenant(tenant, home, spool, postmaster, channel)
     reports = None
     if delivery.tls_reports:
         reports = TlsReports(queue.spool, tenant.domain, shared.resolver, signer)
     engine = Engine(
         queue,
-        LocalAgent(domain=tenant.domain, users=tenant.users, home=home),
+        agent,
         Remote(
             tenant,
             delivery,

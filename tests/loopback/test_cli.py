@@ -69,6 +69,38 @@ def test_check_accepts_a_good_configuration(config: Path) -> None:
     assert result.returncode == 0 and "1 tenants" in result.stdout
 
 
+def test_check_says_where_each_tenants_mail_goes_and_warns_of_aliases(config: Path) -> None:
+    aliases = config.parent / "aliases"
+    aliases.write_text('list: "|/usr/lib/mailman/mail/mailman post list"\nops: root\n')
+    text = config.read_text().replace("[network]", f'aliases = "{aliases}"\n[network]')
+    config.write_text(text)
+    result = nsmail(config, "check")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        'bcd.test: local_delivery = "mx": its own mail goes to its MX, as any other domain\'s'
+    ]
+    warning = f"nsmail: warning: {aliases}:1: '|/usr/lib/mailman/mail/mailman post list' is a"
+    assert result.stderr.startswith(warning)
+    config.write_text(text.replace('home = "', 'users = ["b1"]\nhome = "'))
+    assert nsmail(config, "check").stdout.splitlines()[1] == (
+        'bcd.test: local_delivery = "maildir": users b1; aliases postmaster -> b1'
+    )
+    # newaliases(1), as Debian's tools run it: the same warnings, and nothing to build.
+    command = Path(NSMAIL).with_name("newaliases")
+    result = subprocess.run(
+        [str(command)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"NSMAIL_CONFIG": str(config)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(warning)
+    assert result.stdout == (
+        f"{aliases}: 3 aliases; no supervisor is running: it applies at the next start\n"
+    )
+
+
 def test_status_names_a_missing_configuration_file(tmp_path: Path) -> None:
     missing = tmp_path / "nsmail.toml"
     result = nsmail(missing, "status")

@@ -92,6 +92,7 @@ def test_the_worker_signs_what_it_sends_and_its_bounces(dns: DNSStack, tmp_path:
                     DeliveryConfig(timeout=5, port=port, scan_interval=3600),
                     channel,
                     home=Path("/"),
+                    host_name="abc.test",
                 )
                 os.chroot(home)
                 os.chdir("/")

@@ -31,6 +31,7 @@ from nsmail.core.report import (
     encode,
 )
 from nsmail.core.slots import State
+from nsmail.root.handoff import InFlight
 from nsmail.root.spawn import Zygote
 from nsmail.root.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, Supervisor
 
@@ -107,6 +108,7 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     supervisor.relay = Relay()
     supervisor.zygote = Zygote()
     supervisor._servers = []
+    supervisor.handing_off = InFlight()
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )

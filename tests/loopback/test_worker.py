@@ -178,13 +178,21 @@ def test_a_refusal_nsmail_made_itself_bounces_without_a_remote_reply(
     assert recorder.rcpt_attempts == []
 
 
-def test_null_sender_mail_never_bounces(running: tuple[Recorder, Path], spool: Spool) -> None:
+def test_null_sender_mail_never_bounces_but_tells_the_hosts_postmaster(
+    running: tuple[Recorder, Path], spool: Spool
+) -> None:
+    """No bounce of a bounce; a notice to the host's postmaster, which this worker (with
+    no hand-off channel to the supervisor) keeps deferred."""
     recorder, home = running
     submit(spool, ("nobody@rcpt.test",), sender="")
     submit(spool, ("a@rcpt.test",))
     wait_for(lambda: len(recorder.received) == 1)
-    wait_for(lambda: not spool.ids(INCOMING) and not spool.ids(ACTIVE))
-    assert mailbox(home, "alice") == [] and spool.ids(DEFERRED) == []
+    wait_for(lambda: not spool.ids(INCOMING) and not spool.ids(ACTIVE) and spool.ids(DEFERRED))
+    assert mailbox(home, "alice") == []
+    (notice,) = spool.ids(DEFERRED)
+    envelope, _ = decode(spool.path(DEFERRED, notice).read_bytes())
+    assert (envelope.sender, envelope.recipients) == ("", ("postmaster@abc.test",))
+    assert "no hand-off channel" in envelope.deferrals[0].text
 
 
 def test_a_sender_outside_the_domain_is_quarantined(
@@ -275,7 +283,8 @@ def test_a_deferred_file_dated_far_ahead_is_due_within_the_largest_backoff(
     file dated far in the past is simply due now."""
     home = spool.root.parents[2]
     config = DeliveryConfig(retry_max=4000)
-    queue = worker.prepare(make_tenant(home), config, dns.channel(), home=home).queue
+    tenant = make_tenant(home)
+    queue = worker.prepare(tenant, config, dns.channel(), home=home, host_name="abc.test").queue
     ahead, past = new_queue_id(time.time()), new_queue_id(time.time())
     for queue_id, when in ((ahead, time.time() + 30 * 86400), (past, 1.0)):
         spool.put(DEFERRED, queue_id, [b"planted"])

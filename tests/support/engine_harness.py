@@ -24,11 +24,11 @@ from nsmail.core.message import Message
 from nsmail.core.outcome import Outcome
 from nsmail.core.queuefile import Envelope
 from nsmail.tenant.engine import Engine
-from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.local import for_tenant
 from nsmail.tenant.qmgr import Delays, Taken
 from nsmail.tenant.remote import Remote
 from nsmail.tenant.smtp import TlsContexts
-from nsmail.tenant.spool import INCOMING
+from nsmail.tenant.spool import INCOMING, SPOOL_IN_HOME, Spool
 
 
 def opportunistic() -> ssl.SSLContext:
@@ -85,7 +85,8 @@ class Harness:
         contexts = TlsContexts(opportunistic(), verifying or ssl.create_default_context())
         self.remote = Remote(tenant, config, resolver, contexts, random.Random(0))
         self.queue = _Queue()
-        local = LocalAgent(domain=tenant.domain, users=tenant.users, home=tenant.home)
+        spool = Spool(tenant.home / SPOOL_IN_HOME)
+        local = for_tenant(tenant, tenant.home, spool, "postmaster@abc.test", None)
         self.engine = Engine(self.queue, local, self.remote, config.active_limit)
         self.engine.wake = lambda: self.loop.call_soon(self._tick)
         self._timer: asyncio.TimerHandle | None = None

@@ -3,12 +3,14 @@
 The supervisor runs as the console script `nsmail`, in the lab's host namespace (never in
 the machine's own), started with `NOTIFY_SOCKET` pointing at a socket of the test so
 readiness is what systemd would see. Tenant namespaces it makes are named
-`{lab.prefix}-{domain}`, so the lab's teardown sweeps them even after a failure.
+`{lab.prefix}-{domain}`, so the lab's teardown sweeps them even after a failure. The
+host's aliases file and mail spool (/var/mail) are the lab's own too, never the machine's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import secrets
@@ -34,7 +36,7 @@ from lab import (
     lab_records,
 )
 from lab import forward_and_reverse as fr
-from mailboxes import mailbox
+from mailboxes import mailbox, mbox
 
 from nsmail.core.config import SmtpTimeouts
 from nsmail.core.queuefile import Envelope, encode
@@ -51,6 +53,7 @@ class TenantSpec:
     ipv4: str | None
     ipv6: str | None
     extra: str = ""  # more TOML lines for this tenant's table
+    users: tuple[str, ...] = ("alice", "bob")  # none: local_delivery is "mx"
 
 
 DUAL = TenantSpec("bcd.test", "198.51.100.70", "2001:db8:51::70")
@@ -105,6 +108,20 @@ class Hosting:
     def host_spool(self) -> Path:
         return self.root / "hostspool"
 
+    @property
+    def aliases(self) -> Path:
+        """The host's aliases file (`[host] aliases`), absent until a test writes it."""
+        return self.etc / "aliases"
+
+    @property
+    def mail_spool(self) -> Path:
+        """The host's /var/mail (`[host] mail_spool`), drwxrwsr-x root:mail as Debian's."""
+        return self.root / "mail"
+
+    def mbox(self, user: str) -> list[EmailMessage]:
+        """The messages in a host user's mailbox, read as mail(1) reads /var/mail."""
+        return mbox(self.mail_spool / user)
+
     def home(self, domain: str) -> Path:
         return self.root / "tenants" / domain
 
@@ -135,9 +152,13 @@ class Hosting:
         timeout = delivery.get("timeout", 5)
         stages = {f"smtp_{stage}_timeout": timeout for stage in SmtpTimeouts.__dataclass_fields__}
         settings = {"scan_interval": 2, "timeout": 5, **stages, **delivery}
+        self.mail_spool.mkdir(exist_ok=True)
+        os.chown(self.mail_spool, 0, grp.getgrnam("mail").gr_gid)
+        self.mail_spool.chmod(0o2775)
         text = (
             f'[host]\nname = "{HOST_NAME}"\nresolvers = {json.dumps(list(self.resolvers))}\n'
-            f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n{host_extra}'
+            f'run_dir = "{self.run_dir}"\nspool = "{self.host_spool}"\n'
+            f'aliases = "{self.aliases}"\nmail_spool = "{self.mail_spool}"\n{host_extra}'
             f'[network]\n{network}prefix = "{self.lab.prefix}"\n'
             "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         )
@@ -155,7 +176,8 @@ class Hosting:
         lines = [f'[[tenant]]\ndomain = "{t.domain}"\nuid = {uid}\ngid = {uid}\nhome = "{home}"']
         lines += [f'ipv4 = "{t.ipv4}"'] if t.ipv4 else []
         lines += [f'ipv6 = "{t.ipv6}"'] if t.ipv6 else []
-        lines += ['users = ["alice", "bob"]', *t.extra.splitlines()]
+        lines += [f"users = {json.dumps(list(t.users))}"] if t.users else []
+        lines += t.extra.splitlines()
         return "\n".join(lines) + "\n"
 
     # -- the supervisor ------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""What tests read of delivered mail: the messages in a Maildir, and the per-recipient
-fields of an RFC 3464 delivery status notification."""
+"""What tests read of delivered mail: the messages in a Maildir or an mbox (as mail(1)
+reads /var/mail), and the per-recipient fields of an RFC 3464 delivery status notification."""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import mailbox as mailboxes
 from pathlib import Path
 
 
@@ -16,6 +17,19 @@ def mailbox(home: Path, user: str) -> list[email.message.EmailMessage]:
         email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
         for p in sorted(new.iterdir())
     ]
+
+
+def mbox(path: Path) -> list[email.message.EmailMessage]:
+    """The messages of the mbox file `path` (none if there is no such file)."""
+    if not path.exists():
+        return []
+    box = mailboxes.mbox(path, create=False)
+    try:
+        return [
+            email.message_from_bytes(entry.as_bytes(), policy=email.policy.default) for entry in box
+        ]
+    finally:
+        box.close()
 
 
 def delivery_status(report: email.message.EmailMessage) -> list[dict[str, str]]:

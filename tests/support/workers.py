@@ -35,7 +35,7 @@ def start_worker(
             inside = Path("/") if chroot else home
             config = DeliveryConfig(scan_interval=scan_interval, timeout=5, port=port)
             tenant = dataclasses.replace(make_tenant(home), foreign_senders=foreign_senders)
-            serving = worker.prepare(tenant, config, channel, home=inside)
+            serving = worker.prepare(tenant, config, channel, home=inside, host_name="abc.test")
             if chroot:
                 os.chroot(home)
                 os.chdir("/")

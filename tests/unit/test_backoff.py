@@ -12,6 +12,7 @@ import pytest
 from nsmail.core.config import Tenant
 from nsmail.core.retry import RestartPolicy, backoff, quick_deaths, restart_delay
 from nsmail.core.slots import State
+from nsmail.root.handoff import InFlight
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.supervisor import RESTARTS, Relay, Slot, Supervisor
 
@@ -52,6 +53,7 @@ def supervisor(monkeypatch: pytest.MonkeyPatch) -> Supervisor:
     supervisor.relay = Relay()
     supervisor.zygote = Zygote()
     supervisor.slots = {}
+    supervisor.handing_off = InFlight()
     return supervisor
 
 

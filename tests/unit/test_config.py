@@ -25,15 +25,19 @@ from configs import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nsmail.core.aliases import AliasFile, Problem
 from nsmail.core.config import (
+    Account,
     Config,
     ConfigError,
     DeliveryConfig,
+    FileText,
     HostConfig,
     Inode,
     NetworkConfig,
     SystemLookup,
     Tenant,
+    host_identity,
     parse,
     parse_resolv_conf,
 )
@@ -59,6 +63,7 @@ def test_good_config_with_all_defaults() -> None:
         home=Path("/srv/tenants/bcd"),
         users=(),
         source=MAIN,
+        local_delivery="mx",  # no users: its mailboxes are elsewhere
     )
     assert config == Config(
         path=Path(MAIN),
@@ -84,6 +89,7 @@ def test_good_config_with_all_defaults() -> None:
         ),
         delivery=DeliveryConfig(scan_interval=60.0, timeout=30.0, port=25),
         tenants=(bcd,),
+        host_aliases=AliasFile((("postmaster", ("root",)),)),  # no /etc/aliases: the default
     )
     assert config.tenant("BCD.test") == bcd
     assert config.tenant("cde.test") is None
@@ -861,3 +867,144 @@ def test_mutated_good_config_raises_only_config_error(
 def test_idle_exit(text: str, expected: float) -> None:
     config = parse([(MAIN, GOOD_MAIN + f"[delivery]\n{text}\n")], LOOKUP)
     assert config.delivery.idle_exit == expected
+
+
+# -- local delivery and aliases (issue 16) ----------------------------------------------
+
+
+def bcd_of(*fields: tuple[str, object]) -> Tenant:
+    (bcd,) = parse([(MAIN, HOST + BRIDGE + tenant(**dict(fields)))], LOOKUP).tenants
+    return bcd
+
+
+def test_without_users_a_tenants_own_domain_goes_to_its_mx() -> None:
+    assert bcd_of().local_delivery == "mx"
+    assert bcd_of().aliases == ()
+    assert bcd_of(("local_delivery", "mx")).local_delivery == "mx"
+
+
+def test_with_users_it_is_delivered_here_and_postmaster_goes_to_the_first() -> None:
+    bcd = bcd_of(("users", ["b1", "b2"]))
+    assert bcd.local_delivery == "maildir"
+    assert bcd.aliases == (("postmaster", ("b1",)),)
+
+
+def test_aliases_name_users_aliases_and_addresses_elsewhere() -> None:
+    given = {
+        "Info": ["b1", "b2@BCD.test", "sales"],
+        "sales": "someone@example.org",
+        "postmaster": "b2",
+    }
+    bcd = bcd_of(("users", ["b1", "b2"]), ("aliases", given))
+    assert bcd.aliases == (
+        ("info", ("b1", "b2@BCD.test", "sales")),
+        ("sales", ("someone@example.org",)),
+        ("postmaster", ("b2",)),
+    )
+
+
+def test_a_postmaster_user_needs_no_alias_and_aliases_alone_need_maildir() -> None:
+    assert bcd_of(("users", ["postmaster", "b1"])).aliases == ()
+    only = bcd_of(("local_delivery", "maildir"), ("aliases", {"postmaster": "ops@example.org"}))
+    assert only.users == () and only.aliases == (("postmaster", ("ops@example.org",)),)
+
+
+LOCAL_PROBLEMS = [
+    # (id, tenant fields, field, message)
+    ("unknown mode", {"local_delivery": "mbox"}, "local_delivery", "'mbox' is neither"),
+    ("users with mx", {"users": ["b1"], "local_delivery": "mx"}, "users", "needs local_delivery"),
+    ("aliases without users", {"aliases": {"a": "x@y.test"}}, "aliases", "the default without"),
+    (
+        "no postmaster",
+        {"local_delivery": "maildir", "aliases": {"a": "x@y.test"}},
+        "aliases",
+        "postmaster@bcd.test must be deliverable (RFC 5321 4.5.1)",
+    ),
+    ("not a table", {"users": ["b1"], "aliases": "b1"}, "aliases", "must be a table"),
+    ("bad name", {"users": ["b1"], "aliases": {"a b": "b1"}}, "aliases.a b", "not a dot-atom"),
+    ("twice", {"users": ["b1"], "aliases": {"a": "b1", "A": "b1"}}, "aliases.A", "listed twice"),
+    ("empty", {"users": ["b1"], "aliases": {"a": []}}, "aliases.a", "an address or an array"),
+    ("unknown name", {"users": ["b1"], "aliases": {"a": "b9"}}, "aliases.a[0]", "neither a user"),
+    (
+        "unknown here",
+        {"users": ["b1"], "aliases": {"a": "b9@bcd.test"}},
+        "aliases.a[0]",
+        "neither a user nor an alias of bcd.test",
+    ),
+    ("command", {"users": ["b1"], "aliases": {"a": "|/bin/x"}}, "aliases.a[0]", "is a command"),
+    ("file", {"users": ["b1"], "aliases": {"a": "/var/x"}}, "aliases.a[0]", "is a file"),
+    (
+        "include",
+        {"users": ["b1"], "aliases": {"a": ":include:/etc/list"}},
+        "aliases.a[0]",
+        "is an :include: list",
+    ),
+    ("no address", {"users": ["b1"], "aliases": {"a": "b1 <x@y.test>"}}, "aliases.a[0]", "not an"),
+    ("bad domain", {"users": ["b1"], "aliases": {"a": "x@y"}}, "aliases.a[0]", "not a domain"),
+]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [case[1:] for case in LOCAL_PROBLEMS],
+    ids=[case[0] for case in LOCAL_PROBLEMS],
+)
+def test_local_delivery_problems(fields: dict[str, object], field: str, message: str) -> None:
+    error = fail((MAIN, HOST + BRIDGE + tenant(**fields)))
+    assert error.field == f"tenant[0].{field}"
+    assert message in error.message
+
+
+def aliases_lookup(text: str | None, error: str | None = None) -> SystemLookup:
+    files = {"/etc/aliases": FileText(text or "", error)} if text is not None or error else {}
+    users = {**USERS, "root": Account(0, 0, "/root")}
+    return dataclasses.replace(
+        LOOKUP, user=users.get, file_text=lambda path: files.get(path, FileText())
+    )
+
+
+def test_the_hosts_aliases_file_is_read_with_its_problems_and_postmaster_defaults_to_root() -> None:
+    text = (
+        "# Debian's\n"
+        "MAILER-DAEMON: postmaster\n"
+        "abuse: root,\n"
+        "  ops@example.org\n"
+        'list: "|/usr/lib/mailman/mail/mailman post list"\n'
+        "typo: nosuchuser\n"
+    )
+    config = parse([(MAIN, GOOD_MAIN)], aliases_lookup(text))
+    assert config.host_aliases.table == (
+        ("mailer-daemon", ("postmaster",)),
+        ("abuse", ("root", "ops@example.org")),
+        ("list", ("|/usr/lib/mailman/mail/mailman post list",)),
+        ("typo", ("nosuchuser",)),
+        ("postmaster", ("root",)),
+    )
+    assert [p.line for p in config.host_aliases.problems] == [5, 6]
+    assert "is a command" in config.host_aliases.problems[0].text
+    assert host_identity(config).aliases == config.host_aliases.table
+
+
+def test_an_aliases_file_that_cannot_be_read_is_a_problem_not_an_error() -> None:
+    config = parse([(MAIN, GOOD_MAIN)], aliases_lookup(None, "Permission denied"))
+    assert config.host_aliases == AliasFile(
+        (("postmaster", ("root",)),), (Problem(0, "cannot be read: Permission denied"),)
+    )
+    mine = parse([(MAIN, HOST + 'aliases = "/srv/other/aliases"\n' + BRIDGE + BCD)], LOOKUP)
+    assert mine.host.aliases == Path("/srv/other/aliases")
+
+
+def test_the_mail_spool_is_no_tenant_home_and_not_reached_through_a_symlink() -> None:
+    assert parse([(MAIN, GOOD_MAIN)], LOOKUP).host.mail_spool == Path("/var/mail")
+    error = fail((MAIN, HOST + 'mail_spool = "/srv/tenants"\n' + BRIDGE + BCD))
+    assert (error.field, error.message) == (
+        "tenant[0].home",
+        "'/srv/tenants/bcd' is inside host.mail_spool",
+    )
+
+    def lstat(path: str) -> Inode | None:
+        return Inode(0, stat.S_IFLNK | 0o777) if path == "/var/mail" else LOOKUP.lstat(path)
+
+    lookup = SystemLookup(USERS.get, lstat, LOOKUP.default_resolvers)
+    with pytest.raises(ConfigError, match=r"host\.mail_spool: '/var/mail' is a symbolic link"):
+        parse([(MAIN, GOOD_MAIN)], lookup)

@@ -142,6 +142,26 @@ def test_status_and_metrics_count_tls_failures_per_policy() -> None:
     assert 'nsmail_tls_failures_total{policy="verified",tenant="bcd.test"} 0.0' in page
 
 
+def test_status_and_metrics_count_double_bounces() -> None:
+    record = WorkerStatus(
+        **{
+            **{f: None for f in WorkerStatus.__dataclass_fields__},
+            "domain": "bcd.test",
+            "role": "tenant",
+            "uid": 61000,
+            "state": "idle",
+            "restarts": 0,
+            "refused_reports": 0,
+            "queue": {"hold": 1},
+            "double_bounces": 2,
+        }
+    )
+    lines = render_table([record], now=1000.0).splitlines()
+    assert lines[3] == "  1 held, 2 double bounces (told the postmaster)"
+    page = metrics.render([record]).decode()
+    assert 'nsmail_double_bounces_total{tenant="bcd.test"} 2.0' in page
+
+
 def test_status_table_shows_a_refused_reload_and_the_relay() -> None:
     relay = RelayStatus(
         pid=4194303,

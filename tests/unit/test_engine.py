@@ -22,11 +22,11 @@ from nsmail.core.queuefile import Envelope
 from nsmail.core.scheduler import Policy, Result
 from nsmail.tenant import engine as engine_module
 from nsmail.tenant.engine import Engine
-from nsmail.tenant.local import LocalAgent
+from nsmail.tenant.local import for_tenant
 from nsmail.tenant.policies import MAY
 from nsmail.tenant.qmgr import Taken
 from nsmail.tenant.remote import Route, Sent, Unreached
-from nsmail.tenant.spool import INCOMING
+from nsmail.tenant.spool import INCOMING, Spool
 
 BODY = Message.of(b"Subject: hi\n\nhello\n")
 
@@ -166,7 +166,7 @@ def make_engine(tmp_path: Path, active_limit: int = 100) -> tuple[Engine, Queue,
     )
     remote = FakeRemote(tenant, DeliveryConfig())
     queue = Queue()
-    local = LocalAgent(domain=tenant.domain, users=tenant.users, home=tmp_path)
+    local = for_tenant(tenant, tmp_path, Spool(tmp_path / "spool"), "postmaster@abc.test", None)
     engine = Engine(queue, local, remote, active_limit)  # type: ignore[arg-type]
     return engine, queue, remote
 

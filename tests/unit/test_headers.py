@@ -15,13 +15,16 @@ from hypothesis import strategies as st
 
 from nsmail.core.headers import (
     MAX_HEADER_BYTES,
+    MAX_HOPS,
     MAX_LINE,
     Completed,
     Completion,
     HeaderError,
+    Trace,
     body_lines,
     complete,
     fold,
+    trace,
 )
 
 NOW = datetime(2024, 3, 5, 14, 7, 9, tzinfo=timezone(timedelta(hours=1)))
@@ -396,3 +399,15 @@ def test_valid_headers_survive_byte_identical(
 
 def body_lines_crlf(body: bytes) -> bytes:
     return b"".join(line + b"\r\n" for line in body_lines(body.replace(b"\0", b"")))
+
+
+def test_the_trace_counts_hops_and_names_who_it_was_delivered_to() -> None:
+    head = (
+        b"Received: from a\r\n\tby b\r\n"
+        b"Delivered-To: Info@BCD.test\r\n"
+        b"Subject: Delivered-To: not@this.test\r\n"
+        b"\r\n"
+        b"Delivered-To: nor@the-body.test\r\n"
+    )
+    assert trace(head) == Trace(2, frozenset({"info@bcd.test"}))
+    assert trace(b"X: " + b"y" * MAX_HEADER_BYTES).hops == MAX_HOPS

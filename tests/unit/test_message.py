@@ -41,6 +41,7 @@ def pieces_of(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(messy, st.lists(st.integers(min_value=0), max_size=8))
 @example(b"abc\r", [4])
 @example(b"\r\x00\n", [])  # CR NUL LF is one line end, as `complete` sees it
+@example(b".." + b"y" * 1994 + b"\r", [])  # a line of twice MAX_LINE, then a lone CR
 @example(b"a" * 2000 + b"\r\n", [1000, 1001])
 def test_streamed_lines_equal_completing_the_whole_message(raw: bytes, cuts: list[int]) -> None:
     try:

@@ -43,6 +43,7 @@ def queue(tmp_path: Path, clock: Clock) -> QueueManager:
         domain="tenant.test",
         foreign_senders=False,
         reporting_mta="mail.tenant.test",
+        postmaster="postmaster@abc.test",
         policy=POLICY,
         rng=random.Random(0),
         clock=clock,
@@ -134,10 +135,32 @@ def test_a_permanent_failure_bounces_to_the_sender(queue: QueueManager) -> None:
     assert (report.sender, report.recipients) == ("", ("alice@tenant.test",))
 
 
-def test_mail_from_the_null_sender_never_bounces(queue: QueueManager) -> None:
-    taken = take(queue, put(queue, "q1", sender=""))
-    queue.settle(taken, [outcome("a@rcpt.test", Status.PERMANENT, "5.1.1 no such user", 550)])
-    assert states(queue) == {}
+def test_a_bounce_that_cannot_be_delivered_goes_to_the_hosts_postmaster(
+    queue: QueueManager,
+) -> None:
+    """RFC 3464: never a bounce of a bounce; but not only a log line either: the host's
+    postmaster hears of it (Postfix's 2bounce_notice_recipient), and it is counted."""
+    taken = take(queue, put(queue, "q1", sender="", recipients=("ghost@tenant.test",)))
+    queue.settle(taken, [outcome("ghost@tenant.test", Status.PERMANENT, "5.1.1 no such user")])
+    (notice,) = queue.spool.ids(INCOMING)
+    assert states(queue) == {INCOMING: [notice]}
+    envelope, body = decode(queue.spool.path(INCOMING, notice).read_bytes())
+    assert (envelope.sender, envelope.recipients) == ("", ("postmaster@abc.test",))
+    assert b"Subject: Postmaster Warning: Undelivered Bounce" in body
+    assert b"hello" not in body  # the undelivered bounce's header only
+    assert queue.double_bounces == 1
+    assert queue.report("idle", NOW).double_bounces == 1
+    delayed = take(queue, put(queue, "q2", sender=""))
+    queue.settle(delayed, [outcome("a@rcpt.test", Status.TEMPORARY, "4.4.1 later")])
+    assert queue.double_bounces == 1  # a delay is no bounce: no notice
+
+
+def test_a_notice_to_the_postmaster_that_cannot_be_delivered_is_held(queue: QueueManager) -> None:
+    taken = take(queue, put(queue, "q1", sender="", recipients=("Postmaster@abc.test",)))
+    queue.settle(taken, [outcome("Postmaster@abc.test", Status.PERMANENT, "5.1.1 no such user")])
+    assert states(queue) == {HOLD: ["q1"]}
+    assert queue.double_bounces == 0
+    assert queue.last_error == "q1 held: postmaster: 5.1.1 no such user"
 
 
 def test_mail_that_is_still_undelivered_at_expiry_bounces_once(

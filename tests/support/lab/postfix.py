@@ -1,12 +1,12 @@
 """A strict receiving Postfix (Debian's) in the lab's "internet" namespace.
 
 It listens on ``MX_V4``/``MX_V6`` port 25, accepts mail for ``rcpt.test`` and
-``other.test`` into one Maildir (virtual(8), as ``nobody``), and checks its clients the
-way a careful receiver does: ``reject_unknown_client_hostname`` (forward-confirmed
-reverse DNS), ``smtpd_helo_required``, ``reject_unknown_helo_hostname``. Both unknown-name
-rejects are made permanent (550; Postfix defaults to 450), but a DNS lookup that fails
-temporarily still gives 450. ``smtpd_delay_reject`` keeps its default, so client and
-HELO rejects arrive as the reply to RCPT TO, as from a stock Postfix.
+``other.test`` (or the ``domains`` given) into one Maildir (virtual(8), as ``nobody``),
+and checks its clients the way a careful receiver does: ``reject_unknown_client_hostname``
+(forward-confirmed reverse DNS), ``smtpd_helo_required``, ``reject_unknown_helo_hostname``.
+Both unknown-name rejects are made permanent (550; Postfix defaults to 450), but a DNS
+lookup that fails temporarily still gives 450. ``smtpd_delay_reject`` keeps its default,
+so client and HELO rejects arrive as the reply to RCPT TO, as from a stock Postfix.
 
 ``helo_must_match=True`` adds ``helo_policy.py`` as a spawn(8) policy service: the stock
 checks accept "HELO bcd.test" from a client verified as abc.test (the mismatch only shows
@@ -141,13 +141,14 @@ class Postfix:
         helo_must_match: bool = False,
         recipient_status: Mapping[str, str] = DEFAULT_RECIPIENT_STATUS,
         certificate: tuple[Path, Path] | None = None,
+        domains: tuple[str, ...] = DOMAINS,
     ) -> None:
         self._lab = lab
         self.dir = lab.tempdir("postfix")
         self.maildir = self.dir / "mail" / "Maildir"
         self._running = False
         lab.defer(self.stop)
-        self._write_config(helo_must_match, recipient_status, certificate)
+        self._write_config(helo_must_match, recipient_status, certificate, domains)
         self._start()
 
     # -- reading what arrived ----------------------------------------------------------
@@ -210,6 +211,7 @@ class Postfix:
         helo_must_match: bool,
         recipient_status: Mapping[str, str],
         certificate: tuple[Path, Path] | None,
+        domains: tuple[str, ...],
     ) -> None:
         d = self.dir
         postfix = pwd.getpwnam("postfix")
@@ -258,7 +260,7 @@ class Postfix:
             # Room for the tests' 50 MB messages (the defaults are about 10 MB).
             "message_size_limit": str(100 << 20),
             "virtual_mailbox_limit": "0",
-            "virtual_mailbox_domains": ", ".join(DOMAINS),
+            "virtual_mailbox_domains": ", ".join(domains),
             "virtual_mailbox_base": f"{d}/mail",
             "virtual_mailbox_maps": "static:Maildir/",
             "virtual_uid_maps": f"static:{nobody.pw_uid}",
