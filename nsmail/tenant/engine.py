@@ -123,6 +123,7 @@ class Engine:
         self._sessions: dict[int, Opened] = {}
         self._messages: dict[str, _Message] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fresh: deque[tuple[str, str]] = deque()  # (state, queue id) listed, not taken
         self._deferred: deque[str] = deque()  # due deferred messages not yet taken
         self.stopping = False
 
@@ -148,13 +149,17 @@ class Engine:
         self._apply(self.scheduler.tick(time.time() if now is None else now))
 
     def fill(self, *, flush: bool = False, scan: bool = False) -> int:
-        """Take what is due while there is room: new mail first, then deferred mail whose
-        time has come (looked up on `scan` or `flush`, and when the last lot is taken)."""
+        """Take what is due while there is room: new mail first (listed again once the
+        last listing is all taken, not for every message that ends: a long queue would
+        cost a listing each), then deferred mail whose time has come (looked up on `scan`
+        or `flush`, and when the last lot is taken)."""
         taken = 0
-        for state, queue_id in self.queue.fresh():
-            if not self._room():
-                return taken
-            taken += self._take(state, queue_id)
+        if not self._fresh and self._room():
+            self._fresh = deque(self.queue.fresh())
+        while self._fresh and self._room():
+            taken += self._take(*self._fresh.popleft())
+        if self._fresh:
+            return taken
         if flush or scan or (not self._deferred and time.time() >= self.queue.next_due):
             self._deferred = deque(self.queue.due(flush=flush))
         while self._deferred and self._room():
