@@ -120,6 +120,7 @@ class Engine:
         self.scheduler: Scheduler[Job] = Scheduler(self._policy_of, concurrency.max_sessions)
         self._policies: dict[str, Policy] = {}
         self._routes: dict[str, Route] = {}  # destination -> the route its sessions open
+        self._lookups: dict[tuple[str, str | None], asyncio.Task[Route]] = {}  # in flight
         self._sessions: dict[int, Opened] = {}
         self._messages: dict[str, _Message] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -238,7 +239,8 @@ class Engine:
 
     async def _route(self, job: Job) -> None:
         try:
-            route = await self.remote.route(job.domain, job.family)
+            # Shielded: a job cut off at stop must not cancel the lookup others wait for.
+            route = await asyncio.shield(self._lookup(job.domain, job.family))
         except Unroutable as e:
             self._finish(job, [_failed(r, e.status, e.text) for r in job.recipients])
             return
@@ -248,6 +250,23 @@ class Engine:
         if destination not in self._policies:
             self._policies[destination] = self.remote.policy(route)
         self._apply(self.scheduler.submit(job, destination, time.time()))
+
+    def _lookup(self, domain: str, family: str | None) -> asyncio.Task[Route]:
+        """The route lookup of `domain` in flight, started if there is none: the jobs of a
+        queue full of mail for one domain share it, rather than each asking DNS before
+        the first answer is in the resolver's cache."""
+        key = (domain, family)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self.remote.route(domain, family))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(key, done))
+        return lookup
+
+    def _looked_up(self, key: tuple[str, str | None], lookup: asyncio.Task[Route]) -> None:
+        del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # seen, even if every job that waited for it was cut off
 
     def _policy_of(self, destination: str) -> Policy:
         return self._policies[destination]

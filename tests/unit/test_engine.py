@@ -57,6 +57,7 @@ class FakeRemote:
 
     tenant: Tenant
     config: DeliveryConfig
+    routed: list[str] = field(default_factory=list)
     opened: list[str] = field(default_factory=list)
     sent: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     throttled: set[str] = field(default_factory=set)
@@ -65,6 +66,7 @@ class FakeRemote:
         return Policy(initial_concurrency=2, concurrency_limit=4, dead_after=2)
 
     async def route(self, domain: str, family: str | None = None) -> Route:
+        self.routed.append(domain)
         return Route(domain, (f"mx.{domain}",), False, TlsMode.MAY, family or "any")
 
     async def open(self, route: Route) -> FakeOpened:
@@ -259,6 +261,19 @@ def test_a_long_queue_is_listed_once_not_for_every_message_that_ends(tmp_path: P
                 await queue.changed.wait()
             engine.fill()
         assert [found for found in queue.listed if found] == [100]
+        await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_mail_for_one_domain_taken_at_once_is_routed_with_one_lookup(tmp_path: Path) -> None:
+    async def run() -> None:
+        engine, queue, remote = make_engine(tmp_path)
+        for n in range(50):
+            queue.add(f"m{n}", ("x@ok.test",))
+        engine.fill()
+        await queue.until(*(f"m{n}" for n in range(50)))
+        assert remote.routed == ["ok.test"]
         await engine.stop()
 
     asyncio.run(run())
