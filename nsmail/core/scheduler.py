@@ -2,11 +2,11 @@
 
 Postfix's qmgr and mox's queue are the models. Work is split by destination (a set of mail
 hosts, named by the caller); each destination has a concurrency window that starts at
-`initial_concurrency`, grows by 1/window for every attempt that finds the server working
-and shrinks by one for every failure to reach it (Postfix's feedback), within
-`concurrency_limit`; the tenant as a whole has at most `max_sessions` sessions. A session
-is kept open and given its destination's next job; it is closed when idle for `IDLE`
-seconds, used `max_uses` times, or when its place is needed for another destination.
+`initial_concurrency`, grows by one for every delivery and shrinks by one for every
+failure to reach it (Postfix's default feedback), within `concurrency_limit`; the tenant
+as a whole has at most `max_sessions` sessions. A session is kept open and given its
+destination's next job; it is closed when idle for `IDLE` seconds, used `max_uses` times,
+or when its place is needed for another destination.
 Destinations with waiting jobs take turns, so one busy destination cannot starve another.
 
 A destination that fails `dead_after` times in a row (refused, timed out, dropped) is dead:
@@ -321,7 +321,8 @@ class Scheduler(Generic[Job]):
 
     def _reached(self, place: _Destination[Job], *, delivered: bool) -> None:
         """The server answered: whatever it said, it is not dead. Only a delivery, not a
-        "slow down", feeds the window and ends the lengthening of pauses."""
+        "slow down", ends the lengthening of pauses, and feeds the window unless the
+        destination is paused (sessions started before the slow-down do not undo it)."""
         policy = place.policy
         place.failures = 0
         if place.dead_until is not None:  # the probe got through
@@ -329,8 +330,10 @@ class Scheduler(Generic[Job]):
             place.probing = False
             place.probe_delay = policy.probe_first
             place.window = float(policy.initial_concurrency)
-        elif delivered:
-            place.window = min(float(policy.concurrency_limit), place.window + 1 / place.window)
+        elif delivered and place.throttled_until is None:
+            # Postfix's default positive feedback (1, not 1/concurrency): a slow receiver
+            # doubles its sessions each round trip until the limit, as with Postfix.
+            place.window = min(float(policy.concurrency_limit), place.window + 1)
         if delivered:
             place.throttle_delay = policy.throttle_first
 
