@@ -13,8 +13,10 @@ sink's, plus ``X-Sessions``: the connections it held open at that dot, so a test
 the receiver's side whether a client sends in parallel. SMTP is aiosmtpd's.
 
 ``Tarpit`` accepts connections and never says a word: a client waits out its greeting
-timeout (RFC 5321 4.5.3.2.1: five minutes) for every session it opens there. It writes
-one line per connection accepted.
+timeout (RFC 5321 4.5.3.2.1: five minutes) for every session it opens there.
+
+Both write a line per connection accepted (its time and the client's address):
+``connections()``.
 
 ``DEAD`` is a site with nothing listening on its addresses: every connection is refused.
 
@@ -93,12 +95,18 @@ DEAD = Site("dead.test", "mx.dead.test", "203.0.113.28", "2001:db8:113::28")
 # -- the servers (in the receiver's own process) ----------------------------------------
 
 
+def _accepted(log: Path, peer: Any) -> None:
+    with log.open("a") as f:
+        f.write(f"{time.time():.6f} {peer[0]}\n")
+
+
 class _Slow:
     """The aiosmtpd handler: the final dot answered after `delay` seconds."""
 
-    def __init__(self, dumps: Path, delay: float) -> None:
+    def __init__(self, dumps: Path, delay: float, log: Path) -> None:
         self.dumps = dumps
         self.delay = delay
+        self.log = log
         self.open = 0  # connections
         self.count = 0
 
@@ -129,6 +137,7 @@ class _Counted(SMTP):
 
     def connection_made(self, transport: Any) -> None:
         self._slow.open += 1
+        _accepted(self._slow.log, transport.get_extra_info("peername"))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -137,10 +146,10 @@ class _Counted(SMTP):
 
 
 class _SlowServer(LabServer):
-    def __init__(self, listen: Sequence[Endpoint], dumps: Path, delay: float) -> None:
+    def __init__(self, listen: Sequence[Endpoint], dumps: Path, delay: float, log: Path) -> None:
         super().__init__()
         self._listen = tuple(listen)
-        self._handler = _Slow(dumps, delay)
+        self._handler = _Slow(dumps, delay, log)
 
     async def _open(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -157,8 +166,7 @@ async def serve_tarpit(
 ) -> None:
     """Hold a connection without a word until the client gives up (or the server stops)."""
     if log is not None:
-        with log.open("a") as f:
-            f.write(f"{time.time():.3f} {writer.get_extra_info('peername')[0]}\n")
+        _accepted(log, writer.get_extra_info("peername"))
     with contextlib.suppress(ConnectionError):
         while await reader.read(4096):
             pass  # whatever the client says, no answer
@@ -189,8 +197,9 @@ class _Receiver:
     def __init__(self, lab: Lab, site: Site, directory: Path, command: list[str]) -> None:
         site.add_to(lab)
         self.site = site
+        self.log = directory / "connections"
         listen = [arg for address in site.listen() for arg in ("--listen", address)]
-        argv = [sys.executable, "-m", "lab.receivers", *command, *listen]
+        argv = [sys.executable, "-m", "lab.receivers", *command, *listen, f"--log={self.log}"]
         self._stderr = directory / "stderr"
         with self._stderr.open("w") as stderr:
             self._proc = lab.popen(
@@ -203,6 +212,14 @@ class _Receiver:
         if line.strip() != "ready":
             error = self._stderr.read_text(errors="replace")
             raise LabError(f"{command[0]} receiver did not start: {line!r}\n{error}")
+
+    def connections(self) -> list[float]:
+        """When each connection so far was accepted (wall clock)."""
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [float(line.split()[0]) for line in lines]
 
     def stop(self) -> None:
         """End it now; the connections it holds close (idempotent)."""
@@ -243,16 +260,7 @@ class Tarpit(_Receiver):
     """A receiver that accepts and never greets; see the module docstring."""
 
     def __init__(self, lab: Lab, site: Site = TARPIT) -> None:
-        directory = lab.tempdir("tarpit")
-        self.log = directory / "connections"
-        super().__init__(lab, site, directory, ["tarpit", f"--log={self.log}"])
-
-    def connections(self) -> int:
-        """Connections accepted so far."""
-        try:
-            return len(self.log.read_text().splitlines())
-        except FileNotFoundError:
-            return 0
+        super().__init__(lab, site, lab.tempdir("tarpit"), ["tarpit"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -263,11 +271,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--dumps", type=Path, help="slow: where each transaction goes")
     parser.add_argument("--delay", type=float, default=1.0, help="slow: seconds before 250")
-    parser.add_argument("--log", type=Path, help="tarpit: a line per connection accepted")
+    parser.add_argument("--log", type=Path, required=True, help="a line per connection")
     args = parser.parse_args(argv)
     server: LabServer
     if args.kind == "slow":
-        server = _SlowServer(args.listen, args.dumps, args.delay)
+        server = _SlowServer(args.listen, args.dumps, args.delay, args.log)
     else:
         server = _TarpitServer(args.listen, args.log)
     server.serve_forever(ready=lambda: print("ready", flush=True))
