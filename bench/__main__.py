@@ -1,9 +1,13 @@
 """`scripts/bench`: measure nsmail on this machine and print a table (or --json).
 
-    scripts/bench [throughput options]   delivery throughput, sendmail latency and CPU per
-                                         message, nsmail against a Postfix baseline
+    scripts/bench [throughput options]   delivery throughput (instant, slow and tarpit
+                                         receivers, many destinations), sendmail latency
+                                         and CPU per message, nsmail against a Postfix
+                                         baseline
     scripts/bench tenants [--tenants K ...]
                                          tenant bring-up and tear-down, memory per worker
+    scripts/bench memory [--messages N]  a worker's memory with N messages queued for a
+                                         dead destination
 
 `--quick` (throughput) is a smoke test: a few messages, checked one by one; it exits
 non-zero when any message is missing or arrived with the wrong identity, never because
@@ -13,6 +17,7 @@ of a time. `python -m bench submit SPEC` is internal: the sendmail runner of thr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,10 +25,13 @@ from pathlib import Path
 # The lab and the hosting harness are shared with the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
+from bench.memory import measure_memory
+from bench.memory import table as memory_table
+from bench.submit import submit_main
 from bench.tenants import measure_tenants
-from bench.throughput import Options, measure_throughput, submit_main, table
+from bench.throughput import Options, measure_throughput, table
 
-QUICK_MESSAGES = 40
+QUICK = Options(messages=40, repeat=1, slow_messages=10, destinations=10, timeout=60.0)
 
 
 def tenants_main(argv: list[str]) -> int:
@@ -57,6 +65,18 @@ def tenants_main(argv: list[str]) -> int:
     return 0
 
 
+def memory_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench memory", description=__doc__)
+    parser.add_argument(
+        "--messages", type=int, default=10_000, metavar="N", help="messages queued (10000)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    report = measure_memory(args.messages, lambda text: print(f"bench: {text}", file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else memory_table(report))
+    return 0 if report["ok"] else 1
+
+
 def throughput_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -65,12 +85,14 @@ def throughput_main(argv: list[str]) -> int:
     )
     defaults = Options()
     for name, metavar, help_text in (
-        ("messages", "N", "messages per measurement, over all tenants"),
+        ("messages", "N", "messages per measurement of (a), (b) and (i), over all tenants"),
         ("tenants", "K", "tenants (and parallel sendmail submitters)"),
         ("size", "BYTES", "size of each message"),
         ("repeat", "R", "rounds per system; the table shows medians"),
+        ("slow-messages", "G", "messages to the slow receiver in (g)"),
+        ("destinations", "D", "recipient domains in (i)"),
     ):
-        default = getattr(defaults, name)
+        default = getattr(defaults, name.replace("-", "_"))
         parser.add_argument(
             f"--{name}", type=int, default=default, metavar=metavar, help=f"{help_text} ({default})"
         )
@@ -78,12 +100,19 @@ def throughput_main(argv: list[str]) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke test: {QUICK_MESSAGES} messages, one round; checks delivery, not time",
+        help=f"smoke test: {QUICK.messages} messages, one round; checks delivery, not time",
     )
     args = parser.parse_args(argv)
-    options = Options(args.messages, args.tenants, args.size, args.repeat)
+    options = Options(
+        args.messages,
+        args.tenants,
+        args.size,
+        args.repeat,
+        args.slow_messages,
+        args.destinations,
+    )
     if args.quick:
-        options = Options(QUICK_MESSAGES, args.tenants, args.size, 1, timeout=60.0)
+        options = dataclasses.replace(QUICK, tenants=args.tenants, size=args.size)
     report = measure_throughput(options, lambda text: print(f"bench: {text}", file=sys.stderr))
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0 if report["ok"] else 1
@@ -93,6 +122,8 @@ def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["tenants"]:
         return tenants_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory_main(argv[1:])
     if argv[:1] == ["submit"]:
         return submit_main(argv[1])
     return throughput_main(argv)

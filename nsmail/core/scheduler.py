@@ -2,11 +2,11 @@
 
 Postfix's qmgr and mox's queue are the models. Work is split by destination (a set of mail
 hosts, named by the caller); each destination has a concurrency window that starts at
-`initial_concurrency`, grows by 1/window for every attempt that finds the server working
-and shrinks by one for every failure to reach it (Postfix's feedback), within
-`concurrency_limit`; the tenant as a whole has at most `max_sessions` sessions. A session
-is kept open and given its destination's next job; it is closed when idle for `IDLE`
-seconds, used `max_uses` times, or when its place is needed for another destination.
+`initial_concurrency`, grows by one for every delivery and shrinks by one for every
+failure to reach it (Postfix's default feedback), within `concurrency_limit`; the tenant
+as a whole has at most `max_sessions` sessions. A session is kept open and given its
+destination's next job; it is closed when idle for `IDLE` seconds, used `max_uses` times,
+or when its place is needed for another destination.
 Destinations with waiting jobs take turns, so one busy destination cannot starve another.
 
 A destination that fails `dead_after` times in a row (refused, timed out, dropped) is dead:
@@ -173,7 +173,6 @@ class _Session:
     destination: str
     probe: bool = False  # opened to see whether a dead destination is back
     uses: int = 0
-    idle_since: float | None = None  # None while opening or busy
 
 
 class Scheduler(Generic[Job]):
@@ -186,6 +185,9 @@ class Scheduler(Generic[Job]):
         self._max_sessions = max_sessions
         self._destinations: dict[str, _Destination[Job]] = {}
         self._sessions: dict[int, _Session] = {}
+        # Sessions kept for their destination's next job, and since when: their own
+        # table, as at the session cap every start looks for one to close.
+        self._idle: dict[int, float] = {}
         self._ids = itertools.count(1)
         self._turns: deque[str] = deque()  # destinations with waiting jobs, in turn
         self._stopping = False
@@ -234,8 +236,8 @@ class Scheduler(Generic[Job]):
     def tick(self, now: float) -> list[Action[Job]]:
         """What falls due at `now`: idle sessions to close, paused destinations to resume."""
         actions: list[Action[Job]] = []
-        for session, state in list(self._sessions.items()):
-            if state.idle_since is not None and now >= state.idle_since + IDLE:
+        for session, since in list(self._idle.items()):
+            if now >= since + IDLE:
                 self._forget(session)
                 actions.append(Close(session))
         for place in self._destinations.values():
@@ -250,17 +252,16 @@ class Scheduler(Generic[Job]):
         actions: list[Action[Job]] = []
         for place in self._destinations.values():
             actions += self._defer_waiting(place, Reason.STOPPING)
-        for session, state in list(self._sessions.items()):
-            if state.idle_since is not None:
-                self._forget(session)
-                actions.append(Close(session))
+        for session in list(self._idle):
+            self._forget(session)
+            actions.append(Close(session))
         return actions
 
     # -- questions ------------------------------------------------------------------------
 
     def next_wakeup(self) -> float | None:
         """When `tick` has something to do next, if ever."""
-        times = [s.idle_since + IDLE for s in self._sessions.values() if s.idle_since is not None]
+        times = [since + IDLE for since in self._idle.values()]
         times += [
             place.throttled_until
             for place in self._destinations.values()
@@ -276,7 +277,7 @@ class Scheduler(Generic[Job]):
     @property
     def busy(self) -> bool:
         """Whether a job waits or is being attempted (idle sessions do not count)."""
-        return any(s.idle_since is None for s in self._sessions.values()) or any(
+        return len(self._idle) < len(self._sessions) or any(
             place.waiting for place in self._destinations.values()
         )
 
@@ -321,7 +322,8 @@ class Scheduler(Generic[Job]):
 
     def _reached(self, place: _Destination[Job], *, delivered: bool) -> None:
         """The server answered: whatever it said, it is not dead. Only a delivery, not a
-        "slow down", feeds the window and ends the lengthening of pauses."""
+        "slow down", ends the lengthening of pauses, and feeds the window unless the
+        destination is paused (sessions started before the slow-down do not undo it)."""
         policy = place.policy
         place.failures = 0
         if place.dead_until is not None:  # the probe got through
@@ -329,8 +331,10 @@ class Scheduler(Generic[Job]):
             place.probing = False
             place.probe_delay = policy.probe_first
             place.window = float(policy.initial_concurrency)
-        elif delivered:
-            place.window = min(float(policy.concurrency_limit), place.window + 1 / place.window)
+        elif delivered and place.throttled_until is None:
+            # Postfix's default positive feedback (1, not 1/concurrency): a slow receiver
+            # doubles its sessions each round trip until the limit, as with Postfix.
+            place.window = min(float(policy.concurrency_limit), place.window + 1)
         if delivered:
             place.throttle_delay = policy.throttle_first
 
@@ -377,7 +381,7 @@ class Scheduler(Generic[Job]):
             return [Close(session)]
         if place.waiting and place.state(now) == State.ACTIVE:
             return [Send(session, place.waiting.popleft())]
-        state.idle_since = now
+        self._idle[session] = now
         return []
 
     def _starved(self, other_than: _Destination[Job], now: float) -> bool:
@@ -426,9 +430,9 @@ class Scheduler(Generic[Job]):
         return state == State.ACTIVE
 
     def _start_one(self, place: _Destination[Job], now: float) -> list[Action[Job]]:
-        idle = [s for s in sorted(place.sessions) if self._sessions[s].idle_since is not None]
+        idle = sorted(s for s in place.sessions if s in self._idle)
         if idle:
-            self._sessions[idle[0]].idle_since = None
+            del self._idle[idle[0]]
             return [Send(idle[0], place.waiting.popleft())]
         if len(place.sessions) >= place.room():
             return []
@@ -447,15 +451,13 @@ class Scheduler(Generic[Job]):
 
     def _close_an_idle(self) -> Close | None:
         """Make room under max_sessions: close the session idle longest."""
-        idle = [
-            (s.idle_since, sid) for sid, s in self._sessions.items() if s.idle_since is not None
-        ]
-        if not idle:
+        if not self._idle:
             return None
-        _, session = min(idle)
+        session = min(self._idle, key=lambda s: (self._idle[s], s))
         self._forget(session)
         return Close(session)
 
     def _forget(self, session: int) -> None:
+        self._idle.pop(session, None)
         state = self._sessions.pop(session)
         self._destinations[state.destination].sessions.discard(session)

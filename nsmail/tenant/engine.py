@@ -120,9 +120,11 @@ class Engine:
         self.scheduler: Scheduler[Job] = Scheduler(self._policy_of, concurrency.max_sessions)
         self._policies: dict[str, Policy] = {}
         self._routes: dict[str, Route] = {}  # destination -> the route its sessions open
+        self._lookups: dict[tuple[str, str | None], asyncio.Task[Route]] = {}  # in flight
         self._sessions: dict[int, Opened] = {}
         self._messages: dict[str, _Message] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fresh: deque[tuple[str, str]] = deque()  # (state, queue id) listed, not taken
         self._deferred: deque[str] = deque()  # due deferred messages not yet taken
         self.stopping = False
 
@@ -148,13 +150,17 @@ class Engine:
         self._apply(self.scheduler.tick(time.time() if now is None else now))
 
     def fill(self, *, flush: bool = False, scan: bool = False) -> int:
-        """Take what is due while there is room: new mail first, then deferred mail whose
-        time has come (looked up on `scan` or `flush`, and when the last lot is taken)."""
+        """Take what is due while there is room: new mail first (listed again once the
+        last listing is all taken, not for every message that ends: a long queue would
+        cost a listing each), then deferred mail whose time has come (looked up on `scan`
+        or `flush`, and when the last lot is taken)."""
         taken = 0
-        for state, queue_id in self.queue.fresh():
-            if not self._room():
-                return taken
-            taken += self._take(state, queue_id)
+        if not self._fresh and self._room():
+            self._fresh = deque(self.queue.fresh())
+        while self._fresh and self._room():
+            taken += self._take(*self._fresh.popleft())
+        if self._fresh:
+            return taken
         if flush or scan or (not self._deferred and time.time() >= self.queue.next_due):
             self._deferred = deque(self.queue.due(flush=flush))
         while self._deferred and self._room():
@@ -235,7 +241,8 @@ class Engine:
 
     async def _route(self, job: Job) -> None:
         try:
-            route = await self.remote.route(job.domain, job.family)
+            # Shielded: a job cut off at stop must not cancel the lookup others wait for.
+            route = await asyncio.shield(self._lookup(job.domain, job.family))
         except Unroutable as e:
             self._finish(job, [_failed(r, e.status, e.text) for r in job.recipients])
             return
@@ -245,6 +252,23 @@ class Engine:
         if destination not in self._policies:
             self._policies[destination] = self.remote.policy(route)
         self._apply(self.scheduler.submit(job, destination, time.time()))
+
+    def _lookup(self, domain: str, family: str | None) -> asyncio.Task[Route]:
+        """The route lookup of `domain` in flight, started if there is none: the jobs of a
+        queue full of mail for one domain share it, rather than each asking DNS before
+        the first answer is in the resolver's cache."""
+        key = (domain, family)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = asyncio.get_running_loop().create_task(self.remote.route(domain, family))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(key, done))
+        return lookup
+
+    def _looked_up(self, key: tuple[str, str | None], lookup: asyncio.Task[Route]) -> None:
+        del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # seen, even if every job that waited for it was cut off
 
     def _policy_of(self, destination: str) -> Policy:
         return self._policies[destination]

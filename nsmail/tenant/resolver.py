@@ -5,8 +5,9 @@ A worker lives in a network namespace that cannot reach the host's resolver, and
 chroot it has no resolv.conf either; its only path to DNS is the channel the supervisor
 handed to the relay process (see nsmail.host.dnsrelay). Each DNS message is one SEQPACKET
 datagram. Many lookups share the channel at once (every destination of a busy worker):
-`RelayChannel` sends each query as it comes and hands each answer to the query it
-answers, by id and question, whatever the order the relay answers in.
+`RelayChannel` sends each query as it comes (one at a time while the channel is full) and
+hands each answer to the query it answers, by id and question, whatever the order the relay
+answers in.
 
 Every query asks whether the answer was validated (AD, RFC 6840 5.7) and for its
 signatures (DO, RFC 3225); `validated` says whether an answer was. The worker trusts AD
@@ -50,6 +51,9 @@ class RelayChannel:
         self._channel = channel
         self._waiting: dict[int, list[tuple[dns.message.Message, asyncio.Future[bytes]]]] = {}
         self._reading = False
+        # asyncio's sock_sendall keeps one waiting writer per socket: with several waiting
+        # for room in a full channel, all but the last would wait for ever. One at a time.
+        self._sending = asyncio.Lock()
 
     async def ask(self, request: dns.message.Message, timeout: float) -> bytes:
         """The relay's answer to `request`, within `timeout` seconds."""
@@ -59,8 +63,9 @@ class RelayChannel:
         waiting.append((request, answer))
         try:
             self._read_while_waiting(loop)
-            await loop.sock_sendall(self._channel, request.to_wire())
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # sending included: the relay may be stuck
+                async with self._sending:
+                    await loop.sock_sendall(self._channel, request.to_wire())
                 return await answer
         except TimeoutError:
             # dnspython treats OSError as "server broken, stop asking": a timeout is not.

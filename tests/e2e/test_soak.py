@@ -1,6 +1,6 @@
 """The soak test, short: 300 messages from three tenants through the real sendmail into a
-rude receiver, with two worker kills, one supervisor kill and one graceful supervisor
-restart; nothing lost, nothing stuck.
+rude receiver (and a tarpit, for one in twenty), with two worker kills, one supervisor
+kill and one graceful supervisor restart; nothing lost, nothing stuck.
 
 `scripts/soak` runs the full one (10,000 messages, 10 tenants). The seed is printed;
 NSMAIL_SOAK_SEED replays it.
@@ -22,6 +22,7 @@ SHORT = Options(
     restarts=1,
     submitters=4,
     settle=60.0,
+    lifetime=20.0,  # the tarpit's mail bounces within the settling
 )
 
 

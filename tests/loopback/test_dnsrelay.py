@@ -75,6 +75,23 @@ def test_lookups_at_once_share_one_channel(stack: DNSStack) -> None:
     assert [a[0].to_text() for a in answers[:3]] == ["127.0.0.1", "::1", "10 mx.rcpt.test."]
 
 
+def test_more_lookups_at_once_than_the_channel_holds_all_end(stack: DNSStack) -> None:
+    """Hundreds of lookups at once (a worker taking 500 messages routes them all) fill the
+    channel's send buffer: every one still ends, none waits for ever to be sent."""
+    resolver = stack.resolver()
+    resolver.cache = None
+    lookups = 500
+
+    async def all_at_once() -> list[dns.resolver.Answer]:
+        asks = [resolver.resolve("rcpt.test.", "MX", backend=BACKEND) for _ in range(lookups)]
+        # Bounded here, so that a lookup stuck before its own timeout fails the test.
+        return await asyncio.wait_for(asyncio.gather(*asks), timeout=30)
+
+    answers = asyncio.run(all_at_once())
+    assert len(answers) == lookups
+    assert {a[0].to_text() for a in answers} == {"10 mx.rcpt.test."}
+
+
 def test_only_plain_in_queries_are_relayed(stack: DNSStack) -> None:
     channel = stack.channel()
     chaos = dns.message.make_query("version.bind.", "TXT", "CH")

@@ -3,15 +3,20 @@
 Run as a process inside the lab's "internet" namespace::
 
     python tests/support/rude_smtp.py --listen 203.0.113.25:25 --listen [2001:db8:113::25]:25 \\
-        --log FILE --seed N --mode rude|fair [--stall SECONDS]
+        --log FILE --seed N --mode rude|fair [--stall SECONDS] [--slow SECONDS] \\
+        [--tarpit 203.0.113.27:25 ...]
 
 A seed replays the same misbehaviour: connection ``c`` (counted from 0) first draws
 its greeting from ``GREETING`` with ``random.Random(f"{seed}:{c}")``, and its ``t``-th
 transaction (a client may keep a session for several messages) draws its fate from
 ``TRANSACTION`` with ``random.Random(f"{seed}:{c}:{t}")``. ``--mode fair`` always greets
-and accepts. Every stored message is one JSON line in the log (Message-ID, envelope,
-behaviour, connection and transaction numbers, time), written, flushed and fsynced *before*
-the final reply, so the log holds everything a client may believe was received.
+and accepts at once. Stalls are silences longer than the client waits (``--stall``); slow
+answers come late but within its timeouts (``--slow``: the greeting, the reply to MAIL, the
+reply after the dot). ``--tarpit`` listens on more addresses, a second domain's MX that
+accepts and never greets (``lab.receivers.serve_tarpit``). Every stored message is one
+JSON line in the log (Message-ID, envelope, behaviour, connection and transaction numbers,
+time), written, flushed and fsynced *before* the final reply, so the log holds everything
+a client may believe was received.
 ``drop-after-dot`` stores the message and then closes without a reply: the client cannot
 know, must retry, and the retry is a duplicate (``"acked": false`` marks such a record).
 Each connection and transaction is also one line on stderr, for the story of a failure.
@@ -39,10 +44,12 @@ from email.parser import BytesHeaderParser
 from typing import IO, Any, NoReturn
 
 from lab import MX_V4, MX_V6, Lab
+from lab.receivers import Site, serve_tarpit
 
 # name -> weight, drawn once per connection.
 GREETING = {
-    "greet": 80,
+    "greet": 74,
+    "slow-greeting": 6,  # greets, --slow seconds late
     "421-greeting": 12,  # RFC 5321 3.8: service not available, closing
     "garbage-greeting": 8,  # a greeting line without a code
 }
@@ -50,6 +57,8 @@ GREETING = {
 # most mail settles within a few attempts.
 TRANSACTION = {
     "accept": 44,
+    "slow-mail": 3,  # the reply to MAIL comes --slow seconds late
+    "slow-dot": 6,  # the reply after the dot comes --slow seconds late
     "421-mail": 4,  # shutting down in the middle of a kept session
     "451-rcpt": 6,
     "452-rcpt": 6,  # too many recipients: the first is taken, the rest get 452
@@ -97,11 +106,12 @@ class Hangup(Exception):
 
 
 class Server:
-    def __init__(self, log: IO[str], seed: int, mode: str, stall: float) -> None:
+    def __init__(self, log: IO[str], seed: int, mode: str, stall: float, slow: float) -> None:
         self.log = log
         self.seed = seed
         self.mode = mode
         self.stall = stall
+        self.slow = slow
         self.connections = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -164,6 +174,8 @@ class Session:
         if self.greet == "garbage-greeting":
             await self.reply("hello, this is not an SMTP greeting")
             raise Hangup
+        if self.greet == "slow-greeting":
+            await asyncio.sleep(self.server.slow)
         await self.reply("220 mx.test ESMTP rude")
         commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "EHLO": self.ehlo,
@@ -210,6 +222,8 @@ class Session:
             await self.reply("250 2.1.0 " + "o" * LONG_LINE)
             raise Hangup
         self.txn = Transaction(number, rude, mail_from=_path(argument))
+        if rude == "slow-mail":
+            await asyncio.sleep(self.server.slow)
         await self.reply("250 2.1.0 ok")
 
     async def rcpt(self, argument: str) -> None:
@@ -250,6 +264,8 @@ class Session:
             self.server.record(self.number, self.txn, content, acked=False)
             raise Hangup
         else:
+            if rude == "slow-dot":
+                await asyncio.sleep(self.server.slow)
             self.server.record(self.number, self.txn, content, acked=True)
             await self.reply("250 2.0.0 stored")
         self.txn = Transaction()
@@ -265,15 +281,28 @@ class Session:
 
 
 class RudeSmtp:
-    """This server on the lab MX addresses (port 25, both families); stopped with the lab."""
+    """This server on the lab MX addresses (port 25, both families), and a tarpit on
+    `tarpit`'s if given; stopped with the lab. Slow answers take a third of a stall."""
 
-    def __init__(self, lab: Lab, *, seed: int, mode: str = "rude", stall: float = 5.0) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        *,
+        seed: int,
+        mode: str = "rude",
+        stall: float = 5.0,
+        tarpit: Site | None = None,
+    ) -> None:
         directory = lab.tempdir("rude-smtp")
         self.log_path = directory / "received.jsonl"
         self.trace_path = directory / "trace.txt"  # a line per connection and transaction
         argv = [sys.executable, __file__, "--log", str(self.log_path)]
         argv += ["--listen", f"{MX_V4}:25", "--listen", f"[{MX_V6}]:25"]
         argv += ["--seed", str(seed), "--mode", mode, "--stall", str(stall)]
+        argv += ["--slow", str(stall / 3)]
+        if tarpit is not None:
+            tarpit.add_to(lab)
+            argv += [arg for address in tarpit.listen() for arg in ("--tarpit", address)]
         with self.trace_path.open("w") as trace:
             self._proc = lab.popen(lab.net, argv, stdout=subprocess.PIPE, stderr=trace, text=True)
         self._wait_listening(10.0)
@@ -308,10 +337,14 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 async def main(args: argparse.Namespace) -> None:
     with open(args.log, "a") as log:
-        server = Server(log, args.seed, args.mode, args.stall)
+        server = Server(log, args.seed, args.mode, args.stall, args.slow)
         listeners = [
             await asyncio.start_server(server.serve, host, port)
             for host, port in map(_listen_address, args.listen)
+        ]
+        listeners += [
+            await asyncio.start_server(serve_tarpit, host, port)
+            for host, port in map(_listen_address, args.tarpit)
         ]
         print("listening", flush=True)
         await asyncio.gather(*(listener.serve_forever() for listener in listeners))
@@ -324,4 +357,6 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("rude", "fair"), default="rude")
     parser.add_argument("--stall", type=float, default=5.0, help="seconds of silence")
+    parser.add_argument("--slow", type=float, default=1.0, help="seconds a slow answer takes")
+    parser.add_argument("--tarpit", action="append", default=[], help="ADDRESS:PORT")
     asyncio.run(main(parser.parse_args()))

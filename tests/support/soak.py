@@ -2,13 +2,16 @@
 workers and the supervisor itself are killed with SIGKILL; nothing may be lost or stuck.
 
     scripts/soak [--tenants K] [--messages N] [--worker-kills W] [--supervisor-kills S]
-                 [--restarts R] [--submitters P] [--seed SEED] [--json]
+                 [--restarts R] [--submitters P] [--lifetime SECONDS] [--seed SEED] [--json]
 
 K tenants (`s{i}.soak.test`) each have a local user, alice, who sends N/K messages, each
 with a unique Message-ID and one or two recipients at rcpt.test, through the real
 `nsmail-sendmail` run as the tenant's uid by a pool of P parallel submitters; a submission
 counts once sendmail exited 0 (anything else is listed, and should not happen). The
-receiver is `rude_smtp` with every misbehaviour it knows. While mail is submitted, at
+receiver is `rude_smtp` with every misbehaviour it knows, slow answers among them; one
+message in TARPIT_EVERY has one more recipient, at tarpit.test, whose MX (the same
+process) accepts and never greets: those recipients wait, without holding up the rest,
+until the queue lifetime (--lifetime) is over and they bounce. While mail is submitted, at
 points of a plan drawn from the seed (a number of messages submitted), the engine
 SIGKILLs a tenant's worker (its pid from `nsmail status`), SIGKILLs the supervisor and
 starts it again RESTART_SEC later with the same configuration, as systemd's
@@ -57,6 +60,7 @@ from typing import Any
 
 from hosting import Hosting, TenantSpec, dns_records
 from lab import Lab, Nsd
+from lab.receivers import TARPIT
 from rude_smtp import RudeSmtp
 
 from nsmail.core.queuefile import QueueFileError, decode
@@ -66,6 +70,7 @@ SENDMAIL = str(Path(sys.executable).with_name("nsmail-sendmail"))
 RESTART_SEC = 2.0  # systemd/nsmail.service: Restart=on-failure, RestartSec=2
 STALL = 3.0  # the receiver's silences: longer than the client's timeout
 DELIVERY: dict[str, Any] = {"scan_interval": 0.5, "timeout": 2, "retry_first": 1, "retry_max": 3}
+TARPIT_EVERY = 20  # one message in so many has a recipient at the tarpit too
 # States of a worker process that is up: "running" until its first report, then its own.
 LIVE = ("running", "idle", "delivering", "backing off")
 PROGRESS_EVERY = 10.0
@@ -85,6 +90,7 @@ class Options:
     submitters: int = 8
     seed: int = 0
     settle: float = 900.0  # seconds, after the last submission, for everything to settle
+    lifetime: float = 60.0  # seconds in the queue before mail bounces (the tarpit's does)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,7 @@ class Figures:
     tenants: int
     messages: int = 0  # accepted by sendmail (exit 0)
     pairs: int = 0
+    tarpit_pairs: int = 0  # pairs for the tarpit: bounced once the lifetime is over
     delivered: int = 0
     bounced: int = 0
     delivered_and_bounced: int = 0
@@ -155,7 +162,8 @@ class Submission:
 
 
 def submissions(hosting: Hosting, tenants: tuple[TenantSpec, ...], count: int) -> list[Submission]:
-    """`count` messages, tenants taking turns; every fifth has a second recipient."""
+    """`count` messages, tenants taking turns; every fifth has a second recipient, one in
+    TARPIT_EVERY a recipient at the tarpit."""
     run = secrets.token_hex(4)
     result = []
     for i in range(count):
@@ -163,6 +171,7 @@ def submissions(hosting: Hosting, tenants: tuple[TenantSpec, ...], count: int) -
         sender = f"alice@{tenant.domain}"
         message_id = f"<soak-{i}-{run}@{tenant.domain}>"
         recipients = (f"r{i}@rcpt.test",) + ((f"s{i}@rcpt.test",) if i % 5 == 0 else ())
+        recipients += (f"t{i}@{TARPIT.domain}",) if i % TARPIT_EVERY == 3 else ()
         body = (
             f"From: {sender}\nTo: {', '.join(recipients)}\nSubject: soak {i}\n"
             f"Message-ID: {message_id}\n\nmessage {i}\n"
@@ -399,10 +408,10 @@ def soak(options: Options, say: Callable[[str], None]) -> Figures:
     started = time.monotonic()
     with Lab() as lab:
         tenants = soak_tenants(options.tenants)
-        Nsd(lab, dns_records(tenants))
-        server = RudeSmtp(lab, seed=options.seed, stall=STALL)
+        Nsd(lab, dns_records(tenants) + TARPIT.records())
+        server = RudeSmtp(lab, seed=options.seed, stall=STALL, tarpit=TARPIT)
         hosting = Hosting(lab)
-        hosting.write_config(tenants, **DELIVERY)
+        hosting.write_config(tenants, **DELIVERY, lifetime=options.lifetime)
         hosting.start(timeout=120)
         say(f"soak: seed {options.seed}, {options.tenants} tenants up, lab {lab.prefix}")
         injector = Injector(hosting, tenants, plan(options, random.Random(options.seed)), say)
@@ -519,6 +528,7 @@ def _account(
     counts = spool_counts(hosting, tenants)
     figures.messages = len(submitter.accepted)
     figures.pairs = len(pairs)
+    figures.tarpit_pairs = sum(1 for _, to in pairs if to.endswith(f"@{TARPIT.domain}"))
     figures.delivered = sum(1 for p in pairs if acked[p])
     figures.bounced = sum(1 for p in pairs if bounced[p])
     figures.delivered_and_bounced = sum(1 for p in pairs if acked[p] and bounced[p])
@@ -596,6 +606,7 @@ def _alive(hosting: Hosting, pid: int | None, tenant: TenantSpec) -> bool:
 ROWS = (
     ("messages", "messages accepted by sendmail"),
     ("pairs", "(message, recipient) pairs"),
+    ("tarpit_pairs", "of them for the tarpit"),
     ("delivered", "delivered (acknowledged)"),
     ("bounced", "bounced (DSN to the sender)"),
     ("delivered_and_bounced", "both delivered and bounced"),
@@ -633,6 +644,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--restarts", type=int, default=defaults.restarts)
     parser.add_argument("--submitters", type=int, default=defaults.submitters)
     parser.add_argument("--settle", type=float, default=defaults.settle, metavar="SECONDS")
+    parser.add_argument("--lifetime", type=float, default=defaults.lifetime, metavar="SECONDS")
     parser.add_argument("--seed", type=int, help="replay a run (default: NSMAIL_SOAK_SEED)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
@@ -650,6 +662,7 @@ def main(argv: list[str]) -> int:
         args.submitters,
         seed,
         args.settle,
+        args.lifetime,
     )
     figures = soak(options, lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(asdict(figures), indent=2) if args.json else table(figures))

@@ -57,6 +57,7 @@ class FakeRemote:
 
     tenant: Tenant
     config: DeliveryConfig
+    routed: list[str] = field(default_factory=list)
     opened: list[str] = field(default_factory=list)
     sent: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     throttled: set[str] = field(default_factory=set)
@@ -65,6 +66,7 @@ class FakeRemote:
         return Policy(initial_concurrency=2, concurrency_limit=4, dead_after=2)
 
     async def route(self, domain: str, family: str | None = None) -> Route:
+        self.routed.append(domain)
         return Route(domain, (f"mx.{domain}",), False, (MAY,), family or "any")
 
     async def open(self, route: Route) -> FakeOpened:
@@ -113,6 +115,7 @@ class Queue:
     next_due = float("inf")
 
     def __init__(self) -> None:
+        self.listed: list[int] = []  # what each `fresh` found
         self.waiting: dict[str, Taken] = {}
         self.settled: dict[str, list[Outcome]] = {}
         self.attempted: dict[str, bool] = {}
@@ -123,6 +126,7 @@ class Queue:
         self.waiting[queue_id] = Taken(queue_id, envelope, BODY, 0.0, 0.0, contextlib.ExitStack())
 
     def fresh(self) -> list[tuple[str, str]]:
+        self.listed.append(len(self.waiting))
         return [(INCOMING, queue_id) for queue_id in self.waiting]
 
     def due(self, *, flush: bool = False) -> list[str]:
@@ -240,6 +244,36 @@ def test_no_more_than_active_limit_messages_are_held(tmp_path: Path) -> None:
             queue.add(f"t{n}", ("x@tarpit.test",))
         assert engine.fill() == 3
         assert engine.fill() == 0 and len(queue.waiting) == 7
+        await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_a_long_queue_is_listed_once_not_for_every_message_that_ends(tmp_path: Path) -> None:
+    async def run() -> None:
+        engine, queue, _ = make_engine(tmp_path, active_limit=10)
+        for n in range(100):
+            queue.add(f"m{n}", ("x@ok.test",))
+        engine.fill()
+        while len(queue.settled) < 100:  # as the worker does: fill whenever one ends
+            queue.changed.clear()
+            async with asyncio.timeout(10):
+                await queue.changed.wait()
+            engine.fill()
+        assert [found for found in queue.listed if found] == [100]
+        await engine.stop()
+
+    asyncio.run(run())
+
+
+def test_mail_for_one_domain_taken_at_once_is_routed_with_one_lookup(tmp_path: Path) -> None:
+    async def run() -> None:
+        engine, queue, remote = make_engine(tmp_path)
+        for n in range(50):
+            queue.add(f"m{n}", ("x@ok.test",))
+        engine.fill()
+        await queue.until(*(f"m{n}" for n in range(50)))
+        assert remote.routed == ["ok.test"]
         await engine.stop()
 
     asyncio.run(run())
