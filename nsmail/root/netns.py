@@ -217,6 +217,7 @@ class HostNetwork:
         # failed): the next change then replaces the whole table.
         self._blocked: frozenset[IPAddress] | None = None
         self._table_made = False  # whether our table may be in the kernel, for `close`
+        self._exempt: frozenset[int] | None = None  # restrict_smtp's exempt uids; None: off
         if network.mode == "routed":
             _enable_forwarding()
 
@@ -249,6 +250,15 @@ class HostNetwork:
             self.remove(names)
             raise
         return names
+
+    def restrict_smtp(self, exempt: frozenset[int] | None) -> None:
+        """Keep every uid but `exempt` off remote SMTP ports (None: let them), by
+        replacing the whole table at once; NftError if nft fails (nothing changed)."""
+        if exempt == self._exempt and (self._table_made or exempt is None):
+            return
+        self._exempt = exempt
+        self._blocked = None
+        self._block_guarded()
 
     def remove(self, names: TenantNames) -> None:
         """Remove the tenant's namespace; missing pieces are not an error.
@@ -313,7 +323,7 @@ class HostNetwork:
                 return
         self._blocked = None  # until nft has applied it
         self._table_made = True
-        self._nft(firewall.table(wanted))
+        self._nft(firewall.table(wanted, self._exempt))
         self._blocked = wanted
 
     def _remove_firewall(self, failure: str) -> None:

@@ -315,7 +315,7 @@ def _run(argv: Sequence[str]) -> int:
     elif options.mode == SMTP:
         from nsmail.submit import sendmail_smtp  # only for -bs: a submission imports none of it
 
-        sendmail_smtp.serve(tenant, _login(os.getuid()), options.full_name)
+        sendmail_smtp.serve_stdio(tenant, _login(os.getuid()), options.full_name)
     else:
         queue_id = _submit(options, tenant)
         if options.verbose:

@@ -1,5 +1,5 @@
 """`nsmail-sendmail -bs`: SMTP on standard input and output, a thin shell over
-`nsmail.core.smtp.server`.
+`nsmail.core.smtp.server`; the same shell serves the sessions of nsmail's SMTP listeners.
 
 Symfony Mailer (so Laravel) runs `sendmail -bs` by default. Each message is checked and
 stored as a submission from the command line is (`nsmail.submit.sendmail`): the same sender
@@ -12,9 +12,13 @@ so a pipelining client gets them in one write. The session ends with QUIT or at 
 of input; a message not complete by then is not queued. The exit status is 0 either
 way: what happened to each message is in its reply.
 
+`serve` takes the server and a `Connection` (read, write): -bs gives it stdin and
+stdout, the tenant's worker a socket with deadlines (`nsmail.tenant.smtpd`), so a
+message submitted over SMTP to a listener meets exactly these checks and this store.
+
 Security: runs as the submitting user, like the rest of `nsmail-sendmail` (root has
-become the tenant before). What the client sends reaches only the protocol core and,
-as message content, the tenant's own maildrop.
+become the tenant before), or in the tenant's worker as the tenant. What the client
+sends reaches only the protocol core and, as message content, the tenant's own maildrop.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from nsmail.core.exitcodes import EX_NOPERM, EX_TEMPFAIL, EX_USAGE
 from nsmail.core.smtp import server as smtp
@@ -43,15 +47,37 @@ class _Dropped(Exception):
     """The message in progress will not be queued (smtpserver.Aborted)."""
 
 
-class _Gone(Exception):
-    """The client closed its end: nothing more can be said."""
+class Gone(Exception):
+    """The client closed its end, or took too long: nothing more can be said."""
+
+
+class Connection(Protocol):
+    """Where the session's bytes come from and go; either may raise Gone."""
+
+    def read(self) -> bytes: ...  # b"" at the end of input
+
+    def write(self, data: bytes) -> None: ...
+
+
+class _Stdio:
+    """-bs: the client is on stdin and stdout."""
+
+    def read(self) -> bytes:
+        return os.read(_STDIN, _CHUNK)
+
+    def write(self, data: bytes) -> None:
+        try:
+            write_all(_STDOUT, data)
+        except BrokenPipeError as e:
+            raise Gone from e
 
 
 class _Session:
     """The server and the bytes it has for the client, not yet written."""
 
-    def __init__(self, server: smtp.Server) -> None:
+    def __init__(self, server: smtp.Server, connection: Connection) -> None:
         self.server = server
+        self.connection = connection
         self._unsent: list[bytes] = []
 
     def next_event(self) -> smtp.Event:
@@ -62,16 +88,14 @@ class _Session:
                 self._unsent.append(event.data)
             elif event is smtp.NEED_DATA:
                 self.flush()
-                self.server.receive(os.read(_STDIN, _CHUNK))
+                self.server.receive(self.connection.read())
             else:
                 return event
 
     def flush(self) -> None:
         data, self._unsent = b"".join(self._unsent), []
-        try:
-            write_all(_STDOUT, data)
-        except BrokenPipeError as e:
-            raise _Gone from e
+        if data:
+            self.connection.write(data)
 
 
 class _Incoming:
@@ -99,9 +123,18 @@ class _Incoming:
             pass
 
 
-def serve(tenant: Profile, login: str, full_name: str) -> None:
-    """Serve one SMTP session on stdin and stdout for `tenant`'s user `login`."""
-    session = _Session(smtp.Server(tenant.domain, size_limit=tenant.message_size_limit))
+def serve_stdio(tenant: Profile, login: str, full_name: str) -> None:
+    """-bs: one SMTP session on stdin and stdout for `tenant`'s user `login`."""
+    server = smtp.Server(tenant.domain, size_limit=tenant.message_size_limit)
+    serve(server, _Stdio(), tenant, login, full_name)
+
+
+def serve(
+    server: smtp.Server, connection: Connection, tenant: Profile, login: str, full_name: str
+) -> None:
+    """Serve one SMTP session over `connection` for `tenant`'s user `login`: every
+    message checked and stored as nsmail-sendmail stores one; returns when it is over."""
+    session = _Session(server, connection)
     try:
         while not isinstance(event := session.next_event(), smtp.Closed):
             if isinstance(event, smtp.Mail):
@@ -112,7 +145,7 @@ def serve(tenant: Profile, login: str, full_name: str) -> None:
                 session.server.answer()
                 _message(session, event, login, full_name, tenant)
         session.flush()
-    except _Gone:
+    except Gone:
         return
 
 
