@@ -18,7 +18,10 @@ reports are bounded and validated (`nsmail.core.report`), and the one descriptor
 hand over, with its last report, is kept only if it is an inotify instance, and is only
 polled, never read. The control socket serves root and the admin group
 (`nsmail.root.control`); metrics are off unless configured; both are served without blocking
-the loop (`nsmail.root.serving`). No wait exceeds MAX_WAIT, whatever time a report names, and
+the loop (`nsmail.root.serving`). SMTP clients of the local listeners are accepted and
+named by the kernel here, and handed unread to their tenant's worker
+(`nsmail.root.listener`); the supervisor never reads what they send. No wait exceeds
+MAX_WAIT, whatever time a report names, and
 an event handler that raises ends only that event: work for one tenant is contained to
 it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
 the others' workers and namespaces depend on.
@@ -49,9 +52,11 @@ from nsmail.core.config import (
     ConfigError,
     DeliveryConfig,
     IPAddress,
+    SmtpdConfig,
     Tenant,
     host_identity,
 )
+from nsmail.core.handoff import Handoff
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
 from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
@@ -59,8 +64,9 @@ from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
 from nsmail.host.configfile import load
-from nsmail.root import control, metrics, serving
+from nsmail.root import control, metrics, nft, serving
 from nsmail.root.jail import Identity
+from nsmail.root.listener import LocalListeners, SessionChannel, refuse
 from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.systemd import notify
@@ -107,6 +113,7 @@ class Slot:
     relay_end: socket.socket | None = None
     reports: socket.socket | None = None  # the supervisor's end of the worker's reports
     watch: int | None = None  # the inotify descriptor the worker handed over as it retired
+    channel: SessionChannel | None = None  # SMTP clients' connections to its worker
     report: Report | None = None  # the worker's latest valid report
     reported_mono: float = 0.0  # when it came (monotonic)
     refused_reports: int = 0
@@ -166,6 +173,9 @@ class Supervisor:
         self._status_due = float("inf")  # when STATUS= is next brought up to date
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
         self._worker_files = 0  # the open files limit of workers: the one we started with
+        self.listeners: LocalListeners | None = None
+        # Connections a worker left untaken on its channel, to route again.
+        self._leftovers: list[tuple[socket.socket, Handoff]] = []
 
     # -- main loop -------------------------------------------------------------------
 
@@ -183,6 +193,8 @@ class Supervisor:
         stale = self.host.remove_stale()
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
+        self._restrict_smtp()
+        self._listen_smtp()
         self._start_relay()
         for tenant in _identities(self.config):
             self._add(tenant)
@@ -192,6 +204,7 @@ class Supervisor:
                 for key, _ in self.selector.select(self._timeout()):
                     self._dispatch(key.data)
                 self._dispatch(self._run_due)
+                self._dispatch(self._route_leftovers)
         finally:
             self._cleanup()
         log.info("stopped")
@@ -242,6 +255,8 @@ class Supervisor:
         return control.respond(peer, request, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
+        if self._leftovers:
+            return 0.0
         dues = [s.due for s in self.slots.values() if waits_for_time(s.state)]
         dues.append(self._status_due)
         dues += [server.next_deadline() for server in self._servers]
@@ -364,6 +379,7 @@ class Supervisor:
             return
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot.channel = SessionChannel()
         slot.reports.setblocking(False)
         taken = _taken(slot)  # the new worker goes on counting toward hourly_limit
         slot.report = None
@@ -377,7 +393,7 @@ class Supervisor:
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
-                [worker_end.fileno(), reporting_end.fileno()],
+                [worker_end.fileno(), reporting_end.fileno(), slot.channel.theirs.fileno()],
                 partial(
                     _worker_main,
                     tenant,
@@ -385,6 +401,8 @@ class Supervisor:
                     host_queue,
                     taken,
                     self._worker_files,
+                    self.config.smtpd,
+                    False,
                 ),
                 partial(self._spawned, slot, slot.reports),
             )
@@ -473,6 +491,10 @@ class Supervisor:
             slot.watch = None
 
     def _close_channels(self, slot: Slot) -> None:
+        if slot.channel is not None:
+            self._leftovers += slot.channel.leftovers()
+            slot.channel.close()
+            slot.channel = None
         if slot.relay_end is not None:
             slot.relay_end.close()
             slot.relay_end = None
@@ -480,6 +502,67 @@ class Supervisor:
             self._unregister(slot.reports)
             slot.reports.close()
             slot.reports = None
+
+    # -- SMTP clients ----------------------------------------------------------------
+
+    def _listen_smtp(self) -> None:
+        if self.listeners is not None:
+            self.listeners.close()
+        self.listeners = LocalListeners(
+            self.config.smtpd, self.config.host.run_dir, self.selector, self._route
+        )
+
+    def _restrict_smtp(self) -> None:
+        """[host] restrict_smtp: only root and the host's own worker reach remote SMTP
+        ports from the host namespace (`nsmail.core.firewall`)."""
+        host = self.config.host
+        exempt = frozenset({0, host.uid}) if host.restrict_smtp else None
+        try:
+            self.host.restrict_smtp(exempt)
+        except nft.NftError as e:
+            log.error("restrict_smtp is not in force: %s", e)
+            return
+        if exempt is not None:
+            log.info(
+                "restrict_smtp: remote ports 25, 465 and 587 refused but to uids 0, %d", host.uid
+            )
+
+    def _route(self, conn: socket.socket, given: Handoff) -> None:
+        """Hand a client's connection to its tenant's worker (waking it), or refuse it."""
+        slot = self._slot_of(given)
+        if slot is not None and slot.state == State.ASLEEP:
+            self._feed(slot, Event.WATCH_FIRED)
+        taking = slot is not None and slot.state in (State.STARTING, State.RUNNING)
+        if (
+            slot is not None
+            and taking
+            and slot.channel is not None
+            and slot.channel.send(conn, given)
+        ):
+            conn.close()  # the worker has it now
+            return
+        name = self.config.host.name
+        refuse(conn, f"421 4.3.2 {name} cannot take your mail now; try again later")
+        log.warning("refused an SMTP client (%s): %s", given.client, _why_not(slot))
+
+    def _slot_of(self, given: Handoff) -> Slot | None:
+        """The tenant of a local uid (the host's own for any other user), or of the
+        domain a remote client authenticated in."""
+        domain = given.domain
+        for slot in self.slots.values():
+            tenant = slot.tenant
+            if domain is not None and not tenant.is_host and tenant.domain == domain:
+                return slot
+            if domain is None and not tenant.is_host and tenant.uid == given.uid:
+                return slot
+        if domain is not None:
+            return None
+        return next((s for s in self.slots.values() if s.tenant.is_host), None)
+
+    def _route_leftovers(self) -> None:
+        leftovers, self._leftovers = self._leftovers, []
+        for conn, given in leftovers:
+            self._route(conn, given)
 
     def _unregister(self, fileobj: socket.socket | int) -> None:
         """Take `fileobj` out of the selector if it is in (`_contain` cannot know)."""
@@ -718,10 +801,21 @@ class Supervisor:
             log.warning("cannot write the submission cache beside %s: %s", self.config.path, e)
 
     def _apply(self, new: Config) -> None:
-        everything_changed = (new.host, new.delivery) != (self.config.host, self.config.delivery)
+        everything_changed = (new.host, new.delivery, new.smtpd) != (
+            self.config.host,
+            self.config.delivery,
+            self.config.smtpd,
+        )
         if new.host.resolvers != self.config.host.resolvers and self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
+        listening = (new.smtpd.local, new.smtpd.socket) != (
+            self.config.smtpd.local,
+            self.config.smtpd.socket,
+        )
         self.config = new
+        self._restrict_smtp()
+        if listening:
+            self._listen_smtp()
         wanted = {t.domain: t for t in _identities(new)}
         for domain, slot in list(self.slots.items()):
             tenant = wanted.get(domain)
@@ -766,6 +860,10 @@ class Supervisor:
             self._signal(self.relay.pid, signal.SIGKILL)
         for server in self._servers:
             server.close()
+        if self.listeners is not None:
+            self.listeners.close()
+        for conn, _ in self._leftovers:
+            conn.close()
         (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
         self._stop_zygote()
         if self.host.wait_all_gone(timeout=STOP_GRACE):
@@ -911,20 +1009,40 @@ def _taken(slot: Slot) -> tuple[int, float]:
     return slot.report.taken, time.time() - (time.monotonic() - slot.reported_mono)
 
 
+def _why_not(slot: Slot | None) -> str:
+    if slot is None:
+        return "no such tenant"
+    if slot.state in (State.STARTING, State.RUNNING):
+        return f"{slot.tenant.domain}: its worker has too many connections waiting"
+    return f"{slot.tenant.domain}: its worker is {slot.state}"
+
+
 def _worker_main(
     tenant: Tenant,
     delivery: DeliveryConfig,
     host_queue: HostQueue | None,
     taken: tuple[int, float],
     open_files: int,
+    smtpd: SmtpdConfig,
+    suspended: bool,
     fds: list[int],
 ) -> Callable[[], None]:
     # A worker needs a few dozen descriptors: it keeps the limit the supervisor started
     # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
     # cannot hold as many as the supervisor may.
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-    dns, reports = (socket.socket(fileno=fd) for fd in fds)
-    return worker.prepare(tenant, delivery, dns, reports, host_queue=host_queue, taken=taken).run
+    dns, reports, sessions = (socket.socket(fileno=fd) for fd in fds)
+    return worker.prepare(
+        tenant,
+        delivery,
+        dns,
+        reports,
+        host_queue=host_queue,
+        taken=taken,
+        sessions=sessions,
+        smtpd_config=smtpd,
+        suspended=suspended,
+    ).run
 
 
 def _raise_open_files() -> int:
