@@ -262,6 +262,7 @@ class Server:
         self._outbox: list[bytes] = greeting
         self._pending: Decision | None = None
         self._challenge: tuple[str, str] | None = None  # AUTH: (mechanism, user so far)
+        self._awaiting_tls = False  # STARTTLS was answered: no input counts until TLS is on
         self._errors = 0
         self._overlong = False  # dropping a command line too long to hold
         # The transaction.
@@ -288,6 +289,8 @@ class Server:
             raise RuntimeError(f"{type(self._pending).__name__} is waiting for an answer")
         if self.state == State.CLOSED:
             return Closed()
+        if self._awaiting_tls:
+            return NEED_DATA
         if self.state == State.DATA:
             return self._content()
         command = self._next_command()
@@ -313,6 +316,7 @@ class Server:
     def tls_started(self) -> None:
         """The TLS handshake the answer to StartTls asked for is done (RFC 3207 4.2)."""
         self.tls = True
+        self._awaiting_tls = False
         self._input.clear()  # sent in clear after STARTTLS: not the client's, maybe
         self._overlong = False
 
@@ -529,6 +533,7 @@ class Server:
             self.authenticated = True
         elif isinstance(decided, StartTls):
             self._end_transaction(None)
+            self._awaiting_tls = True
         else:
             self._position, self._size, self._too_large = _AFTER_CRLF, 0, False
             self._bare_newline = False
