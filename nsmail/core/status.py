@@ -22,7 +22,8 @@ class WorkerStatus:
     namespace: str | None
     pid: int | None
     uid: int
-    state: str  # starting, idle, delivering, backing off, asleep, silent, crashed, stopping
+    # starting, idle, delivering, backing off, asleep, silent, crashed, stopping, suspended
+    state: str
     ipv4: str | None
     ipv6: str | None
     restarts: int
@@ -39,6 +40,7 @@ class WorkerStatus:
     sessions: int | None = None  # SMTP sessions open
     # Destinations held back: [{"name", "state" (throttled, dead), "until"}], a few at most.
     destinations: list[dict[str, Any]] | None = None
+    suspended: str | None = None  # why the automatic brake holds its mail (state "suspended")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +148,9 @@ def render_table(
         kept = [f"{queue[s]} {label}" for s, label in _KEPT if queue.get(s)]
         if kept:
             lines.append("  " + ", ".join(kept))
+        if r.suspended:
+            lines += [f"  {line}" for line in textwrap.wrap(f"suspended: {r.suspended}", 77)]
+            lines.append(f"  (its mail is held: nsmail tenant resume {r.domain})")
         if r.last_error:
             lines.append(f"  last error: {_cut(r.last_error, 66)}")
     if relay is not None:

@@ -28,14 +28,22 @@ import contextlib
 import logging
 import os
 import selectors
+import signal
 import socket
+import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from nsmail.core import handoff
-from nsmail.core.config import Endpoint, SmtpdConfig
+from nsmail.core import credentials, handoff
+from nsmail.core.config import Config, Endpoint, SmtpdConfig
 from nsmail.core.handoff import Handoff
+from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
+from nsmail.host import submission
+from nsmail.host.submission import Settings, credentials_message
 from nsmail.root import peers
+from nsmail.root.jail import Identity
+from nsmail.root.spawn import SpawnError, Zygote
 
 log = logging.getLogger("nsmail.root.listener")
 
@@ -189,3 +197,199 @@ def _unix(path: Path) -> Callable[[], socket.socket]:
         return listener
 
     return make
+
+
+class SubmissionFront:
+    """The submission front process (`nsmail.host.submission`) for ports 587 and 465: its
+    listening sockets (bound here, as root, and kept across its restarts, so clients
+    wait in the backlog meanwhile), its channel, and its restarts after back-off.
+
+    Whatever the front sends on its channel is a `Handoff` for a user it authenticated,
+    with the worker's end of the session: it is decoded strictly and routed like a local
+    connection, to the tenant of the user's domain only.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        zygote: Zygote,
+        selector: selectors.BaseSelector,
+        route: Route,
+        restarts: RestartPolicy,
+    ) -> None:
+        self.config = config
+        self.zygote = zygote
+        self.selector = selector
+        self.route = route
+        self.restarts = restarts
+        self.pid: int | None = None
+        self.due = float("inf")  # monotonic: the next start
+        self._channel: socket.socket | None = None
+        self._listeners: list[tuple[socket.socket, bool]] = []
+        self._starting = False
+        self._started = 0.0
+        self._crashes = 0
+        self._stopping = False
+
+    def start(self) -> None:
+        """Bind 587 and 465 if configured (with a certificate), and start the front."""
+        smtpd = self.config.smtpd
+        if not smtpd.remote or self._stopping:
+            return
+        if not self._listeners:
+            for endpoints, implicit in ((smtpd.submission, False), (smtpd.submissions, True)):
+                for endpoint in endpoints:
+                    try:
+                        self._listeners.append((_tcp(endpoint)(), implicit))
+                    except OSError as e:
+                        log.error("submission [%s]:%d: cannot listen: %s", *endpoint, e.strerror)
+        if not self._listeners:
+            return
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            settings = Settings(
+                hostname=self.config.host.name,
+                certificate=smtpd.certificate or Path(),
+                key=smtpd.key or Path(),
+                implicit_tls=tuple(implicit for _, implicit in self._listeners),
+                size_limit=self.config.delivery.message_size_limit,
+                timeout=smtpd.timeout,
+                client_limit=smtpd.client_limit,
+                session_limit=smtpd.session_limit,
+            )
+            self._starting = True
+            self.due = float("inf")
+            self.zygote.request(
+                "nsmail submission",
+                Identity(uid=smtpd.uid, gid=smtpd.gid, root=self.config.host.run_dir / "empty"),
+                None,
+                [theirs.fileno(), *(listener.fileno() for listener, _ in self._listeners)],
+                partial(submission.main, settings),
+                self._spawned,
+            )
+        mine.setblocking(False)
+        self._channel = mine
+        self.selector.register(mine, selectors.EVENT_READ, self._on_channel)
+        self.send_credentials()
+
+    def send_credentials(self) -> None:
+        """Give the front the credentials file as it is now, and the tenants' domains."""
+        if self._channel is None:
+            return
+        domains = frozenset(t.domain for t in self.config.tenants)
+        path = self.config.path.parent / credentials.FILE_NAME
+        fds = []
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fds.append(fd)
+        except FileNotFoundError:
+            pass  # no users yet
+        except OSError as e:
+            log.error("submission: cannot open %s: %s", path, e.strerror)
+            return
+        try:
+            socket.send_fds(self._channel, [credentials_message(domains)], fds)
+        except OSError as e:
+            log.error("submission: cannot give the front its credentials: %s", e)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new settings restart the front; otherwise it gets the credentials."""
+        changed = (config.smtpd, config.host.name) != (self.config.smtpd, self.config.host.name)
+        self.config = config
+        if not changed:
+            self.send_credentials()
+            return
+        self._close_listeners()
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGTERM)  # reaping starts the new one
+        elif not self._starting:
+            self.start()
+
+    def owns(self, pid: int) -> bool:
+        return pid == self.pid
+
+    def exited(self, how: str) -> None:
+        """The front ended: start it again after back-off (or now, for new settings)."""
+        ran = time.monotonic() - self._started
+        self.pid = None
+        self._close_channel()
+        if self._stopping:
+            return
+        if self._listeners:
+            self._crashes = quick_deaths(self.restarts, self._crashes, ran)
+            delay = restart_delay(self.restarts, self._crashes)
+            log.error("submission front %s; next start in %.0f s", how, delay)
+            self.due = time.monotonic() + delay
+        else:
+            self.start()  # ended for new settings
+
+    def tend(self, now: float) -> None:
+        if self.due <= now and self.pid is None and not self._starting:
+            self.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._close_channel()  # the front's cue to end
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        self.stop()
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self._close_listeners()
+
+    def _spawned(self, result: int | SpawnError) -> None:
+        self._starting = False
+        if isinstance(result, SpawnError):
+            self.pid = None
+            self._close_channel()
+            self._crashes = quick_deaths(self.restarts, self._crashes, 0.0)
+            self.due = time.monotonic() + restart_delay(self.restarts, self._crashes)
+            log.error("submission front could not start: %s", result)
+            return
+        self.pid = result
+        self._started = time.monotonic()
+        log.info("submission front %d started on %d sockets", result, len(self._listeners))
+
+    def _on_channel(self) -> None:
+        for _ in range(_ACCEPTS_PER_WAKE):
+            if self._channel is None:
+                return
+            try:
+                data, fds, _, _ = socket.recv_fds(self._channel, handoff.MAX_HANDOFF, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data and not fds:
+                self._close_channel()  # the front is gone; reaping tells the rest
+                return
+            conns = [socket.socket(fileno=fd) for fd in fds]
+            try:
+                given = handoff.decode(data)
+                if given.user is None or len(conns) != 1:
+                    raise handoff.HandoffError("not an authenticated session with its socket")
+            except handoff.HandoffError as e:
+                log.warning("submission front: refused a handoff: %s", e)
+                for conn in conns:
+                    conn.close()
+                continue
+            self.route(conns[0], given)
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self._channel)
+            self._channel.close()
+            self._channel = None
+
+    def _close_listeners(self) -> None:
+        for listener, _ in self._listeners:
+            listener.close()
+        self._listeners = []

@@ -56,6 +56,11 @@ class _Workers(Collector):
         sessions = GaugeMetricFamily(
             "nsmail_smtp_sessions", "SMTP sessions the worker has open", labels=["tenant"]
         )
+        suspended = GaugeMetricFamily(
+            "nsmail_tenant_suspended",
+            "1 while the automatic brake holds the tenant's mail (suspend_rate)",
+            labels=["tenant"],
+        )
         held_back = GaugeMetricFamily(
             "nsmail_destinations_held_back",
             "Destinations the worker holds mail back from (as its report names them)",
@@ -63,6 +68,7 @@ class _Workers(Collector):
         )
         for s in self.statuses:
             sessions.add_metric([s.domain], s.sessions or 0)
+            suspended.add_metric([s.domain], 1 if s.suspended else 0)
             for state in DESTINATION_STATES:
                 count = sum(1 for d in s.destinations or () if d.get("state") == state)
                 held_back.add_metric([s.domain, state], count)
@@ -76,7 +82,7 @@ class _Workers(Collector):
                 latency.add_metric(
                     [s.domain], list(_cumulative(s.latency_counts)), s.latency_sum or 0.0
                 )
-        yield from (messages, queue, restarts, up, latency, sessions, held_back)
+        yield from (messages, queue, restarts, up, latency, sessions, held_back, suspended)
 
 
 def _cumulative(counts: Sequence[int]) -> Iterator[tuple[str, float]]:

@@ -47,6 +47,7 @@ from typing import Any, Concatenate, ParamSpec, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nsmail.core import suspend
 from nsmail.core.config import (
     Config,
     ConfigError,
@@ -64,9 +65,9 @@ from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
 from nsmail.host.configfile import load
-from nsmail.root import control, metrics, nft, serving
+from nsmail.root import brake, control, metrics, nft, serving
 from nsmail.root.jail import Identity
-from nsmail.root.listener import LocalListeners, SessionChannel, refuse
+from nsmail.root.listener import LocalListeners, SessionChannel, SubmissionFront, refuse
 from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.systemd import notify
@@ -174,8 +175,10 @@ class Supervisor:
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
         self._worker_files = 0  # the open files limit of workers: the one we started with
         self.listeners: LocalListeners | None = None
+        self.front = SubmissionFront(config, self.zygote, self.selector, self._route, RESTARTS)
         # Connections a worker left untaken on its channel, to route again.
         self._leftovers: list[tuple[socket.socket, Handoff]] = []
+        self.suspended: dict[str, str] = {}  # domain: why (the automatic brake)
 
     # -- main loop -------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class Supervisor:
         self._start_zygote()
         self._install_signals()
         listener = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
+        self.suspended = brake.load(self.config.host.run_dir)
         self._serve(listener, self._answer_control, control.TERMINATOR, control.MAX_REQUEST)
         self._refresh_submission_cache()
         if self.config.host.metrics:
@@ -196,6 +200,7 @@ class Supervisor:
         self._restrict_smtp()
         self._listen_smtp()
         self._start_relay()
+        self.front.start()
         for tenant in _identities(self.config):
             self._add(tenant)
         self._notify_when_up()
@@ -259,6 +264,7 @@ class Supervisor:
             return 0.0
         dues = [s.due for s in self.slots.values() if waits_for_time(s.state)]
         dues.append(self._status_due)
+        dues.append(self.front.due)
         dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
             dues.append(self.relay.due)
@@ -279,6 +285,7 @@ class Supervisor:
             if waits_for_time(slot.state) and slot.due <= now:
                 self._feed(slot, Event.DUE)
         self._tend_relay(now)
+        self.front.tend(now)
 
     def _tend_relay(self, now: float) -> None:
         """Start, kill or ping the relay, whichever is due."""
@@ -402,7 +409,7 @@ class Supervisor:
                     taken,
                     self._worker_files,
                     self.config.smtpd,
-                    False,
+                    tenant.domain in self.suspended,
                 ),
                 partial(self._spawned, slot, slot.reports),
             )
@@ -456,6 +463,9 @@ class Supervisor:
             return
         if pid == self.relay.pid:
             self._relay_exited(how, ran=time.monotonic() - self.relay.started_mono)
+            return
+        if self.front.owns(pid):
+            self.front.exited(how)
             return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is not None:
@@ -609,6 +619,7 @@ class Supervisor:
                     raise ReportError("a descriptor comes with an asleep report, and is inotify")
                 slot.report = report
                 slot.reported_mono = time.monotonic()
+                self._brake(slot, report)
                 self._status_due = min(self._status_due, time.monotonic() + STATUS_EVERY)
                 if fds:
                     if slot.watch is not None:
@@ -619,6 +630,36 @@ class Supervisor:
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _brake(self, slot: Slot, report: Report) -> None:
+        """Suspend a tenant whose last hour passes its suspend_rate: its worker starts
+        again holding every message, until `nsmail tenant resume`."""
+        tenant = slot.tenant
+        rule = tenant.limits(self.config.delivery).suspend
+        if tenant.is_host or rule is None or tenant.domain in self.suspended:
+            return
+        why = suspend.exceeded(rule, report.hour)
+        if why is None:
+            return
+        self.suspended[tenant.domain] = why
+        brake.save(self.config.host.run_dir, self.suspended)
+        log.warning(
+            "%s: suspended: %s; its mail is held until `nsmail tenant resume %s`",
+            tenant.domain,
+            why,
+            tenant.domain,
+        )
+        self._feed(slot, Event.CHANGED, tenant=tenant)
+
+    def _resume(self, domain: str) -> dict[str, Any]:
+        slot = self.slots.get(domain)
+        if domain not in self.suspended or slot is None:
+            return {"ok": False, "error": f"{domain} is not suspended"}
+        del self.suspended[domain]
+        brake.save(self.config.host.run_dir, self.suspended)
+        log.info("%s: resumed by the operator; its held mail goes now", domain)
+        self._feed(slot, Event.CHANGED, tenant=slot.tenant)
+        return {"ok": True}
 
     def _refuse_report(self, slot: Slot, why: str) -> None:
         slot.refused_reports += 1
@@ -816,6 +857,7 @@ class Supervisor:
         self._restrict_smtp()
         if listening:
             self._listen_smtp()
+        self.front.reconfigure(new)
         wanted = {t.domain: t for t in _identities(new)}
         for domain, slot in list(self.slots.items()):
             tenant = wanted.get(domain)
@@ -838,6 +880,7 @@ class Supervisor:
         log.info("stopping %d workers", len(self.slots))
         notify(STOPPING="1")
         self.stopping = True
+        self.front.stop()
         for slot in list(self.slots.values()):
             self._feed(slot, Event.REMOVED)
         if not self.slots:
@@ -862,6 +905,7 @@ class Supervisor:
             server.close()
         if self.listeners is not None:
             self.listeners.close()
+        self.front.close()
         for conn, _ in self._leftovers:
             conn.close()
         (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
@@ -875,7 +919,7 @@ class Supervisor:
     def statuses(self) -> list[WorkerStatus]:
         order = sorted(self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain))
         now = time.monotonic()
-        return [_status_of(slot, now) for slot in order]
+        return [_status_of(slot, now, self.suspended.get(slot.tenant.domain)) for slot in order]
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request["cmd"] == "status":
@@ -889,6 +933,8 @@ class Supervisor:
         if request["cmd"] == "reload":
             refused = self.reload()
             return {"ok": refused is None, "error": refused}
+        if request["cmd"] == "resume" and isinstance(request.get("tenant"), str):
+            return self._resume(request["tenant"])
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
 
     def _relay_status(self) -> RelayStatus:
@@ -951,7 +997,7 @@ def _is_inotify(fd: int) -> bool:
         return False
 
 
-def _status_of(slot: Slot, now: float) -> WorkerStatus:
+def _status_of(slot: Slot, now: float, suspended: str | None) -> WorkerStatus:
     report = slot.report
     tenant = slot.tenant
     shown = {
@@ -962,6 +1008,8 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
     state = shown.get(slot.state, str(slot.state))
     if slot.state == State.RUNNING and report is not None:
         state = "silent" if now - slot.reported_mono > SILENT_AFTER else report.state
+    if suspended is not None and state not in ("stopping", "crashed"):
+        state = "suspended"
     # The latest of the worker's last delivery error and the supervisor's last crash.
     error, error_at = slot.last_error, slot.last_error_at
     if report and report.last_error_at and (error_at is None or report.last_error_at > error_at):
@@ -988,6 +1036,7 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
         latency_sum=report.latency_sum if report else None,
         sessions=report.sessions if report else None,
         destinations=[asdict(d) for d in report.destinations] if report else None,
+        suspended=suspended,
     )
 
 
