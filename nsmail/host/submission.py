@@ -219,7 +219,9 @@ class Front:
                 # Read nothing more in clear: the client's TLS hello must reach the TLS
                 # layer, not the plain reader, and anything it sent after STARTTLS before
                 # our reply is dropped (RFC 3207 4.2; the injection of CVE-2011-0411).
-                writer.transport.pause_reading()
+                transport = writer.transport
+                assert isinstance(transport, asyncio.Transport)  # a socket's: it reads too
+                transport.pause_reading()
                 _discard_buffered(reader)
                 server.answer()
                 await self._flush(server, writer)
