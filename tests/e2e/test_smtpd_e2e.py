@@ -264,3 +264,19 @@ def test_another_local_user_submits_as_the_host(site: Site) -> None:
     assert result["ok"] is True, json.dumps(result)
     message = site.arrived("nobody as host")
     assert message["Return-Path"] == "<nobody@abc.test>"
+
+
+def test_an_asleep_tenant_is_woken_for_a_client() -> None:
+    with Lab() as lab:
+        Nsd(lab, dns_records())
+        postfix = Postfix(lab)
+        hosting = Hosting(lab)
+        hosting.write_config((DUAL,), idle_exit=1)
+        hosting.start()
+        hosting.wait_status(lambda s: s[DUAL.domain]["state"] == "asleep")
+        uid = hosting.uid(DUAL.domain)
+        user = Attacker(lab, DUAL.domain, uid, uid, hosting.home(DUAL.domain), hosting.config_path)
+        result = smtplib_send(user, "127.0.0.1", "alice@bcd.test", "woken")
+        assert result["ok"] is True, result
+        site = Site(lab, hosting, postfix, user, user)
+        assert received(site.arrived("woken")).startswith("from bcd.test (bcd.test")
