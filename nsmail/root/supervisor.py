@@ -464,12 +464,11 @@ class Supervisor:
         if pid == self.relay.pid:
             self._relay_exited(how, ran=time.monotonic() - self.relay.started_mono)
             return
-        if self.front.owns(pid):
-            self.front.exited(how)
-            return
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is not None:
             self._worker_exited(slot, pid, how)
+        elif self.front.owns(pid):
+            self.front.exited(how)
 
     def _worker_exited(self, slot: Slot, pid: int, how: str) -> None:
         slot.pid = None
