@@ -4,6 +4,9 @@
                                          message, nsmail against a Postfix baseline
     scripts/bench tenants [--tenants K ...]
                                          tenant bring-up and tear-down, memory per worker
+    scripts/bench smtp [--clients C --messages M ...]
+                                         submission over SMTP to localhost, end to end,
+                                         against Postfix's smtpd (bench.smtp)
 
 `--quick` (throughput) is a smoke test: a few messages, checked one by one; it exits
 non-zero when any message is missing or arrived with the wrong identity, never because
@@ -20,6 +23,7 @@ from pathlib import Path
 # The lab and the hosting harness are shared with the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
+from bench import smtp
 from bench.tenants import measure_tenants
 from bench.throughput import Options, measure_throughput, submit_main, table
 
@@ -95,6 +99,10 @@ def main() -> int:
         return tenants_main(argv[1:])
     if argv[:1] == ["submit"]:
         return submit_main(argv[1])
+    if argv[:1] == ["smtp"]:
+        return smtp.main(argv[1:])
+    if argv[:1] == ["smtp-client"]:
+        return smtp.client_main(argv[1])
     return throughput_main(argv)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 16
 _STDIN, _STDOUT = 0, 1
+# A session measures its queue (all its files: `make_room`) at its first MAIL and then
+# at most this often: a session of thousands of messages would otherwise spend most of
+# its time on stat(2), and the limit is a brake on a runaway script, not a quota.
+_MEASURE_EVERY = 1.0
 # Storage errors that a full disk or quota causes (RFC 3463 4.3.1: mail system full).
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -135,10 +140,11 @@ def serve(
     """Serve one SMTP session over `connection` for `tenant`'s user `login`: every
     message checked and stored as nsmail-sendmail stores one; returns when it is over."""
     session = _Session(server, connection)
+    room = _Room(tenant)
     try:
         while not isinstance(event := session.next_event(), smtp.Closed):
             if isinstance(event, smtp.Mail):
-                session.server.answer(_mail(event, login, tenant))
+                session.server.answer(_mail(event, login, tenant, room))
             elif isinstance(event, smtp.Recipient):
                 session.server.answer(_recipient(event, tenant))
             elif isinstance(event, smtp.Data):
@@ -149,10 +155,26 @@ def serve(
         return
 
 
-def _mail(event: smtp.Mail, login: str, tenant: Profile) -> smtp.Reply | None:
+class _Room:
+    """`make_room` for a session: measured at most every _MEASURE_EVERY seconds while
+    the queue was found under its limit; a refusal is measured again at the next MAIL."""
+
+    def __init__(self, tenant: Profile) -> None:
+        self.tenant = tenant
+        self._found_at = float("-inf")  # monotonic: when the queue was last under its limit
+
+    def make(self) -> None:
+        now = time.monotonic()
+        if now - self._found_at < _MEASURE_EVERY:
+            return
+        make_room(self.tenant)
+        self._found_at = now
+
+
+def _mail(event: smtp.Mail, login: str, tenant: Profile, room: _Room) -> smtp.Reply | None:
     try:
         envelope_sender(event.sender, login, tenant)
-        make_room(tenant)
+        room.make()
     except SendmailError as e:
         return _refusal(e, {EX_USAGE: "501 5.1.7", EX_NOPERM: "553 5.7.1"})
     return None

@@ -32,8 +32,8 @@ from nsmail.core.report import (
     encode,
 )
 from nsmail.core.slots import State
-from nsmail.root.spawn import Zygote
 from nsmail.root.listener import SubmissionFront
+from nsmail.root.spawn import Zygote
 from nsmail.root.supervisor import MAX_WAIT, RESTARTS, SILENT_AFTER, Relay, Slot, Supervisor
 
 GOOD = Report(
