@@ -41,7 +41,17 @@ from lab import Lab, Nsd
 
 from bench.postfix_baseline import SendingPostfix
 from bench.processes import tree_cpu
-from bench.throughput import RECIPIENT, Sink, bench_tenants, collect, message, percentile, sender
+from bench.throughput import (
+    RECIPIENT,
+    Sink,
+    bench_tenants,
+    collect,
+    median,
+    message,
+    percentile,
+    sender,
+)
+from bench.throughput import _cell as cell
 
 QUICK = (2, 10)  # clients, messages each
 
