@@ -21,10 +21,10 @@ polled, never read. The control socket serves root and the admin group
 the loop (`nsmail.root.serving`). SMTP clients of the local listeners are accepted and
 named by the kernel here, and handed unread to their tenant's worker
 (`nsmail.root.listener`); the supervisor never reads what they send. No wait exceeds
-MAX_WAIT, whatever time a report names, and
-an event handler that raises ends only that event: work for one tenant is contained to
-it (`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all
-the others' workers and namespaces depend on.
+MAX_WAIT, whatever time a report names, and an event handler that raises ends only that
+event: work for one tenant is contained to it (`_for_one_tenant`: its worker is
+restarted), so no tenant can end the loop that all the others' workers and namespaces
+depend on.
 """
 
 from __future__ import annotations

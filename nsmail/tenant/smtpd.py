@@ -30,6 +30,7 @@ sends reaches the protocol core and the tenant's own maildrop only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -129,7 +130,10 @@ class Sessions:
             except BlockingIOError:
                 return
             if not data and not fds:
-                return  # the supervisor is gone; SIGTERM or its death signal follows
+                # The supervisor is gone (its death signal follows): stop listening, or
+                # the readable end would wake the loop for ever.
+                asyncio.get_running_loop().remove_reader(self.channel)
+                return
             try:
                 given = handoff.decode(data)
             except handoff.HandoffError as e:
