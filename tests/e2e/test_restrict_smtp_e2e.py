@@ -59,12 +59,6 @@ class Site:
         assert isinstance(found, dict)
         return found
 
-    def arrived(self, subject: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not [m for m in self.postfix.messages() if m["Subject"] == subject]:
-            assert time.monotonic() < deadline, f"{subject!r} never arrived\n{self.hosting.log()}"
-            time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
@@ -122,7 +116,7 @@ def test_nsmail_still_delivers_and_its_listener_takes_the_users_mail(site: Site)
         ]
     )
     assert sent.returncode == 0, sent.stdout
-    site.arrived("restricted tenant")  # the tenant's worker, from its own namespace
+    site.postfix.arrived("restricted tenant")  # the tenant's worker, from its own namespace
     other = site.other_user.run(
         [
             "swaks",
@@ -137,7 +131,7 @@ def test_nsmail_still_delivers_and_its_listener_takes_the_users_mail(site: Site)
         ]
     )
     assert other.returncode == 0, other.stdout
-    site.arrived("restricted host user")  # the host's worker, an exempt uid
+    site.postfix.arrived("restricted host user")  # the host's worker, an exempt uid
 
 
 def test_the_chain_follows_reloads_and_goes_on_stop(site: Site) -> None:

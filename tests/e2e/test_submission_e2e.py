@@ -53,31 +53,7 @@ try:
 except smtplib.SMTPResponseException as e:
     print(json.dumps({"ok": False, "code": e.smtp_code, "text": e.smtp_error.decode()}))
 """
-PHPMAILER = """<?php
-require '/usr/share/php/libphp-phpmailer/autoload.php';
-use PHPMailer\\PHPMailer\\PHPMailer;
-[$_, $host, $port, $secure, $user, $password, $sender, $subject] = $argv;
-$mail = new PHPMailer(true);
-$mail->isSMTP();
-$mail->Host = $host;
-$mail->Port = (int)$port;
-$mail->SMTPAuth = true;
-$mail->Username = $user;
-$mail->Password = $password;
-$mail->SMTPSecure = $secure;
-$mail->SMTPOptions = ['ssl' => ['verify_peer' => false, 'verify_peer_name' => false,
-                                'allow_self_signed' => true]];
-$mail->setFrom($sender);
-$mail->addAddress('x1@rcpt.test');
-$mail->Subject = $subject;
-$mail->Body = "hello from PHPMailer";
-try {
-    $mail->send();
-    echo "sent\\n";
-} catch (Exception $e) {
-    echo "refused: ", $mail->ErrorInfo, "\\n";
-}
-"""
+PHPMAILER = str(Path(__file__).parents[1] / "support" / "data" / "phpmailer.php")
 
 
 @dataclass
@@ -86,7 +62,15 @@ class Site:
     hosting: Hosting
     postfix: Postfix
     cafile: Path
-    php: Path
+
+    def phpmailer(
+        self, port: int, secure: str, user: str, password: str, subject: str, sender: str = ""
+    ) -> str:
+        """PHPMailer from the lab's internet with AUTH: "sent" or "refused: ..."."""
+        argv = [str(port), secure, user, password, sender or user, subject]
+        done = self.lab.run(self.lab.net, ["php", PHPMAILER, HOST_V4, *argv], check=False)
+        assert done.returncode == 0, done.stderr
+        return str(done.stdout).strip()
 
     def client(
         self, port: int, user: str, password: str, sender: str, subject: str, host: str = HOST_V4
@@ -97,15 +81,6 @@ class Site:
         result = json.loads(done.stdout)
         assert isinstance(result, dict)
         return result
-
-    def arrived(self, subject: str, timeout: float = 30) -> EmailMessage:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.postfix.messages() if m["Subject"] == subject]
-            if found:
-                return found[0]
-            assert time.monotonic() < deadline, f"{subject!r} never arrived\n{self.hosting.log()}"
-            time.sleep(0.05)
 
     def converse(self, port: int, lines: list[bytes]) -> list[str]:
         """Speak raw SMTP, in clear until a STARTTLS in `lines`; each reply's last line."""
@@ -204,10 +179,7 @@ def site() -> Iterator[Site]:
             assert done.returncode == 0, done.stderr
             assert "no supervisor is running" in done.stdout
         hosting.start()
-        php = hosting.root / "phpmailer.php"
-        php.write_text(PHPMAILER)
-        php.chmod(0o644)
-        yield Site(lab, hosting, postfix, cert.parent.parent / "ca.pem", php)
+        yield Site(lab, hosting, postfix, cert.parent.parent / "ca.pem")
 
 
 def received(message: EmailMessage) -> str:
@@ -227,7 +199,7 @@ def test_smtplib_with_auth_submits_as_the_users_tenant(site: Site, port: int) ->
         port, "alice@bcd.test", "correct horse", "alice@bcd.test", f"smtplib {port}"
     )
     assert result == {"ok": True}
-    message = site.arrived(f"smtplib {port}")
+    message = site.postfix.arrived(f"smtplib {port}")
     assert received(message).startswith("from bcd.test (bcd.test [IPv6:2001:db8:51::70])")
     assert message["Message-ID"].endswith("@bcd.test>")
 
@@ -258,29 +230,15 @@ def test_swaks_with_starttls_and_auth_login(site: Site) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    message = site.arrived("swaks 587")
+    message = site.postfix.arrived("swaks 587")
     assert received(message).startswith("from cde.test (cde.test [198.51.100.71])")
 
 
 @pytest.mark.parametrize("port, secure", [(587, "tls"), (465, "ssl")])
 def test_phpmailer_with_auth(site: Site, port: int, secure: str) -> None:
-    done = site.lab.run(
-        site.lab.net,
-        [
-            "php",
-            str(site.php),
-            HOST_V4,
-            str(port),
-            secure,
-            "alice@bcd.test",
-            "correct horse",
-            "alice@bcd.test",
-            f"phpmailer {port}",
-        ],
-        check=False,
-    )
-    assert done.stdout.strip() == "sent", done.stdout + done.stderr
-    site.arrived(f"phpmailer {port}")
+    sent = site.phpmailer(port, secure, "alice@bcd.test", "correct horse", f"phpmailer {port}")
+    assert sent == "sent"
+    site.postfix.arrived(f"phpmailer {port}")
 
 
 def test_a_user_cannot_submit_as_another_tenant(site: Site) -> None:
@@ -316,22 +274,10 @@ def test_a_user_cannot_submit_as_another_tenant(site: Site) -> None:
         check=False,
     )
     assert "553 5.7.1" in swaks.stdout, swaks.stdout
-    php = site.lab.run(
-        site.lab.net,
-        [
-            "php",
-            str(site.php),
-            HOST_V4,
-            "587",
-            "tls",
-            "alice@bcd.test",
-            "correct horse",
-            "carol@cde.test",
-            "forged 4",
-        ],
-        check=False,
+    php = site.phpmailer(
+        587, "tls", "alice@bcd.test", "correct horse", "forged 4", "carol@cde.test"
     )
-    assert php.stdout.startswith("refused:"), php.stdout
+    assert php.startswith("refused:") and "SMTP code: 553" in php, php
     time.sleep(1)
     assert not [m for m in site.postfix.messages() if str(m["Subject"]).startswith("forged")]
 
