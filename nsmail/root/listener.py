@@ -164,39 +164,37 @@ class LocalListeners:
 
 
 def _tcp(endpoint: Endpoint) -> Callable[[], socket.socket]:
-    def make() -> socket.socket:
-        address, port = endpoint
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind((str(address), port))
-            listener.listen(_BACKLOG)
-        except OSError:
-            listener.close()
-            raise
-        return listener
+    address, port = endpoint
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
 
-    return make
+    def bind(listener: socket.socket) -> None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((str(address), port))
+
+    return partial(_listening, family, bind)
 
 
 def _unix(path: Path) -> Callable[[], socket.socket]:
-    def make() -> socket.socket:
+    def bind(listener: socket.socket) -> None:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(path))
-            os.chmod(path, 0o666)  # every local user may connect: the kernel names them
-            listener.listen(_BACKLOG)
-        except OSError:
-            listener.close()
-            raise
-        return listener
+        listener.bind(str(path))
+        os.chmod(path, 0o666)  # every local user may connect: the kernel names them
 
-    return make
+    return partial(_listening, socket.AF_UNIX, bind)
+
+
+def _listening(family: int, bind: Callable[[socket.socket], None]) -> socket.socket:
+    listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        bind(listener)
+        listener.listen(_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 class SubmissionFront:
