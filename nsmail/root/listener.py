@@ -353,6 +353,9 @@ class SubmissionFront:
             return
         self.pid = result
         self._started = time.monotonic()
+        if not self._listeners:  # reconfigured while it was forked: it has the old settings
+            os.kill(result, signal.SIGTERM)  # reaping starts the new one
+            return
         log.info("submission front %d started on %d sockets", result, len(self._listeners))
 
     def _on_channel(self) -> None:
