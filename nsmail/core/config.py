@@ -256,7 +256,7 @@ class DeliveryConfig:
     active_limit: int = 500  # messages a worker holds in memory at once
     smtp_timeouts: SmtpTimeouts = SmtpTimeouts()
     destinations: tuple[DestinationRule, ...] = ()  # the first that matches applies
-    # The automatic brake (nsmail.core.suspend): None, none.
+    # The automatic brake (nsmail.core.suspend); None: no brake.
     suspend_rate: SuspendRule | None = None
 
 
