@@ -110,11 +110,13 @@ class _Incoming:
         self._session = session
         self.ended = False  # EndOfMessage was seen: the server waits for its answer
         self.dropped = False
+        self.size = 0  # bytes of the message so far
 
     def __iter__(self) -> Iterator[bytes]:
         while not (self.ended or self.dropped):
             event = self._session.next_event()
             if isinstance(event, smtp.Content):
+                self.size += len(event.data)
                 yield event.data
             elif isinstance(event, smtp.EndOfMessage):
                 self.ended = True
@@ -149,26 +151,31 @@ def serve(
                 session.server.answer(_recipient(event, tenant))
             elif isinstance(event, smtp.Data):
                 session.server.answer()
-                _message(session, event, login, full_name, tenant)
+                room.stored(_message(session, event, login, full_name, tenant))
         session.flush()
     except Gone:
         return
 
 
 class _Room:
-    """`make_room` for a session: measured at most every _MEASURE_EVERY seconds while
-    the queue was found under its limit; a refusal is measured again at the next MAIL."""
+    """`make_room` for a session: the queue measured at most every _MEASURE_EVERY
+    seconds, the session's own messages added in between."""
 
     def __init__(self, tenant: Profile) -> None:
         self.tenant = tenant
-        self._found_at = float("-inf")  # monotonic: when the queue was last under its limit
+        self._measured_at = float("-inf")  # monotonic
+        self._queued = 0  # bytes, as measured then, and stored by this session since
 
     def make(self) -> None:
         now = time.monotonic()
-        if now - self._found_at < _MEASURE_EVERY:
-            return
-        make_room(self.tenant)
-        self._found_at = now
+        if now - self._measured_at >= _MEASURE_EVERY:
+            self._queued = make_room(self.tenant)
+            self._measured_at = now
+        else:
+            make_room(self.tenant, self._queued)
+
+    def stored(self, size: int) -> None:
+        self._queued += size
 
 
 def _mail(event: smtp.Mail, login: str, tenant: Profile, room: _Room) -> smtp.Reply | None:
@@ -190,8 +197,8 @@ def _recipient(event: smtp.Recipient, tenant: Profile) -> smtp.Reply | None:
 
 def _message(
     session: _Session, event: smtp.Data, login: str, full_name: str, tenant: Profile
-) -> None:
-    """Store the message the client sends now, and answer its end."""
+) -> int:
+    """Store the message the client sends now, and answer its end; the bytes stored."""
     # The fields of queuefile.Envelope a submission sets (as nsmail.submit.sendmail's). Checked
     # when MAIL and RCPT were answered: the same functions give the same addresses.
     envelope: dict[str, Field] = {
@@ -205,15 +212,16 @@ def _message(
     try:
         queue_id = store(tenant, envelope, incoming)
     except _Dropped:
-        return  # the server has the reply, if the session goes on
+        return 0  # the server has the reply, if the session goes on
     except SendmailError as e:
         try:
             incoming.drain()
         except _Dropped:
-            return
+            return 0
         session.server.answer(_refusal(e, {}))
-        return
+        return 0
     session.server.answer(smtp.Reply(250, f"2.0.0 Ok: queued as {queue_id}"))
+    return incoming.size
 
 
 def _refusal(error: SendmailError, replies: dict[int, str]) -> smtp.Reply:
