@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -59,13 +60,24 @@ class Limits:
 
 
 class SocketConnection:
-    """A session's socket with RFC 5321 4.5.3.2's server timeout: a command must be
-    complete within `timeout` of the last reply; in DATA, each read waits `timeout`."""
+    """A session's socket with RFC 5321 4.5.3.2's server timeout: no read waits longer
+    than `timeout`, and a command must be complete within `timeout` of the reply before
+    it (checked at each read, so a client that trickles a byte at a time is cut off too).
+
+    The kernel keeps the time (SO_RCVTIMEO, SO_SNDTIMEO on a blocking socket): one
+    system call per read or write, where Python's own timeouts make three (the mode,
+    poll, the call), each of which gives the worker's event loop the GIL and takes it back.
+    """
 
     def __init__(self, sock: socket.socket, server: smtp.Server, timeout: float) -> None:
         self.sock = sock
         self.server = server
         self.timeout = timeout
+        seconds, fraction = divmod(timeout, 1.0)
+        interval = struct.pack("@ll", int(seconds), int(fraction * 1_000_000))
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
         self._deadline = time.monotonic() + timeout
 
     def read(self) -> bytes:
@@ -74,10 +86,9 @@ class SocketConnection:
             self._deadline = now + self.timeout
         try:
             if now >= self._deadline:
-                raise TimeoutError
-            self.sock.settimeout(self._deadline - now)
+                raise BlockingIOError
             return self.sock.recv(_CHUNK)
-        except TimeoutError:
+        except BlockingIOError:  # SO_RCVTIMEO ran out (EAGAIN), or the command's time
             self._say_goodbye(f"421 4.4.2 {self.server.hostname} timeout, closing\r\n")
             raise Gone from None
         except OSError as e:
@@ -85,7 +96,6 @@ class SocketConnection:
 
     def write(self, data: bytes) -> None:
         try:
-            self.sock.settimeout(self.timeout)
             self.sock.sendall(data)
         except OSError as e:
             raise Gone from e
@@ -93,8 +103,7 @@ class SocketConnection:
 
     def _say_goodbye(self, text: str) -> None:
         with contextlib.suppress(OSError):
-            self.sock.settimeout(1.0)
-            self.sock.sendall(text.encode())
+            self.sock.send(text.encode(), socket.MSG_DONTWAIT)
 
 
 class Sessions:
