@@ -8,6 +8,9 @@
                                          tenant bring-up and tear-down, memory per worker
     scripts/bench memory [--messages N]  a worker's memory with N messages queued for a
                                          dead destination
+    scripts/bench smtp [--clients C --messages M ...]
+                                         submission over SMTP to localhost, end to end,
+                                         against Postfix's smtpd (bench.smtp)
 
 `--quick` (throughput) is a smoke test: a few messages, checked one by one; it exits
 non-zero when any message is missing or arrived with the wrong identity, never because
@@ -25,6 +28,7 @@ from pathlib import Path
 # The lab and the hosting harness are shared with the end-to-end tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
+from bench import smtp
 from bench.memory import measure_memory
 from bench.memory import table as memory_table
 from bench.submit import submit_main
@@ -126,6 +130,10 @@ def main() -> int:
         return memory_main(argv[1:])
     if argv[:1] == ["submit"]:
         return submit_main(argv[1])
+    if argv[:1] == ["smtp"]:
+        return smtp.main(argv[1:])
+    if argv[:1] == ["smtp-client"]:
+        return smtp.client_main(argv[1])
     return throughput_main(argv)
 
 

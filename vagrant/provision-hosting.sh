@@ -8,7 +8,9 @@ install_nsmail_package
 # The package starts nothing without a configuration, and makes the system users.
 ! systemctl is-active --quiet nsmail.service || [ -f /etc/nsmail/nsmail.toml ] ||
   fail "nsmail.service runs without a configuration"
-id -u nsmail-dns >/dev/null || fail "the package made no nsmail-dns user"
+for user in nsmail-dns nsmail-submit; do
+  id -u "$user" >/dev/null || fail "the package made no $user user"
+done
 
 config=/etc/nsmail/nsmail.toml
 cat >"$config.new" <<TOML

@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         "domain"
     )
     verbs.add_parser("list", help="list the tenants").add_argument("--json", action="store_true")
+    password = verbs.add_parser(
+        "passwd", help="set a tenant user's SMTP AUTH password (from the terminal or stdin)"
+    )
+    password.add_argument("domain")
+    password.add_argument("user", help="the local part: USER@DOMAIN logs in")
+    verbs.add_parser("resume", help="lift the automatic brake's suspension").add_argument("domain")
     run = commands.add_parser(
         "exec", help="run a command in a tenant's namespace, as the tenant (root)"
     )
@@ -337,6 +343,13 @@ def _tenant(path: Path, args: argparse.Namespace) -> int:
         if args.verb == "remove":
             print(f"nsmail: {tenantadmin.remove(path, args.domain)}")
             return EX_OK
+        if args.verb == "passwd":
+            secret = _read_password(f"{args.user}@{args.domain}")
+            print(f"nsmail: {tenantadmin.passwd(path, args.domain, args.user, secret)}")
+            return EX_OK
+        if args.verb == "resume":
+            print(f"nsmail: {tenantadmin.resume(path, args.domain)}")
+            return EX_OK
         new = tenantadmin.NewTenant(
             domain=args.domain,
             ipv4=args.ipv4,
@@ -353,6 +366,18 @@ def _tenant(path: Path, args: argparse.Namespace) -> int:
     except tenantadmin.AdminError as e:
         print(f"nsmail: {e}", file=sys.stderr)
         return e.code
+
+
+def _read_password(user: str) -> str:
+    """Twice from the terminal, as passwd(1) asks; else one line of stdin (chpasswd's way)."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().removesuffix("\n")
+    import getpass
+
+    first = getpass.getpass(f"New SMTP password for {user}: ")
+    if getpass.getpass("Again: ") != first:
+        raise tenantadmin.AdminError(EX_USAGE, "the passwords differ; nothing changed")
+    return first
 
 
 def _flush(config: Config, domains: list[str]) -> int:

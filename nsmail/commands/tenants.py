@@ -1,4 +1,5 @@
-"""`nsmail tenant add|remove|list`: hosted domains as drop-ins, applied without a restart.
+"""`nsmail tenant add|remove|list|passwd|resume`: hosted domains as drop-ins, applied
+without a restart; SMTP AUTH passwords of their users; lifting a suspension.
 
 A tenant added here is one file, `tenants.d/<domain>.toml`, validated together with the
 whole configuration before it is written (a taken address, a bad domain, an address
@@ -7,8 +8,13 @@ nothing and exits 78, as `nsmail check` would), written atomically, and then app
 asking the running supervisor to reload: the new tenant's namespace and worker appear,
 the others are not disturbed.
 
+`passwd` sets the password a tenant's user authenticates with on 587 and 465 (yescrypt,
+in `submission.passwd` beside the configuration, `nsmail.core.credentials`) and has the
+running supervisor hand the front the new file. `resume` asks the supervisor to lift
+the automatic brake's suspension of a tenant (`nsmail.core.suspend`).
+
 Security: run by root; it writes only in the configuration's own tenants.d directory,
-under a name made from a validated domain.
+under a name made from a validated domain, and the credentials file (0600, root's).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsmail.core import credentials
 from nsmail.core.config import ConfigError, parse
-from nsmail.core.exitcodes import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_TEMPFAIL
+from nsmail.core.exitcodes import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, EX_TEMPFAIL, EX_USAGE
 from nsmail.core.layout import DROPIN_DIR
 from nsmail.host.configfile import load, read_documents, run_dir_of, system_lookup
 from nsmail.root import control
@@ -88,6 +95,40 @@ def remove(path: Path, domain: str) -> str:
     return f"removed {domain} ({source}); " + apply(path)
 
 
+def passwd(path: Path, domain: str, user: str, password: str) -> str:
+    """Set `user`@`domain`'s SMTP AUTH password; what happened, for the operator."""
+    from nsmail.host.passwords import Crypt, PasswordError  # libcrypt only here
+
+    tenant = load(path).tenant(domain)
+    if tenant is None:
+        raise AdminError(EX_DATAERR, f"no tenant {domain!r} in {path}")
+    try:
+        name = credentials.login(user, tenant.domain)
+    except credentials.CredentialsError as e:
+        raise AdminError(EX_USAGE, str(e)) from None
+    if not password:
+        raise AdminError(EX_USAGE, "the password is empty")
+    target = path.parent / credentials.FILE_NAME
+    try:
+        entries = credentials.parse(target.read_text()) if target.exists() else {}
+        entries[name] = Crypt().hash_password(password)
+    except (OSError, credentials.CredentialsError, PasswordError) as e:
+        raise AdminError(EX_DATAERR, f"{target}: {e}") from None
+    _write(target, credentials.render(entries), mode=0o600)
+    return f"password of {name} set ({target}); " + apply(path)
+
+
+def resume(path: Path, domain: str) -> str:
+    """Lift the automatic brake's suspension of `domain` (the running supervisor's)."""
+    try:
+        reply = control.request(run_dir_of(path), "resume", tenant=domain)
+    except control.Unavailable as e:
+        raise AdminError(EX_TEMPFAIL, str(e)) from None
+    if not reply.get("ok"):
+        raise AdminError(EX_DATAERR, str(reply.get("error")))
+    return f"{domain} resumed: its held mail goes now"
+
+
 def listing(path: Path) -> list[dict[str, object]]:
     return [
         {
@@ -108,15 +149,17 @@ def _dropin(path: Path, domain: str) -> Path:
     return path.parent / DROPIN_DIR / f"{domain.lower()}.toml"
 
 
-def _write(target: Path, text: str) -> None:
+def _write(target: Path, text: str, mode: int = 0o644) -> None:
+    """Write atomically; mode 0644 by default: tenants' sendmail reads the configuration."""
     target.parent.mkdir(mode=0o755, exist_ok=True)
     partial = target.with_name(f".{target.name}.new")
     try:
-        with open(partial, "x") as f:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        partial.chmod(0o644)  # tenants' sendmail reads the configuration
+        partial.chmod(mode)
         os.rename(partial, target)
     except OSError as e:
         partial.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
+from nsmail.core import suspend
 from nsmail.core.addresses import same_domain, split
 from nsmail.core.aliases import (
     POSTMASTER,
@@ -40,6 +41,7 @@ from nsmail.core.aliases import (
     refused,
 )
 from nsmail.core.layout import SPOOL_IN_HOME
+from nsmail.core.suspend import SuspendRule
 from nsmail.core.text import printable
 
 IPAddress = IPv4Address | IPv6Address
@@ -53,12 +55,19 @@ DEFAULT_ALIASES = Path("/etc/aliases")
 DEFAULT_MAIL_SPOOL = Path("/var/mail")  # Debian's: drwxrwsr-x root:mail, one mbox per user
 HOST_SOURCE = "[host]"  # Tenant.source of the host's own identity
 
-_MAIN_TABLES = frozenset({"host", "network", "delivery", "log", "tenant"})
+_MAIN_TABLES = frozenset({"host", "network", "delivery", "log", "smtpd", "tenant"})
 _DROPIN_TABLES = frozenset({"tenant"})
 _HOST_KEYS = frozenset(
     {
         *("name", "resolvers", "user", "dns_user", "run_dir", "spool", "admin_group"),
-        *("metrics", "aliases", "mail_spool"),
+        *("metrics", "aliases", "mail_spool", "restrict_smtp"),
+    }
+)
+# nsmail's own SMTP listeners (nsmail.root.listener, nsmail.host.submission).
+_SMTPD_KEYS = frozenset(
+    {
+        *("local", "socket", "submission", "submissions", "certificate", "key", "user"),
+        *("timeout", "client_limit", "session_limit"),
     }
 )
 _NETWORK_KEYS = frozenset(
@@ -88,6 +97,7 @@ _DELIVERY_KEYS = frozenset(
         "dead_after",
         "mx_address_limit",
         "active_limit",
+        "suspend_rate",
         *(f"smtp_{stage}_timeout" for stage in ("connect", "helo", "starttls", "mail")),
         *(f"smtp_{stage}_timeout" for stage in ("rcpt", "data_init", "data_xfer", "data_done")),
         "destination",
@@ -127,6 +137,7 @@ _TENANT_KEYS = frozenset(
         "initial_destination_concurrency",
         "destination_concurrency_limit",
         "max_sessions",
+        "suspend_rate",
     }
 )
 # The keys each table may hold: the schema, for the parsers below and for tools.
@@ -136,6 +147,7 @@ TABLE_KEYS = {
     "delivery": _DELIVERY_KEYS,
     "delivery.destination": _DESTINATION_KEYS,
     "log": _LOG_KEYS,
+    "smtpd": _SMTPD_KEYS,
     "tenant": _TENANT_KEYS,
 }
 
@@ -179,6 +191,9 @@ class HostConfig:
     metrics: str | None = None  # "address:port" of the Prometheus endpoint; None: off
     aliases: Path = DEFAULT_ALIASES  # the machine's aliases(5), for its own users' mail
     mail_spool: Path = DEFAULT_MAIL_SPOOL  # their mailboxes, mbox(5) files named by login
+    # The host namespace refuses connections to remote ports 25, 465 and 587 from every
+    # uid but root's and `user`'s (nsmail.core.firewall): no way around nsmail.
+    restrict_smtp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +280,38 @@ class DeliveryConfig:
     active_limit: int = 500  # messages a worker holds in memory at once
     smtp_timeouts: SmtpTimeouts = SmtpTimeouts()
     destinations: tuple[DestinationRule, ...] = ()  # the first that matches applies
+    # The automatic brake (nsmail.core.suspend); None: no brake.
+    suspend_rate: SuspendRule | None = None
+
+
+Endpoint = tuple[IPAddress, int]
+LOCAL_SMTP: tuple[Endpoint, ...] = ((IPv4Address("127.0.0.1"), 25), (IPv6Address("::1"), 25))
+SUBMISSION: tuple[Endpoint, ...] = ((IPv4Address("0.0.0.0"), 587), (IPv6Address("::"), 587))
+SUBMISSIONS: tuple[Endpoint, ...] = ((IPv4Address("0.0.0.0"), 465), (IPv6Address("::"), 465))
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpdConfig:
+    """nsmail's own SMTP service: local submission by the kernel's word on the client's
+    uid, and submission with AUTH for remote clients, which needs a certificate."""
+
+    local: tuple[Endpoint, ...] = LOCAL_SMTP  # loopback TCP, no password
+    socket: bool = True  # and the Unix socket run_dir/smtp
+    certificate: Path | None = None  # 587 and 465 listen only with both (PEM files)
+    key: Path | None = None
+    submission: tuple[Endpoint, ...] = SUBMISSION  # STARTTLS, then AUTH (RFC 6409)
+    submissions: tuple[Endpoint, ...] = SUBMISSIONS  # TLS from the start (RFC 8314)
+    user: str = "nsmail-submit"  # the submission front's own user
+    uid: int = -1  # looked up only with a certificate
+    gid: int = -1
+    timeout: float = 300.0  # seconds a client may take per command (RFC 5321 4.5.3.2)
+    client_limit: int = 10  # sessions at once per client (a uid, or a remote address)
+    session_limit: int = 100  # sessions at once per tenant, and in all on 587 and 465
+
+    @property
+    def remote(self) -> bool:
+        """Whether 587 and 465 listen: only with a certificate and its key."""
+        return self.certificate is not None and bool(self.submission or self.submissions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +322,7 @@ class Limits:
     recipients: int
     message_size: int
     queue_size: int
+    suspend: SuspendRule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +356,7 @@ class Tenant:
     dkim_selector: str | None = None
     dkim_key: Path | None = None
     spool_in_home: str = SPOOL_IN_HOME  # where its queue is, inside its home (jail)
+    suspend_rate: SuspendRule | None = None  # None: [delivery] suspend_rate
 
     def limits(self, delivery: DeliveryConfig) -> Limits:
         def own(mine: int | None, default: int) -> int:
@@ -318,6 +367,7 @@ class Tenant:
             recipients=own(self.recipient_limit, delivery.recipient_limit),
             message_size=own(self.message_size_limit, delivery.message_size_limit),
             queue_size=own(self.queue_size_limit, delivery.queue_size_limit),
+            suspend=self.suspend_rate or delivery.suspend_rate,
         )
 
     def concurrency_in(self, delivery: DeliveryConfig) -> Concurrency:
@@ -357,6 +407,7 @@ class Config:
     # The host's aliases file as read, with its problems (for `nsmail check`); apart from
     # `host`, so that editing it restarts only the host's own worker.
     host_aliases: AliasFile = field(default_factory=AliasFile)
+    smtpd: SmtpdConfig = SmtpdConfig()
 
     def tenant(self, domain: str) -> Tenant | None:
         return next((t for t in self.tenants if same_domain(t.domain, domain)), None)
@@ -428,8 +479,9 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
     _check_host_jails(main, host, lookup)
     network = _network(main.table("network", required=False), lookup)
     delivery = _delivery(main.table("delivery", required=False))
+    smtpd = _smtpd(main.table("smtpd", required=False), host, lookup)
 
-    registry = _Registry(host, network)
+    registry = _Registry(host, network, smtpd)
     for tenant_table in main.tables("tenant"):
         registry.add(tenant_table, _tenant(tenant_table, lookup))
     for file, text in dropins:
@@ -449,6 +501,7 @@ def parse(documents: Sequence[tuple[str, str]], lookup: SystemLookup) -> Config:
         tuple(registry.tenants),
         log_format,
         _host_aliases(host, lookup),
+        smtpd,
     )
 
 
@@ -634,6 +687,7 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
     metrics = table.string("metrics")
     if metrics is not None:
         _check_endpoint(table, "metrics", metrics)
+    restrict_smtp = table.flag("restrict_smtp")
     return HostConfig(
         name,
         resolvers,
@@ -649,6 +703,7 @@ def _host(table: _Table, lookup: SystemLookup) -> HostConfig:
         metrics,
         aliases_file,
         mail_spool,
+        restrict_smtp,
     )
 
 
@@ -666,6 +721,69 @@ def _host_aliases(host: HostConfig, lookup: SystemLookup) -> AliasFile:
         table += ((POSTMASTER, ("root",)),)
     unread = (Problem(0, f"cannot be read: {read.error}"),) if read.error else ()
     return AliasFile(table, unread + parsed.problems)
+
+
+def _smtpd(table: _Table, host: HostConfig, lookup: SystemLookup) -> SmtpdConfig:
+    table.reject_unknown(TABLE_KEYS["smtpd"])
+    defaults = SmtpdConfig()
+    certificate, key = (_optional_path(table, name) for name in ("certificate", "key"))
+    if (certificate is None) != (key is None):
+        missing = "key" if key is None else "certificate"
+        raise table.error(missing, "required: give certificate and key together")
+    local = _endpoints(table, "local", defaults.local)
+    for index, (address, _) in enumerate(local):
+        if not address.is_loopback:  # the kernel names only a local peer's uid
+            raise table.error(f"local[{index}]", f"'{address}' is not a loopback address")
+    config = SmtpdConfig(
+        local=local,
+        socket=table.flag("socket") if table.has("socket") else defaults.socket,
+        certificate=certificate,
+        key=key,
+        submission=_endpoints(table, "submission", defaults.submission),
+        submissions=_endpoints(table, "submissions", defaults.submissions),
+        user=table.string_or("user", defaults.user),
+        timeout=_seconds(table, "timeout", defaults.timeout),
+        client_limit=_count(table, "client_limit", defaults.client_limit),
+        session_limit=_count(table, "session_limit", defaults.session_limit),
+    )
+    if not config.remote:
+        return config
+    # The front talks to every remote client: a user of its own, no other process's.
+    account = lookup.user(config.user)
+    if account is None:
+        raise table.error("user", f"unknown user {config.user!r}")
+    if account.uid == 0:
+        raise table.error("user", f"{config.user!r} has uid 0; the front never runs as root")
+    for name, uid in (("host.user", host.uid), ("host.dns_user", host.dns_uid)):
+        if account.uid == uid:
+            raise table.error("user", f"uid {uid} is also the uid of {name}")
+    return replace(config, uid=account.uid, gid=account.gid)
+
+
+def _endpoints(table: _Table, key: str, default: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    texts = table.strings(key)
+    if texts is None:
+        return default
+    found = tuple(_endpoint(table, f"{key}[{i}]", text) for i, text in enumerate(texts))
+    if len(set(found)) != len(found):
+        raise table.error(key, "an address is listed twice")
+    return found
+
+
+def _endpoint(table: _Table, key: str, text: str) -> Endpoint:
+    _check_endpoint(table, key, text)
+    host, _, port = text.rpartition(":")
+    return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")), int(port)
+
+
+def _optional_path(table: _Table, key: str) -> Path | None:
+    text = table.string(key)
+    if text is None:
+        return None
+    path = PurePosixPath(text)
+    if not path.is_absolute() or ".." in path.parts:
+        raise table.error(key, f"{text!r} is not an absolute path")
+    return Path(path)
 
 
 def _check_host_jails(main: _Table, host: HostConfig, lookup: SystemLookup) -> None:
@@ -776,6 +894,7 @@ def _delivery(table: _Table) -> DeliveryConfig:
             }
         ),
         destinations=tuple(_destination(t) for t in table.tables("destination")),
+        suspend_rate=_suspend_rate(table),
         scan_interval=_seconds(table, "scan_interval", defaults.scan_interval),
         idle_exit=_idle_exit(table, defaults.idle_exit),
         timeout=_seconds(table, "timeout", defaults.timeout),
@@ -935,7 +1054,18 @@ def _tenant(table: _Table, lookup: SystemLookup) -> Tenant:
         max_sessions=_count_or_none(table, "max_sessions"),
         dkim_selector=dkim_selector,
         dkim_key=dkim_key,
+        suspend_rate=_suspend_rate(table),
     )
+
+
+def _suspend_rate(table: _Table) -> SuspendRule | None:
+    text = table.string("suspend_rate")
+    if text is None:
+        return None
+    rule = suspend.parse(text)
+    if rule is None:
+        raise table.error("suspend_rate", f"{text!r} is not a rate such as '30% of 50'")
+    return rule
 
 
 def _dkim(table: _Table) -> tuple[str | None, Path | None]:
@@ -1103,9 +1233,10 @@ def _check_alias_target(
 class _Registry:
     """Tenants accepted so far, and who already claimed each domain, address, uid and home."""
 
-    def __init__(self, host: HostConfig, network: NetworkConfig) -> None:
+    def __init__(self, host: HostConfig, network: NetworkConfig, smtpd: SmtpdConfig) -> None:
         self.tenants: list[Tenant] = []
         self._host = host
+        self._submit_uid = smtpd.uid if smtpd.remote else None
         self._subnets = {"ipv4": network.subnet4, "ipv6": network.subnet6}
         self._gateways: dict[IPAddress, str] = {}
         if network.gateway4 is not None:
@@ -1137,6 +1268,8 @@ class _Registry:
             raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.user")
         if tenant.uid == self._host.dns_uid:
             raise table.error(id_key, f"uid {tenant.uid} is also the uid of host.dns_user")
+        if tenant.uid == self._submit_uid:
+            raise table.error(id_key, f"uid {tenant.uid} is also the uid of smtpd.user")
         self._claim(table, id_key, tenant.uid, here, kind="uid")
         self._claim(table, "home", tenant.home, here)
         # A home inside another can be replaced by the tenant of the outer one.

@@ -17,6 +17,18 @@ connect() is dropped), where a drop would hold the worker for its whole timeout 
 attempt, e.g. for an MX that is this very machine. The host's addresses are no secret
 from a tenant whose gateway they are, and the kernel rate-limits the ICMP it sends.
 
+With `[host] restrict_smtp`, the table also holds the output chain `restrict_smtp`: a
+connection from the host namespace to port 25, 465 or 587 of another machine is refused
+with a TCP reset unless its socket belongs to an exempt uid (root, and the host's own
+mail worker), as cPanel's "SMTP Restrictions" do, so a tenant's user with a shell (or a
+web app) cannot go around nsmail and send as the machine. Only a SYN is refused (the
+match wants SYN without ACK): the packets of connections exempt uids opened, and those
+of sockets without an owner (TIME_WAIT's last ACK), pass. A reset, not ICMP: the
+connect() of a local socket ends at once with ECONNREFUSED, while an ICMP error for a
+socket still locked by connect() waits for the SYN's first retransmission. Loopback
+(`oif lo`, which carries the host's own addresses too) is not restricted: that is where
+nsmail's own listener is. Workers send from their own namespaces and never meet it.
+
 `table` replaces the whole table in one transaction (never a moment without it);
 `changes` turns the sets' members from one set of addresses into another; `deletion`
 removes the table. Another of nsmail's rule sets joins the table as chains of its own,
@@ -37,6 +49,7 @@ IPAddress = IPv4Address | IPv6Address
 TABLE = "inet nsmail"
 TENANTS4 = "tenants4"
 TENANTS6 = "tenants6"
+SMTP_PORTS = (25, 465, 587)  # RFC 5321, RFC 8314, RFC 6409
 
 _FROM_TENANTS = (
     "\tchain from_tenants {",
@@ -51,15 +64,30 @@ _FROM_TENANTS = (
 )
 
 
-def table(tenants: frozenset[IPAddress]) -> str:
-    """The whole table with `tenants` in its sets, replacing any table of that name."""
+def table(tenants: frozenset[IPAddress], exempt: frozenset[int] | None = None) -> str:
+    """The whole table with `tenants` in its sets, replacing any table of that name; with
+    `exempt` (uids), also the chain that keeps every other uid off remote SMTP ports."""
     four, six = _by_family(tenants)
     body = [
         *_set(TENANTS4, "ipv4_addr", four),
         *_set(TENANTS6, "ipv6_addr", six),
         *_FROM_TENANTS,
+        *([] if exempt is None else _restrict_smtp(exempt)),
     ]
     return _replacing(f"table {TABLE} {{", *body, "}")
+
+
+def _restrict_smtp(exempt: frozenset[int]) -> tuple[str, ...]:
+    uids = ", ".join(str(uid) for uid in sorted(exempt))
+    ports = ", ".join(str(port) for port in SMTP_PORTS)
+    return (
+        "\tchain restrict_smtp {",
+        "\t\ttype filter hook output priority filter; policy accept;",
+        "\t\toif lo accept",
+        f"\t\tmeta skuid {{ {uids} }} accept",
+        f"\t\ttcp dport {{ {ports} }} tcp flags & (syn | ack) == syn reject with tcp reset",
+        "\t}",
+    )
 
 
 def changes(present: frozenset[IPAddress], wanted: frozenset[IPAddress]) -> str:

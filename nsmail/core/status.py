@@ -22,7 +22,8 @@ class WorkerStatus:
     namespace: str | None
     pid: int | None
     uid: int
-    state: str  # starting, idle, delivering, backing off, asleep, silent, crashed, stopping
+    # starting, idle, delivering, backing off, asleep, silent, crashed, stopping, suspended
+    state: str
     ipv4: str | None
     ipv6: str | None
     restarts: int
@@ -42,6 +43,7 @@ class WorkerStatus:
     # Sessions each TLS policy failed (verified, dane, mta-sts, mta-sts-testing).
     tls_failures: dict[str, int] | None = None
     double_bounces: int | None = None  # bounces nobody took, told to the host's postmaster
+    suspended: str | None = None  # why the automatic brake holds its mail (state "suspended")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +156,9 @@ def render_table(
             kept.append(f"{r.double_bounces} double bounces (told the postmaster)")
         if kept:
             lines.append("  " + ", ".join(kept))
+        if r.suspended:
+            lines += [f"  {line}" for line in textwrap.wrap(f"suspended: {r.suspended}", 77)]
+            lines.append(f"  (its mail is held: nsmail tenant resume {r.domain})")
         if r.last_error:
             lines.append(f"  last error: {_cut(r.last_error, 66)}")
     if relay is not None:

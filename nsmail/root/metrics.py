@@ -61,6 +61,11 @@ class _Workers(Collector):
             "Bounces that found no one to take them, told to the host's postmaster instead",
             labels=["tenant"],
         )
+        suspended = GaugeMetricFamily(
+            "nsmail_tenant_suspended",
+            "1 while the automatic brake holds the tenant's mail (suspend_rate)",
+            labels=["tenant"],
+        )
         held_back = GaugeMetricFamily(
             "nsmail_destinations_held_back",
             "Destinations the worker holds mail back from (as its report names them)",
@@ -75,6 +80,7 @@ class _Workers(Collector):
             for policy, count in (s.tls_failures or {}).items():
                 tls_failures.add_metric([s.domain, policy], count)
             sessions.add_metric([s.domain], s.sessions or 0)
+            suspended.add_metric([s.domain], 1 if s.suspended else 0)
             for state in DESTINATION_STATES:
                 count = sum(1 for d in s.destinations or () if d.get("state") == state)
                 held_back.add_metric([s.domain, state], count)
@@ -99,6 +105,7 @@ class _Workers(Collector):
             held_back,
             tls_failures,
             double_bounces,
+            suspended,
         )
 
 

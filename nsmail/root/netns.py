@@ -217,6 +217,7 @@ class HostNetwork:
         # failed): the next change then replaces the whole table.
         self._blocked: frozenset[IPAddress] | None = None
         self._table_made = False  # whether our table may be in the kernel, for `close`
+        self._exempt: frozenset[int] | None = None  # restrict_smtp's exempt uids; None: off
         if network.mode == "routed":
             _enable_forwarding()
 
@@ -250,6 +251,15 @@ class HostNetwork:
             raise
         return names
 
+    def restrict_smtp(self, exempt: frozenset[int] | None) -> None:
+        """Keep every uid but `exempt` off remote SMTP ports (None: let them), by
+        replacing the whole table at once; NftError if nft fails (nothing changed)."""
+        if exempt == self._exempt and (self._table_made or exempt is None):
+            return
+        self._exempt = exempt
+        self._blocked = None
+        self._block_guarded()
+
     def remove(self, names: TenantNames) -> None:
         """Remove the tenant's namespace; missing pieces are not an error.
 
@@ -268,7 +278,8 @@ class HostNetwork:
     def ours(self) -> list[str]:
         """Host-side links and namespaces that carry this configuration's prefix."""
         prefix = self.network.prefix
-        links = [link.get("ifname") for link in self.ipr.get_links()]
+        # get_attr, not get("ifname"): Debian's pyroute2 (0.7) knows no short names.
+        links = [link.get_attr("IFLA_IFNAME") for link in self.ipr.get_links()]
         return [n for n in links if _is_ours(prefix, n)] + [
             n for n in _listdir(NETNS_DIR) if n.startswith(prefix + "-")
         ]
@@ -313,7 +324,7 @@ class HostNetwork:
                 return
         self._blocked = None  # until nft has applied it
         self._table_made = True
-        self._nft(firewall.table(wanted))
+        self._nft(firewall.table(wanted, self._exempt))
         self._blocked = wanted
 
     def _remove_firewall(self, failure: str) -> None:

@@ -21,10 +21,12 @@ to the host's postmaster) are checked by `nsmail.root.handoff`, at most a few at
 worker; their descriptors go unread to a child the zygote jails as the one who may write.
 The control socket serves root and the admin group (`nsmail.root.control`); metrics are
 off unless configured; both are served without blocking the loop (`nsmail.root.serving`).
-No wait exceeds MAX_WAIT, whatever time a report names, and an event handler that raises
-ends only that event: work for one tenant is contained to it (`_for_one_tenant`: its
-worker is restarted), so no tenant can end the loop that all the others' workers and
-namespaces depend on.
+SMTP clients of the local listeners are accepted and named by the kernel here, and handed
+unread to their tenant's worker (`nsmail.root.listener`); the supervisor never reads what
+they send. No wait exceeds MAX_WAIT, whatever time a report names, and an event handler
+that raises ends only that event: work for one tenant is contained to it
+(`_for_one_tenant`: its worker is restarted), so no tenant can end the loop that all the
+others' workers and namespaces depend on.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ from typing import Any, Concatenate, ParamSpec, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from nsmail.core import suspend
 from nsmail.core.config import (
     Config,
     ConfigError,
     DeliveryConfig,
     IPAddress,
+    SmtpdConfig,
     Tenant,
     host_identity,
 )
@@ -59,12 +63,14 @@ from nsmail.core.handoff import MAX_REQUEST as MAX_HANDOFF
 from nsmail.core.report import MAX_REPORT, Report, ReportError
 from nsmail.core.report import decode as decode_report
 from nsmail.core.retry import RestartPolicy, quick_deaths, restart_delay
+from nsmail.core.sessionhandoff import Handoff
 from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
 from nsmail.host.configfile import load
-from nsmail.root import control, handoff, metrics, serving
+from nsmail.root import brake, control, handoff, metrics, nft, serving
 from nsmail.root.jail import Identity
+from nsmail.root.listener import LocalListeners, SessionChannel, SubmissionFront, refuse
 from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.systemd import notify
@@ -112,6 +118,7 @@ class Slot:
     reports: socket.socket | None = None  # the supervisor's end of the worker's reports
     handoffs: socket.socket | None = None  # ... of its hand-off requests (nsmail.root.handoff)
     watch: int | None = None  # the inotify descriptor the worker handed over as it retired
+    channel: SessionChannel | None = None  # SMTP clients' connections to its worker
     report: Report | None = None  # the worker's latest valid report
     reported_mono: float = 0.0  # when it came (monotonic)
     refused_reports: int = 0
@@ -172,6 +179,11 @@ class Supervisor:
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
         self._worker_files = 0  # the open files limit of workers: the one we started with
         self.handing_off = handoff.InFlight()
+        self.listeners: LocalListeners | None = None
+        self.front = SubmissionFront(config, self.zygote, self.selector, self._route, RESTARTS)
+        # Connections a worker left untaken on its channel, to route again.
+        self._leftovers: list[tuple[socket.socket, Handoff]] = []
+        self.suspended: dict[str, str] = {}  # domain: why (the automatic brake)
 
     # -- main loop -------------------------------------------------------------------
 
@@ -181,6 +193,7 @@ class Supervisor:
         self._start_zygote()
         self._install_signals()
         listener = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
+        self.suspended = brake.load(self.config.host.run_dir)
         self._serve(listener, self._answer_control, control.TERMINATOR, control.MAX_REQUEST)
         self._refresh_submission_cache()
         if self.config.host.metrics:
@@ -189,7 +202,10 @@ class Supervisor:
         stale = self.host.remove_stale()
         if stale:
             log.info("removed %d namespaces and links left by an earlier run", len(stale))
+        self._restrict_smtp()
+        self._listen_smtp()
         self._start_relay()
+        self.front.start()
         for tenant in _identities(self.config):
             self._add(tenant)
         self._notify_when_up()
@@ -198,6 +214,7 @@ class Supervisor:
                 for key, _ in self.selector.select(self._timeout()):
                     self._dispatch(key.data)
                 self._dispatch(self._run_due)
+                self._dispatch(self._route_leftovers)
         finally:
             self._cleanup()
         log.info("stopped")
@@ -248,8 +265,11 @@ class Supervisor:
         return control.respond(peer, request, self._handle_request, self.config.host.admin_gid)
 
     def _timeout(self) -> float | None:
+        if self._leftovers:
+            return 0.0
         dues = [s.due for s in self.slots.values() if waits_for_time(s.state)]
         dues.append(self._status_due)
+        dues.append(self.front.due)
         dues += [server.next_deadline() for server in self._servers]
         if self._relay_due():
             dues.append(self.relay.due)
@@ -270,6 +290,7 @@ class Supervisor:
             if waits_for_time(slot.state) and slot.due <= now:
                 self._feed(slot, Event.DUE)
         self._tend_relay(now)
+        self.front.tend(now)
 
     def _tend_relay(self, now: float) -> None:
         """Start, kill or ping the relay, whichever is due."""
@@ -371,6 +392,7 @@ class Supervisor:
         worker_end, slot.relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reporting_end, slot.reports = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         handoff_end, slot.handoffs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        slot.channel = SessionChannel()
         slot.reports.setblocking(False)
         slot.handoffs.setblocking(False)
         taken = _taken(slot)  # the new worker goes on counting toward hourly_limit
@@ -387,7 +409,12 @@ class Supervisor:
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
                 slot.names.path if slot.names else None,
-                [worker_end.fileno(), reporting_end.fileno(), handoff_end.fileno()],
+                [
+                    worker_end.fileno(),
+                    reporting_end.fileno(),
+                    handoff_end.fileno(),
+                    slot.channel.theirs.fileno(),
+                ],
                 partial(
                     _worker_main,
                     tenant,
@@ -396,6 +423,8 @@ class Supervisor:
                     host_queue,
                     taken,
                     self._worker_files,
+                    self.config.smtpd,
+                    tenant.domain in self.suspended,
                 ),
                 partial(self._spawned, slot, slot.reports),
             )
@@ -457,6 +486,8 @@ class Supervisor:
         slot = next((s for s in self.slots.values() if s.pid == pid), None)
         if slot is not None:
             self._worker_exited(slot, pid, how)
+        elif self.front.owns(pid):
+            self.front.exited(how)
 
     def _worker_exited(self, slot: Slot, pid: int, how: str) -> None:
         slot.pid = None
@@ -488,6 +519,10 @@ class Supervisor:
             slot.watch = None
 
     def _close_channels(self, slot: Slot) -> None:
+        if slot.channel is not None:
+            self._leftovers += slot.channel.leftovers()
+            slot.channel.close()
+            slot.channel = None
         if slot.relay_end is not None:
             slot.relay_end.close()
             slot.relay_end = None
@@ -496,6 +531,67 @@ class Supervisor:
                 self._unregister(channel)
                 channel.close()
         slot.reports = slot.handoffs = None
+
+    # -- SMTP clients ----------------------------------------------------------------
+
+    def _listen_smtp(self) -> None:
+        if self.listeners is not None:
+            self.listeners.close()
+        self.listeners = LocalListeners(
+            self.config.smtpd, self.config.host.run_dir, self.selector, self._route
+        )
+
+    def _restrict_smtp(self) -> None:
+        """[host] restrict_smtp: only root and the host's own worker reach remote SMTP
+        ports from the host namespace (`nsmail.core.firewall`)."""
+        host = self.config.host
+        exempt = frozenset({0, host.uid}) if host.restrict_smtp else None
+        try:
+            self.host.restrict_smtp(exempt)
+        except nft.NftError as e:
+            log.error("restrict_smtp is not in force: %s", e)
+            return
+        if exempt is not None:
+            log.info(
+                "restrict_smtp: remote ports 25, 465 and 587 refused but to uids 0, %d", host.uid
+            )
+
+    def _route(self, conn: socket.socket, given: Handoff) -> None:
+        """Hand a client's connection to its tenant's worker (waking it), or refuse it."""
+        slot = self._slot_of(given)
+        if slot is not None and slot.state == State.ASLEEP:
+            self._feed(slot, Event.WATCH_FIRED)
+        taking = slot is not None and slot.state in (State.STARTING, State.RUNNING)
+        if (
+            slot is not None
+            and taking
+            and slot.channel is not None
+            and slot.channel.send(conn, given)
+        ):
+            conn.close()  # the worker has it now
+            return
+        name = self.config.host.name
+        refuse(conn, f"421 4.3.2 {name} cannot take your mail now; try again later")
+        log.warning("refused an SMTP client (%s): %s", given.client, _why_not(slot))
+
+    def _slot_of(self, given: Handoff) -> Slot | None:
+        """The tenant of a local uid (the host's own for any other user), or of the
+        domain a remote client authenticated in."""
+        domain = given.domain
+        for slot in self.slots.values():
+            tenant = slot.tenant
+            if domain is not None and not tenant.is_host and tenant.domain == domain:
+                return slot
+            if domain is None and not tenant.is_host and tenant.uid == given.uid:
+                return slot
+        if domain is not None:
+            return None
+        return next((s for s in self.slots.values() if s.tenant.is_host), None)
+
+    def _route_leftovers(self) -> None:
+        leftovers, self._leftovers = self._leftovers, []
+        for conn, given in leftovers:
+            self._route(conn, given)
 
     def _unregister(self, fileobj: socket.socket | int) -> None:
         """Take `fileobj` out of the selector if it is in (`_contain` cannot know)."""
@@ -542,6 +638,7 @@ class Supervisor:
                     raise ReportError("a descriptor comes with an asleep report, and is inotify")
                 slot.report = report
                 slot.reported_mono = time.monotonic()
+                self._brake(slot, report)
                 self._status_due = min(self._status_due, time.monotonic() + STATUS_EVERY)
                 if fds:
                     if slot.watch is not None:
@@ -600,6 +697,36 @@ class Supervisor:
             self.handing_off.failed(domain)
         else:
             self.handing_off.forked(domain, result)
+
+    def _brake(self, slot: Slot, report: Report) -> None:
+        """Suspend a tenant whose last hour passes its suspend_rate: its worker starts
+        again holding every message, until `nsmail tenant resume`."""
+        tenant = slot.tenant
+        rule = tenant.limits(self.config.delivery).suspend
+        if tenant.is_host or rule is None or tenant.domain in self.suspended:
+            return
+        why = suspend.exceeded(rule, report.hour)
+        if why is None:
+            return
+        self.suspended[tenant.domain] = why
+        brake.save(self.config.host.run_dir, self.suspended)
+        log.warning(
+            "%s: suspended: %s; its mail is held until `nsmail tenant resume %s`",
+            tenant.domain,
+            why,
+            tenant.domain,
+        )
+        self._feed(slot, Event.CHANGED, tenant=tenant)
+
+    def _resume(self, domain: str) -> dict[str, Any]:
+        slot = self.slots.get(domain)
+        if domain not in self.suspended or slot is None:
+            return {"ok": False, "error": f"{domain} is not suspended"}
+        del self.suspended[domain]
+        brake.save(self.config.host.run_dir, self.suspended)
+        log.info("%s: resumed by the operator; its held mail goes now", domain)
+        self._feed(slot, Event.CHANGED, tenant=slot.tenant)
+        return {"ok": True}
 
     def _refuse_report(self, slot: Slot, why: str) -> None:
         slot.refused_reports += 1
@@ -782,10 +909,22 @@ class Supervisor:
             log.warning("cannot write the submission cache beside %s: %s", self.config.path, e)
 
     def _apply(self, new: Config) -> None:
-        everything_changed = (new.host, new.delivery) != (self.config.host, self.config.delivery)
+        everything_changed = (new.host, new.delivery, new.smtpd) != (
+            self.config.host,
+            self.config.delivery,
+            self.config.smtpd,
+        )
         if new.host.resolvers != self.config.host.resolvers and self.relay.pid is not None:
             self._signal(self.relay.pid, signal.SIGTERM)
+        listening = (new.smtpd.local, new.smtpd.socket) != (
+            self.config.smtpd.local,
+            self.config.smtpd.socket,
+        )
         self.config = new
+        self._restrict_smtp()
+        if listening:
+            self._listen_smtp()
+        self.front.reconfigure(new)
         wanted = {t.domain: t for t in _identities(new)}
         for domain, slot in list(self.slots.items()):
             tenant = wanted.get(domain)
@@ -808,6 +947,7 @@ class Supervisor:
         log.info("stopping %d workers", len(self.slots))
         notify(STOPPING="1")
         self.stopping = True
+        self.front.stop()
         for slot in list(self.slots.values()):
             self._feed(slot, Event.REMOVED)
         if not self.slots:
@@ -830,6 +970,11 @@ class Supervisor:
             self._signal(self.relay.pid, signal.SIGKILL)
         for server in self._servers:
             server.close()
+        if self.listeners is not None:
+            self.listeners.close()
+        self.front.close()
+        for conn, _ in self._leftovers:
+            conn.close()
         (self.config.host.run_dir / control.SOCKET_NAME).unlink(missing_ok=True)
         self._stop_zygote()
         if self.host.wait_all_gone(timeout=STOP_GRACE):
@@ -841,7 +986,7 @@ class Supervisor:
     def statuses(self) -> list[WorkerStatus]:
         order = sorted(self.slots.values(), key=lambda s: (not s.tenant.is_host, s.tenant.domain))
         now = time.monotonic()
-        return [_status_of(slot, now) for slot in order]
+        return [_status_of(slot, now, self.suspended.get(slot.tenant.domain)) for slot in order]
 
     def _handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request["cmd"] == "status":
@@ -855,6 +1000,8 @@ class Supervisor:
         if request["cmd"] == "reload":
             refused = self.reload()
             return {"ok": refused is None, "error": refused}
+        if request["cmd"] == "resume" and isinstance(request.get("tenant"), str):
+            return self._resume(request["tenant"])
         return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
 
     def _relay_status(self) -> RelayStatus:
@@ -917,7 +1064,7 @@ def _is_inotify(fd: int) -> bool:
         return False
 
 
-def _status_of(slot: Slot, now: float) -> WorkerStatus:
+def _status_of(slot: Slot, now: float, suspended: str | None) -> WorkerStatus:
     report = slot.report
     tenant = slot.tenant
     shown = {
@@ -928,6 +1075,8 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
     state = shown.get(slot.state, str(slot.state))
     if slot.state == State.RUNNING and report is not None:
         state = "silent" if now - slot.reported_mono > SILENT_AFTER else report.state
+    if suspended is not None and state not in ("stopping", "crashed"):
+        state = "suspended"
     # The latest of the worker's last delivery error and the supervisor's last crash.
     error, error_at = slot.last_error, slot.last_error_at
     if report and report.last_error_at and (error_at is None or report.last_error_at > error_at):
@@ -956,6 +1105,7 @@ def _status_of(slot: Slot, now: float) -> WorkerStatus:
         destinations=[asdict(d) for d in report.destinations] if report else None,
         tls_failures=dict(report.tls_failures) if report else None,
         double_bounces=report.double_bounces if report else None,
+        suspended=suspended,
     )
 
 
@@ -980,6 +1130,14 @@ def _taken(slot: Slot) -> tuple[int, float]:
     return slot.report.taken, time.time() - (time.monotonic() - slot.reported_mono)
 
 
+def _why_not(slot: Slot | None) -> str:
+    if slot is None:
+        return "no such tenant"
+    if slot.state in (State.STARTING, State.RUNNING):
+        return f"{slot.tenant.domain}: its worker has too many connections waiting"
+    return f"{slot.tenant.domain}: its worker is {slot.state}"
+
+
 def _worker_main(
     tenant: Tenant,
     delivery: DeliveryConfig,
@@ -987,13 +1145,15 @@ def _worker_main(
     host_queue: HostQueue | None,
     taken: tuple[int, float],
     open_files: int,
+    smtpd: SmtpdConfig,
+    suspended: bool,
     fds: list[int],
 ) -> Callable[[], None]:
     # A worker needs a few dozen descriptors: it keeps the limit the supervisor started
     # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
     # cannot hold as many as the supervisor may.
     resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-    dns, reports, handoffs = (socket.socket(fileno=fd) for fd in fds)
+    dns, reports, handoffs, sessions = (socket.socket(fileno=fd) for fd in fds)
     handoffs.setblocking(False)
     return worker.prepare(
         tenant,
@@ -1004,6 +1164,9 @@ def _worker_main(
         taken=taken,
         host_name=host_name,
         handoffs=handoffs,
+        sessions=sessions,
+        smtpd_config=smtpd,
+        suspended=suspended,
     ).run
 
 

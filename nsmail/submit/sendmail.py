@@ -315,7 +315,7 @@ def _run(argv: Sequence[str]) -> int:
     elif options.mode == SMTP:
         from nsmail.submit import sendmail_smtp  # only for -bs: a submission imports none of it
 
-        sendmail_smtp.serve(tenant, _login(os.getuid()), options.full_name)
+        sendmail_smtp.serve_stdio(tenant, _login(os.getuid()), options.full_name)
     else:
         queue_id = _submit(options, tenant)
         if options.verbose:
@@ -395,23 +395,26 @@ def _submit(options: Options, tenant: Profile) -> str:
     return store(tenant, envelope, message)
 
 
-def make_room(tenant: Profile) -> None:
-    """Make the tenant's queue if its worker has not yet; SendmailError(EX_TEMPFAIL) when
-    it already holds `queue_size_limit` bytes, or cannot be made or measured."""
-    try:
-        # The host's queue is made by its worker alone.
-        if not tenant.is_host and not os.path.isdir(os.path.join(tenant.spool, MAILDROP)):
-            maildrop.create(tenant.spool)
-        limit = tenant.queue_size_limit
-        queued = maildrop.size(tenant.spool) if limit else 0
-    except OSError as e:
-        raise _tempfail("cannot queue the message", e) from e
-    if queued > limit:
+def make_room(tenant: Profile, queued: int | None = None) -> int:
+    """Make the tenant's queue if its worker has not yet, and measure it (or take the
+    bytes `queued` the caller knows of); those bytes. SendmailError(EX_TEMPFAIL) when the
+    queue already holds `queue_size_limit` bytes, or cannot be made or measured."""
+    limit = tenant.queue_size_limit
+    if queued is None:
+        try:
+            # The host's queue is made by its worker alone.
+            if not tenant.is_host and not os.path.isdir(os.path.join(tenant.spool, MAILDROP)):
+                maildrop.create(tenant.spool)
+            queued = maildrop.size(tenant.spool) if limit else 0
+        except OSError as e:
+            raise _tempfail("cannot queue the message", e) from e
+    if limit and queued > limit:
         raise SendmailError(
             EX_TEMPFAIL,
             f"queue full: {queued} bytes queued for {tenant.domain}, over its limit of "
             f"{limit}; try again later",
         )
+    return queued
 
 
 def store(tenant: Profile, envelope: dict[str, Field], message: Iterable[bytes]) -> str:

@@ -1,5 +1,5 @@
 """`nsmail-sendmail -bs`: SMTP on standard input and output, a thin shell over
-`nsmail.core.smtp.server`.
+`nsmail.core.smtp.server`; the same shell serves the sessions of nsmail's SMTP listeners.
 
 Symfony Mailer (so Laravel) runs `sendmail -bs` by default. Each message is checked and
 stored as a submission from the command line is (`nsmail.submit.sendmail`): the same sender
@@ -12,17 +12,22 @@ so a pipelining client gets them in one write. The session ends with QUIT or at 
 of input; a message not complete by then is not queued. The exit status is 0 either
 way: what happened to each message is in its reply.
 
+`serve` takes the server and a `Connection` (read, write): -bs gives it stdin and
+stdout, the tenant's worker a socket with deadlines (`nsmail.tenant.smtpd`), so a
+message submitted over SMTP to a listener meets exactly these checks and this store.
+
 Security: runs as the submitting user, like the rest of `nsmail-sendmail` (root has
-become the tenant before). What the client sends reaches only the protocol core and,
-as message content, the tenant's own maildrop.
+become the tenant before), or in the tenant's worker as the tenant. What the client
+sends reaches only the protocol core and, as message content, the tenant's own maildrop.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from nsmail.core.exitcodes import EX_NOPERM, EX_TEMPFAIL, EX_USAGE
 from nsmail.core.smtp import server as smtp
@@ -35,6 +40,10 @@ if TYPE_CHECKING:
 
 _CHUNK = 1 << 16
 _STDIN, _STDOUT = 0, 1
+# A session measures its queue (all its files: `make_room`) at its first MAIL and then
+# at most this often: a session of thousands of messages would otherwise spend most of
+# its time on stat(2), and the limit is a brake on a runaway script, not a quota.
+_MEASURE_EVERY = 1.0
 # Storage errors that a full disk or quota causes (RFC 3463 4.3.1: mail system full).
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -43,15 +52,37 @@ class _Dropped(Exception):
     """The message in progress will not be queued (smtpserver.Aborted)."""
 
 
-class _Gone(Exception):
-    """The client closed its end: nothing more can be said."""
+class Gone(Exception):
+    """The client closed its end, or took too long: nothing more can be said."""
+
+
+class Connection(Protocol):
+    """Where the session's bytes come from and go; either may raise Gone."""
+
+    def read(self) -> bytes: ...  # b"" at the end of input
+
+    def write(self, data: bytes) -> None: ...
+
+
+class _Stdio:
+    """-bs: the client is on stdin and stdout."""
+
+    def read(self) -> bytes:
+        return os.read(_STDIN, _CHUNK)
+
+    def write(self, data: bytes) -> None:
+        try:
+            write_all(_STDOUT, data)
+        except BrokenPipeError as e:
+            raise Gone from e
 
 
 class _Session:
     """The server and the bytes it has for the client, not yet written."""
 
-    def __init__(self, server: smtp.Server) -> None:
+    def __init__(self, server: smtp.Server, connection: Connection) -> None:
         self.server = server
+        self.connection = connection
         self._unsent: list[bytes] = []
 
     def next_event(self) -> smtp.Event:
@@ -62,16 +93,14 @@ class _Session:
                 self._unsent.append(event.data)
             elif event is smtp.NEED_DATA:
                 self.flush()
-                self.server.receive(os.read(_STDIN, _CHUNK))
+                self.server.receive(self.connection.read())
             else:
                 return event
 
     def flush(self) -> None:
         data, self._unsent = b"".join(self._unsent), []
-        try:
-            write_all(_STDOUT, data)
-        except BrokenPipeError as e:
-            raise _Gone from e
+        if data:
+            self.connection.write(data)
 
 
 class _Incoming:
@@ -81,11 +110,13 @@ class _Incoming:
         self._session = session
         self.ended = False  # EndOfMessage was seen: the server waits for its answer
         self.dropped = False
+        self.size = 0  # bytes of the message so far
 
     def __iter__(self) -> Iterator[bytes]:
         while not (self.ended or self.dropped):
             event = self._session.next_event()
             if isinstance(event, smtp.Content):
+                self.size += len(event.data)
                 yield event.data
             elif isinstance(event, smtp.EndOfMessage):
                 self.ended = True
@@ -99,27 +130,58 @@ class _Incoming:
             pass
 
 
-def serve(tenant: Profile, login: str, full_name: str) -> None:
-    """Serve one SMTP session on stdin and stdout for `tenant`'s user `login`."""
-    session = _Session(smtp.Server(tenant.domain, size_limit=tenant.message_size_limit))
+def serve_stdio(tenant: Profile, login: str, full_name: str) -> None:
+    """-bs: one SMTP session on stdin and stdout for `tenant`'s user `login`."""
+    server = smtp.Server(tenant.domain, size_limit=tenant.message_size_limit)
+    serve(server, _Stdio(), tenant, login, full_name)
+
+
+def serve(
+    server: smtp.Server, connection: Connection, tenant: Profile, login: str, full_name: str
+) -> None:
+    """Serve one SMTP session over `connection` for `tenant`'s user `login`: every
+    message checked and stored as nsmail-sendmail stores one; returns when it is over."""
+    session = _Session(server, connection)
+    room = _Room(tenant)
     try:
         while not isinstance(event := session.next_event(), smtp.Closed):
             if isinstance(event, smtp.Mail):
-                session.server.answer(_mail(event, login, tenant))
+                session.server.answer(_mail(event, login, tenant, room))
             elif isinstance(event, smtp.Recipient):
                 session.server.answer(_recipient(event, tenant))
             elif isinstance(event, smtp.Data):
                 session.server.answer()
-                _message(session, event, login, full_name, tenant)
+                room.stored(_message(session, event, login, full_name, tenant))
         session.flush()
-    except _Gone:
+    except Gone:
         return
 
 
-def _mail(event: smtp.Mail, login: str, tenant: Profile) -> smtp.Reply | None:
+class _Room:
+    """`make_room` for a session: the queue measured at most every _MEASURE_EVERY
+    seconds, the session's own messages added in between."""
+
+    def __init__(self, tenant: Profile) -> None:
+        self.tenant = tenant
+        self._measured_at = float("-inf")  # monotonic
+        self._queued = 0  # bytes, as measured then, and stored by this session since
+
+    def make(self) -> None:
+        now = time.monotonic()
+        if now - self._measured_at >= _MEASURE_EVERY:
+            self._queued = make_room(self.tenant)
+            self._measured_at = now
+        else:
+            make_room(self.tenant, self._queued)
+
+    def stored(self, size: int) -> None:
+        self._queued += size
+
+
+def _mail(event: smtp.Mail, login: str, tenant: Profile, room: _Room) -> smtp.Reply | None:
     try:
         envelope_sender(event.sender, login, tenant)
-        make_room(tenant)
+        room.make()
     except SendmailError as e:
         return _refusal(e, {EX_USAGE: "501 5.1.7", EX_NOPERM: "553 5.7.1"})
     return None
@@ -135,8 +197,8 @@ def _recipient(event: smtp.Recipient, tenant: Profile) -> smtp.Reply | None:
 
 def _message(
     session: _Session, event: smtp.Data, login: str, full_name: str, tenant: Profile
-) -> None:
-    """Store the message the client sends now, and answer its end."""
+) -> int:
+    """Store the message the client sends now, and answer its end; the bytes stored."""
     # The fields of queuefile.Envelope a submission sets (as nsmail.submit.sendmail's). Checked
     # when MAIL and RCPT were answered: the same functions give the same addresses.
     envelope: dict[str, Field] = {
@@ -150,15 +212,16 @@ def _message(
     try:
         queue_id = store(tenant, envelope, incoming)
     except _Dropped:
-        return  # the server has the reply, if the session goes on
+        return 0  # the server has the reply, if the session goes on
     except SendmailError as e:
         try:
             incoming.drain()
         except _Dropped:
-            return
+            return 0
         session.server.answer(_refusal(e, {}))
-        return
+        return 0
     session.server.answer(smtp.Reply(250, f"2.0.0 Ok: queued as {queue_id}"))
+    return incoming.size
 
 
 def _refusal(error: SendmailError, replies: dict[int, str]) -> smtp.Reply:

@@ -102,6 +102,8 @@ class QueueManager:
     # owner (the kernel's word), named by this map; tenants' users must use their own.
     owners: Mapping[int, str] | None = None
     tenant_uids: frozenset[int] = frozenset()
+    # The worker's own uid: its SMTP sessions' files keep the submitter the kernel named.
+    own_uid: int | None = None
     signer: dkim.Signer | None = None  # signs what is taken in and the bounces (DKIM)
     # Sending limits (0: none): over them, mail is held for an operator, never lost.
     hourly_limit: int = 0
@@ -208,7 +210,9 @@ class QueueManager:
             if uid in self.tenant_uids:
                 self._quarantine(MAILDROP, queue_id, f"uid {uid} is a tenant's: not host mail")
                 return None
-            envelope = dataclasses.replace(envelope, submitter=self.owners.get(uid, f"uid{uid}"))
+            if uid != self.own_uid:
+                submitter = self.owners.get(uid, f"uid{uid}")
+                envelope = dataclasses.replace(envelope, submitter=submitter)
         arrival = envelope.arrival or self.clock()
         prefix = body.read(0, _HEAD_PREFIX)
         head_length = headers.header_length(prefix)

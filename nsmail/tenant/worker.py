@@ -12,9 +12,12 @@ process (a thousand idle tenants would otherwise hold a thousand workers). Befor
 goes, it hands the supervisor its inotify descriptor with its last report ("asleep",
 and when the next deferred message falls due): the supervisor starts a new worker when
 that descriptor becomes readable (mail dropped off, released, a flush asked for) or at
-that time. It does not go while mail waits for it or lingers in an SMTP session, nor
-while mail taken in within the hour still counts toward a sending limit: a new worker
-would count it only from the last report, as if all were taken at that time.
+that time, or when a client connects to nsmail's SMTP listeners for it. It does not go
+while mail waits for it or lingers in an SMTP session (its own, or a client's it
+serves: `nsmail.tenant.smtpd`), nor while mail taken in within the hour still counts
+toward a sending limit: a new worker would count it only from the last report, as if
+all were taken at that time. A worker of a suspended tenant (`nsmail.core.suspend`)
+takes clients' mail in and delivers none of it.
 
 Security: after `prepare`, runs as the tenant uid with no capabilities, chrooted into the
 tenant home; everything it reads there is tenant-written (see qmgr, spool).
@@ -40,11 +43,12 @@ import dns.name
 import dns.rdata
 
 from nsmail.core import retry
-from nsmail.core.config import DeliveryConfig, Tenant
+from nsmail.core.config import DeliveryConfig, SmtpdConfig, Tenant
 from nsmail.core.report import MAX_NAME, Destination, Report
 from nsmail.core.report import encode as encode_report
 from nsmail.core.scheduler import State
-from nsmail.tenant import dkim, inotify, local
+from nsmail.submit.submission import profile_of
+from nsmail.tenant import dkim, inotify, local, smtpd
 from nsmail.tenant.engine import Engine
 from nsmail.tenant.handoff import Handoffs
 from nsmail.tenant.history import History
@@ -107,6 +111,9 @@ def prepare(
     *,
     host_name: str,
     handoffs: socket.socket | None = None,
+    sessions: socket.socket | None = None,
+    smtpd_config: SmtpdConfig | None = None,
+    suspended: bool = False,
 ) -> Worker:
     """Load everything the worker needs from files, before the chroot takes them away.
 
@@ -116,6 +123,8 @@ def prepare(
     many messages the previous worker had taken in within the hour, and when it said so.
     `host_name` is the machine's (its postmaster's domain); `handoffs` the channel for
     what the worker may not write itself (nsmail.tenant.handoff): without it, none.
+    `sessions` is the channel SMTP clients' connections come on; `suspended` holds
+    every message from delivery.
     """
     shared = preload()
     time.tzset()
@@ -156,8 +165,8 @@ def prepare(
         accounts = pwd.getpwall()
         queue.owners = {entry.pw_uid: entry.pw_name for entry in accounts}
         queue.tenant_uids = host_queue.tenant_uids
-        logins = [entry.pw_name for entry in accounts]
-        agent = local.for_host(tenant, logins, spool, channel)
+        queue.own_uid = tenant.uid
+        agent = local.for_host(tenant, [e.pw_name for e in accounts], spool, channel)
     else:
         agent = local.for_tenant(tenant, home, spool, postmaster, channel)
     reports = None
@@ -177,7 +186,32 @@ def prepare(
         ),
         delivery.active_limit,
     )
-    return Worker(queue, engine, delivery.scan_interval, report_channel, delivery.idle_exit)
+    served = None
+    if sessions is not None:
+        smtpd_config = smtpd_config or SmtpdConfig()
+        profile = profile_of(tenant, delivery)
+        profile.spool = str(queue.spool.root)  # as the jail shows it
+        logins = queue.owners if queue.owners is not None else {tenant.uid: _name(tenant.uid)}
+        bounds = smtpd.Limits(
+            smtpd_config.timeout, smtpd_config.client_limit, smtpd_config.session_limit
+        )
+        served = smtpd.Sessions(sessions, profile, logins, bounds)
+    return Worker(
+        queue,
+        engine,
+        delivery.scan_interval,
+        report_channel,
+        delivery.idle_exit,
+        sessions=served,
+        suspended=suspended,
+    )
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +231,12 @@ class Worker:
         scan_interval: float,
         reports: socket.socket | None = None,
         idle_exit: float = 0.0,
+        sessions: smtpd.Sessions | None = None,
+        suspended: bool = False,
     ) -> None:
         self.engine = engine
+        self.sessions = sessions
+        self.suspended = suspended
         self.queue = queue
         self.scan_interval = scan_interval
         self.idle_exit = idle_exit
@@ -271,9 +309,13 @@ class Worker:
         self.engine.wake = self._woken
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         loop.add_reader(watch.fd, self._on_watch, watch)
+        if self.sessions is not None:
+            loop.add_reader(self.sessions.channel, self.sessions.on_readable)
         try:
             await self._loop(watch)
         finally:
+            if self.sessions is not None:
+                loop.remove_reader(self.sessions.channel)
             loop.remove_reader(watch.fd)
             await self.engine.stop()
             loop.remove_signal_handler(signal.SIGTERM)
@@ -298,7 +340,8 @@ class Worker:
             engine.tick()
             if scan:
                 await self._tls_reports()
-            if engine.fill(flush=flush, scan=scan) or engine.busy:
+            # Suspended: nothing is taken, so everything waits in the queue (held).
+            if (not self.suspended and engine.fill(flush=flush, scan=scan)) or engine.busy:
                 busy_at = time.time()
             if engine.busy:
                 state = "delivering"
@@ -346,6 +389,7 @@ class Worker:
             now - busy_at >= self.idle_exit
             and self.queue.next_due - now >= self.idle_exit
             and not self.queue.counting_toward_a_limit(now)
+            and not (self.sessions is not None and self.sessions.active)
             and not spool.ids(MAILDROP)
             and not spool.ids(INCOMING)
         )

@@ -11,6 +11,7 @@ import selectors
 import signal
 import socket
 import time
+import types
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nsmail.core.config import Tenant
+from nsmail.core.config import DeliveryConfig, Tenant
 from nsmail.core.report import (
     MAX_REPORT,
     OUTCOMES,
@@ -32,8 +33,9 @@ from nsmail.core.report import (
 )
 from nsmail.core.slots import State
 from nsmail.root.handoff import InFlight
+from nsmail.root.listener import SubmissionFront
 from nsmail.root.spawn import Zygote
-from nsmail.root.supervisor import MAX_WAIT, SILENT_AFTER, Relay, Slot, Supervisor
+from nsmail.root.supervisor import MAX_WAIT, RESTARTS, SILENT_AFTER, Relay, Slot, Supervisor
 
 GOOD = Report(
     domain="bcd.test",
@@ -109,6 +111,16 @@ def supervised(tmp_path: Path) -> Iterator[tuple[Supervisor, Slot, socket.socket
     supervisor.zygote = Zygote()
     supervisor._servers = []
     supervisor.handing_off = InFlight()
+    supervisor.config = types.SimpleNamespace(delivery=DeliveryConfig())
+    supervisor.suspended = {}  # the automatic brake: no tenant suspended, none with a rule
+    supervisor._leftovers = []  # no SMTP client waits to be routed
+    supervisor.front = SubmissionFront(
+        supervisor.config,
+        supervisor.zygote,
+        supervisor.selector,
+        lambda conn, given: None,
+        RESTARTS,
+    )  # 587 and 465 off
     tenant = Tenant(
         "bcd.test", IPv4Address("198.51.100.70"), None, "bcd.test", 4000, 4000, tmp_path, (), "test"
     )

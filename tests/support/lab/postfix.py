@@ -185,6 +185,15 @@ class Postfix:
             time.sleep(0.05)
         return messages
 
+    def arrived(self, subject: str, timeout: float = 30.0) -> EmailMessage:
+        """Wait for the message with ``subject``; return it."""
+        deadline = time.monotonic() + timeout
+        while not (found := [m for m in self.messages() if m["Subject"] == subject]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{subject!r} never arrived; maillog:\n{self.log()}")
+            time.sleep(0.05)
+        return found[0]
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def stop(self) -> None:
