@@ -42,7 +42,7 @@ from lab import Lab, Nsd
 from bench.arrivals import Sink, collect, message, name_of, sender, wait_for
 from bench.postfix_baseline import SendingPostfix
 from bench.processes import tree_cpu
-from bench.throughput import RECIPIENT_DOMAIN, bench_tenants, median, percentile
+from bench.throughput import RECIPIENT_DOMAIN, bench_tenants, compare, percentile
 from bench.throughput import _cell as cell
 
 QUICK = (2, 10)  # clients, messages each
@@ -289,19 +289,7 @@ FIGURES: tuple[tuple[str, str, Callable[[Round], float | None], bool], ...] = (
 
 
 def _report(options: Options, ours: Sequence[Round], theirs: Sequence[Round]) -> dict[str, Any]:
-    rows = []
-    for label, unit, read, higher_better in FIGURES:
-        mine = median([read(r) for r in ours])
-        base = median([read(r) for r in theirs])
-        ratio = None
-        if mine and base:
-            ratio = mine / base if higher_better else base / mine
-        rows.append(
-            {"figure": label, "unit": unit, "nsmail": mine, "postfix": base, "ratio": ratio}
-        )
-    problems = [f"nsmail: {p}" for r in ours for p in r.problems]
-    problems += [f"postfix: {p}" for r in theirs for p in r.problems]
-    return {"options": asdict(options), "rows": rows, "ok": not problems, "problems": problems}
+    return {"options": asdict(options), **compare(FIGURES, ours, theirs)}
 
 
 def table(report: dict[str, Any]) -> str:

@@ -460,10 +460,25 @@ def measure_throughput(options: Options, log: Callable[[str], None]) -> dict[str
         # nsmail's tenant namespaces are gone.
         postfix = PostfixSide(bench, SendingPostfix(lab, bench.tenants))
         baseline = [bench.round(postfix, r) for r in range(options.repeat)]
+    report = compare(FIGURES, nsmail, baseline)
+    report["rounds"] = {
+        "nsmail": [asdict(r) for r in nsmail],
+        "postfix": [asdict(r) for r in baseline],
+    }
+    return {"options": asdict(options), **report}
+
+
+def compare(
+    figures: Sequence[tuple[str, str, Callable[[Any], float | None], bool]],
+    nsmail: Sequence[Any],
+    postfix: Sequence[Any],
+) -> dict[str, Any]:
+    """The medians of each figure over the rounds of both sides, their ratio (>1: nsmail
+    better), and every problem a round met: `rows`, `ok`, `problems` of a report."""
     rows = []
-    for label, unit, read, higher_better in FIGURES:
+    for label, unit, read, higher_better in figures:
         ours = median([read(r) for r in nsmail])
-        theirs = median([read(r) for r in baseline])
+        theirs = median([read(r) for r in postfix])
         ratio = None
         if ours and theirs:
             ratio = ours / theirs if higher_better else theirs / ours
@@ -471,14 +486,8 @@ def measure_throughput(options: Options, log: Callable[[str], None]) -> dict[str
             {"figure": label, "unit": unit, "nsmail": ours, "postfix": theirs, "ratio": ratio}
         )
     problems = [f"nsmail: {p}" for r in nsmail for p in r.problems]
-    problems += [f"postfix: {p}" for r in baseline for p in r.problems]
-    return {
-        "options": asdict(options),
-        "rows": rows,
-        "ok": not problems,
-        "problems": problems,
-        "rounds": {"nsmail": [asdict(r) for r in nsmail], "postfix": [asdict(r) for r in baseline]},
-    }
+    problems += [f"postfix: {p}" for r in postfix for p in r.problems]
+    return {"rows": rows, "ok": not problems, "problems": problems}
 
 
 def table(report: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nsmail.commands.queue import QueueError, in_queue, select_queues
+from nsmail.commands.queue import QueueError, in_each_queue, select_queues
 from nsmail.core import events
 from nsmail.core.config import ConfigError
 from nsmail.core.exitcodes import EX_CONFIG, EX_OK, EX_USAGE
@@ -79,17 +79,9 @@ def main(
         ]
         return kept, b""
 
-    found: list[events.Event] = []
-    codes = []
-    for queue in queues:  # one unreadable history does not hide the others
-        try:
-            shown, _ = in_queue(queue, uid, work)
-        except QueueError as e:
-            _complain(e.message)
-            codes.append(e.code)
-            continue
-        # Decoded again: the child that read them ran with the tenant's rights.
-        found += [e for e in map(_event, shown) if e is not None]
+    shown, codes = in_each_queue(queues, uid, work, _complain)
+    # Decoded again: the child that read them ran with the tenant's rights.
+    found = [e for e in map(_event, (s for each in shown for s in each)) if e is not None]
     found.sort(key=lambda e: e.time)
     try:
         for event in found:

@@ -220,20 +220,29 @@ def select_queues(config: Config, caller_uid: int, wanted: str | None) -> list[T
     return [mine]
 
 
+def in_each_queue(
+    queues: Sequence[Tenant], caller_uid: int, work: Work, complain: Callable[[str], None]
+) -> tuple[list[Any], list[int]]:
+    """`in_queue` on each of `queues`: the JSON values of those read, and the exit codes of
+    those that could not be, each complained of (one unreadable queue hides no other)."""
+    values, codes = [], []
+    for queue in queues:
+        try:
+            value, _ = in_queue(queue, caller_uid, work)
+        except QueueError as e:
+            complain(e.message)
+            codes.append(e.code)
+            continue
+        values.append(value)
+    return values, codes
+
+
 def _list(queues: Sequence[Tenant], uid: int, as_json: bool, by_destination: bool) -> int:
     def work(spool: Spool, tenant: str) -> tuple[Any, bytes]:
         return [_entry_to_wire(e) for e in scan(spool, tenant)], b""
 
-    entries: list[Entry] = []
-    codes = []
-    for queue in queues:  # one unreadable queue does not hide the others
-        try:
-            wires, _ = in_queue(queue, uid, work)
-        except QueueError as e:
-            _complain(e.message)
-            codes.append(e.code)
-            continue
-        entries += [_entry_from_wire(w) for w in wires]
+    listed, codes = in_each_queue(queues, uid, work, _complain)
+    entries = [_entry_from_wire(w) for wires in listed for w in wires]
     if by_destination:
         rows, now = by_destination_rows(entries), time.time()
         if as_json:
