@@ -25,6 +25,7 @@ from scripted_smtp import (
     MESSAGE,
     MESSAGES,
     SCRIPTS,
+    SILENT_OR_ENDLESS,
     Reply,
     ScriptedServer,
     check,
@@ -101,24 +102,7 @@ def test_hostile_replies_give_one_defined_outcome_per_recipient(
             assert {o.status for o in outcomes} == {Status.DELIVERED}, (outcomes, script)
 
 
-@pytest.mark.parametrize(
-    ("script", "expected"),
-    [
-        pytest.param({"greeting": [Reply(b"")]}, Status.TEMPORARY, id="greeting-never-comes"),
-        pytest.param(
-            {"MAIL": [Reply(b"250-one line, then silence\r\n")]},
-            Status.TEMPORARY,
-            id="stall-mid-reply",
-        ),
-        # Opportunistic TLS: a handshake that never ends is retried in clear at once.
-        pytest.param(
-            {"EHLO": [Reply(b"250-mx\r\n250 STARTTLS\r\n")], "STARTTLS": [Reply(b"220 go\r\n")]},
-            Status.DELIVERED,
-            id="starttls-then-nothing",
-        ),
-        pytest.param({}, Status.TEMPORARY, id="continuation-flood"),
-    ],
-)
+@pytest.mark.parametrize(("script", "expected"), SILENT_OR_ENDLESS)
 def test_a_silent_or_endless_server_costs_about_one_timeout(
     dns: DNSStack,
     server: ScriptedServer,

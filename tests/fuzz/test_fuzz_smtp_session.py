@@ -21,6 +21,7 @@ from scripted_smtp import (
     MESSAGE,
     MESSAGES,
     SCRIPTS,
+    SILENT_OR_ENDLESS,
     Reply,
     ScriptedServer,
     check,
@@ -137,24 +138,7 @@ def test_hostile_replies_give_one_defined_outcome_per_recipient(
             assert {o.status for o in outcomes} == {Status.DELIVERED}, (outcomes, script)
 
 
-@pytest.mark.parametrize(
-    ("script", "status"),
-    [
-        pytest.param({"greeting": [Reply(b"")]}, Status.TEMPORARY, id="greeting-never-comes"),
-        pytest.param(
-            {"MAIL": [Reply(b"250-one line, then silence\r\n")]},
-            Status.TEMPORARY,
-            id="stall-mid-reply",
-        ),
-        # The handshake fails at its deadline; the clear-text retry then delivers.
-        pytest.param(
-            {"EHLO": [Reply(b"250-mx\r\n250 STARTTLS\r\n")], "STARTTLS": [Reply(b"220 go\r\n")]},
-            Status.DELIVERED,
-            id="starttls-then-nothing",
-        ),
-        pytest.param({}, Status.TEMPORARY, id="continuation-flood"),
-    ],
-)
+@pytest.mark.parametrize(("script", "status"), SILENT_OR_ENDLESS)
 def test_a_silent_or_endless_server_ends_at_a_deadline_or_a_bound(
     server: ScriptedServer, script: dict[str, list[Reply]], status: Status
 ) -> None:

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import strategies as st
 
 from nsmail.core.config import SmtpTimeouts
@@ -257,6 +258,24 @@ SCRIPTS = st.dictionaries(
     lambda script: st.one_of(st.just(script), hostile_ehlo().map(lambda e: {**script, "EHLO": [e]}))
 )
 MESSAGES = st.lists(st.integers(1, 3), min_size=1, max_size=2)  # recipients per message
+
+# Servers that never finish a reply, and the outcome at the deadline (or the bound on a
+# reply's lines); with an empty script the server floods continuation lines.
+SILENT_OR_ENDLESS = [
+    pytest.param({"greeting": [Reply(b"")]}, Status.TEMPORARY, id="greeting-never-comes"),
+    pytest.param(
+        {"MAIL": [Reply(b"250-one line, then silence\r\n")]},
+        Status.TEMPORARY,
+        id="stall-mid-reply",
+    ),
+    # Opportunistic TLS: the handshake fails at its deadline; the clear-text retry delivers.
+    pytest.param(
+        {"EHLO": [Reply(b"250-mx\r\n250 STARTTLS\r\n")], "STARTTLS": [Reply(b"220 go\r\n")]},
+        Status.DELIVERED,
+        id="starttls-then-nothing",
+    ),
+    pytest.param({}, Status.TEMPORARY, id="continuation-flood"),
+]
 
 
 # --- the oracle -------------------------------------------------------------------------
