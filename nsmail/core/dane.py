@@ -24,7 +24,7 @@ from enum import IntEnum
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from OpenSSL import crypto
 
 SMTP_PORT = 25
 
@@ -131,19 +131,40 @@ def _issued(
     now: datetime,
 ) -> bool:
     """Whether `anchor` issues `leaf` (through `intermediates`), valid at `now` for one of
-    `names` (RFC 7672 3.2.3: the TLSA base domain or the next-hop domain)."""
-    if leaf is None or anchor is None:
+    `names` (RFC 7672 3.2.3: the TLSA base domain or the next-hop domain).
+
+    The path is OpenSSL's to validate (signatures, dates, CA constraints), through
+    pyOpenSSL: Debian 12's python3-cryptography (38) has no path validation of its own.
+    The anchor alone is trusted, and need not be self-signed (PARTIAL_CHAIN: a DANE-TA
+    record may name an intermediate, RFC 7671 5.2.2)."""
+    if leaf is None or anchor is None or not any(_named(leaf, name) for name in names):
         return False
-    for name in names:
-        try:
-            verifier = (
-                PolicyBuilder()
-                .store(Store([anchor]))
-                .time(now)
-                .build_server_verifier(x509.DNSName(name.rstrip(".")))
-            )
-            verifier.verify(leaf, intermediates)
-        except (VerificationError, ValueError):
-            continue
-        return True
+    try:
+        store = crypto.X509Store()
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+        store.set_time(now)
+        chain = [crypto.X509.from_cryptography(c) for c in intermediates]
+        served = crypto.X509.from_cryptography(leaf)
+        crypto.X509StoreContext(store, served, chain).verify_certificate()
+    except (crypto.X509StoreContextError, crypto.Error, ValueError):
+        return False
+    return True
+
+
+def _named(certificate: x509.Certificate, name: str) -> bool:
+    """Whether the certificate's DNS names hold `name` (RFC 6125 6.4: the subjectAltName
+    only; a wildcard only as the whole leftmost label, standing for exactly one label)."""
+    wanted = name.rstrip(".").lower()
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        presented = extension.value.get_values_for_type(x509.DNSName)
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    for pattern in (p.rstrip(".").lower() for p in presented):
+        if pattern == wanted:
+            return True
+        label, dot, rest = wanted.partition(".")
+        if pattern.startswith("*.") and dot and label and pattern[2:] == rest:
+            return True
     return False

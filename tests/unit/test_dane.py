@@ -125,6 +125,33 @@ def test_dane_ta_needs_the_anchor_in_the_chain_to_issue_a_valid_certificate_for_
     assert dane.check([record], [leaf.der], names, NOW) is not None
 
 
+def test_dane_ta_may_name_an_intermediate_the_root_is_not_needed() -> None:
+    root = issue("lab root", ca=True)
+    intermediate = issue("lab intermediate", root, ca=True)
+    leaf = issue("mx.rcpt.test", intermediate)
+    record = Tlsa(2, 0, 1, hashlib.sha256(intermediate.der).digest())
+    assert dane.check([record], [leaf.der, intermediate.der], ["mx.rcpt.test"], NOW) is None
+    # The root's record with the root left out of the chain: nothing to match.
+    rooted = Tlsa(2, 0, 1, hashlib.sha256(root.der).digest())
+    assert dane.check([rooted], [leaf.der, intermediate.der], ["mx.rcpt.test"], NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "matches"),
+    [
+        ("mx.rcpt.test", True),
+        ("MX.Rcpt.Test.", True),
+        ("a.mx.rcpt.test", False),  # a wildcard stands for one label
+        ("rcpt.test", False),
+    ],
+)
+def test_a_wildcard_is_one_leftmost_label(name: str, matches: bool) -> None:
+    ca = issue("lab CA", ca=True)
+    leaf = issue("*.rcpt.test", ca)
+    record = Tlsa(2, 1, 1, hashlib.sha256(spki(ca)).digest())
+    assert (dane.check([record], [leaf.der, ca.der], [name], NOW) is None) == matches
+
+
 def test_nothing_usable_and_nothing_sent_are_failures(pki: tuple[Issued, Issued]) -> None:
     _, leaf = pki
     pkix = Tlsa(1, 0, 0, leaf.der)
