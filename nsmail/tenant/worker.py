@@ -41,6 +41,7 @@ from pathlib import Path
 import dns.asyncresolver
 import dns.name
 import dns.rdata
+from cryptography.hazmat.backends import default_backend
 
 from nsmail.core import retry
 from nsmail.core.config import DeliveryConfig, SmtpdConfig, Tenant
@@ -88,6 +89,9 @@ def preload() -> Shared:
     # with their unicodedata tables, OpenSSL's digests).
     dns.name.from_text("bücher.test").to_unicode()
     hashlib.sha256(b"").hexdigest()
+    # cryptography before 40 (Debian 12's 38) imports its OpenSSL backend at first use,
+    # which in the jail is too late (DANE's certificate parsing).
+    default_backend()
     opportunistic = ssl.create_default_context()
     # RFC 7435 opportunistic TLS: encrypt whenever offered, but MX certificates are rarely
     # valid for the MX name, so not authenticating is better than falling back to plain.

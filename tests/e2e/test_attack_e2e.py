@@ -729,10 +729,12 @@ def test_a_deferred_file_dated_far_ahead_does_not_end_the_supervisor() -> None:
         deferred = hosting.home(domain) / SPOOL_IN_HOME / "deferred"
         planted = attacker.python(
             """
-path = os.path.join(sys.argv[1], sys.argv[2])
+# Dated before it appears in deferred/, where an awake worker may take it at once.
+path = os.path.join(sys.argv[1], os.pardir, sys.argv[2])
 open(path, "xb").close()
 later = float(sys.argv[3])
 os.utime(path, (later, later))
+os.rename(path, os.path.join(sys.argv[1], sys.argv[2]))
 print(json.dumps("ok"))
 """,
             deferred,
