@@ -75,12 +75,14 @@ from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.systemd import notify
 from nsmail.submit import submission
-from nsmail.tenant import worker
+from nsmail.tenant import engine, worker
 from nsmail.tenant.worker import HostQueue
 
 log = logging.getLogger("nsmail.root.supervisor")
 
-STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL for a worker
+# Seconds between SIGTERM and SIGKILL for a worker: its sessions in flight get
+# engine.STOP_GRACE to finish, then it defers the rest and reports.
+STOP_GRACE = engine.STOP_GRACE + 5.0
 # Workers and the DNS relay alike: 1, 2, 4 ... 60 s after quick deaths in a row; one that
 # ran 60 s before it died starts back-off afresh.
 RESTARTS = RestartPolicy(first=1.0, maximum=60.0, stable_after=60.0)
@@ -1173,10 +1175,11 @@ def _worker_main(
 def _raise_open_files() -> int:
     """Raise the soft limit on open files to the hard one; returns the soft limit it was.
 
-    The supervisor holds two descriptors per running worker (its ends of the worker's
-    DNS and report channels) and one per tenant asleep (its watch), and the DNS relay,
-    which inherits the limit through the zygote, one per running worker: systemd's
-    default soft limit of 1024 would run out near 500 tenants.
+    The supervisor holds five descriptors per running worker (its ends of the worker's
+    DNS, report and hand-off channels, both ends of its SMTP session channel) and one per
+    tenant asleep (its watch), and the DNS relay, which inherits the limit through the
+    zygote, one per running worker: systemd's default soft limit of 1024 would run out
+    near 200 tenants.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -6,6 +6,7 @@ A tarpit holds up only its own mail (the greeting timeout is RFC 5321's five min
 here, so the tarpit's session is still waiting when the other mail is in); a slow
 receiver is given several sessions at once, as it sees them; and `nsmail status --json`
 shows the sessions open and, after `dead_after` refused connections, the dead destination.
+A session in flight when the supervisor is stopped is let finish (engine.STOP_GRACE).
 """
 
 from __future__ import annotations
@@ -125,3 +126,23 @@ def test_a_destination_that_refuses_every_connection_is_shown_dead(lab: Lab) -> 
     lines = hosting.nsmail("status").stdout.splitlines()
     assert any(line.startswith("  dead for ") and line.endswith(DEAD.host) for line in lines)
     assert hosting.stop() == 0
+
+
+def test_a_stop_lets_a_session_in_flight_finish(lab: Lab) -> None:
+    # The receiver answers the dot after 13 s: longer than a short SIGKILL grace would
+    # wait, within the 20 s a worker gives its sessions in flight.
+    Nsd(lab, dns_records((DUAL,)) + SLOW.records())
+    slow = SlowSmtp(lab, delay=13.0)
+    hosting = Hosting(lab)
+    hosting.write_config((DUAL,), timeout=60)
+    hosting.start()
+    hosting.wait_status(lambda s: s[DUAL.domain]["state"] == "idle")
+    hosting.enqueue_many(DUAL.domain, SENDER, ["x@slow.test"], [mail("x@slow.test", "slow")])
+    hosting.wait_status(lambda s: s[DUAL.domain]["sessions"] >= 1, timeout=30)
+
+    assert hosting.stop() == 0
+    log = hosting.log()
+    assert slow.count() == 1, log
+    assert "status=sent" in log, log
+    assert "killing it" not in log, log
+    assert not waiting(hosting, ACTIVE) and not waiting(hosting, DEFERRED)
