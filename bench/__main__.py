@@ -100,6 +100,12 @@ def throughput_main(argv: list[str]) -> int:
         parser.add_argument(
             f"--{name}", type=int, default=default, metavar=metavar, help=f"{help_text} ({default})"
         )
+    parser.add_argument(
+        "--phases",
+        default=defaults.phases,
+        metavar="LETTERS",
+        help=f"which figures to measure ({defaults.phases}; b brings a, whose daemon it uses)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
         "--quick",
@@ -114,9 +120,12 @@ def throughput_main(argv: list[str]) -> int:
         args.repeat,
         args.slow_messages,
         args.destinations,
+        phases=args.phases,
     )
     if args.quick:
-        options = dataclasses.replace(QUICK, tenants=args.tenants, size=args.size)
+        options = dataclasses.replace(
+            QUICK, tenants=args.tenants, size=args.size, phases=args.phases
+        )
     report = measure_throughput(options, lambda text: print(f"bench: {text}", file=sys.stderr))
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0 if report["ok"] else 1

@@ -103,6 +103,7 @@ class Options:
     slow_messages: int = 200  # (g)
     destinations: int = 200  # (i)
     timeout: float | None = None  # seconds to wait for all N, per phase; None: by N
+    phases: str = "abigh"  # which to run ((b) runs on the daemon (a) started: it brings (a))
 
     @property
     def wait(self) -> float:
@@ -308,21 +309,30 @@ class Bench:
             return Mail(f"{side.name}-r{r}-{phase}", counts, domains)
 
         instant = (RECIPIENT_DOMAIN,)
-        round_.prefilled, root = self.prefilled(
-            side, mail("a", self.counts, instant), self.sink, problems
-        )
-        self.end_to_end(side, root(), mail("b", self.counts, instant), round_)
-        side.stop(problems)
-        round_.many, _ = self.prefilled(
-            side, mail("i", self.counts, self.many), self.sink, problems
-        )
-        side.stop(problems)
-        slow = shares(self.options.slow_messages, len(self.tenants))
-        round_.slow = self.slow_receiver(side, mail("g", slow, (SLOW.domain,)), problems)
-        first_only = (TARPIT_FIRST + HEALTHY,) + (0,) * (len(self.tenants) - 1)
-        domains = (TARPIT.domain,) * TARPIT_FIRST + instant * HEALTHY
-        self.tarpit(side, mail("h", first_only, domains), round_)
-        side.stop(problems)
+        phases = self.options.phases
+        if "a" in phases or "b" in phases:
+            round_.prefilled, root = self.prefilled(
+                side, mail("a", self.counts, instant), self.sink, problems
+            )
+            if "b" in phases:
+                self.end_to_end(side, root(), mail("b", self.counts, instant), round_)
+            side.stop(problems)
+        if "i" in phases:
+            round_.many, _ = self.prefilled(
+                side, mail("i", self.counts, self.many), self.sink, problems
+            )
+            side.stop(problems)
+        if "g" in phases:
+            slow = shares(self.options.slow_messages, len(self.tenants))
+            round_.slow = self.slow_receiver(side, mail("g", slow, (SLOW.domain,)), problems)
+        if "h" in phases:
+            first_only = (TARPIT_FIRST + HEALTHY,) + (0,) * (len(self.tenants) - 1)
+            domains = (TARPIT.domain,) * TARPIT_FIRST + instant * HEALTHY
+            if "g" not in phases:
+                side.start()
+            self.tarpit(side, mail("h", first_only, domains), round_)
+        if "g" in phases or "h" in phases:
+            side.stop(problems)
         return round_
 
     def prefilled(
@@ -453,6 +463,8 @@ def measure_throughput(options: Options, log: Callable[[str], None]) -> dict[str
         raise ValueError("--messages must be at least --tenants, --repeat at least 1")
     if options.destinations < 1:
         raise ValueError("--destinations must be at least 1")
+    if not options.phases or set(options.phases) - set(PHASES):
+        raise ValueError(f"--phases is some of {''.join(PHASES)}")
     with Lab() as lab:
         bench = Bench(lab, options, log)
         nsmail = [bench.round(NsmailSide(bench), r) for r in range(options.repeat)]

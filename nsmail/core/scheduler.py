@@ -37,6 +37,7 @@ from typing import Generic, TypeVar
 Job = TypeVar("Job")
 
 IDLE = 2.0  # seconds a session waits for another job (Postfix's connection cache time)
+TURN = 10  # transactions a destination's last session may carry while others wait for one
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +190,8 @@ class Scheduler(Generic[Job]):
         # table, as at the session cap every start looks for one to close.
         self._idle: dict[int, float] = {}
         self._ids = itertools.count(1)
-        self._turns: deque[str] = deque()  # destinations with waiting jobs, in turn
+        # Destinations with waiting jobs that may start one, in turn (an ordered set).
+        self._turns: dict[str, None] = {}
         self._stopping = False
 
     # -- events -------------------------------------------------------------------------
@@ -243,6 +245,7 @@ class Scheduler(Generic[Job]):
         for place in self._destinations.values():
             if place.throttled_until is not None and now >= place.throttled_until:
                 place.throttled_until = None
+                self._wants_turn(place)
         return actions + self._pump(now)
 
     def stop(self) -> list[Action[Job]]:
@@ -374,8 +377,15 @@ class Scheduler(Generic[Job]):
         """A session that just finished a job: the next job, idle, or closed."""
         too_many = len(place.sessions) > place.room()  # the window shrank under it
         # At the cap, a session goes back to the pool when another destination waits for
-        # one: kept sessions must not let a busy destination keep every place.
-        give_way = len(self._sessions) >= self._max_sessions and self._starved(place, now)
+        # one: kept sessions must not let a busy destination keep every place. Its last
+        # session a destination keeps for TURN transactions: at the cap, with more
+        # destinations than places, closing every session after one message would make
+        # each message pay for a session of its own.
+        give_way = (
+            len(self._sessions) >= self._max_sessions
+            and (len(place.sessions) > 1 or state.uses % TURN == 0)
+            and self._starved(place, now)
+        )
         if self._stopping or state.uses >= place.policy.max_uses or too_many or give_way:
             self._forget(session)
             return [Close(session)]
@@ -395,15 +405,15 @@ class Scheduler(Generic[Job]):
         return False
 
     def _wants_turn(self, place: _Destination[Job]) -> None:
-        if place.waiting and place.name not in self._turns:
-            self._turns.append(place.name)
+        if place.waiting:
+            self._turns.setdefault(place.name)
 
     def _pump(self, now: float) -> list[Action[Job]]:
         """Start what may start, one job per destination per round, until nothing can. Each
         round serves the destinations with the fewest sessions first, so a free place under
         max_sessions goes to the one that has least."""
         actions: list[Action[Job]] = []
-        while not self._stopping:
+        while not self._stopping and (self._idle or len(self._sessions) < self._max_sessions):
             started = False
             line = sorted(self._turns, key=lambda name: len(self._destinations[name].sessions))
             self._turns.clear()
@@ -415,7 +425,8 @@ class Scheduler(Generic[Job]):
                     started = started or bool(step)
                 elif place.dead_until is not None:
                     actions += self._defer_waiting(place, Reason.DEAD)
-                self._wants_turn(place)
+                if not self._window_full(place):  # else its next turn comes as one ends
+                    self._wants_turn(place)
             if not started:
                 break
         return actions
@@ -428,6 +439,12 @@ class Scheduler(Generic[Job]):
             assert place.dead_until is not None
             return not place.probing and now >= place.dead_until
         return state == State.ACTIVE
+
+    def _window_full(self, place: _Destination[Job]) -> bool:
+        """Whether each of its sessions is busy and it may open no more."""
+        return len(place.sessions) >= place.room() and not any(
+            s in self._idle for s in place.sessions
+        )
 
     def _start_one(self, place: _Destination[Job], now: float) -> list[Action[Job]]:
         idle = sorted(s for s in place.sessions if s in self._idle)
@@ -460,4 +477,6 @@ class Scheduler(Generic[Job]):
     def _forget(self, session: int) -> None:
         self._idle.pop(session, None)
         state = self._sessions.pop(session)
-        self._destinations[state.destination].sessions.discard(session)
+        place = self._destinations[state.destination]
+        place.sessions.discard(session)
+        self._wants_turn(place)

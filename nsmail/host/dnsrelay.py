@@ -51,6 +51,10 @@ MAX_FDS_PER_MESSAGE = 16
 # Answers travel over SEQPACKET, not UDP, so ask the resolver for what fits a DNS message.
 UPSTREAM_PAYLOAD = 1232
 PING = b"p"  # on the control socket, without descriptors; answered with the same
+MAX_RESPONSE = 65535
+# The header's fourth byte: RA, Z, AD, CD and the RCODE (RFC 1035 4.1.1, RFC 4035 3.2);
+# TC is in the third.
+AD, RCODE, TC = 0x20, 0x0F, 0x02
 
 log = logging.getLogger("nsmail.host.dnsrelay")
 
@@ -198,23 +202,57 @@ async def respond(
     upstream = _rebuilt(query)
     for resolver in resolvers:
         try:
-            response, _ = await dns.asyncquery.udp_with_fallback(
-                upstream, resolver, timeout=timeout, port=port
-            )
+            answer = await _exchange(upstream, resolver, timeout, port)
         except Exception as e:
             # One resolver's failure, whatever its kind, only moves on to the next.
             log.warning("resolver %s: %r", resolver, e)
             continue
-        if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        if answer[3] & RCODE not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             continue
-        response.id = query.id
-        if not trusts_ad(resolver):
-            response.flags &= ~dns.flags.AD
-        try:
-            return response.to_wire()
-        except dns.exception.DNSException:
-            break
+        flags = answer[3] if trusts_ad(resolver) else answer[3] & ~AD
+        return struct.pack("!HBB", query.id, answer[2], flags) + answer[4:]
     return _error(query, dns.rcode.SERVFAIL)
+
+
+async def _exchange(
+    upstream: dns.message.QueryMessage, resolver: str, timeout: float, port: int
+) -> bytes:
+    """The resolver's response to `upstream`, as it sent it: over UDP, over TCP when
+    truncated. Passed on as it came (with the worker's id, and AD as `trusts_ad` says):
+    parsing every answer to write it out again was most of the relay's work, and the
+    worker parses it anyway. Only its question is read here, to match it to `upstream`."""
+    wire = await _udp(upstream, resolver, timeout, port)
+    if not wire[2] & TC:
+        return wire
+    response = await dns.asyncquery.tcp(upstream, resolver, timeout=timeout, port=port)
+    return response.to_wire()
+
+
+async def _udp(
+    upstream: dns.message.QueryMessage, resolver: str, timeout: float, port: int
+) -> bytes:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ipaddress.ip_address(resolver).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect((resolver, port))  # the kernel drops datagrams from anyone else
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(sock, upstream.to_wire())
+            while True:
+                wire = await loop.sock_recv(sock, MAX_RESPONSE)
+                if _answers(wire, upstream):
+                    return wire
+
+
+def _answers(wire: bytes, upstream: dns.message.QueryMessage) -> bool:
+    """Whether `wire` is a response to `upstream` (its id, QR and question): anything
+    else on the socket is ignored, as dnspython does."""
+    if len(wire) < HEADER_SIZE:
+        return False
+    try:
+        return upstream.is_response(dns.message.from_wire(wire, question_only=True))
+    except Exception:  # whatever dnspython finds wrong with the bytes: not an answer
+        return False
 
 
 def _rebuilt(query: dns.message.Message) -> dns.message.QueryMessage:

@@ -44,7 +44,7 @@ from nsmail.core import dane, mtasts, tlsrpt
 from nsmail.core.mtasts import Cached, FetchError, Mode, Policy, Step
 from nsmail.core.tlspolicy import TlsPolicy
 from nsmail.tenant import statefile
-from nsmail.tenant.resolver import BACKEND, texts, validated
+from nsmail.tenant.resolver import Resolver, texts, validated
 from nsmail.tenant.smtp import SessionError, connect
 
 log = logging.getLogger("nsmail.tenant.policies")
@@ -77,7 +77,7 @@ MAY = Demand(TlsPolicy.MAY)
 class Policies:
     """One tenant's view of its receivers' TLS policies."""
 
-    resolver: dns.asyncresolver.Resolver
+    resolver: Resolver
     contexts_verifying: ssl.SSLContext
     addresses: Callable[[str], Awaitable[list[Address]]]  # a host's, reachable by the tenant
     source: Callable[[Address], Address | None]  # the tenant's address to connect from
@@ -107,9 +107,7 @@ class Policies:
         when DANE does not apply to it."""
         name = dane.base_name(host, port)
         try:
-            answer = await self.resolver.resolve(
-                dns.name.from_text(name), dns.rdatatype.TLSA, search=False, backend=BACKEND
-            )
+            answer = await self.resolver.lookup(name, dns.rdatatype.TLSA)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return None  # RFC 7672 2.2: no TLSA records, no DANE
         except dns.exception.DNSException as e:

@@ -54,7 +54,7 @@ from nsmail.core.smtp import Delivered, Failure, Kind, Stage, TlsMode
 from nsmail.core.smtp.reply import tls_failed
 from nsmail.core.tlspolicy import DEMANDING, TlsPolicy
 from nsmail.tenant.policies import MAY, Demand, Policies
-from nsmail.tenant.resolver import BACKEND, validated
+from nsmail.tenant.resolver import Resolver, validated
 from nsmail.tenant.smtp import (
     Dane,
     Session,
@@ -153,7 +153,7 @@ class Remote:
 
     tenant: Tenant
     config: DeliveryConfig
-    resolver: dns.asyncresolver.Resolver
+    resolver: Resolver
     contexts: TlsContexts
     rng: random.Random
     clock: Callable[[], float] = time.monotonic
@@ -214,9 +214,7 @@ class Remote:
         except dns.exception.DNSException as e:
             raise Unroutable(Status.PERMANENT, f"5.1.2 bad domain {domain}: {e}") from None
         try:
-            answer = await self.resolver.resolve(
-                name, dns.rdatatype.MX, search=False, backend=BACKEND
-            )
+            answer = await self.resolver.lookup(name, dns.rdatatype.MX)
             mx = [(r.preference, r.exchange.to_text()) for r in answer]
             mx_validated = validated(answer)
         except dns.resolver.NoAnswer:
@@ -386,9 +384,7 @@ class Remote:
             if not reachable or family not in ("any", name):
                 continue
             try:
-                answer = await self.resolver.resolve(
-                    dns.name.from_text(host, dns.name.root), rdtype, search=False, backend=BACKEND
-                )
+                answer = await self.resolver.lookup(host, rdtype)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
             except dns.exception.DNSException:

@@ -49,16 +49,18 @@ class RelayChannel:
     def __init__(self, channel: socket.socket) -> None:
         channel.setblocking(False)
         self._channel = channel
-        self._waiting: dict[int, list[tuple[dns.message.Message, asyncio.Future[bytes]]]] = {}
+        self._waiting: dict[
+            int, list[tuple[dns.message.Message, asyncio.Future[dns.message.Message]]]
+        ] = {}
         self._reading = False
         # asyncio's sock_sendall keeps one waiting writer per socket: with several waiting
         # for room in a full channel, all but the last would wait for ever. One at a time.
         self._sending = asyncio.Lock()
 
-    async def ask(self, request: dns.message.Message, timeout: float) -> bytes:
+    async def ask(self, request: dns.message.Message, timeout: float) -> dns.message.Message:
         """The relay's answer to `request`, within `timeout` seconds."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bytes] = loop.create_future()
+        answer: asyncio.Future[dns.message.Message] = loop.create_future()
         waiting = self._waiting.setdefault(request.id, [])
         waiting.append((request, answer))
         try:
@@ -102,12 +104,20 @@ class RelayChannel:
         if not waiting:
             return  # a late answer to a query that timed out
         try:
-            response = dns.message.from_wire(wire)
-        except dns.exception.DNSException:
+            header = dns.message.from_wire(wire, question_only=True)
+        except Exception:  # whatever dnspython finds wrong with the bytes: no answer
             return
         for request, answer in waiting:
-            if not answer.done() and request.is_response(response):
-                answer.set_result(wire)
+            if not answer.done() and request.is_response(header):
+                # The relay passes the resolver's response on as it came: one that does
+                # not parse is the nameserver's failure (the resolver gives up at once).
+                try:
+                    answer.set_result(dns.message.from_wire(wire))
+                except Exception:  # whatever dnspython finds wrong with the bytes
+                    malformed = dns.exception.FormError(  # type: ignore[no-untyped-call]
+                        "the response is malformed"
+                    )
+                    answer.set_exception(malformed)
                 return
 
     def _fail_all(self, error: Exception) -> None:
@@ -154,15 +164,56 @@ class RelayNameserver(dns.nameserver.Nameserver):
         one_rr_per_rrset: bool = False,
         ignore_trailing: bool = False,
     ) -> dns.message.Message:
-        wire = await self._channel.ask(request, timeout)
-        return dns.message.from_wire(
-            wire, one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing
-        )
+        # Parsed once, where it is matched to its query: dnspython's resolver asks with
+        # neither option, and `from_wire` is most of a lookup's cost.
+        assert not (one_rr_per_rrset or ignore_trailing), "the relay parses with defaults"
+        return await self._channel.ask(request, timeout)
 
 
-def make_resolver() -> dns.asyncresolver.Resolver:
+_Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
+
+
+class Resolver(dns.asyncresolver.Resolver):
+    """dnspython's asynchronous resolver with `lookup`: one query in flight per question."""
+
+    def __init__(self) -> None:
+        super().__init__(configure=False)
+        self._asking: dict[
+            tuple[dns.name.Name, dns.rdatatype.RdataType], asyncio.Future[dns.resolver.Answer]
+        ] = {}
+
+    async def lookup(
+        self, name: dns.name.Name | str, rdtype: dns.rdatatype.RdataType
+    ) -> dns.resolver.Answer:
+        """The answer for `name` (absolute) and `rdtype`, shared by every caller asking while
+        it is on its way: sessions opened at once to one new destination would each ask
+        before the first answer is in the cache. Raises dnspython's exceptions."""
+        if isinstance(name, str):
+            name = dns.name.from_text(name, dns.name.root)
+        key = (name, rdtype)
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = asyncio.ensure_future(
+                self.resolve(name, rdtype, search=False, backend=BACKEND)
+            )
+            self._asking[key] = asking
+            asking.add_done_callback(lambda done: self._answered(key, done))
+        # Shielded: one caller cut off must not cancel the lookup the others wait for.
+        return await asyncio.shield(asking)
+
+    def _answered(
+        self,
+        key: _Question,
+        asking: asyncio.Future[dns.resolver.Answer],
+    ) -> None:
+        del self._asking[key]
+        if not asking.cancelled():
+            asking.exception()  # seen, even if every caller was cut off
+
+
+def make_resolver() -> Resolver:
     """A caching resolver that reads no files; `use_relay` gives it its nameserver."""
-    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver = Resolver()
     # Only absolute names: no search list derived from the host's name.
     resolver.domain = dns.name.root
     resolver.search = []
@@ -173,13 +224,11 @@ def make_resolver() -> dns.asyncresolver.Resolver:
     return resolver
 
 
-async def texts(resolver: dns.asyncresolver.Resolver, name: str) -> list[str]:
+async def texts(resolver: Resolver, name: str) -> list[str]:
     """The TXT records of `name`, each its strings joined (RFC 7208 3.3's way); none when
     there are none, or the lookup failed."""
     try:
-        answer = await resolver.resolve(
-            dns.name.from_text(name), dns.rdatatype.TXT, search=False, backend=BACKEND
-        )
+        answer = await resolver.lookup(name, dns.rdatatype.TXT)
     except dns.exception.DNSException:
         return []
     return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
@@ -190,7 +239,7 @@ def validated(answer: dns.resolver.Answer) -> bool:
     return bool(answer.response.flags & dns.flags.AD)
 
 
-def use_relay(resolver: dns.asyncresolver.Resolver, channel: socket.socket, timeout: float) -> None:
+def use_relay(resolver: Resolver, channel: socket.socket, timeout: float) -> None:
     """Send every query of `resolver` over `channel`, each given `timeout` seconds."""
     resolver.nameservers = [RelayNameserver(RelayChannel(channel))]
     resolver.timeout = timeout

@@ -21,17 +21,12 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.rdatatype
-
 from nsmail.core import dkim, tlsrpt
 from nsmail.core.message import Message
 from nsmail.core.queuefile import Envelope, frame
 from nsmail.core.smtp import Failure, Stage
 from nsmail.tenant import statefile
-from nsmail.tenant.resolver import texts
+from nsmail.tenant.resolver import Resolver, texts
 from nsmail.tenant.spool import INCOMING, Spool, new_queue_id
 
 log = logging.getLogger("nsmail.tenant.tlsreports")
@@ -64,7 +59,7 @@ class TlsReports:
         self,
         spool: Spool,
         domain: str,
-        resolver: dns.asyncresolver.Resolver,
+        resolver: Resolver,
         signer: dkim.Signer | None,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -56,7 +56,7 @@ from nsmail.tenant.history import History
 from nsmail.tenant.policies import CACHE_DIR as POLICY_CACHE
 from nsmail.tenant.qmgr import QueueManager
 from nsmail.tenant.remote import Remote
-from nsmail.tenant.resolver import make_resolver, use_relay
+from nsmail.tenant.resolver import Resolver, make_resolver, use_relay
 from nsmail.tenant.smtp import TlsContexts
 from nsmail.tenant.spool import INCOMING, MAILDROP, TMP, Spool
 from nsmail.tenant.tlsreports import TlsReports
@@ -71,7 +71,7 @@ class Shared:
     """What every worker uses and may share with its siblings until it writes to it."""
 
     tls: TlsContexts
-    resolver: dns.asyncresolver.Resolver
+    resolver: Resolver
     rng: random.Random
 
 

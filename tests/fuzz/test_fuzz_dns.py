@@ -232,11 +232,14 @@ def test_relay_answers_every_upstream_with_a_matching_response_or_nothing(
     # One UDP and one TCP attempt, each bounded by the timeout.
     assert time.monotonic() - started < 3.0
     assert reply is not None  # a query that parses always gets an answer
-    response = dns.message.from_wire(reply)
-    assert query.is_response(response)  # its id and question, whatever upstream said
-    assert response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL)
-    if {udp.mangle, tcp.mangle} <= {"none", "twice"} and udp.rcode == dns.rcode.REFUSED:
-        assert response.rcode() == dns.rcode.SERVFAIL
+    # Its id and question, whatever upstream said; the rest is passed on as it came (the
+    # worker's resolver fails a lookup whose answer does not parse: see below).
+    assert query.is_response(dns.message.from_wire(reply, question_only=True))
+    assert reply[3] & 0x0F in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL)
+    if {udp.mangle, tcp.mangle} <= {"none", "twice"}:
+        response = dns.message.from_wire(reply)  # well-formed in, well-formed out
+        if udp.rcode == dns.rcode.REFUSED:
+            assert response.rcode() == dns.rcode.SERVFAIL
 
 
 # --- the worker's resolver and routing against a hostile relay ------------------------------

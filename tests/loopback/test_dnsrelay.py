@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address
@@ -15,11 +16,12 @@ import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 import pytest
 from dns_servers import DNSStack, dns_stack, resolve
 
 from nsmail.host import dnsrelay
-from nsmail.tenant.resolver import BACKEND, validated
+from nsmail.tenant.resolver import BACKEND, make_resolver, use_relay, validated
 
 
 @pytest.fixture
@@ -196,3 +198,42 @@ def test_ad_is_believed_only_from_resolvers_on_the_loopback() -> None:
     # RFC 6840 5.7: only over a path nobody else can write to; elsewhere it is cleared.
     assert dnsrelay.trusts_ad("127.0.0.1") and dnsrelay.trusts_ad("::1")
     assert not dnsrelay.trusts_ad("203.0.113.53") and not dnsrelay.trusts_ad("2001:db8::53")
+
+
+def test_the_same_question_asked_at_once_goes_out_once(stack: DNSStack) -> None:
+    """Sessions opened at once to a new destination each look up its addresses before the
+    first answer is cached: they share the one lookup in flight."""
+    resolver = stack.resolver()
+
+    async def all_at_once() -> list[dns.resolver.Answer]:
+        return await asyncio.gather(
+            *(resolver.lookup("mx.rcpt.test.", dns.rdatatype.A) for _ in range(5))
+        )
+
+    answers = asyncio.run(all_at_once())
+    assert {a[0].to_text() for a in answers} == {"127.0.0.1"}
+    assert stack.server.queries.count(("mx.rcpt.test.", "A", True)) == 1
+
+
+def test_an_answer_that_does_not_parse_fails_the_lookup_at_once() -> None:
+    """The relay passes a resolver's response on as it came, once its id and question
+    match: one whose records do not parse is that nameserver's failure, not a wait."""
+    worker_end, relay_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    resolver = make_resolver()
+    use_relay(resolver, worker_end, 30.0)  # a wait for the timeout would end in Timeout
+
+    def answer_cut_short() -> None:
+        query = dns.message.from_wire(relay_end.recv(65535))
+        response = dns.message.make_response(query)
+        response.answer.append(
+            dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "127.0.0.1")
+        )
+        wire = response.to_wire()
+        relay_end.send(wire[:-3])  # the question whole, the address cut
+
+    with worker_end, relay_end:
+        thread = threading.Thread(target=answer_cut_short, daemon=True)
+        thread.start()
+        with pytest.raises(dns.resolver.NoNameservers):
+            asyncio.run(resolver.lookup("mx.rcpt.test.", dns.rdatatype.A))
+        thread.join(5)

@@ -29,7 +29,7 @@ import dns.resolver
 import dns.rrset
 
 from nsmail.host import dnsrelay
-from nsmail.tenant.resolver import BACKEND, make_resolver, use_relay
+from nsmail.tenant.resolver import BACKEND, Resolver, make_resolver, use_relay
 
 Zone = Mapping[tuple[str, str], Sequence[str]]
 
@@ -150,7 +150,7 @@ class AuthServer:
         return reply
 
 
-def resolve(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> dns.resolver.Answer:
+def resolve(resolver: Resolver, name: str, rdtype: str) -> dns.resolver.Answer:
     """One lookup with the worker's asynchronous resolver, from synchronous test code."""
     return asyncio.run(resolver.resolve(name, rdtype, backend=BACKEND))
 
@@ -173,7 +173,7 @@ class DNSStack:
         self.channels.append(worker_end)
         return worker_end
 
-    def resolver(self, timeout: float = 3.0) -> dns.asyncresolver.Resolver:
+    def resolver(self, timeout: float = 3.0) -> Resolver:
         resolver = make_resolver()
         use_relay(resolver, self.channel(), timeout)
         return resolver
