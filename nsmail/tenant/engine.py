@@ -44,6 +44,7 @@ from nsmail.core.scheduler import (
     Scheduler,
     Send,
 )
+from nsmail.tenant.inflight import InFlight
 from nsmail.tenant.local import LocalAgent
 from nsmail.tenant.qmgr import Delays, Taken
 from nsmail.tenant.remote import Opened, Remote, Route, Unreached, Unroutable, bad_address
@@ -120,7 +121,9 @@ class Engine:
         self.scheduler: Scheduler[Job] = Scheduler(self._policy_of, concurrency.max_sessions)
         self._policies: dict[str, Policy] = {}
         self._routes: dict[str, Route] = {}  # destination -> the route its sessions open
-        self._lookups: dict[tuple[str, str | None], asyncio.Task[Route]] = {}  # in flight
+        # Route lookups in flight: the jobs of a queue full of mail for one domain share
+        # one, rather than each routing it before the first is done.
+        self._lookups: InFlight[tuple[str, str | None], Route] = InFlight()
         self._sessions: dict[int, Opened] = {}
         self._messages: dict[str, _Message] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -241,8 +244,9 @@ class Engine:
 
     async def _route(self, job: Job) -> None:
         try:
-            # Shielded: a job cut off at stop must not cancel the lookup others wait for.
-            route = await asyncio.shield(self._lookup(job.domain, job.family))
+            route = await self._lookups.get(
+                (job.domain, job.family), lambda: self.remote.route(job.domain, job.family)
+            )
         except Unroutable as e:
             self._finish(job, [_failed(r, e.status, e.text) for r in job.recipients])
             return
@@ -252,23 +256,6 @@ class Engine:
         if destination not in self._policies:
             self._policies[destination] = self.remote.policy(route)
         self._apply(self.scheduler.submit(job, destination, time.time()))
-
-    def _lookup(self, domain: str, family: str | None) -> asyncio.Task[Route]:
-        """The route lookup of `domain` in flight, started if there is none: the jobs of a
-        queue full of mail for one domain share it, rather than each asking DNS before
-        the first answer is in the resolver's cache."""
-        key = (domain, family)
-        lookup = self._lookups.get(key)
-        if lookup is None:
-            lookup = asyncio.get_running_loop().create_task(self.remote.route(domain, family))
-            self._lookups[key] = lookup
-            lookup.add_done_callback(lambda done: self._looked_up(key, done))
-        return lookup
-
-    def _looked_up(self, key: tuple[str, str | None], lookup: asyncio.Task[Route]) -> None:
-        del self._lookups[key]
-        if not lookup.cancelled():
-            lookup.exception()  # seen, even if every job that waited for it was cut off
 
     def _policy_of(self, destination: str) -> Policy:
         return self._policies[destination]

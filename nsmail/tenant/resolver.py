@@ -35,6 +35,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from nsmail.tenant.inflight import InFlight
+
 # The relay answers over a datagram socket, so a response is never truncated to 512 or a
 # UDP payload size: 65535 is the DNS message limit (RFC 1035 4.2.2 length field).
 MAX_MESSAGE = 65535
@@ -170,17 +172,14 @@ class RelayNameserver(dns.nameserver.Nameserver):
         return await self._channel.ask(request, timeout)
 
 
-_Question = tuple[dns.name.Name, dns.rdatatype.RdataType]
-
-
 class Resolver(dns.asyncresolver.Resolver):
     """dnspython's asynchronous resolver with `lookup`: one query in flight per question."""
 
     def __init__(self) -> None:
         super().__init__(configure=False)
-        self._asking: dict[
-            tuple[dns.name.Name, dns.rdatatype.RdataType], asyncio.Future[dns.resolver.Answer]
-        ] = {}
+        self._asking: InFlight[
+            tuple[dns.name.Name, dns.rdatatype.RdataType], dns.resolver.Answer
+        ] = InFlight()
 
     async def lookup(
         self, name: dns.name.Name | str, rdtype: dns.rdatatype.RdataType
@@ -188,27 +187,10 @@ class Resolver(dns.asyncresolver.Resolver):
         """The answer for `name` (absolute) and `rdtype`, shared by every caller asking while
         it is on its way: sessions opened at once to one new destination would each ask
         before the first answer is in the cache. Raises dnspython's exceptions."""
-        if isinstance(name, str):
-            name = dns.name.from_text(name, dns.name.root)
-        key = (name, rdtype)
-        asking = self._asking.get(key)
-        if asking is None:
-            asking = asyncio.ensure_future(
-                self.resolve(name, rdtype, search=False, backend=BACKEND)
-            )
-            self._asking[key] = asking
-            asking.add_done_callback(lambda done: self._answered(key, done))
-        # Shielded: one caller cut off must not cancel the lookup the others wait for.
-        return await asyncio.shield(asking)
-
-    def _answered(
-        self,
-        key: _Question,
-        asking: asyncio.Future[dns.resolver.Answer],
-    ) -> None:
-        del self._asking[key]
-        if not asking.cancelled():
-            asking.exception()  # seen, even if every caller was cut off
+        qname = dns.name.from_text(name, dns.name.root) if isinstance(name, str) else name
+        return await self._asking.get(
+            (qname, rdtype), lambda: self.resolve(qname, rdtype, search=False, backend=BACKEND)
+        )
 
 
 def make_resolver() -> Resolver:
