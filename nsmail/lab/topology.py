@@ -260,6 +260,19 @@ def build(names: Names, *, bridge: bool = True) -> None:
         if bridge:
             host.link("add", ifname=BRIDGE, kind="bridge")
             _addresses(host, BRIDGE, BRIDGE_ADDRESSES)
+        _wait_operational(net, PEER)
+
+
+def _wait_operational(ipr: IPRoute, ifname: str, timeout: float = 5.0) -> None:
+    # A new veth's carrier reaches its operational state through the kernel's linkwatch,
+    # up to a second later unless someone asks for the link (asking settles it), and
+    # until then IPv6 does not use the link: the lab's first connection over IPv6 waited
+    # out a SYN retransmission (1 s), which the first benchmark round paid alone.
+    deadline = time.monotonic() + timeout
+    while ipr.link("get", ifname=ifname)[0].get_attr("IFLA_OPERSTATE") != "UP":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ifname} is not up after {timeout:.0f} s")
+        time.sleep(0.01)
 
 
 def _enable_forwarding(namespace: Path) -> None:
