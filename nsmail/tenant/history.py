@@ -40,6 +40,9 @@ class History:
     def __init__(self, spool_root: Path) -> None:
         self.directory = spool_root / HISTORY
         self._failing = False  # said once, until a write succeeds again
+        # Kept open between events (an open and a close per delivery cost more than the
+        # line), and opened again once the tenant unlinked it or it was rotated.
+        self._fd: int | None = None
 
     def record(self, event: events.Event) -> None:
         """Append `event`; a failure is logged, never raised."""
@@ -47,6 +50,7 @@ class History:
         try:
             self._append(line)
         except OSError as e:
+            self._close()
             if not self._failing:
                 log.warning("cannot write the delivery history in %s: %s", self.directory, e)
             self._failing = True
@@ -54,20 +58,30 @@ class History:
         self._failing = False
 
     def _append(self, line: bytes) -> None:
-        current = self.directory / CURRENT
+        fd = self._open() if self._fd is None else self._fd
+        info = _regular(fd)
+        if info.st_nlink == 0:  # the tenant removed it: a new one, or the lines go nowhere
+            self._close()
+            fd = self._open()
+            info = _regular(fd)
+        if info.st_size and info.st_size + len(line) > MAX_FILE:
+            os.rename(self.directory / CURRENT, self.directory / PREVIOUS)
+            self._close()
+            fd = self._open()
+            _regular(fd)
+        # One write(2) with O_APPEND: a line is never torn by another writer.
+        os.write(fd, line)
+
+    def _open(self) -> int:
         self.directory.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _OPEN, 0o600)
-        try:
-            size = _regular_size(fd)
-            if size and size + len(line) > MAX_FILE:
-                os.rename(current, self.directory / PREVIOUS)
-                os.close(fd)
-                fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _OPEN, 0o600)
-                _regular_size(fd)
-            # One write(2) with O_APPEND: a line is never torn by another writer.
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _OPEN
+        self._fd = os.open(self.directory / CURRENT, flags, 0o600)
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def read(self) -> Iterator[events.Event]:
         """Every event kept, oldest first; lines that are no event are skipped."""
@@ -77,7 +91,7 @@ class History:
             except FileNotFoundError:
                 continue
             with open(fd, "rb") as file:
-                _regular_size(file.fileno())
+                _regular(file.fileno())
                 while line := file.readline(events.MAX_LINE + 1):
                     if len(line) > events.MAX_LINE:  # no event: skip to the line's end
                         while line and not line.endswith(b"\n"):
@@ -88,8 +102,8 @@ class History:
                         yield event
 
 
-def _regular_size(fd: int) -> int:
+def _regular(fd: int) -> os.stat_result:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise OSError(f"{stat.filemode(info.st_mode)}: not a regular file")
-    return info.st_size
+    return info

@@ -92,22 +92,26 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._root = str(root)  # the names of the hot path are strs: no Path per call
 
     def create(self, *, public_maildrop: bool = False) -> None:
         maildrop.create(str(self.root), public_maildrop=public_maildrop)
 
     def owner(self, state: str, queue_id: str) -> int:
         """The uid that owns a file: who submitted it (the kernel's word, not the file's)."""
-        return self.path(state, queue_id).lstat().st_uid
+        return os.lstat(self._name(state, queue_id)).st_uid
 
     def path(self, state: str, queue_id: str) -> Path:
+        return Path(self._name(state, queue_id))
+
+    def _name(self, state: str, queue_id: str) -> str:
         if not valid_queue_id(queue_id):
             raise ValueError(f"bad queue id {queue_id!r}")
-        return self.root / state / queue_id
+        return f"{self._root}/{state}/{queue_id}"
 
     def put(self, state: str, queue_id: str, pieces: Iterable[bytes]) -> None:
         """Durably store `pieces` as `state`/`queue_id`, replacing a file of that name."""
-        tmp = self.path(TMP, queue_id)
+        tmp = self._name(TMP, queue_id)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
@@ -120,7 +124,7 @@ class Spool:
             raise
         os.close(fd)
         try:
-            os.rename(tmp, self.path(state, queue_id))
+            os.rename(tmp, self._name(state, queue_id))
         except BaseException:
             unlink_quietly(tmp)
             raise
@@ -128,10 +132,10 @@ class Spool:
 
     def move(self, queue_id: str, source: str, target: str) -> None:
         """One rename from state to state."""
-        os.rename(self.path(source, queue_id), self.path(target, queue_id))
+        os.rename(self._name(source, queue_id), self._name(target, queue_id))
 
     def remove(self, state: str, queue_id: str) -> None:
-        self.path(state, queue_id).unlink()
+        os.unlink(self._name(state, queue_id))
 
     @contextlib.contextmanager
     def open_message(self, state: str, queue_id: str) -> Iterator[tuple[Envelope, Body, float]]:
@@ -166,7 +170,7 @@ class Spool:
 
     def _open_regular(self, state: str, queue_id: str) -> tuple[int, os.stat_result]:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        fd = os.open(self.path(state, queue_id), flags)
+        fd = os.open(self._name(state, queue_id), flags)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
@@ -197,14 +201,14 @@ class Spool:
         (the mtime is the tenant's to set: see `schedule.latest_attempt`); None if it is gone.
         """
         try:
-            return min(self.path(DEFERRED, queue_id).stat().st_mtime, latest)
+            return min(os.stat(self._name(DEFERRED, queue_id)).st_mtime, latest)
         except FileNotFoundError:
             return None
 
     def schedule(self, queue_id: str, state: str, when: float) -> None:
         """Record the next attempt time of a message (before the attempt, so a crash
         in the middle leads to a retry at that time, never a hot loop)."""
-        os.utime(self.path(state, queue_id), (when, when))
+        os.utime(self._name(state, queue_id), (when, when))
 
     def recover(self) -> list[str]:
         """At start: messages left active by a crash go back to incoming (retried)."""
@@ -233,7 +237,7 @@ class Spool:
         maildrop.request_flush(str(self.root))
 
     def _sync(self, state: str) -> None:
-        maildrop.sync_directory(str(self.root / state))
+        maildrop.sync_directory(f"{self._root}/{state}")
 
 
 def _read_exactly(fd: int, offset: int, size: int) -> bytes:

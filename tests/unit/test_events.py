@@ -110,6 +110,15 @@ def test_history_rotates_at_its_bound(tmp_path: Path, monkeypatch: pytest.Monkey
     assert all(p.stat().st_size <= 3 * size for p in directory.iterdir())
 
 
+def test_history_the_tenant_removed_starts_again(tmp_path: Path) -> None:
+    kept = History(tmp_path)
+    kept.record(EVENT)
+    os.unlink(tmp_path / "history" / history.CURRENT)
+    second = dataclasses.replace(EVENT, recipient="x2@rcpt.test")
+    kept.record(second)
+    assert list(kept.read()) == [second]
+
+
 def test_history_skips_garbage_the_tenant_wrote(tmp_path: Path) -> None:
     kept = History(tmp_path)
     kept.record(EVENT)
