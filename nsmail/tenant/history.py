@@ -58,25 +58,26 @@ class History:
         self._failing = False
 
     def _append(self, line: bytes) -> None:
-        fd = self._open() if self._fd is None else self._fd
-        info = _regular(fd)
-        if info.st_nlink == 0:  # the tenant removed it: a new one, or the lines go nowhere
-            self._close()
-            fd = self._open()
-            info = _regular(fd)
+        fd, info = self._current()
         if info.st_size and info.st_size + len(line) > MAX_FILE:
             os.rename(self.directory / CURRENT, self.directory / PREVIOUS)
             self._close()
-            fd = self._open()
-            _regular(fd)
+            fd, _ = self._current()
         # One write(2) with O_APPEND: a line is never torn by another writer.
         os.write(fd, line)
 
-    def _open(self) -> int:
+    def _current(self) -> tuple[int, os.stat_result]:
+        """The current file, open, and what fstat says of it: the one held, unless the
+        tenant removed it (the lines would go nowhere), else opened now."""
+        if self._fd is not None:
+            info = _regular(self._fd)
+            if info.st_nlink:
+                return self._fd, info
+            self._close()
         self.directory.mkdir(mode=0o700, exist_ok=True)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _OPEN
         self._fd = os.open(self.directory / CURRENT, flags, 0o600)
-        return self._fd
+        return self._fd, _regular(self._fd)
 
     def _close(self) -> None:
         if self._fd is not None:

@@ -95,7 +95,7 @@ class Spool:
         self._root = str(root)  # the names of the hot path are strs: no Path per call
 
     def create(self, *, public_maildrop: bool = False) -> None:
-        maildrop.create(str(self.root), public_maildrop=public_maildrop)
+        maildrop.create(self._root, public_maildrop=public_maildrop)
 
     def owner(self, state: str, queue_id: str) -> int:
         """The uid that owns a file: who submitted it (the kernel's word, not the file's)."""
@@ -234,7 +234,7 @@ class Spool:
         return True
 
     def request_flush(self) -> None:
-        maildrop.request_flush(str(self.root))
+        maildrop.request_flush(self._root)
 
     def _sync(self, state: str) -> None:
         maildrop.sync_directory(f"{self._root}/{state}")

@@ -119,6 +119,21 @@ def test_history_the_tenant_removed_starts_again(tmp_path: Path) -> None:
     assert list(kept.read()) == [second]
 
 
+def test_history_held_open_never_follows_a_symlink_planted_since(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = History(tmp_path)
+    kept.record(EVENT)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    current = tmp_path / "history" / history.CURRENT
+    os.unlink(current)
+    os.symlink(target, current)
+    kept.record(EVENT)  # logged, not raised, and not written through the link
+    assert target.read_text() == ""
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
 def test_history_skips_garbage_the_tenant_wrote(tmp_path: Path) -> None:
     kept = History(tmp_path)
     kept.record(EVENT)
