@@ -28,7 +28,7 @@ from nsmail.core.layout import locate
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus, render_table
 from nsmail.core.text import printable
 from nsmail.host.configfile import load, run_dir_of
-from nsmail.root import control, tenant_exec
+from nsmail.root import control
 from nsmail.root.jail import run_as
 from nsmail.root.systemd import log_formatter
 from nsmail.tenant.spool import Spool
@@ -212,9 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _exec(config, args)
     assert args.command == "supervise", args.command  # every other verb returned above
     _setup_logging(config.log_format)
-    from nsmail.root.supervisor import Supervisor  # root-only imports stay out of `status`
+    # Root-only imports stay out of `status`. The zygote first: it loads what workers run
+    # while the supervisor's own imports load (nsmail.root.children).
+    from nsmail.root import children
 
-    return Supervisor(config).run()
+    zygote, worker_files = children.start_zygote()
+    from nsmail.root.supervisor import Supervisor
+
+    return Supervisor(config, zygote, worker_files).run()
 
 
 def mailq() -> int:
@@ -322,6 +327,8 @@ def _dkim_keygen(path: Path, args: argparse.Namespace) -> int:
 
 
 def _exec(config: Config, args: argparse.Namespace) -> int:
+    from nsmail.root import tenant_exec  # netlink's library: not for every command's start
+
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     tenant = config.tenant(args.tenant)
     if tenant is None or not command:

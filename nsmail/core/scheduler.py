@@ -36,6 +36,9 @@ from typing import Generic, TypeVar
 
 Job = TypeVar("Job")
 
+# Seconds sessions in flight may go on after a stop, before the engine cuts them off:
+# here, not in the engine, so the supervisor can wait for them without importing it.
+STOP_GRACE = 20.0
 IDLE = 2.0  # seconds a session waits for another job (Postfix's connection cache time)
 TURN = 10  # transactions a destination's last session may carry while others wait for one
 

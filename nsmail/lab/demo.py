@@ -77,7 +77,7 @@ from nsmail.lab.topology import (
     Inventory,
     Proc,
 )
-from nsmail.root import netns
+from nsmail.root import setns
 
 LAB_HOST = NETNS_DIR / NAMES.host
 LAB_NET = NETNS_DIR / NAMES.net
@@ -208,7 +208,7 @@ def _signals_deferred() -> Iterator[None]:
 
 def _child_setup(namespace: Path) -> None:
     # In the forked child: the parent's blocked signals would otherwise stay blocked.
-    netns.enter(namespace)
+    setns.enter(namespace)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, CAUGHT)
 
 
@@ -339,7 +339,7 @@ class Demo:
         message = _message(sender, NAIVE_RCPT, f"{tenant.domain}, sent the usual way")
         try:
             # A socket stays in the namespace it was made in: only the connect must be inside.
-            with netns.inside(LAB_HOST):
+            with setns.inside(LAB_HOST):
                 smtp = smtplib.SMTP(
                     MX_V4,
                     25,

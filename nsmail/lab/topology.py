@@ -51,7 +51,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from nsmail.lab.dnsserver import Record, forward_and_reverse
-from nsmail.root import netns, rtnetlink
+from nsmail.root import netns, rtnetlink, setns
 
 NETNS_DIR = netns.NETNS_DIR
 # `ip netns exec` reads a namespace's own resolv.conf and friends from here.
@@ -277,7 +277,7 @@ def _wait_operational(ipr: IPRoute, ifname: str, timeout: float = 5.0) -> None:
 
 def _enable_forwarding(namespace: Path) -> None:
     # /proc/sys/net shows the namespace of the thread that opens it.
-    with netns.inside(namespace):
+    with setns.inside(namespace):
         for knob in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
             Path("/proc/sys", knob).write_text("1\n")
 

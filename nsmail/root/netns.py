@@ -15,7 +15,6 @@ never touches what nsmail did not make.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -36,6 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from nsmail.core import firewall
 from nsmail.core.config import IPAddress, NetworkConfig, Tenant
 from nsmail.root import nft, rtnetlink
+from nsmail.root.setns import CLONE_NEWNET, OWN_NAMESPACE, check, coming_back, libc, setns
 
 log = logging.getLogger("nsmail.root.netns")
 
@@ -80,52 +80,10 @@ class TenantNames:
         return NETNS_DIR / self.namespace
 
 
-# Plain system calls through libc, loaded at import time: a forked worker then loads
-# (and copies) nothing to enter its namespace.
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SHARED = 0x100000
 MNT_DETACH = 2
-OWN_NAMESPACE = "/proc/thread-self/ns/net"
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _setns(fd: int, what: object) -> None:
-    _check(_libc.setns(fd, CLONE_NEWNET), f"setns {what}")
-
-
-def enter(path: Path) -> None:
-    """Move the calling (single-threaded) process into the namespace at `path`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(fd, path)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _coming_back() -> Iterator[None]:
-    home = os.open(OWN_NAMESPACE, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        yield
-    finally:
-        _setns(home, "back")
-        os.close(home)
-
-
-@contextmanager
-def inside(path: Path) -> Iterator[None]:
-    """Run the block in the namespace at `path`, then come back."""
-    with _coming_back():
-        enter(path)
-        yield
 
 
 def share_netns_dir() -> None:
@@ -136,21 +94,19 @@ def share_netns_dir() -> None:
     """
     NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
     where = bytes(NETNS_DIR)
-    if _libc.mount(b"none", where, None, MS_SHARED | MS_REC, None) != 0:
-        _check(_libc.mount(where, where, None, MS_BIND | MS_REC, None), f"mount {where!r}")
-        _check(_libc.mount(b"none", where, None, MS_SHARED | MS_REC, None), "share /run/netns")
+    if libc.mount(b"none", where, None, MS_SHARED | MS_REC, None) != 0:
+        check(libc.mount(where, where, None, MS_BIND | MS_REC, None), f"mount {where!r}")
+        check(libc.mount(b"none", where, None, MS_SHARED | MS_REC, None), "share /run/netns")
 
 
 @contextmanager
 def _new_namespace(path: Path) -> Iterator[None]:
     """Create a named namespace like `ip netns add`; run the block inside it."""
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
-    with _coming_back():
-        _check(_libc.unshare(CLONE_NEWNET), "unshare")
+    with coming_back():
+        check(libc.unshare(CLONE_NEWNET), "unshare")
         _set_link_defaults()
-        _check(
-            _libc.mount(OWN_NAMESPACE.encode(), bytes(path), None, MS_BIND, None), f"mount {path}"
-        )
+        check(libc.mount(OWN_NAMESPACE.encode(), bytes(path), None, MS_BIND, None), f"mount {path}")
         yield
 
 
@@ -174,7 +130,7 @@ def _set_link_defaults() -> None:
 
 
 def remove_namespace(path: Path) -> None:
-    _libc.umount2(bytes(path), MNT_DETACH)  # fails harmlessly if it is no mount (any more)
+    libc.umount2(bytes(path), MNT_DETACH)  # fails harmlessly if it is no mount (any more)
     with suppress(FileNotFoundError):
         path.unlink()
 
@@ -338,8 +294,8 @@ class HostNetwork:
             log.warning("%s: %s", failure, e)
 
     def _nft(self, text: str) -> None:
-        with _coming_back():
-            _setns(self._home, "the host namespace")
+        with coming_back():
+            setns(self._home, "the host namespace")
             nft.apply(text)
 
     def wait_all_gone(self, timeout: float) -> list[str]:

@@ -2,8 +2,10 @@
 
 A child forked from a process shares that process's memory until either side writes to
 it. The supervisor keeps working (netlink, bookkeeping) and would slowly unshare every
-worker's pages; the zygote is forked once, right after start-up imports, and then only
-forks, so a worker stays at about a megabyte of private memory instead of several.
+worker's pages; the zygote is forked once, early in start-up, loads what its children run
+(its prelude: the worker's modules, the CA store) while the supervisor goes on with its own
+start on the other core, and then only forks, so a worker stays at about a megabyte of
+private memory instead of several.
 
 Each child is forked twice (zygote -> short-lived intermediate -> child) so that it is
 re-parented to the supervisor, which is a child subreaper: the supervisor reaps its
@@ -34,7 +36,7 @@ from pathlib import Path
 import prctl
 
 from nsmail.core.exitcodes import EX_SOFTWARE
-from nsmail.root import netns
+from nsmail.root import setns
 from nsmail.root.jail import Identity, enter
 
 MAX_REQUEST = 1 << 20
@@ -69,18 +71,20 @@ class Zygote:
     the next tenant's namespace, and replies come back in request order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prelude: Callable[[], object] | None = None) -> None:
+        # Run in each zygote before it serves. Should it fail, the zygote serves anyway:
+        # each child then loads for itself what it runs, and fails on its own if it must.
+        self.prelude = prelude
         self.pid: int | None = None
         self.sock: socket.socket | None = None
         self._pending: deque[Done] = deque()
 
     def start(self) -> int:
-        """Fork the zygote from the current (pre-imported, single-threaded) process."""
+        """Fork the zygote from the current (single-threaded) process."""
         # Children re-parented away from the zygote's intermediates come to us.
         prctl.set_child_subreaper(1)
         supervisor = os.getpid()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        gc.freeze()  # the collector will not touch (and copy) what exists now
         pid = os.fork()
         if pid == 0:
             code = EX_SOFTWARE
@@ -90,6 +94,8 @@ class Zygote:
                 _close_all_but([theirs.fileno()])
                 prctl.set_pdeathsig(signal.SIGKILL)
                 prctl.set_name("nsmail zygote")
+                self._load()
+                gc.freeze()  # no collector will touch (and copy) what exists now
                 _serve(theirs, supervisor)
                 code = 0
             finally:
@@ -97,6 +103,15 @@ class Zygote:
         theirs.close()
         self.sock, self.pid = mine, pid
         return pid
+
+    def _load(self) -> None:
+        if self.prelude is None:
+            return
+        try:
+            self.prelude()
+        except Exception as e:
+            # To descriptor 2 itself: sys.stderr may be a stream over one just closed.
+            os.write(2, f"nsmail: zygote: {type(e).__name__}: {e}\n".encode())
 
     def close(self) -> None:
         """End the zygote (it exits when its socket closes); reaping `pid` is the caller's."""
@@ -193,7 +208,7 @@ def _become(request: Request, fds: list[int], supervisor: int) -> None:
         _close_all_but(fds)
         prctl.set_name(request.title[:15])
         if request.netns_path is not None:
-            netns.enter(request.netns_path)
+            setns.enter(request.netns_path)
         main = request.target(fds)
         enter(request.identity, supervisor)
         main()

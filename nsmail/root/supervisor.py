@@ -36,7 +36,6 @@ import contextlib
 import functools
 import logging
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -44,18 +43,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, assert_never
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from nsmail.core import suspend
+from nsmail.core import scheduler, suspend
 from nsmail.core.config import (
     Config,
     ConfigError,
-    DeliveryConfig,
-    IPAddress,
-    SmtpdConfig,
     Tenant,
     host_identity,
 )
@@ -68,21 +63,19 @@ from nsmail.core.slots import Action, Event, State, step, waits_for_time
 from nsmail.core.status import RelayStatus, ReloadRefusal, WorkerStatus
 from nsmail.host import dnsrelay
 from nsmail.host.configfile import load
-from nsmail.root import brake, control, handoff, metrics, nft, serving
+from nsmail.root import brake, children, control, handoff, metrics, nft, serving
 from nsmail.root.jail import Identity
 from nsmail.root.listener import LocalListeners, SessionChannel, SubmissionFront, refuse
 from nsmail.root.netns import HostNetwork, TenantNames
 from nsmail.root.spawn import SpawnError, Zygote
 from nsmail.root.systemd import notify
 from nsmail.submit import submission
-from nsmail.tenant import engine, worker
-from nsmail.tenant.worker import HostQueue
 
 log = logging.getLogger("nsmail.root.supervisor")
 
 # Seconds between SIGTERM and SIGKILL for a worker: its sessions in flight get
-# engine.STOP_GRACE to finish, then it defers the rest and reports.
-STOP_GRACE = engine.STOP_GRACE + 5.0
+# scheduler.STOP_GRACE to finish, then it defers the rest and reports.
+STOP_GRACE = scheduler.STOP_GRACE + 5.0
 # Workers and the DNS relay alike: 1, 2, 4 ... 60 s after quick deaths in a row; one that
 # ran 60 s before it died starts back-off afresh.
 RESTARTS = RestartPolicy(first=1.0, maximum=60.0, stable_after=60.0)
@@ -165,7 +158,10 @@ class Relay:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    """`zygote` was started before the supervisor's imports, and `worker_files` is the
+    limit on open files that workers keep (`nsmail.root.children.start_zygote`)."""
+
+    def __init__(self, config: Config, zygote: Zygote, worker_files: int) -> None:
         self.config = config
         self.host = HostNetwork(config.network)
         self.slots: dict[str, Slot] = {}
@@ -174,12 +170,12 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self._signals_r, self._signals_w = socket.socketpair()
         self._servers: list[serving.Server] = []  # the control socket, metrics if on
-        self.zygote = Zygote()
+        self.zygote = zygote
         self._ready = False
         self._last_summary = ""
         self._status_due = float("inf")  # when STATUS= is next brought up to date
         self._refusal: ReloadRefusal | None = None  # the last reload, if it was refused
-        self._worker_files = 0  # the open files limit of workers: the one we started with
+        self._worker_files = worker_files
         self.handing_off = handoff.InFlight()
         self.listeners: LocalListeners | None = None
         self.front = SubmissionFront(config, self.zygote, self.selector, self._route, RESTARTS)
@@ -190,9 +186,7 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------
 
     def run(self) -> int:
-        self._worker_files = _raise_open_files()
-        worker.preload()
-        self._start_zygote()
+        self._watch_zygote()
         self._install_signals()
         listener = control.listen(self.config.host.run_dir, self.config.host.admin_gid)
         self.suspended = brake.load(self.config.host.run_dir)
@@ -404,9 +398,7 @@ class Supervisor:
         self.selector.register(slot.handoffs, selectors.EVENT_READ, on_handoff)
         with worker_end, reporting_end, handoff_end:
             self._hand_to_relay(slot.relay_end)
-            host_queue = (
-                HostQueue(frozenset(t.uid for t in self.config.tenants)) if tenant.is_host else None
-            )
+            tenant_uids = frozenset(t.uid for t in self.config.tenants) if tenant.is_host else None
             self.zygote.request(
                 f"nsmail {tenant.domain}",
                 Identity(uid=tenant.uid, gid=tenant.gid, root=tenant.home),
@@ -418,11 +410,11 @@ class Supervisor:
                     slot.channel.theirs.fileno(),
                 ],
                 partial(
-                    _worker_main,
+                    children.worker_main,
                     tenant,
                     self.config.delivery,
                     self.config.host.name,
-                    host_queue,
+                    tenant_uids,
                     taken,
                     self._worker_files,
                     self.config.smtpd,
@@ -747,6 +739,9 @@ class Supervisor:
 
     def _start_zygote(self) -> None:
         self.zygote.start()
+        self._watch_zygote()
+
+    def _watch_zygote(self) -> None:
         assert self.zygote.sock is not None
         self.selector.register(self.zygote.sock, selectors.EVENT_READ, self._on_zygote)
 
@@ -783,7 +778,7 @@ class Supervisor:
                 Identity(uid=host.dns_uid, gid=host.dns_gid, root=empty),
                 None,
                 [theirs.fileno()],
-                partial(_relay_main, host.resolvers, self.config.delivery.timeout),
+                partial(children.relay_main, host.resolvers, self.config.delivery.timeout),
                 self._relay_spawned,
             )
         # Blocking, so that a relay still starting takes every channel handed to it then
@@ -1140,58 +1135,6 @@ def _why_not(slot: Slot | None) -> str:
     return f"{slot.tenant.domain}: its worker is {slot.state}"
 
 
-def _worker_main(
-    tenant: Tenant,
-    delivery: DeliveryConfig,
-    host_name: str,
-    host_queue: HostQueue | None,
-    taken: tuple[int, float],
-    open_files: int,
-    smtpd: SmtpdConfig,
-    suspended: bool,
-    fds: list[int],
-) -> Callable[[], None]:
-    # A worker needs a few dozen descriptors: it keeps the limit the supervisor started
-    # with, hard too (it has no CAP_SYS_RESOURCE to raise it), so that a compromised one
-    # cannot hold as many as the supervisor may.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-    dns, reports, handoffs, sessions = (socket.socket(fileno=fd) for fd in fds)
-    handoffs.setblocking(False)
-    return worker.prepare(
-        tenant,
-        delivery,
-        dns,
-        reports,
-        host_queue=host_queue,
-        taken=taken,
-        host_name=host_name,
-        handoffs=handoffs,
-        sessions=sessions,
-        smtpd_config=smtpd,
-        suspended=suspended,
-    ).run
-
-
-def _raise_open_files() -> int:
-    """Raise the soft limit on open files to the hard one; returns the soft limit it was.
-
-    The supervisor holds five descriptors per running worker (its ends of the worker's
-    DNS, report and hand-off channels, both ends of its SMTP session channel) and one per
-    tenant asleep (its watch), and the DNS relay, which inherits the limit through the
-    zygote, one per running worker: systemd's default soft limit of 1024 would run out
-    near 200 tenants.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return soft
-
-
-def _relay_main(
-    resolvers: tuple[IPAddress, ...], timeout: float, fds: list[int]
-) -> Callable[[], None]:
-    return partial(dnsrelay.run, socket.socket(fileno=fds[0]), resolvers, timeout)
-
-
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
@@ -1200,8 +1143,3 @@ def _describe(status: int) -> str:
 
 def _join(items: Any) -> str:
     return ", ".join(str(i) for i in items) or "(none)"
-
-
-def supervise(config_path: Path) -> int:
-    """`nsmail supervise`: run until SIGTERM."""
-    return Supervisor(load(config_path)).run()

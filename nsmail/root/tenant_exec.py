@@ -39,7 +39,7 @@ from types import FrameType
 
 from nsmail.core.config import Config, Tenant
 from nsmail.core.exitcodes import EX_NOPERM, EX_NOTFOUND, EX_SOFTWARE, EX_UNAVAILABLE, SIGNAL_BASE
-from nsmail.root import jail, netns
+from nsmail.root import jail, netns, setns
 
 STDIO = (0, 1, 2)
 PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -124,7 +124,7 @@ def _become(command: Command, terminals: tuple[int, ...], slave: int | None) -> 
         # Everything else root had open goes, inherited descriptors and the pty's too.
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         last_cap = jail.last_capability()
-        netns.enter(command.namespace)
+        setns.enter(command.namespace)
         if command.chroot:
             jail.chroot_into(command.tenant.home)
         else:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from nsmail.core import addresses
 from nsmail.core.outcome import Outcome, Status
 from nsmail.core.scheduler import (
+    STOP_GRACE,
     Action,
     Close,
     Defer,
@@ -52,7 +53,6 @@ from nsmail.tenant.spool import DEFERRED
 
 log = logging.getLogger("nsmail.tenant.engine")
 
-STOP_GRACE = 20.0  # seconds sessions in flight may go on after SIGTERM
 BACKLOG_RETRY = 60.0  # seconds before a message its destination had no room for is due
 
 

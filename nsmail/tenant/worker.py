@@ -79,7 +79,7 @@ class Shared:
 def preload() -> Shared:
     """Load and build, once, what needs files or is the same for every tenant.
 
-    The supervisor calls this before it forks the zygote, so every worker shares these
+    The zygote calls this in its prelude (`nsmail.root.children`), so every worker shares these
     pages (the CA store alone is about 4 MiB; even building a resolver dirties half a
     megabyte) instead of building its own copy. In a process that did not, `prepare`
     does it.
@@ -252,7 +252,7 @@ class Worker:
         self.queue.progress = lambda: self._report("delivering")
 
     def run(self) -> None:
-        """Deliver until SIGTERM (sessions in flight get engine.STOP_GRACE to finish), or
+        """Deliver until SIGTERM (sessions in flight get scheduler.STOP_GRACE to finish), or
         until `idle_exit` seconds without work, once the supervisor took over the watch."""
         spool = self.queue.spool
         spool.create(public_maildrop=self.queue.owners is not None)

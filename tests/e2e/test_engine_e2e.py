@@ -6,7 +6,7 @@ A tarpit holds up only its own mail (the greeting timeout is RFC 5321's five min
 here, so the tarpit's session is still waiting when the other mail is in); a slow
 receiver is given several sessions at once, as it sees them; and `nsmail status --json`
 shows the sessions open and, after `dead_after` refused connections, the dead destination.
-A session in flight when the supervisor is stopped is let finish (engine.STOP_GRACE).
+A session in flight when the supervisor is stopped is let finish (scheduler.STOP_GRACE).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from nsmail.core import firewall
 from nsmail.core.config import Config, Tenant
 from nsmail.host.configfile import load
 from nsmail.root import nft
-from nsmail.root.netns import NETNS_DIR, HostNetwork, inside
+from nsmail.root.netns import NETNS_DIR, HostNetwork
+from nsmail.root.setns import inside
 
 A4, B4 = ip_address("198.51.100.70"), ip_address("198.51.100.71")
 A6, B6 = ip_address("2001:db8:51::70"), ip_address("2001:db8:51::72")

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from ipaddress import ip_address
 from typing import Any
@@ -39,8 +39,8 @@ from nsmail.root.netns import (
     TENANT_IFNAME,
     HostNetwork,
     TenantNames,
-    inside,
 )
+from nsmail.root.setns import inside
 from nsmail.root.spawn import SpawnError, Target, Zygote
 
 REMOTE_PORT = 2525
@@ -484,3 +484,41 @@ def _never_run(fds: list[int]) -> Callable[[], None]:
         os._exit(0)  # would turn the expected exit status 70 into 0
 
     return main
+
+
+def _load_colorsys() -> None:
+    import colorsys  # noqa: F401 (a module nothing else in these tests loads)
+
+
+def _cannot_load() -> None:
+    raise RuntimeError("a module is missing")
+
+
+def probe_modules(fds: list[int], names: list[str]) -> dict[str, bool]:
+    return {name: name in sys.modules for name in names}
+
+
+def _with_zygote(jails: Jails, prelude: Callable[[], None]) -> Jails:
+    zygote = Zygote(prelude)
+    zygote.start()
+    jails.lab.defer(lambda: _end_zygote(zygote))
+    return replace(jails, zygote=zygote)
+
+
+def test_the_zygote_loads_its_prelude_for_its_children(jails: Jails) -> None:
+    """What the prelude loads (nsmail.root.children: the worker's modules), every child
+    has without loading it, and the process that forked the zygote never loaded."""
+    assert "colorsys" not in sys.modules
+    loading = _with_zygote(jails, _load_colorsys)
+    assert loading.run(DUAL.domain, probe_modules, ["colorsys"]) == {"colorsys": True}
+    assert jails.run(DUAL.domain, probe_modules, ["colorsys"]) == {"colorsys": False}
+    assert "colorsys" not in sys.modules
+
+
+def test_a_zygote_whose_prelude_fails_still_starts_children(
+    jails: Jails, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Its children then load what they run themselves, and fail on their own if they must."""
+    failing = _with_zygote(jails, _cannot_load)
+    assert failing.run(DUAL.domain, probe_modules, ["colorsys"]) == {"colorsys": False}
+    assert "nsmail: zygote: RuntimeError: a module is missing" in capfd.readouterr().err
