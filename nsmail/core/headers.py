@@ -98,7 +98,7 @@ def complete(raw: bytes, c: Completion) -> Completed:
         added.append(("Date", format_datetime(c.now)))
     if b"from" not in names:
         added.append(("From", _mailbox(c.full_name, f"{c.local_user}@{c.domain}")))
-    elif b"sender" not in names and _authors(fields) > 1:
+    elif b"sender" not in names and _several_authors(fields):
         # RFC 5322 3.6.2: several authors, so Sender MUST name the one mailbox responsible
         # for sending; the bounce address, else the submitter's own.
         added.append(("Sender", c.envelope_sender or f"{c.local_user}@{c.domain}"))
@@ -260,15 +260,14 @@ def _recipients(fields: list[list[bytes]], domain: str) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _authors(fields: list[list[bytes]]) -> int:
-    """How many mailboxes the From fields name."""
-    return sum(
-        1
-        for field in fields
-        if _name(field[0]).lower() == b"from"
-        for _, address in getaddresses([_value(field)])
-        if address
-    )
+def _several_authors(fields: list[list[bytes]]) -> bool:
+    """Whether the From fields name more than one mailbox. A mailbox list separates its
+    mailboxes with commas (RFC 5322 3.4), so one From field without a comma, as nearly
+    every message has, is settled without parsing its addresses."""
+    values = [_value(field) for field in fields if _name(field[0]).lower() == b"from"]
+    if len(values) == 1 and "," not in values[0]:
+        return False
+    return sum(1 for value in values for _, address in getaddresses([value]) if address) > 1
 
 
 def _mailbox(full_name: str | None, address: str) -> str:

@@ -119,6 +119,7 @@ def test_undecodable_full_name_is_replaced_not_raised() -> None:
         (b"From: Shop <noreply@bcd.test>", "uid61000@bcd.test", None),
         (b"From: <<<", "alice@bcd.test", None),
         (b"From: undisclosed:;", "alice@bcd.test", None),
+        (b'From: "Doe, Jane" <jane@bcd.test>', "alice@bcd.test", None),  # a comma, one mailbox
         # RFC 5322 3.6.2: more than one author, so Sender MUST name one mailbox.
         (b"From: a@bcd.test, b@bcd.test", "a@bcd.test", "a@bcd.test"),
         (b"From: a@bcd.test, b@bcd.test", "", "alice@bcd.test"),  # null sender: the submitter
