@@ -66,7 +66,11 @@ def transport(index: int) -> str:
 
 
 class SendingPostfix:
-    """A stopped sending Postfix for `tenants`, with its network; `start` runs it."""
+    """A stopped sending Postfix for `tenants`, with its network; `start` runs it.
+
+    It holds the tenants' addresses only while it runs, so that its rounds and nsmail's,
+    whose tenant namespaces hold the same addresses on the same bridge, can take turns.
+    """
 
     def __init__(self, lab: Lab, tenants: Sequence[TenantSpec]) -> None:
         self.lab = lab
@@ -76,6 +80,7 @@ class SendingPostfix:
         self.etc = self.dir / "etc"
         self.spool = self.dir / "spool"
         self.master_pid: int | None = None
+        self._addressed = False
         lab.defer(self.stop)
         self._write_config()
         self._network()
@@ -102,7 +107,10 @@ class SendingPostfix:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> subprocess.Popen[bytes]:
-        """Start the master (`master -w` returns once it is up); the caller waits for it."""
+        """Take the tenants' addresses and start the master (`master -w` returns once it
+        is up); the caller waits for it."""
+        if not self._addressed:
+            self._take_addresses()
         argv = self.wrap([MASTER, "-w"], in_namespace=True)
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -119,6 +127,10 @@ class SendingPostfix:
         pid, self.master_pid = self.master_pid, None
         if pid is not None:
             stop_master(pid)
+        if self._addressed:
+            # All at once: removing a primary IPv4 address removes its secondaries too.
+            _ip("-n", self.ns, "addr", "flush", "dev", "eth0")
+            self._addressed = False
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -130,14 +142,23 @@ class SendingPostfix:
         _ip("-n", host, "link", "set", LINK, "master", BRIDGE, "up")
         # No link-local address: no DAD, router solicitations or MLD reports, as nsmail's.
         _ip("-n", ns, "link", "set", "eth0", "addrgenmode", "none")
+        _ip("-n", ns, "link", "set", "eth0", "up")
+
+    def _take_addresses(self) -> None:
+        """The tenants' addresses, and the routes that go with them."""
+        ns = self.ns
         for t in self.tenants:
             if t.ipv4:
                 _ip("-n", ns, "addr", "add", f"{t.ipv4}/24", "dev", "eth0")
             if t.ipv6:
                 _ip("-n", ns, "addr", "add", f"{t.ipv6}/64", "dev", "eth0", "nodad")
-        _ip("-n", ns, "link", "set", "eth0", "up")
-        _ip("-n", ns, "route", "add", "default", "via", BRIDGE_V4)
-        _ip("-n", ns, "-6", "route", "add", "default", "via", BRIDGE_V6)
+        _ip("-n", ns, "route", "replace", "default", "via", BRIDGE_V4)
+        _ip("-n", ns, "-6", "route", "replace", "default", "via", BRIDGE_V6)
+        # The gateway still has these addresses at the link address of their last holder
+        # (an nsmail tenant's veth, gone), and would send there until its entries time
+        # out: it must ask again.
+        _ip("-n", self.lab.host, "neigh", "flush", "dev", BRIDGE)
+        self._addressed = True
 
     def _write_config(self) -> None:
         d = self.dir

@@ -15,7 +15,8 @@ by message: each exactly once, from its tenant's address, with its EHLO name).
 Figures: (s) messages per second from the first client's first command to the sink
 holding all C x M; (l) submission latency p50 and p99, per message, from MAIL FROM to
 the reply after the final dot (250 means it is on disk for both); CPU seconds per 1000
-messages of the receiving system's process tree. `--quick` checks delivery, never time.
+messages of the receiving system's process tree. The systems' rounds take turns, as in
+`bench.throughput`. `--quick` checks delivery, never time.
 
 Security: benchmark infrastructure, runs as root; everything lives in the lab's
 namespaces and temporary directory, and each client drops to its tenant's uid.
@@ -250,7 +251,9 @@ def measure(options: Options, log: Callable[[str], None]) -> dict[str, Any]:
         hosting.write_config(tenants)
         work = lab.tempdir("bench-smtp")
         clients = _clients(hosting, options)
-        ours = []
+        postfix = ListeningPostfix(lab, tenants)
+        ours, theirs = [], []
+        # Rounds take turns, as bench.throughput's do.
         for r in range(options.repeat):
             log(f"nsmail round {r}: {options.clients} clients x {options.messages} over SMTP")
             hosting.start(timeout=60)
@@ -268,9 +271,6 @@ def measure(options: Options, log: Callable[[str], None]) -> dict[str, Any]:
                 )
             )
             hosting.stop(timeout=60)
-        postfix = ListeningPostfix(lab, tenants)
-        theirs = []
-        for r in range(options.repeat):
             log(f"postfix round {r}: the same through its smtpd")
             master = postfix.started(postfix.start())
             theirs.append(

@@ -7,9 +7,9 @@ what every worker shares (`worker.preload`). Neither process loads what only the
 runs: the supervisor names these entry points by this light module alone, and the zygote
 never imports the supervisor.
 
-Security: runs as root. Each entry point runs in a child of the zygote, as root in the child's network
-namespace and before its jail (`spawn.Target`); what it is given comes from the
-supervisor's validated configuration, never from a tenant.
+Security: runs as root. Each entry point runs in a child of the zygote, as root in the
+child's network namespace and before its jail (`spawn.Target`); what it is given comes
+from the supervisor's validated configuration, never from a tenant.
 """
 
 from __future__ import annotations
