@@ -13,7 +13,8 @@ workers and sees their exit status, and a worker's parent-death signal follows t
 supervisor, not the zygote.
 
 Security: runs as root. Requests come only from the supervisor, over a socketpair made
-before the fork; they may be pickles for that reason and no other. The child closes
+before the fork; they may be pickles for that reason and no other. The prelude reads
+only modules and host files (the CA store, resolv.conf), never a tenant's. The child closes
 every inherited descriptor except the ones it was sent, enters the tenant's network
 namespace, prepares what it needs from the host file system, and is then jailed
 (`nsmail.root.jail.enter`) before it reads any tenant data. Any failure on the way ends the
