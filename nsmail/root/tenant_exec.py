@@ -173,8 +173,12 @@ def _relay(master: int, terminal: int, typed: bool, pid: int, wakeup: int) -> in
     status = _reaped(pid)  # it may have ended before the wakeups were set up
     while status is None:
         ready = select.select(readers, [], [])[0]
-        if wakeup in ready:
-            if signal.SIGWINCH in os.read(wakeup, 256):
+        # Read the wakeups whether or not select saw them: a resize followed at once by a
+        # key can find select woken by the key, with the signal delivered (its byte
+        # written) only as select returns. The pty is resized before the key is passed.
+        signals = _taken(wakeup)
+        if signals:
+            if signal.SIGWINCH in signals:
                 termios.tcsetwinsize(master, termios.tcgetwinsize(terminal))
             status = _reaped(pid)
         for source, target in ((master, terminal), (0, master)):
@@ -187,6 +191,14 @@ def _relay(master: int, terminal: int, typed: bool, pid: int, wakeup: int) -> in
     while _pass(master, terminal):
         pass
     return status
+
+
+def _taken(wakeup: int) -> bytes:
+    """The signal numbers the wakeup descriptor holds, if any (it does not block)."""
+    try:
+        return os.read(wakeup, 256)
+    except BlockingIOError:
+        return b""
 
 
 def _pass(source: int, target: int) -> bool:
