@@ -75,7 +75,7 @@ class Zygote:
     def __init__(self, prelude: Callable[[], object] | None = None) -> None:
         # Run in each zygote before it serves. Should it fail, the zygote serves anyway:
         # each child then loads for itself what it runs, and fails on its own if it must.
-        self.prelude = prelude
+        self._prelude = prelude
         self.pid: int | None = None
         self.sock: socket.socket | None = None
         self._pending: deque[Done] = deque()
@@ -106,10 +106,10 @@ class Zygote:
         return pid
 
     def _load(self) -> None:
-        if self.prelude is None:
+        if self._prelude is None:
             return
         try:
-            self.prelude()
+            self._prelude()
         except Exception as e:
             # To descriptor 2 itself: sys.stderr may be a stream over one just closed.
             os.write(2, f"nsmail: zygote: {type(e).__name__}: {e}\n".encode())

@@ -176,7 +176,7 @@ def _relay(master: int, terminal: int, typed: bool, pid: int, wakeup: int) -> in
         # Read the wakeups whether or not select saw them: a resize followed at once by a
         # key can find select woken by the key, with the signal delivered (its byte
         # written) only as select returns. The pty is resized before the key is passed.
-        signals = _taken(wakeup)
+        signals = _pending_signals(wakeup)
         if signals:
             if signal.SIGWINCH in signals:
                 termios.tcsetwinsize(master, termios.tcgetwinsize(terminal))
@@ -193,7 +193,7 @@ def _relay(master: int, terminal: int, typed: bool, pid: int, wakeup: int) -> in
     return status
 
 
-def _taken(wakeup: int) -> bytes:
+def _pending_signals(wakeup: int) -> bytes:
     """The signal numbers the wakeup descriptor holds, if any (it does not block)."""
     try:
         return os.read(wakeup, 256)
